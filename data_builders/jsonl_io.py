@@ -1,0 +1,217 @@
+"""Reading and writing JSON Lines with errors that name file, line and field, and atomic writes.
+
+Every reader in ``data_builders`` goes through :func:`iter_jsonl` so a malformed row is reported the same
+way everywhere: ``<file>:<line>: field '<field>': <what is wrong>``. Writers never leave a half file:
+:func:`atomic_write_text` writes a temporary sibling, fsyncs it and renames it over the target;
+:func:`append_jsonl` appends whole lines and fsyncs, and :func:`read_jsonl_tolerant` drops a torn last line
+left by a killed writer so an append-only file can always be resumed.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+MAX_LINE_BYTES = 1_000_000  # a line above 1 MB is almost surely not a data row (e.g. a binary file)
+
+
+class DataError(ValueError):
+    """A bad input: names the file, the 1-based line (or None for a whole-file problem) and the field."""
+
+    def __init__(self, path: str | os.PathLike, line: int | None, field: str | None, message: str):
+        self.path, self.line, self.field, self.message = str(path), line, field, message
+        where = self.path if line is None else f"{self.path}:{line}"
+        what = f"field '{field}': " if field else ""
+        super().__init__(f"{where}: {what}{message}")
+
+
+def require_file(path: str | os.PathLike, what: str = "input file") -> Path:
+    """Return ``Path(path)``; raise :class:`DataError` if it is missing, not a file or empty."""
+    p = Path(path)
+    if not p.exists():
+        raise DataError(p, None, None, f"{what} does not exist")
+    if not p.is_file():
+        raise DataError(p, None, None, f"{what} is not a regular file")
+    if p.stat().st_size == 0:
+        raise DataError(p, None, None, f"{what} is empty")
+    return p
+
+
+def _open_text(path: Path):
+    if path.suffix == ".gz":
+        import gzip
+
+        return gzip.open(path, "rb")
+    return open(path, "rb")
+
+
+def iter_jsonl(path: str | os.PathLike, *, allow_empty: bool = False) -> Iterator[tuple[int, dict]]:
+    """Yield ``(line_number, object)`` for each non-blank line of a JSONL file (``.gz`` accepted).
+
+    Raises :class:`DataError` for: a missing or empty file, a line over ``MAX_LINE_BYTES``, bytes that are
+    not UTF-8, a line that is not JSON, a line that is not a JSON object, and (unless ``allow_empty``) a file
+    with no rows.
+    """
+    p = require_file(path)
+    n = 0
+    with _open_text(p) as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            if len(raw) > MAX_LINE_BYTES:
+                raise DataError(p, lineno, None, f"line is {len(raw)} bytes, above the {MAX_LINE_BYTES}-byte limit")
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(p, lineno, None, f"not valid UTF-8 (byte {e.start})") from None
+            if not text.strip():
+                continue
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise DataError(p, lineno, None, f"malformed JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(obj, dict):
+                raise DataError(p, lineno, None, f"expected a JSON object, got {type(obj).__name__}")
+            n += 1
+            yield lineno, obj
+    if n == 0 and not allow_empty:
+        raise DataError(p, None, None, "file has no rows")
+
+
+def load_json(path: str | os.PathLike) -> Any:
+    """Load one JSON document, raising :class:`DataError` with the line of a syntax error."""
+    p = require_file(path)
+    try:
+        text = p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(p, None, None, f"not valid UTF-8 (byte {e.start})") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(p, e.lineno, None, f"malformed JSON ({e.msg} at column {e.colno})") from None
+
+
+def require_str(obj: dict, key: str, path, line, *, prefix: str = "", allow_empty: bool = False) -> str:
+    """Return ``obj[key]`` if it is a (non-empty, unless ``allow_empty``) string, else raise :class:`DataError`."""
+    name = prefix + key
+    if key not in obj:
+        raise DataError(path, line, name, "missing")
+    val = obj[key]
+    if not isinstance(val, str):
+        raise DataError(path, line, name, f"expected a string, got {type(val).__name__}")
+    if not allow_empty and not val.strip():
+        raise DataError(path, line, name, "empty string")
+    return val
+
+
+def read_jsonl_tolerant(path: str | os.PathLike) -> list[dict]:
+    """Read an append-only JSONL output, dropping a torn (unterminated, unparsable) last line.
+
+    Used to resume generation: a process killed mid-``write`` can leave a partial last line; every earlier
+    line was written whole (see :func:`append_jsonl`). A malformed line that is *not* last is an error.
+    """
+    p = Path(path)
+    if not p.exists():
+        return []
+    rows: list[dict] = []
+    lines = p.read_bytes().split(b"\n")
+    for i, raw in enumerate(lines, start=1):
+        if not raw.strip():
+            continue
+        try:
+            rows.append(json.loads(raw.decode("utf-8")))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            if i == len(lines):  # torn tail (no trailing newline)
+                break
+            raise DataError(p, i, None, "malformed JSON in the middle of an append-only output") from None
+    return rows
+
+
+def repair_torn_tail(path: str | os.PathLike) -> None:
+    """Truncate an append-only JSONL file after its last complete line (no-op if it ends in a newline)."""
+    p = Path(path)
+    if not p.exists():
+        return
+    data = p.read_bytes()
+    if not data or data.endswith(b"\n"):
+        return
+    cut = data.rfind(b"\n") + 1
+    with open(p, "r+b") as fh:
+        fh.truncate(cut)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def append_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> None:
+    """Append rows as whole lines, flush and fsync, so a kill loses at most the line being written."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    repair_torn_tail(p)
+    with open(p, "a", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` atomically: temp file in the same folder, fsync, ``os.replace``."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, p)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    """:func:`atomic_write_text` of ``json.dumps(obj, indent=2)``."""
+    atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def write_jsonl_atomic(path: str | os.PathLike, rows: Iterable[dict]) -> None:
+    """Write a whole JSONL file atomically."""
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+@contextlib.contextmanager
+def atomic_directory(target: str | os.PathLike, *, overwrite: bool = True) -> Iterator[Path]:
+    """Build a folder under a temporary sibling name and rename it to ``target`` only when the block succeeds.
+
+    A killed process leaves ``.<name>.partial-*`` behind, never a half ``target``; such leftovers are removed
+    on the next call. With ``overwrite`` an existing ``target`` is replaced (moved aside, then deleted).
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    for stale in target.parent.glob(f".{target.name}.partial-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    try:
+        yield tmp
+        if target.exists():
+            if not overwrite:
+                raise FileExistsError(target)
+            old = target.parent / f".{target.name}.partial-old"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def validate_rows(path, parse: Callable[[dict, str, int], Any]) -> list:
+    """Parse every row of a JSONL file with ``parse(obj, path, line)``; errors propagate as :class:`DataError`."""
+    return [parse(obj, str(path), line) for line, obj in iter_jsonl(path)]

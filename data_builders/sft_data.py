@@ -1,0 +1,149 @@
+"""Readers for SFT sources, all producing ``{"messages": [{"role", "content"}, …]}`` rows.
+
+Accepted shapes (ARCHITECTURE.md, "SFT row"):
+- ``messages`` JSONL: ``{"messages": [{"role": "system"|"user"|"assistant", "content": str}, …]}``;
+  the conversation must contain a user turn and end with an assistant turn;
+- Alpaca JSON (a list) or JSONL: ``{"instruction", "input", "output"}``; the user turn is the instruction,
+  followed by a blank line and the input when the input is non-empty;
+- self-instruct JSONL: ``{"instruction", "instances": [{"input", "output"}, …]}``; one row per instance.
+Every problem raises :class:`~data_builders.jsonl_io.DataError` naming file, line and field.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable
+
+from data_builders.chat_template import ROLES
+from data_builders.jsonl_io import DataError, iter_jsonl, load_json, require_file, require_str
+
+FORMATS = ("auto", "messages", "alpaca", "self_instruct")
+
+
+def user_turn(instruction: str, data: str) -> str:
+    """The user message of an instruction with an optional data part (blank line between)."""
+    return instruction.strip() + ("\n\n" + data.strip() if data and data.strip() else "")
+
+
+def parse_messages(messages, path, line, field: str = "messages") -> list[dict]:
+    """Validate a list of chat messages; returns it with only ``role`` and ``content`` kept."""
+    if not isinstance(messages, list) or not messages:
+        raise DataError(path, line, field, "expected a non-empty list of messages")
+    out = []
+    for i, m in enumerate(messages):
+        f = f"{field}[{i}]"
+        if not isinstance(m, dict):
+            raise DataError(path, line, f, f"expected an object, got {type(m).__name__}")
+        role = require_str(m, "role", path, line, prefix=f + ".")
+        if role not in ROLES:
+            raise DataError(path, line, f + ".role", f"unknown role {role!r}; expected one of {list(ROLES)}")
+        content = require_str(m, "content", path, line, prefix=f + ".")
+        out.append({"role": role, "content": content})
+    return out
+
+
+def _messages_row(obj, path, line) -> list[dict]:
+    msgs = parse_messages(obj.get("messages"), path, line) if "messages" in obj else None
+    if msgs is None:
+        raise DataError(path, line, "messages", "missing")
+    if msgs[-1]["role"] != "assistant":
+        raise DataError(path, line, f"messages[{len(msgs) - 1}].role", "the last message must be the assistant's")
+    if not any(m["role"] == "user" for m in msgs):
+        raise DataError(path, line, "messages", "no user message")
+    return [{"messages": msgs}]
+
+
+def _alpaca_row(obj, path, line) -> list[dict]:
+    ins = require_str(obj, "instruction", path, line)
+    inp = obj.get("input", "")
+    if not isinstance(inp, str):
+        raise DataError(path, line, "input", f"expected a string, got {type(inp).__name__}")
+    out = require_str(obj, "output", path, line)
+    return [{"messages": [{"role": "user", "content": user_turn(ins, inp)}, {"role": "assistant", "content": out}]}]
+
+
+def _self_instruct_row(obj, path, line) -> list[dict]:
+    ins = require_str(obj, "instruction", path, line)
+    inst = obj.get("instances")
+    if not isinstance(inst, list) or not inst:
+        raise DataError(path, line, "instances", "expected a non-empty list")
+    rows = []
+    for i, x in enumerate(inst):
+        if not isinstance(x, dict):
+            raise DataError(path, line, f"instances[{i}]", "expected an object")
+        inp = x.get("input", "")
+        if not isinstance(inp, str):
+            raise DataError(path, line, f"instances[{i}].input", f"expected a string, got {type(inp).__name__}")
+        out = require_str(x, "output", path, line, prefix=f"instances[{i}].")
+        rows.append({"messages": [{"role": "user", "content": user_turn(ins, inp)},
+                                  {"role": "assistant", "content": out}]})
+    return rows
+
+
+PARSERS = {"messages": _messages_row, "alpaca": _alpaca_row, "self_instruct": _self_instruct_row}
+
+
+def detect_format(obj: dict) -> str:
+    """Guess the format from one row: messages, self_instruct (instances) or alpaca (instruction/output)."""
+    if "messages" in obj:
+        return "messages"
+    if "instances" in obj:
+        return "self_instruct"
+    if "instruction" in obj:
+        return "alpaca"
+    return "unknown"
+
+
+def _iter_objects(path: Path) -> Iterable[tuple[int, dict]]:
+    """JSONL rows, or the items of a top-level JSON list (Alpaca's ``.json``); line = item's line/index."""
+    head = path.read_bytes()[:64].lstrip()
+    if path.suffix == ".json" or head.startswith(b"["):
+        data = load_json(path)
+        if not isinstance(data, list):
+            raise DataError(path, None, None, "expected a JSON list of rows")
+        if not data:
+            raise DataError(path, None, None, "file has no rows")
+        for i, obj in enumerate(data):
+            if not isinstance(obj, dict):
+                raise DataError(path, None, f"[{i}]", f"expected an object, got {type(obj).__name__}")
+            yield i, obj  # for a JSON list, 'line' is the 0-based item index (reported as item N)
+    else:
+        yield from iter_jsonl(path)
+
+
+def read_sft_file(path: str, fmt: str = "auto", max_rows: int | None = None, skip_invalid: bool = False,
+                  skipped: list | None = None) -> list[dict]:
+    """Read one SFT source into messages rows (``max_rows`` counts output rows).
+
+    Raises :class:`DataError` on the first bad row, or with ``skip_invalid`` drops bad rows and appends their
+    errors to ``skipped`` (a malformed file, as opposed to a bad row, is always an error).
+    """
+    p = require_file(path, "SFT data file")
+    if fmt not in FORMATS:
+        raise DataError(p, None, "format", f"unknown format {fmt!r}; expected one of {list(FORMATS)}")
+    is_list = p.suffix == ".json" or p.read_bytes()[:64].lstrip().startswith(b"[")
+    rows: list[dict] = []
+    for line, obj in _iter_objects(p):
+        where = f"item {line}" if is_list else line
+        f = fmt if fmt != "auto" else detect_format(obj)
+        if f == "unknown":
+            raise DataError(p, where, None, "cannot tell the row format: expected 'messages', "
+                                            "'instruction'+'output' (Alpaca) or 'instruction'+'instances' (self-instruct)")
+        try:
+            rows.extend(PARSERS[f](obj, p, where))
+        except DataError as e:
+            if not skip_invalid:
+                raise
+            if skipped is not None:
+                skipped.append(str(e))
+        if max_rows is not None and len(rows) >= max_rows:
+            return rows[:max_rows]
+    return rows
+
+
+def read_sft_sources(sources: list[dict], skipped: list | None = None) -> list[dict]:
+    """Concatenate several ``{path, format, max_rows, skip_invalid}`` sources."""
+    rows = []
+    for s in sources:
+        rows += read_sft_file(s["path"], s.get("format", "auto"), s.get("max_rows"), s.get("skip_invalid", False),
+                              skipped)
+    return rows

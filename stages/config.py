@@ -1,0 +1,509 @@
+"""The pipeline config: one YAML, a section per stage, one source of truth for model and chat template.
+
+Loading checks everything before a model is touched: unknown keys, wrong types, values out of range and
+inconsistent settings raise :class:`ConfigError`, which names the file, the YAML line and the dotted field.
+``key=value`` overrides use dotted paths (``sft.training.learning_rate=1e-4``); values are parsed as YAML.
+The ``training`` sub-sections are passed to TRL's ``SFTConfig``/``DPOConfig`` and transformers'
+``TrainingArguments`` through ``HfArgumentParser.parse_dict`` (unknown keys are an error there too).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+SECRET_KEY_PARTS = ("token", "api_key", "password", "secret")
+
+
+class ConfigError(ValueError):
+    """A bad config value: names the file, the YAML line (when known) and the dotted field."""
+
+    def __init__(self, path: str | None, line: int | None, field_name: str | None, message: str):
+        self.path, self.line, self.field, self.message = path, line, field_name, message
+        where = f"{path}:{line}" if (path and line) else (path or "<config>")
+        what = f"field '{field_name}': " if field_name else ""
+        super().__init__(f"{where}: {what}{message}")
+
+
+# --------------------------------------------------------------------------------------------- sections
+@dataclass
+class ModelSection:
+    """The base model and how every stage loads it."""
+
+    name_or_path: str = "embedded:smollm2-135m-instruct"  # HF id, local folder, or an embedded model name
+    chat_template: str = "zephyr"  # the one template used at training, generation and evaluation
+    dtype: str = "auto"  # auto (fp32 on CPU, bf16 on CUDA where supported) | float32 | bfloat16 | float16
+    trust_remote_code: bool = False
+    attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2 | flash_attention_3
+    max_seq_length: int = 512
+    quantization: str = "none"  # none | 4bit (QLoRA: bitsandbytes nf4, bf16 compute; CUDA only)
+    loader: str = "transformers"  # transformers | unsloth (CUDA only, GPU extra)
+    device_memory_gb: float | None = None  # memory of the one training device, for the dry-run estimate
+    cache_dir: str | None = None  # where embedded models are converted (default: ~/.cache/staged-alignment)
+    use_liger_kernel: bool = False  # TRL/transformers Liger kernels (CUDA + liger-kernel)
+
+
+@dataclass
+class LoraSection:
+    """LoRA adapter settings shared by every stage (all seven projections by default)."""
+
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: list = field(default_factory=lambda: list(ALL_PROJECTIONS))
+
+
+@dataclass
+class HubSection:
+    """Pushing adapters to the Hugging Face Hub (token from HF_TOKEN or the HF login, never stored)."""
+
+    push_to_hub: bool = False
+    private: bool = True
+    push_dry_run: bool = False  # write exactly the folder that would be uploaded, upload nothing
+    organization: str | None = None
+
+
+@dataclass
+class LoggingSection:
+    """Experiment tracking: W&B (works with WANDB_MODE=offline) or TensorBoard."""
+
+    report_to: list = field(default_factory=lambda: ["none"])
+    wandb_project: str = "staged-alignment"
+    wandb_group: str | None = None  # default: the run name
+    logging_steps: int = 1
+
+
+@dataclass
+class DataSource:
+    """One input file and its format (``auto`` guesses from the first row)."""
+
+    path: str = ""
+    format: str = "auto"
+    max_rows: int | None = None
+    skip_invalid: bool = False  # drop (and count) bad rows instead of stopping; malformed files still stop
+
+
+@dataclass
+class SFTSection:
+    """Stage 0: supervised fine-tuning in the Zephyr format, loss on assistant tokens only."""
+
+    enabled: bool = True
+    data: list = field(default_factory=list)  # list of DataSource
+    eval_fraction: float = 0.0
+    sample_prompts: list = field(default_factory=lambda: ["Give three tips for writing clear emails."])
+    hub_model_id: str | None = None
+    training: dict = field(default_factory=dict)  # trl.SFTConfig keys
+
+
+@dataclass
+class GenerationSection:
+    """Sampling settings for critique-and-rewrite generation."""
+
+    backend: str = "transformers"  # transformers | vllm (CUDA only)
+    batch_size: int = 8
+    max_new_tokens: int = 128
+    do_sample: bool = True
+    temperature: float = 0.7
+    top_p: float = 0.9
+    vllm_gpu_memory_utilization: float = 0.5
+
+
+@dataclass
+class DPOSection:
+    """Stage 1: constitutional critique-and-rewrite pairs, then DPO."""
+
+    enabled: bool = True
+    prompts: list = field(default_factory=list)  # list of DataSource (red-team prompts)
+    constitution: str = "constitutions/default.json"
+    held_out: int = 8  # red-team prompts kept out of training, for the before/after assessment
+    max_prompts: int | None = None
+    pairs_file: str | None = None  # reuse existing pairs instead of generating
+    generation: dict = field(default_factory=dict)  # GenerationSection keys
+    hub_model_id: str | None = None
+    training: dict = field(default_factory=dict)  # trl.DPOConfig keys
+
+
+@dataclass
+class CausalLossSection:
+    """Loss of the causal contrastive stage (see trainers/causal_losses.py for the formulas)."""
+
+    variant: str = "cosine"  # cosine | infonce | margin
+    temperature: float = 0.1  # τ, 0.01 ≤ τ ≤ 1
+    lambda_task: float = 1.0
+    lambda_causal: float = 1.0
+    lambda_spurious: float = 1.0
+    margin_floor: float = 0.0  # margin variant: separation term stops at cos ≤ floor
+    injected_lm_loss: bool = False  # LM loss on the injected prompt toward the benign response
+    lambda_injected: float = 1.0
+
+
+@dataclass
+class CausalHeadSection:
+    """The projection head on pooled hidden states."""
+
+    type: str = "mlp"  # linear | mlp | bottleneck
+    dim: int = 128
+    hidden: int = 256
+    pool_layer: int = -1  # hidden-state layer to pool (-1 = last)
+
+
+@dataclass
+class CausalSection:
+    """Stage 2: the causal contrastive stage on prompt-injection triplets."""
+
+    enabled: bool = True
+    tasks: list = field(default_factory=list)  # list of DataSource (bipia contexts | alpaca | seed tasks)
+    train_attacks: list = field(default_factory=list)  # attack files for training ({category: [texts]})
+    eval_attacks: list = field(default_factory=list)  # attack files reserved for evaluation (must not overlap)
+    triplets_file: str | None = None
+    max_triplets: int | None = None
+    counterfactual: str = "rule"  # rule | model
+    base: str = "dpo"  # which merged model to start from: dpo | sft
+    loss: dict = field(default_factory=dict)  # CausalLossSection keys
+    head: dict = field(default_factory=dict)  # CausalHeadSection keys
+    hub_model_id: str | None = None
+    training: dict = field(default_factory=dict)  # transformers.TrainingArguments keys
+
+
+@dataclass
+class EvaluateSection:
+    """Stage 3: evaluation and verification."""
+
+    enabled: bool = True
+    eval_file: str = "data_builders/seed/injection_eval.jsonl"
+    redteam_file: str | None = None  # red-team prompts for the refusal/harm rate (default: DPO held-out slice)
+    max_cases: int | None = None
+    max_new_tokens: int = 64
+    batch_size: int = 8
+    do_sample: bool = False
+    temperature: float = 1.0
+    models: list = field(default_factory=lambda: ["base", "sft", "dpo", "causal"])
+    hsic_permutations: int = 200
+    pc_components: int = 3
+    alpha: float = 0.05
+
+
+@dataclass
+class PipelineConfig:
+    """The whole run: model, adapter, stages, logging and hub settings."""
+
+    run_name: str = "run"
+    output_dir: str = "runs"
+    seed: int = 42
+    device: str = "auto"  # auto | cpu | cuda
+    model: ModelSection = field(default_factory=ModelSection)
+    lora: LoraSection = field(default_factory=LoraSection)
+    sft: SFTSection = field(default_factory=SFTSection)
+    dpo: DPOSection = field(default_factory=DPOSection)
+    causal: CausalSection = field(default_factory=CausalSection)
+    evaluate: EvaluateSection = field(default_factory=EvaluateSection)
+    hub: HubSection = field(default_factory=HubSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
+    # where the YAML came from (not a config key)
+    source_path: str | None = field(default=None, metadata={"internal": True})
+    line_map: dict = field(default_factory=dict, metadata={"internal": True})
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.run_name
+
+    def line_of(self, dotted: str) -> int | None:
+        """YAML line of a dotted key (or of its nearest ancestor)."""
+        parts = dotted.split(".")
+        while parts:
+            if ".".join(parts) in self.line_map:
+                return self.line_map[".".join(parts)]
+            parts.pop()
+        return None
+
+    def error(self, dotted: str, message: str) -> ConfigError:
+        """A :class:`ConfigError` for ``dotted`` located in this config's file."""
+        return ConfigError(self.source_path, self.line_of(dotted), dotted, message)
+
+    def to_dict(self) -> dict:
+        """Plain dict of the config keys (internal fields dropped)."""
+        d = dataclasses.asdict(self)
+        d.pop("source_path", None)
+        d.pop("line_map", None)
+        return d
+
+    def config_hash(self, section: str | None = None) -> str:
+        """sha256 of the config (or of one section plus model/lora), for the manifest."""
+        d = self.to_dict()
+        if section:
+            d = {k: d[k] for k in ("model", "lora", "seed", section) if k in d}
+        return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()
+
+
+# --------------------------------------------------------------------------------------------- parsing
+def _yaml_line_map(text: str) -> dict[str, int]:
+    """Map dotted key paths (``sft.training.learning_rate``; list items as ``sft.data.0``) to 1-based lines."""
+    out: dict[str, int] = {}
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError:
+        return out
+
+    def walk(node, prefix):
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                key = f"{prefix}.{k.value}" if prefix else str(k.value)
+                out[key] = k.start_mark.line + 1
+                walk(v, key)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, v in enumerate(node.value):
+                key = f"{prefix}.{i}"
+                out[key] = v.start_mark.line + 1
+                walk(v, key)
+
+    if root is not None:
+        walk(root, "")
+    return out
+
+
+def _type_ok(value, annotation) -> bool:
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if annotation is Any:
+        return True
+    if origin is typing.Union or type(annotation).__name__ == "UnionType":
+        return any(_type_ok(value, a) for a in args)
+    if annotation is type(None):
+        return value is None
+    if annotation is bool:
+        return isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is str:
+        return isinstance(value, str)
+    if annotation is list or origin is list:
+        return isinstance(value, list)
+    if annotation is dict or origin is dict:
+        return isinstance(value, dict)
+    if dataclasses.is_dataclass(annotation):
+        return isinstance(value, dict)
+    return True
+
+
+def build_dataclass(cls, data: dict | None, prefix: str, path: str | None, lines: dict[str, int]):
+    """Instantiate dataclass ``cls`` from ``data``; unknown keys and wrong types raise :class:`ConfigError`."""
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise ConfigError(path, lines.get(prefix), prefix or None, f"expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+    kwargs = {}
+    for key, value in data.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        if key not in known:
+            close = [k for k in known if k.startswith(str(key)[:3])]
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(path, lines.get(dotted), dotted, f"unknown key{hint}; known keys: {sorted(known)}")
+        ann = hints[key]
+        if dataclasses.is_dataclass(ann):
+            kwargs[key] = build_dataclass(ann, value, dotted, path, lines)
+            continue
+        if not _type_ok(value, ann):
+            raise ConfigError(path, lines.get(dotted), dotted,
+                              f"expected {getattr(ann, '__name__', str(ann))}, got {type(value).__name__} ({value!r})")
+        if ann is float or (typing.get_args(ann) and float in typing.get_args(ann) and isinstance(value, int)):
+            value = float(value) if value is not None else None
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """Parse ``a.b.c=value`` (value as YAML) into ``("a.b.c", value)``; raises :class:`ConfigError`."""
+    if "=" not in item:
+        raise ConfigError(None, None, item, "override must look like key=value (e.g. sft.training.max_steps=5)")
+    key, raw = item.split("=", 1)
+    key = key.strip().removeprefix("--")
+    if not key:
+        raise ConfigError(None, None, item, "override has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(None, None, key, f"override value is not valid YAML: {e}") from None
+    return key, value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> list[str]:
+    """Apply dotted ``key=value`` overrides to the raw YAML dict in place; returns the dotted keys set."""
+    keys = []
+    for item in overrides or []:
+        key, value = parse_override(item)
+        node = data
+        parts = key.split(".")
+        for p in parts[:-1]:
+            if not isinstance(node.get(p, {}), dict):
+                raise ConfigError(None, None, key, f"'{p}' is not a section")
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+        keys.append(key)
+    return keys
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> PipelineConfig:
+    """Read, override and validate a pipeline YAML. Raises :class:`ConfigError` (never loads a model)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(str(p), None, None, "config file does not exist")
+    try:
+        text = p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(str(p), None, None, f"not valid UTF-8 (byte {e.start})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        raise ConfigError(str(p), mark.line + 1 if mark else None, None, f"malformed YAML: {getattr(e, 'problem', e)}") from None
+    if data is None:
+        raise ConfigError(str(p), None, None, "config file is empty")
+    if not isinstance(data, dict):
+        raise ConfigError(str(p), 1, None, "the config must be a YAML mapping")
+    lines = _yaml_line_map(text)
+    for key in _find_secret_keys(data):
+        raise ConfigError(str(p), lines.get(key), key,
+                          "secrets do not belong in configs; set HF_TOKEN / WANDB_API_KEY in the environment")
+    apply_overrides(data, overrides or [])
+    cfg = build_dataclass(PipelineConfig, data, "", str(p), lines)
+    cfg.source_path, cfg.line_map = str(p), lines
+    validate_config(cfg)
+    return cfg
+
+
+def _find_secret_keys(data, prefix="") -> list[str]:
+    found = []
+    if isinstance(data, dict):
+        for k, v in data.items():
+            dotted = f"{prefix}.{k}" if prefix else str(k)
+            low = str(k).lower()
+            if any(s in low for s in SECRET_KEY_PARTS) and not low.endswith(("_tokens", "max_new_tokens")) \
+                    and low not in {"pad_token", "eos_token", "bos_token", "tokenizer", "max_tokens"} and v:
+                found.append(dotted)
+            found += _find_secret_keys(v, dotted)
+    return found
+
+
+def sub_section(cfg: PipelineConfig, cls, dotted: str):
+    """Build a nested dict section (``dpo.generation``, ``causal.loss``, ``causal.head``) as dataclass ``cls``."""
+    obj = cfg
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return build_dataclass(cls, obj, dotted, cfg.source_path, cfg.line_map)
+
+
+def validate_config(cfg: PipelineConfig) -> None:
+    """Range and consistency checks that need no model and no data. Raises :class:`ConfigError`."""
+    m = cfg.model
+    choices = {
+        "model.dtype": (m.dtype, {"auto", "float32", "bfloat16", "float16"}),
+        "model.quantization": (m.quantization, {"none", "4bit"}),
+        "model.loader": (m.loader, {"transformers", "unsloth"}),
+        "model.attn_implementation": (m.attn_implementation,
+                                      {"sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention"}),
+        "device": (cfg.device, {"auto", "cpu", "cuda"}),
+        "causal.counterfactual": (cfg.causal.counterfactual, {"rule", "model"}),
+        "causal.base": (cfg.causal.base, {"dpo", "sft"}),
+    }
+    for key, (val, allowed) in choices.items():
+        if val not in allowed:
+            raise cfg.error(key, f"{val!r} is not one of {sorted(allowed)}")
+    from data_builders.chat_template import TEMPLATES
+
+    if m.chat_template not in TEMPLATES:
+        raise cfg.error("model.chat_template", f"unknown template {m.chat_template!r}; known: {sorted(TEMPLATES)}")
+    if m.max_seq_length < 16:
+        raise cfg.error("model.max_seq_length", "must be at least 16")
+    if m.device_memory_gb is not None and m.device_memory_gb <= 0:
+        raise cfg.error("model.device_memory_gb", "must be positive")
+    if cfg.lora.r <= 0 or cfg.lora.alpha <= 0:
+        raise cfg.error("lora.r", "r and alpha must be positive")
+    if not 0 <= cfg.lora.dropout < 1:
+        raise cfg.error("lora.dropout", "must be in [0, 1)")
+    if not cfg.lora.target_modules:
+        raise cfg.error("lora.target_modules", "must name at least one module")
+    if not cfg.run_name or "/" in cfg.run_name or cfg.run_name.startswith("."):
+        raise cfg.error("run_name", "must be a plain folder name")
+    for name, srcs in (("sft.data", cfg.sft.data), ("dpo.prompts", cfg.dpo.prompts), ("causal.tasks", cfg.causal.tasks),
+                       ("causal.train_attacks", cfg.causal.train_attacks), ("causal.eval_attacks", cfg.causal.eval_attacks)):
+        for i, s in enumerate(srcs):
+            if isinstance(s, str):
+                srcs[i] = s = {"path": s}
+            build_dataclass(DataSource, s, f"{name}.{i}", cfg.source_path, cfg.line_map)
+            if not s.get("path"):
+                raise cfg.error(f"{name}.{i}.path", "missing or empty")
+    gen = sub_section(cfg, GenerationSection, "dpo.generation")
+    if gen.backend not in {"transformers", "vllm"}:
+        raise cfg.error("dpo.generation.backend", f"{gen.backend!r} is not one of ['transformers', 'vllm']")
+    if gen.batch_size < 1 or gen.max_new_tokens < 1:
+        raise cfg.error("dpo.generation", "batch_size and max_new_tokens must be ≥ 1")
+    loss = sub_section(cfg, CausalLossSection, "causal.loss")
+    if not 0.01 <= loss.temperature <= 1.0:
+        raise cfg.error("causal.loss.temperature", f"τ={loss.temperature} is outside [0.01, 1]")
+    if loss.variant not in {"cosine", "infonce", "margin"}:
+        raise cfg.error("causal.loss.variant", f"{loss.variant!r} is not one of ['cosine', 'infonce', 'margin']")
+    if not -1.0 <= loss.margin_floor <= 1.0:
+        raise cfg.error("causal.loss.margin_floor", "must be a cosine in [-1, 1]")
+    head = sub_section(cfg, CausalHeadSection, "causal.head")
+    if head.type not in {"linear", "mlp", "bottleneck"}:
+        raise cfg.error("causal.head.type", f"{head.type!r} is not one of ['bottleneck', 'linear', 'mlp']")
+    if head.dim < 1 or head.hidden < 1:
+        raise cfg.error("causal.head.dim", "dim and hidden must be ≥ 1")
+    if not 0 <= cfg.sft.eval_fraction < 1:
+        raise cfg.error("sft.eval_fraction", "must be in [0, 1)")
+    e = cfg.evaluate
+    unknown = set(e.models) - {"base", "sft", "dpo", "causal"}
+    if unknown:
+        raise cfg.error("evaluate.models", f"unknown model labels {sorted(unknown)}")
+    if not 0 < e.alpha < 1:
+        raise cfg.error("evaluate.alpha", "must be in (0, 1)")
+    if cfg.logging.report_to and not set(cfg.logging.report_to) <= {"none", "wandb", "tensorboard"}:
+        raise cfg.error("logging.report_to", "use any of none, wandb, tensorboard")
+    _check_device_consistency(cfg)
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _check_device_consistency(cfg: PipelineConfig) -> None:
+    """Settings that cannot work on the hardware at hand fail here, before any model is loaded."""
+    on_cuda = cfg.device == "cuda" or (cfg.device == "auto" and cuda_available())
+    if cfg.device == "cuda" and not cuda_available():
+        raise cfg.error("device", "device is 'cuda' but no CUDA device is available")
+    if not on_cuda:
+        if cfg.model.quantization == "4bit":
+            raise cfg.error("model.quantization", "4-bit QLoRA (bitsandbytes nf4) needs a CUDA GPU; use 'none' on CPU")
+        if cfg.model.loader == "unsloth":
+            raise cfg.error("model.loader", "the Unsloth loader needs a CUDA GPU; use 'transformers' on CPU")
+        if cfg.model.dtype in {"bfloat16", "float16"}:
+            raise cfg.error("model.dtype", f"{cfg.model.dtype} on CPU is ~30x slower than float32 here; use auto or float32")
+        for sec in ("sft", "dpo", "causal"):
+            tr = getattr(cfg, sec).training
+            for flag in ("bf16", "fp16"):
+                if tr.get(flag):
+                    raise cfg.error(f"{sec}.training.{flag}", f"{flag} training needs a GPU; on CPU training runs in fp32")
+        if cfg.model.attn_implementation.startswith("flash_attention"):
+            raise cfg.error("model.attn_implementation", "FlashAttention needs a CUDA GPU; use sdpa on CPU")
+        if sub_section(cfg, GenerationSection, "dpo.generation").backend == "vllm":
+            raise cfg.error("dpo.generation.backend", "the vLLM backend needs a CUDA GPU; use 'transformers' on CPU")
+        if cfg.model.use_liger_kernel:
+            raise cfg.error("model.use_liger_kernel", "Liger kernels are Triton kernels and need a CUDA GPU")
+
+
+def resolved_yaml(cfg: PipelineConfig) -> str:
+    """The config after overrides, as YAML (it holds no secrets: :func:`load_config` rejects secret keys)."""
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

