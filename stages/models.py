@@ -32,7 +32,8 @@ COMPLETE_MARKER = "conversion_complete.json"
 
 def default_cache_dir() -> Path:
     """``$STAGED_ALIGNMENT_CACHE`` or ``~/.cache/staged-alignment``."""
-    return Path(os.environ.get("STAGED_ALIGNMENT_CACHE", Path.home() / ".cache" / "staged-alignment"))
+    env = os.environ.get("STAGED_ALIGNMENT_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "staged-alignment"
 
 
 def _find_embedded_gguf(dist: str, filename: str) -> Path:

@@ -1,0 +1,172 @@
+"""What every stage script shares: the command line, logging, seeding and building TRL/HF training args."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import random
+import sys
+from pathlib import Path
+
+from stages.config import ConfigError, PipelineConfig, load_config
+
+log = logging.getLogger("staged_alignment")
+
+
+def stage_cli(description: str, argv=None) -> tuple[argparse.Namespace, PipelineConfig]:
+    """Parse ``--config C [key=value …]`` and load/validate the config. Exits with code 2 on a bad config."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--config", required=True, help="pipeline YAML (configs/*.yaml)")
+    ap.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. sft.training.max_steps=5")
+    args = ap.parse_args(argv)
+    setup_logging()
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except (ConfigError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2)
+    return args, cfg
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+def seed_everything(seed: int) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def on_cuda(cfg: PipelineConfig) -> bool:
+    import torch
+
+    return cfg.device != "cpu" and torch.cuda.is_available()
+
+
+def build_training_args(cls, cfg: PipelineConfig, section: str, output_dir: str | Path, **defaults):
+    """Build ``cls`` (``trl.SFTConfig``, ``trl.DPOConfig`` or ``TrainingArguments``) from ``cfg.<section>.training``.
+
+    Project defaults go first, then ``defaults``, then the user's keys. On CPU: fp32 (``bf16=False``) and no
+    gradient checkpointing, because TRL's bf16 default is ~30x slower on CPU. On CUDA: bf16 where supported
+    and gradient checkpointing with QLoRA. Unknown keys raise :class:`ConfigError` naming the YAML line
+    (through ``HfArgumentParser.parse_dict(allow_extra_keys=False)``).
+    """
+    import torch
+    from transformers import HfArgumentParser
+
+    cuda = on_cuda(cfg)
+    base = dict(output_dir=str(output_dir), seed=cfg.seed, logging_steps=cfg.logging.logging_steps,
+                report_to=[r for r in cfg.logging.report_to if r != "none"] or "none",
+                run_name=f"{cfg.run_name}-{section}", save_strategy="steps", save_steps=50, save_total_limit=2,
+                bf16=bool(cuda and torch.cuda.is_bf16_supported()),
+                fp16=bool(cuda and not torch.cuda.is_bf16_supported()),
+                gradient_checkpointing=bool(cuda and cfg.model.quantization == "4bit"),
+                use_cpu=not cuda, dataloader_num_workers=0, disable_tqdm=False,
+                logging_first_step=True)
+    base.update(defaults)
+    user = dict(getattr(cfg, section).training)
+    base.update(user)
+    field_names = {f.name for f in dataclasses.fields(cls)}
+    base = {k: v for k, v in base.items() if k in field_names or k in user}
+    for key in user:
+        if key not in field_names:
+            dotted = f"{section}.training.{key}"
+            raise ConfigError(cfg.source_path, cfg.line_of(dotted), dotted,
+                              f"unknown key for {cls.__name__}")
+    try:
+        (args,) = HfArgumentParser(cls).parse_dict(base, allow_extra_keys=False)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(cfg.source_path, cfg.line_of(f"{section}.training"), f"{section}.training", str(e)) from None
+    return args
+
+
+def report_to_env(cfg: PipelineConfig, stage: str) -> None:
+    """Set W&B project/group/run names from the config (each stage one run, in one group per pipeline run)."""
+    if "wandb" in cfg.logging.report_to:
+        os.environ.setdefault("WANDB_PROJECT", cfg.logging.wandb_project)
+        os.environ["WANDB_RUN_GROUP"] = cfg.logging.wandb_group or cfg.run_name
+        os.environ["WANDB_NAME"] = f"{cfg.run_name}-{stage}"
+        os.environ.setdefault("WANDB_DIR", str(cfg.run_dir))
+
+
+def last_checkpoint(folder: str | Path) -> str | None:
+    """Newest complete ``checkpoint-N`` folder in ``folder`` (transformers' rule), or None."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    ckpt = get_last_checkpoint(str(folder))
+    if ckpt and not (Path(ckpt) / "trainer_state.json").exists():  # killed mid-save: not a finished checkpoint
+        return None
+    return ckpt
+
+
+def standard_callbacks(cfg: PipelineConfig) -> list:
+    """Loss guard (NaN/inf/explosion) and SIGTERM checkpointing, for every stage's trainer."""
+    from trainers.callbacks import LossGuardCallback, SigtermCheckpointCallback
+
+    return [LossGuardCallback(), SigtermCheckpointCallback()]
+
+
+def raise_if_terminated(trainer) -> None:
+    """After ``trainer.train()``: exit 143 if training stopped because of SIGTERM (checkpoint already saved)."""
+    from trainers.callbacks import SigtermCheckpointCallback
+
+    for cb in trainer.callback_handler.callbacks:
+        if isinstance(cb, SigtermCheckpointCallback) and cb.requested:
+            log.warning("stopped by SIGTERM after saving %s; rerun to resume", trainer.args.output_dir)
+            raise SystemExit(143)
+
+
+def save_adapter(model, tokenizer, out_dir: str | Path, extra_files: dict | None = None) -> Path:
+    """Save a peft adapter (safetensors) + tokenizer atomically; ``extra_files`` = {name: writer(path)}."""
+    from data_builders.jsonl_io import atomic_directory
+
+    with atomic_directory(out_dir) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        for name, writer in (extra_files or {}).items():
+            writer(tmp / name)
+    return Path(out_dir)
+
+
+def run_stage_main(stage_module, description: str, argv=None) -> int:
+    """Entry point of a stage script: parse the CLI, validate inputs (no model), run, record the manifest.
+
+    ``stage_module`` provides ``STAGE`` (name), ``validate(cfg)`` (raises DataError/ConfigError before any model
+    load), ``input_paths(cfg)`` and ``run(cfg) -> {"outputs": {...}, "metrics": {...}}``.
+    Exit codes: 0 done, 2 bad input or config, 1 failure during the run, 143 stopped by SIGTERM.
+    """
+    import time
+
+    from data_builders.jsonl_io import DataError
+    from stages.run_dir import Manifest, path_sha256
+
+    args, cfg = stage_cli(description, argv)
+    try:
+        stage_module.validate(cfg)
+    except (DataError, ConfigError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    manifest = Manifest(cfg.run_dir)
+    name = stage_module.STAGE
+    inputs = {k: path_sha256(v) for k, v in stage_module.input_paths(cfg).items()}
+    manifest.start(name, cfg.config_hash(name), inputs)
+    t0 = time.time()
+    try:
+        result = stage_module.run(cfg)
+    except SystemExit as e:
+        manifest.fail(name, f"exited with {e.code}")
+        raise
+    except BaseException as e:
+        manifest.fail(name, f"{type(e).__name__}: {e}")
+        raise
+    manifest.finish(name, result.get("outputs", {}), result.get("metrics", {}), seconds=round(time.time() - t0, 1))
+    return 0

@@ -1,0 +1,109 @@
+"""The run directory and its ``manifest.json`` (ARCHITECTURE.md, "Run directory").
+
+``manifest.json`` holds, per stage: ``status`` (pending|running|done|failed), ``config_hash``,
+``input_hashes``, ``outputs``, ``started``/``finished`` (UTC ISO-8601), ``seconds`` and a ``metrics`` summary.
+Every write goes through :func:`~data_builders.jsonl_io.atomic_write_json` under a file lock, so a kill at
+any point leaves the previous or the new manifest, never a torn one, and two processes never interleave.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import fcntl
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from data_builders.jsonl_io import atomic_write_json
+
+STAGES = ("sft", "dpo", "causal", "evaluate")
+STATUSES = ("pending", "running", "done", "failed")
+
+
+def now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """sha256 hex digest of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def path_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file, or of a folder (relative names + file digests, sorted); ``missing`` if absent."""
+    p = Path(path)
+    if p.is_file():
+        return file_sha256(p)
+    if p.is_dir():
+        h = hashlib.sha256()
+        for f in sorted(x for x in p.rglob("*") if x.is_file() and not x.name.startswith(".")):
+            h.update(str(f.relative_to(p)).encode())
+            h.update(file_sha256(f).encode())
+        return h.hexdigest()
+    return "missing"
+
+
+class Manifest:
+    """Read-modify-write access to ``<run_dir>/manifest.json`` (atomic, locked)."""
+
+    def __init__(self, run_dir: str | os.PathLike):
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / "manifest.json"
+
+    @contextlib.contextmanager
+    def _locked(self):
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.run_dir / ".manifest.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def read(self) -> dict:
+        """The manifest as a dict (``{"stages": {}}`` if none yet). Raises ``ValueError`` if it is corrupt."""
+        if not self.path.exists():
+            return {"stages": {}}
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{self.path}: corrupt manifest ({e.msg}); it is only ever replaced atomically, "
+                             "so this file was edited by hand") from None
+        data.setdefault("stages", {})
+        return data
+
+    def update(self, stage: str, **fields) -> dict:
+        """Merge ``fields`` into the stage's entry and write the manifest atomically; returns the entry."""
+        with self._locked():
+            data = self.read()
+            entry = data["stages"].setdefault(stage, {"status": "pending"})
+            entry.update(fields)
+            data["updated"] = now()
+            atomic_write_json(self.path, data)
+            return entry
+
+    def entry(self, stage: str) -> dict:
+        return self.read()["stages"].get(stage, {"status": "pending"})
+
+    def start(self, stage: str, config_hash: str, input_hashes: dict) -> None:
+        self.update(stage, status="running", config_hash=config_hash, input_hashes=input_hashes,
+                    started=now(), finished=None, error=None, pid=os.getpid())
+
+    def finish(self, stage: str, outputs: dict, metrics: dict | None = None, seconds: float | None = None) -> None:
+        self.update(stage, status="done", outputs=outputs, metrics=metrics or {}, finished=now(), seconds=seconds,
+                    pid=None)
+
+    def fail(self, stage: str, error: str) -> None:
+        self.update(stage, status="failed", error=error[-2000:], finished=now(), pid=None)
+
+    def is_done(self, stage: str, config_hash: str, input_hashes: dict) -> bool:
+        """True if the stage finished with this config and these inputs and its outputs still exist."""
+        e = self.entry(stage)
+        if e.get("status") != "done" or e.get("config_hash") != config_hash or e.get("input_hashes") != input_hashes:
+            return False
+        return all(Path(p).exists() for p in (e.get("outputs") or {}).values() if isinstance(p, str))

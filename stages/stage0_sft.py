@@ -1,0 +1,119 @@
+"""Stage 0: supervised fine-tuning in the Zephyr format, loss on assistant tokens only.
+
+Recipe: parse config → validate data (no model yet) → load base → sample before → SFT with LoRA on all seven
+projections → save adapter → merge into a 16-bit copy (``sft/merged``) → sample after, from the merged model.
+
+    accelerate launch --config_file accelerate_config.yaml stages/stage0_sft.py --config C [key=value …]
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the project importable without an editable install
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from data_builders.jsonl_io import atomic_write_json  # noqa: E402
+from data_builders.sft_data import read_sft_sources  # noqa: E402
+from stages.config import ConfigError, PipelineConfig  # noqa: E402
+
+STAGE = "sft"
+
+
+def input_paths(cfg: PipelineConfig) -> dict[str, str]:
+    return {f"data{i}": s["path"] for i, s in enumerate(cfg.sft.data)}
+
+
+def validate(cfg: PipelineConfig) -> list[dict]:
+    """Parse every SFT source and the training args; raises DataError/ConfigError before any model load."""
+    from trl import SFTConfig
+
+    from stages.common import build_training_args
+
+    if not cfg.sft.data:
+        raise cfg.error("sft.data", "no SFT data sources configured")
+    rows = read_sft_sources(cfg.sft.data)
+    if len(rows) < 2:
+        raise cfg.error("sft.data", f"only {len(rows)} usable row(s)")
+    build_training_args(SFTConfig, cfg, "sft", cfg.run_dir / "sft" / "checkpoints", **sft_defaults(cfg))
+    return rows
+
+
+def sft_defaults(cfg: PipelineConfig) -> dict:
+    return dict(assistant_only_loss=True, max_length=cfg.model.max_seq_length, packing=False,
+                use_liger_kernel=cfg.model.use_liger_kernel, dataset_num_proc=None)
+
+
+def run(cfg: PipelineConfig) -> dict:
+    """Train, save, merge; returns ``{"outputs": {adapter, merged, samples}, "metrics": {...}}``."""
+    import torch
+    from datasets import Dataset
+    from trl import SFTConfig
+
+    from data_builders.generation import generate_chat
+    from stages.common import (build_training_args, last_checkpoint, raise_if_terminated, report_to_env,
+                               save_adapter, seed_everything, standard_callbacks, log)
+    from stages.models import (load_model, load_tokenizer, lora_config, merge_adapter, pick_device,
+                               resolve_model_path)
+    from trainers.sft import ZephyrSFTTrainer
+
+    rows = validate(cfg)
+    seed_everything(cfg.seed)
+    report_to_env(cfg, STAGE)
+    out = cfg.run_dir / "sft"
+    args = build_training_args(SFTConfig, cfg, "sft", out / "checkpoints", **sft_defaults(cfg))
+    device = pick_device(cfg.device)
+    base_path = resolve_model_path(cfg.model)
+    tok = load_tokenizer(base_path, cfg.model)
+    model = load_model(base_path, cfg.model, device=device)
+    convs = [[{"role": "user", "content": p}] for p in cfg.sft.sample_prompts]
+    before = generate_chat(model.to(device) if device == "cpu" else model, tok, convs, max_new_tokens=64)
+
+    ds = Dataset.from_list(rows).shuffle(seed=cfg.seed)
+    eval_ds = None
+    if cfg.sft.eval_fraction > 0:
+        split = ds.train_test_split(test_size=cfg.sft.eval_fraction, seed=cfg.seed)
+        ds, eval_ds = split["train"], split["test"]
+    trainer = ZephyrSFTTrainer(model=model, args=args, train_dataset=ds, eval_dataset=eval_ds, processing_class=tok,
+                               peft_config=lora_config(cfg.lora), callbacks=standard_callbacks(cfg))
+    ckpt = last_checkpoint(args.output_dir)
+    if ckpt:
+        log.info("resuming SFT from %s", ckpt)
+    result = trainer.train(resume_from_checkpoint=ckpt)
+    raise_if_terminated(trainer)
+    atomic_write_json(out / "log_history.json", trainer.state.log_history)
+    save_adapter(trainer.model, tok, out / "adapter")
+    del trainer, model
+    merge_adapter(base_path, out / "adapter", out / "merged", cfg.model, tok)
+
+    merged_tok = load_tokenizer(str(out / "merged"), cfg.model)
+    merged = load_model(str(out / "merged"), cfg.model, device=device, quantize=False, for_training=False)
+    after = generate_chat(merged, merged_tok, convs, max_new_tokens=64)
+    samples = [{"prompt": p, "rendered_prompt": merged_tok.apply_chat_template(c, tokenize=False,
+                                                                                 add_generation_prompt=True),
+                "before": b["text"], "after": a["text"]} for p, c, b, a in zip(cfg.sft.sample_prompts, convs, before, after)]
+    atomic_write_json(out / "samples.json", samples)
+    losses = [h["loss"] for h in trainer_logs(out) if "loss" in h]
+    metrics = {"train_loss": round(result.training_loss, 4), "first_loss": losses[0] if losses else None,
+               "last_loss": losses[-1] if losses else None, "steps": result.global_step, "rows": len(rows)}
+    del merged
+    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    return {"outputs": {"adapter": str(out / "adapter"), "merged": str(out / "merged"),
+                        "samples": str(out / "samples.json")}, "metrics": metrics}
+
+
+def trainer_logs(stage_dir: Path) -> list[dict]:
+    import json
+
+    p = Path(stage_dir) / "log_history.json"
+    return json.loads(p.read_text()) if p.exists() else []
+
+
+def main(argv=None) -> int:
+    from stages.common import run_stage_main
+
+    return run_stage_main(sys.modules[__name__], "Stage 0: Zephyr SFT with LoRA, merged to 16-bit", argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
