@@ -114,6 +114,11 @@ class GenerationSection:
     temperature: float = 0.7
     top_p: float = 0.9
     vllm_gpu_memory_utilization: float = 0.5
+    num_few_shot: int = 1  # few-shot critique-and-rewrite conversations from the constitution prepended as earlier turns
+    drop_truncated: bool = True  # drop pairs whose response or revision hit max_new_tokens (always counted)
+    min_revision_words: int = 3  # a revision shorter than this after stripping a "Here is a revised…" preamble is dropped
+    seed: int | None = None  # principle draws and sampling (default: the top-level seed)
+    progress: bool = True  # tqdm progress bar
 
 
 @dataclass
@@ -126,6 +131,8 @@ class DPOSection:
     held_out: int = 8  # red-team prompts kept out of training, for the before/after assessment
     max_prompts: int | None = None
     pairs_file: str | None = None  # reuse existing pairs instead of generating
+    min_pairs: int = 2  # fewer usable pairs than this after filtering is an error
+    assessment_max_new_tokens: int = 64  # greedy answers to the held-out prompts, before and after DPO
     generation: dict = field(default_factory=dict)  # GenerationSection keys
     hub_model_id: str | None = None
     training: dict = field(default_factory=dict)  # trl.DPOConfig keys
@@ -189,6 +196,9 @@ class EvaluateSection:
     hsic_permutations: int = 200
     pc_components: int = 3
     alpha: float = 0.05
+    max_redteam: int | None = 16  # red-team prompts answered per model (None = all)
+    utility_f1_threshold: float = 0.5  # benign utility: token-F1 ≥ this also counts as a match
+    ci_test: str = "fisherz"  # conditional-independence test of the PC algorithm: fisherz | kci
 
 
 @dataclass
@@ -378,8 +388,28 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
     apply_overrides(data, overrides or [])
     cfg = build_dataclass(PipelineConfig, data, "", str(p), lines)
     cfg.source_path, cfg.line_map = str(p), lines
+    _check_hardware_claims(cfg, text, p.name)
     validate_config(cfg)
     return cfg
+
+
+def _check_hardware_claims(cfg: "PipelineConfig", text: str, filename: str) -> None:
+    """``model.device_memory_gb`` must agree with the comment on its line and with a ``-<N>gb`` file-name tag."""
+    import re
+
+    mem = cfg.model.device_memory_gb
+    if mem is None:
+        return
+    line = cfg.line_of("model.device_memory_gb")
+    if line and "model.device_memory_gb" in cfg.line_map:
+        comment = text.splitlines()[line - 1].partition("#")[2]
+        claims = [float(x) for x in re.findall(r"(\d+(?:\.\d+)?)\s*(?:GB|GiB|G)\b", comment, flags=re.I)]
+        if claims and all(abs(c - mem) > 1e-6 for c in claims):
+            raise cfg.error("model.device_memory_gb",
+                            f"value {mem:g} contradicts its comment ({comment.strip()!r})")
+    tag = re.search(r"[-_](\d+)gb", filename.lower())
+    if tag and abs(float(tag.group(1)) - mem) > 1e-6:
+        raise cfg.error("model.device_memory_gb", f"value {mem:g} contradicts the hardware in the file name {filename!r}")
 
 
 def _find_secret_keys(data, prefix="") -> list[str]:
@@ -448,6 +478,18 @@ def validate_config(cfg: PipelineConfig) -> None:
         raise cfg.error("dpo.generation.backend", f"{gen.backend!r} is not one of ['transformers', 'vllm']")
     if gen.batch_size < 1 or gen.max_new_tokens < 1:
         raise cfg.error("dpo.generation", "batch_size and max_new_tokens must be ≥ 1")
+    if gen.do_sample and gen.temperature <= 0:
+        raise cfg.error("dpo.generation.temperature", "must be > 0 when do_sample is true")
+    if not 0 < gen.top_p <= 1:
+        raise cfg.error("dpo.generation.top_p", "must be in (0, 1]")
+    if not 0 < gen.vllm_gpu_memory_utilization <= 1:
+        raise cfg.error("dpo.generation.vllm_gpu_memory_utilization", "must be in (0, 1]")
+    if gen.num_few_shot < 0 or gen.min_revision_words < 0:
+        raise cfg.error("dpo.generation.num_few_shot", "num_few_shot and min_revision_words must be ≥ 0")
+    if cfg.dpo.held_out < 0 or cfg.dpo.min_pairs < 1 or cfg.dpo.assessment_max_new_tokens < 1:
+        raise cfg.error("dpo.held_out", "held_out must be ≥ 0, min_pairs and assessment_max_new_tokens ≥ 1")
+    if cfg.dpo.max_prompts is not None and cfg.dpo.max_prompts < 1:
+        raise cfg.error("dpo.max_prompts", "must be ≥ 1 (or null for all)")
     loss = sub_section(cfg, CausalLossSection, "causal.loss")
     if not 0.01 <= loss.temperature <= 1.0:
         raise cfg.error("causal.loss.temperature", f"τ={loss.temperature} is outside [0.01, 1]")
@@ -468,6 +510,20 @@ def validate_config(cfg: PipelineConfig) -> None:
         raise cfg.error("evaluate.models", f"unknown model labels {sorted(unknown)}")
     if not 0 < e.alpha < 1:
         raise cfg.error("evaluate.alpha", "must be in (0, 1)")
+    for key in ("max_new_tokens", "batch_size", "pc_components"):
+        if getattr(e, key) < 1:
+            raise cfg.error(f"evaluate.{key}", "must be ≥ 1")
+    for key in ("max_cases", "max_redteam"):
+        if getattr(e, key) is not None and getattr(e, key) < 1:
+            raise cfg.error(f"evaluate.{key}", "must be ≥ 1 (or null for all)")
+    if e.hsic_permutations < 20:
+        raise cfg.error("evaluate.hsic_permutations", "at least 20 permutations (the p-value is ≥ 1/(1+reps))")
+    if e.do_sample and e.temperature <= 0:
+        raise cfg.error("evaluate.temperature", "must be > 0 when do_sample is true")
+    if not 0 < e.utility_f1_threshold <= 1:
+        raise cfg.error("evaluate.utility_f1_threshold", "must be in (0, 1]")
+    if e.ci_test not in {"fisherz", "kci"}:
+        raise cfg.error("evaluate.ci_test", f"{e.ci_test!r} is not one of ['fisherz', 'kci']")
     if cfg.logging.report_to and not set(cfg.logging.report_to) <= {"none", "wandb", "tensorboard"}:
         raise cfg.error("logging.report_to", "use any of none, wandb, tensorboard")
     _check_device_consistency(cfg)

@@ -1,0 +1,184 @@
+"""The orchestrator: SFT → merge → critique-and-rewrite → DPO → merge → triplets → causal → merge → evaluate.
+
+    python stages/pipeline.py --config C [--dry-run] [--from-stage S] [--force] [--launcher L] [key=value …]
+
+Before any model loads, every run (and ``--dry-run``) validates the whole plan: config, every input file,
+the constitution, the output folder (writable, free disk), and a per-stage memory estimate against
+``model.device_memory_gb`` (warning above 90%). Each stage then runs as its own process (``python`` or the
+``--launcher``, e.g. ``"accelerate launch --config_file accelerate_config.yaml"``), exactly as a user would
+run it alone; the stage records itself in ``manifest.json``. A stage whose entry is ``done`` with the same
+config hash and input hashes is skipped; an interrupted one is rerun and resumes from its last checkpoint
+(training) or last written record (generation). ``--from-stage S`` redoes S and what follows; ``--force``
+redoes everything.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from data_builders.jsonl_io import DataError, atomic_write_text  # noqa: E402
+from stages.config import ConfigError, PipelineConfig, load_config, resolved_yaml  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGE_MODULES = {"sft": "stages.stage0_sft", "dpo": "stages.stage1_dpo", "causal": "stages.stage2_causal",
+                 "evaluate": "stages.evaluate"}
+ORDER = list(STAGE_MODULES)
+
+
+class PlanError(RuntimeError):
+    """The plan cannot run (e.g. output folder not writable, disk full)."""
+
+
+def enabled_stages(cfg: PipelineConfig) -> list[str]:
+    return [s for s in ORDER if getattr(cfg, s).enabled]
+
+
+def stage_module(name: str):
+    return importlib.import_module(STAGE_MODULES[name])
+
+
+def check_output_dir(cfg: PipelineConfig, need_gib: float) -> str:
+    """Create the run folder, prove it writable, and compare free disk with ``need_gib``; raises PlanError."""
+    run_dir = cfg.run_dir
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write_probe"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise PlanError(f"output folder {run_dir} is not writable ({e.strerror or e})") from None
+    free = shutil.disk_usage(run_dir).free / 1024 ** 3
+    if free < need_gib:
+        raise PlanError(f"only {free:.1f} GiB free under {run_dir}; the run needs about {need_gib:.1f} GiB "
+                        "(merged models, adapters, checkpoints)")
+    return f"{run_dir}: writable, {free:.1f} GiB free (needs ~{need_gib:.1f} GiB)"
+
+
+def validate_plan(cfg: PipelineConfig, stages: list[str]) -> list[str]:
+    """Validate every enabled stage's inputs (no model loaded) and estimate memory; returns report lines.
+
+    Raises DataError / ConfigError / PlanError on the first problem.
+    """
+    from stages.common import on_cuda
+    from stages.memory import GiB, estimate, model_dims
+
+    lines = [f"run: {cfg.run_dir}", f"model: {cfg.model.name_or_path} (template {cfg.model.chat_template}, "
+             f"quantization {cfg.model.quantization}, loader {cfg.model.loader})", "stages: " + " → ".join(stages)]
+    for s in stages:
+        stage_module(s).validate(cfg)
+        lines.append(f"  {s}: inputs valid")
+    dims = model_dims(cfg.model.name_or_path)
+    cuda = on_cuda(cfg)
+    dev = cfg.model.device_memory_gb
+    if dims is None:
+        lines.append("memory: unknown model dims (no local config.json); estimate skipped")
+        need = 10.0
+    else:
+        lines.append(f"memory estimate per stage ({'CUDA' if cuda else 'CPU'}; device "
+                     f"{str(dev) + ' GiB' if dev else 'memory not configured'}):")
+        for s in stages:
+            est = estimate(cfg, s, dims, on_cuda=cuda)
+            lines.append("  " + est.line(dev))
+            if dev and est.gib > 0.9 * dev:
+                lines.append(f"  WARNING: {s} needs ~{est.gib:.1f} GiB, above 90% of the configured {dev:g} GiB")
+        need = 3 * dims["params"] * 2 / GiB + 1.0
+    lines.append("disk: " + check_output_dir(cfg, need))
+    return lines
+
+
+def stage_inputs(cfg: PipelineConfig, name: str) -> dict:
+    from stages.run_dir import path_sha256
+
+    return {k: path_sha256(v) for k, v in stage_module(name).input_paths(cfg).items()}
+
+
+def run_pipeline(args) -> int:
+    from stages.common import setup_logging
+    from stages.run_dir import Manifest
+
+    setup_logging()
+    try:
+        cfg = load_config(args.config, args.overrides)
+        stages = enabled_stages(cfg)
+        if args.from_stage and args.from_stage not in stages:
+            raise ConfigError(cfg.source_path, None, "--from-stage", f"{args.from_stage!r} is not an enabled stage "
+                                                                     f"({stages})")
+        plan = validate_plan(cfg, stages)
+    except (ConfigError, DataError, PlanError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print("\n".join(plan), flush=True)
+    if args.dry_run:
+        print("dry run: plan valid, nothing trained")
+        return 0
+    atomic_write_text(cfg.run_dir / "resolved_config.yaml", resolved_yaml(cfg))
+    manifest = Manifest(cfg.run_dir)
+    redo_from = 0 if args.force else (stages.index(args.from_stage) if args.from_stage else len(stages))
+    launcher = shlex.split(args.launcher) if args.launcher else [sys.executable]
+    timings = {}
+    for i, name in enumerate(stages):
+        inputs = stage_inputs(cfg, name)
+        if i < redo_from and manifest.is_done(name, cfg.config_hash(name), inputs):
+            print(f"[{name}] done with the same config and inputs: skipped", flush=True)
+            continue
+        if i >= redo_from:
+            manifest.update(name, status="pending")
+        script = ROOT / (STAGE_MODULES[name].replace(".", "/") + ".py")
+        cmd = launcher + [str(script), "--config", str(args.config), *args.overrides]
+        print(f"[{name}] running: {' '.join(shlex.quote(c) for c in cmd)}", flush=True)
+        t0 = time.time()
+        rc = subprocess.call(cmd, cwd=os.getcwd())
+        timings[name] = time.time() - t0
+        if rc != 0:
+            print(f"error: stage {name} exited with {rc}; rerun the same command to resume", file=sys.stderr)
+            return rc
+        print(f"[{name}] finished in {timings[name]:.0f} s", flush=True)
+    print_summary(cfg, manifest)
+    return 0
+
+
+def print_summary(cfg: PipelineConfig, manifest) -> None:
+    """Stage times, the metrics table and the report path."""
+    import json
+
+    data = manifest.read()["stages"]
+    print("\nstage times: " + ", ".join(f"{k} {v.get('seconds', '?')} s" for k, v in data.items()))
+    metrics = cfg.run_dir / "eval" / "metrics.json"
+    if metrics.exists():
+        m = json.loads(metrics.read_text())
+        cols = ["attack_success_rate", "benign_utility", "harmful_refusal_rate", "causal_stability",
+                "spurious_separation", "causal_discrimination", "n_cases"]
+        print("\n| model | " + " | ".join(cols) + " |\n|---" * (len(cols) + 1) + "|")
+        for label, row in m.get("models", {}).items():
+            vals = [("—" if row.get(c) is None else (f"{row[c]:.3f}" if isinstance(row[c], float) else str(row[c])))
+                    for c in cols]
+            print(f"| {label} | " + " | ".join(vals) + " |")
+    report = cfg.run_dir / "eval" / "report.md"
+    if report.exists():
+        print(f"\nreport: {report}")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--dry-run", action="store_true", help="validate the plan, print estimates, exit")
+    ap.add_argument("--from-stage", choices=ORDER, help="redo this stage and every later one")
+    ap.add_argument("--force", action="store_true", help="redo every stage")
+    ap.add_argument("--launcher", help='command that runs a stage script, e.g. "accelerate launch --config_file '
+                                       'accelerate_config.yaml" (default: this python)')
+    ap.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    return run_pipeline(ap.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
