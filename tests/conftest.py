@@ -86,3 +86,67 @@ def smollm2_dir(tmp_path_factory) -> Path:
         if os.environ.get("CI") == "true":
             pytest.fail(str(e))
         pytest.skip(str(e))
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_tiny_pipeline_config(tmp_path: Path, model_dir: Path, extra: str = "", name: str = "tiny") -> Path:
+    """A whole-pipeline YAML on the tiny model and the seed data, a few steps per stage (seconds each)."""
+    text = f"""run_name: {name}
+output_dir: {tmp_path / 'runs'}
+seed: 0
+device: cpu
+model:
+  name_or_path: {model_dir}
+  max_seq_length: 192
+lora:
+  r: 4
+  alpha: 8
+  dropout: 0.0
+sft:
+  data:
+    - path: {REPO}/data_builders/seed/sft_seed.jsonl
+  training:
+    max_steps: 4
+    per_device_train_batch_size: 4
+    learning_rate: 1.0e-3
+    save_steps: 2
+    logging_steps: 1
+dpo:
+  prompts:
+    - path: {REPO}/data_builders/seed/redteam_prompts.jsonl
+  constitution: {REPO}/constitutions/default.json
+  held_out: 2
+  max_prompts: 8
+  generation:
+    batch_size: 4
+    max_new_tokens: 6
+  training:
+    max_steps: 3
+    per_device_train_batch_size: 2
+    max_length: 192
+    save_steps: 2
+causal:
+  tasks:
+    - path: {REPO}/data_builders/seed/tasks.jsonl
+  train_attacks:
+    - path: {REPO}/data_builders/seed/attacks_train.json
+  max_triplets: 8
+  head:
+    dim: 8
+    hidden: 16
+  training:
+    max_steps: 3
+    per_device_train_batch_size: 2
+    save_steps: 2
+evaluate:
+  eval_file: {REPO}/data_builders/seed/injection_eval.jsonl
+  max_cases: 6
+  max_new_tokens: 6
+  batch_size: 4
+  hsic_permutations: 20
+{extra}"""
+    p = tmp_path / f"{name}.yaml"
+    p.write_text(text)
+    return p
