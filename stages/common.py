@@ -142,7 +142,8 @@ def run_stage_main(stage_module, description: str, argv=None) -> int:
 
     ``stage_module`` provides ``STAGE`` (name), ``validate(cfg)`` (raises DataError/ConfigError before any model
     load), ``input_paths(cfg)`` and ``run(cfg) -> {"outputs": {...}, "metrics": {...}}``.
-    Exit codes: 0 done, 2 bad input or config, 1 failure during the run, 143 stopped by SIGTERM.
+    Exit codes: 0 done, 2 bad input or config, 1 failure during the run, 3 done but the Hub push failed
+    (local artifacts saved), 143 stopped by SIGTERM.
     """
     import time
 
@@ -169,4 +170,26 @@ def run_stage_main(stage_module, description: str, argv=None) -> int:
         manifest.fail(name, f"{type(e).__name__}: {e}")
         raise
     manifest.finish(name, result.get("outputs", {}), result.get("metrics", {}), seconds=round(time.time() - t0, 1))
+    hub_error = result.get("outputs", {}).get("hub_error")
+    if hub_error:
+        print(f"error: {hub_error}", file=sys.stderr)
+        return 3
     return 0
+
+
+def maybe_push(cfg: PipelineConfig, stage: str, adapter_dir, metrics: dict, extra_files=None) -> dict:
+    """Push (or dry-run) the stage's adapter when the config asks; returns fields for the manifest outputs.
+
+    Called only after every local artifact is saved. A failed push does not fail the stage: its message is
+    returned as ``hub_error`` (the stage then exits 3, see :func:`run_stage_main`).
+    """
+    if not (cfg.hub.push_to_hub or cfg.hub.push_dry_run):
+        return {}
+    from stages.hub import HubPushError, push_stage_adapter
+
+    try:
+        where = push_stage_adapter(cfg, stage, adapter_dir, metrics, extra_files=extra_files)
+    except (HubPushError, ValueError) as e:
+        log.error("%s", e)
+        return {"hub_error": str(e)}
+    return {"hub_upload" if cfg.hub.push_dry_run else "hub": str(where)}

@@ -43,7 +43,8 @@ def model_card(cfg, stage: str, metrics: dict, sources: list[str]) -> str:
              "- **Data sources:** " + (", ".join(escape_md(s) for s in sources) or "none recorded"), "",
              "## Metrics", "", "| metric | value |", "|---|---|"]
     lines += [f"| {escape_md(k)} | {escape_md(v)} |" for k, v in sorted((metrics or {}).items())]
-    lines += ["", "## Config", "", "```yaml", resolved_yaml(cfg).replace("```", "'''"), "```", ""]
+    safe_yaml = html.escape(resolved_yaml(cfg), quote=False).replace("```", "'''")  # no raw HTML from data
+    lines += ["", "## Config", "", "```yaml", safe_yaml, "```", ""]
     return "\n".join(lines)
 
 

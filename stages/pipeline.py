@@ -126,6 +126,7 @@ def run_pipeline(args) -> int:
     redo_from = 0 if args.force else (stages.index(args.from_stage) if args.from_stage else len(stages))
     launcher = shlex.split(args.launcher) if args.launcher else [sys.executable]
     timings = {}
+    hub_failed = False
     for i, name in enumerate(stages):
         inputs = stage_inputs(cfg, name)
         if i < redo_from and manifest.is_done(name, cfg.config_hash(name), inputs):
@@ -139,11 +140,17 @@ def run_pipeline(args) -> int:
         t0 = time.time()
         rc = subprocess.call(cmd, cwd=os.getcwd())
         timings[name] = time.time() - t0
+        if rc == 3:  # stage done, Hub push failed: local artifacts are saved, go on and report at the end
+            hub_failed = True
+            rc = 0
         if rc != 0:
             print(f"error: stage {name} exited with {rc}; rerun the same command to resume", file=sys.stderr)
             return rc
         print(f"[{name}] finished in {timings[name]:.0f} s", flush=True)
     print_summary(cfg, manifest)
+    if hub_failed:
+        print("error: at least one Hub push failed (see above); every local artifact is saved", file=sys.stderr)
+        return 3
     return 0
 
 

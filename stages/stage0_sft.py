@@ -51,7 +51,7 @@ def run(cfg: PipelineConfig) -> dict:
     from trl import SFTConfig
 
     from data_builders.generation import generate_chat
-    from stages.common import (build_training_args, last_checkpoint, raise_if_terminated, report_to_env,
+    from stages.common import (build_training_args, last_checkpoint, maybe_push, raise_if_terminated, report_to_env,
                                save_adapter, seed_everything, standard_callbacks, log)
     from stages.models import (load_model, load_tokenizer, lora_config, merge_adapter, pick_device,
                                resolve_model_path)
@@ -98,8 +98,9 @@ def run(cfg: PipelineConfig) -> dict:
                "last_loss": losses[-1] if losses else None, "steps": result.global_step, "rows": len(rows)}
     del merged
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
-    return {"outputs": {"adapter": str(out / "adapter"), "merged": str(out / "merged"),
-                        "samples": str(out / "samples.json")}, "metrics": metrics}
+    outputs = {"adapter": str(out / "adapter"), "merged": str(out / "merged"), "samples": str(out / "samples.json")}
+    outputs.update(maybe_push(cfg, STAGE, out / "adapter", metrics))
+    return {"outputs": outputs, "metrics": metrics}
 
 
 def trainer_logs(stage_dir: Path) -> list[dict]:
