@@ -152,6 +152,9 @@ def run_stage_main(stage_module, description: str, argv=None) -> int:
 
     args, cfg = stage_cli(description, argv)
     try:
+        from stages.models import check_model_limits
+
+        check_model_limits(cfg)
         stage_module.validate(cfg)
     except (DataError, ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

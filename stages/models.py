@@ -236,3 +236,23 @@ def is_complete_adapter_dir(path: str | os.PathLike) -> bool:
     """True if ``path`` holds a finished peft adapter (adapter_config.json + adapter_model.safetensors)."""
     p = Path(path)
     return (p / "adapter_config.json").exists() and (p / "adapter_model.safetensors").exists()
+
+
+def check_model_limits(cfg) -> None:
+    """Compare ``model.max_seq_length`` with the model's ``max_position_embeddings`` (from config.json only).
+
+    Reads the local or cached config; never loads weights and never downloads. Raises ``ConfigError``.
+    """
+    name = cfg.model.name_or_path
+    if name.startswith("embedded:"):
+        folder = Path(cfg.model.cache_dir or default_cache_dir()) / "models" / name.split(":", 1)[1]
+    else:
+        folder = Path(name)
+    conf = folder / "config.json"
+    if not conf.exists():
+        return
+    c = json.loads(conf.read_text())
+    limit = c.get("max_position_embeddings") or c.get("n_positions")
+    if limit and cfg.model.max_seq_length > limit:
+        raise cfg.error("model.max_seq_length",
+                        f"{cfg.model.max_seq_length} is above the model's maximum of {limit} positions ({conf})")

@@ -74,6 +74,9 @@ def validate_plan(cfg: PipelineConfig, stages: list[str]) -> list[str]:
 
     lines = [f"run: {cfg.run_dir}", f"model: {cfg.model.name_or_path} (template {cfg.model.chat_template}, "
              f"quantization {cfg.model.quantization}, loader {cfg.model.loader})", "stages: " + " → ".join(stages)]
+    from stages.models import check_model_limits
+
+    check_model_limits(cfg)
     for s in stages:
         stage_module(s).validate(cfg)
         lines.append(f"  {s}: inputs valid")
