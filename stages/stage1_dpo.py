@@ -1,0 +1,303 @@
+"""Stage 1: constitutional critique-and-rewrite pairs from the merged SFT model, then DPO with LoRA.
+
+Recipe: parse config → validate prompts, constitution, pairs file and DPOConfig (no model yet) → load
+``sft/merged`` (16-bit, never 4-bit, for generation) → split off ``dpo.held_out`` prompts (deterministic, by
+seeded hash of the id) → generate pairs into ``data/pairs.jsonl`` (append-only, resumable) or reuse
+``dpo.pairs_file`` → answer the held-out prompts with the SFT model (before) → DPO with a LoRA adapter on
+``sft/merged`` (reference = the same network with the adapter disabled, no second copy) → save ``dpo/adapter`` →
+merge into ``dpo/merged`` (16-bit) → answer the held-out prompts with ``dpo/merged`` (after) → judge both with
+:mod:`evaluation.judges` → ``dpo/assessment.json``, ``dpo/log_history.json`` → push (if configured).
+
+    accelerate launch --config_file accelerate_config.yaml stages/stage1_dpo.py --config C [key=value …]
+
+Config keys (``dpo`` section): ``prompts`` (red-team sources, ``{path, format, max_rows, skip_invalid}``),
+``constitution``, ``held_out``, ``max_prompts``, ``pairs_file``, ``min_pairs``, ``assessment_max_new_tokens``,
+``generation`` (:class:`stages.config.GenerationSection`), ``training`` (``trl.DPOConfig`` keys, e.g. ``beta``,
+``loss_type``, ``learning_rate``, ``max_steps``), ``hub_model_id``; plus the shared ``model`` and ``lora``.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the project importable without an editable install
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from data_builders.jsonl_io import DataError, atomic_write_json  # noqa: E402
+from stages.config import GenerationSection, PipelineConfig, sub_section  # noqa: E402
+
+STAGE = "dpo"
+ROOT = Path(__file__).resolve().parents[1]
+log = logging.getLogger("staged_alignment")
+
+# TRL 1.14.2's DPOTrainer loss types (trl/trainer/dpo_trainer.py, _compute_loss)
+TRL_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+                  "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
+F_DIVERGENCE_LOSS_TYPES = {"sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft"}
+
+
+def resolve_input(path: str) -> Path:
+    """A relative input path as given (from the working directory) if it exists, else relative to the repo root."""
+    p = Path(path)
+    if p.is_absolute() or p.exists():
+        return p
+    alt = ROOT / p
+    return alt if alt.exists() else p
+
+
+def _sources(cfg: PipelineConfig) -> list[dict]:
+    return [dict(s, path=str(resolve_input(s["path"]))) for s in cfg.dpo.prompts]
+
+
+def input_paths(cfg: PipelineConfig) -> dict[str, str]:
+    out = {f"prompts{i}": s["path"] for i, s in enumerate(_sources(cfg))}
+    out["constitution"] = str(resolve_input(cfg.dpo.constitution))
+    if cfg.dpo.pairs_file:
+        out["pairs_file"] = str(resolve_input(cfg.dpo.pairs_file))
+    out["base"] = str(cfg.run_dir / "sft" / "merged")  # a redone SFT stage invalidates this one
+    return out
+
+
+def split_held_out(prompts: list[dict], n: int, seed: int) -> tuple[list[dict], list[dict]]:
+    """``(train, held_out)``: the ``n`` prompts with the smallest sha256(``seed:id``) are held out.
+
+    Deterministic for a given seed and id set, independent of file order; both lists keep the input order.
+    """
+    ranked = sorted(prompts, key=lambda p: hashlib.sha256(f"{seed}:{p['id']}".encode()).hexdigest())
+    held_ids = {p["id"] for p in ranked[:max(n, 0)]}
+    return [p for p in prompts if p["id"] not in held_ids], [p for p in prompts if p["id"] in held_ids]
+
+
+def dpo_defaults(cfg: PipelineConfig) -> dict:
+    """Project defaults for ``trl.DPOConfig`` (the YAML's ``dpo.training`` overrides them)."""
+    return dict(max_length=cfg.model.max_seq_length, precompute_ref_log_probs=False, beta=0.1, learning_rate=5e-6,
+                use_liger_kernel=cfg.model.use_liger_kernel, dataset_num_proc=None, remove_unused_columns=True)
+
+
+def _check_dpo_args(cfg: PipelineConfig, args) -> None:
+    unknown = [t for t in args.loss_type if t not in TRL_LOSS_TYPES]
+    if unknown:
+        raise cfg.error("dpo.training.loss_type", f"unknown loss type(s) {unknown}; TRL 1.14 knows {list(TRL_LOSS_TYPES)}")
+    if "exo_pair" in args.loss_type and args.label_smoothing == 0.0:
+        raise cfg.error("dpo.training.label_smoothing", "the 'exo_pair' loss needs label_smoothing > 0 (EXO paper: 1e-3)")
+    if args.f_divergence_type != "reverse_kl" and not set(args.loss_type) <= F_DIVERGENCE_LOSS_TYPES:
+        raise cfg.error("dpo.training.f_divergence_type",
+                        f"only supported with loss types {sorted(F_DIVERGENCE_LOSS_TYPES)}")
+    if args.sync_ref_model:
+        raise cfg.error("dpo.training.sync_ref_model", "not supported with a LoRA adapter: the reference is the "
+                                                       "adapter-disabled model")
+
+
+def validate(cfg: PipelineConfig) -> dict:
+    """Parse prompts, constitution, pairs file, generation section and DPOConfig; no model is loaded.
+
+    Raises :class:`DataError` (file, line, field) or :class:`ConfigError`. Returns ``{"train", "held_out",
+    "constitution", "pairs" (None unless ``pairs_file``), "gen", "args"}``.
+    """
+    from trl import DPOConfig
+
+    from data_builders.constitution import load_constitution
+    from data_builders.critique_rewrite import read_pairs
+    from data_builders.redteam import read_redteam_sources
+    from stages.common import build_training_args
+
+    d = cfg.dpo
+    gen = sub_section(cfg, GenerationSection, "dpo.generation")
+    constitution = load_constitution(resolve_input(d.constitution))
+    if not d.prompts and not d.pairs_file:
+        raise cfg.error("dpo.prompts", "no red-team prompt sources configured (and no dpo.pairs_file)")
+    prompts = read_redteam_sources(_sources(cfg)) if d.prompts else []
+    if prompts and d.held_out >= len(prompts):
+        raise cfg.error("dpo.held_out", f"holds out {d.held_out} of only {len(prompts)} prompts")
+    train, held = split_held_out(prompts, d.held_out, cfg.seed)
+    if d.max_prompts:
+        train = train[:d.max_prompts]
+    pairs = None
+    if d.pairs_file:
+        pairs = read_pairs(resolve_input(d.pairs_file))
+        held_ids = {p["id"] for p in held}
+        leaked = [p["id"] for p in pairs if p["id"] in held_ids]
+        if leaked:
+            log.warning("dpo.pairs_file: %d pair(s) use held-out prompts and are left out of training: %s",
+                        len(leaked), leaked[:5])
+            pairs = [p for p in pairs if p["id"] not in held_ids]
+        if len(pairs) < d.min_pairs:
+            raise cfg.error("dpo.pairs_file", f"only {len(pairs)} usable pair(s), dpo.min_pairs is {d.min_pairs}")
+    elif len(train) < d.min_pairs:
+        raise cfg.error("dpo.prompts", f"only {len(train)} training prompt(s) after the held-out split; "
+                                       f"dpo.min_pairs is {d.min_pairs}")
+    args = build_training_args(DPOConfig, cfg, "dpo", cfg.run_dir / "dpo" / "checkpoints", **dpo_defaults(cfg))
+    _check_dpo_args(cfg, args)
+    return {"train": train, "held_out": held, "constitution": constitution, "pairs": pairs, "gen": gen, "args": args}
+
+
+def answer_and_judge(model, tok, prompts: list[dict], *, max_new_tokens: int, batch_size: int, label: str) -> dict:
+    """Greedy answers to ``prompts`` judged with :func:`evaluation.judges.judge_response`.
+
+    Returns ``{"refusal_rate", "harmful_rate", "n", "responses": [{"id", "prompt", "response", "truncated",
+    "refused", "harmful", "reason"}]}``.
+    """
+    from data_builders.generation import generate_chat
+    from evaluation.judges import assess, judge_response
+
+    convs = [[{"role": "user", "content": p["prompt"]}] for p in prompts]
+    outs = generate_chat(model, tok, convs, max_new_tokens=max_new_tokens, batch_size=batch_size, do_sample=False,
+                         progress=True, desc=f"held-out answers ({label})") if convs else []
+    rows = []
+    for p, o in zip(prompts, outs):
+        rows.append({"id": p["id"], "prompt": p["prompt"], "response": o["text"], "truncated": o["truncated"],
+                     **judge_response(p["prompt"], o["text"])})
+    rates = assess([{"prompt": r["prompt"], "response": r["response"]} for r in rows])
+    return {**rates, "responses": rows}
+
+
+def run(cfg: PipelineConfig) -> dict:
+    """Generate pairs, train, save, merge, assess; returns ``{"outputs": {...}, "metrics": {...}}``.
+
+    Raises ``FileNotFoundError`` when ``<run_dir>/sft/merged`` is missing or incomplete (run stage 0 first),
+    :class:`DataError` when fewer than ``dpo.min_pairs`` pairs survive the filters.
+    """
+    import gc
+
+    import torch
+    from datasets import Dataset
+
+    from data_builders.critique_rewrite import (build_backend, default_side_paths, generate_pairs, read_pairs,
+                                               summarize_files)
+    from stages.common import (build_training_args, last_checkpoint, maybe_push, raise_if_terminated, report_to_env,
+                               save_adapter, seed_everything, standard_callbacks)
+    from stages.models import (is_complete_model_dir, load_model, load_tokenizer, lora_config, merge_adapter,
+                               pick_device)
+    from trainers.callbacks import LossGuardCallback
+    from trainers.dpo import ConstitutionalDPOTrainer
+
+    v = validate(cfg)
+    d, gen = cfg.dpo, v["gen"]
+    sft_dir = cfg.run_dir / "sft" / "merged"
+    if not is_complete_model_dir(sft_dir):
+        raise FileNotFoundError(f"{sft_dir} is missing or incomplete: run stage0 first "
+                                f"(python stages/stage0_sft.py --config {cfg.source_path or 'C'})")
+    seed_everything(cfg.seed)
+    report_to_env(cfg, STAGE)
+    out = cfg.run_dir / "dpo"
+    out.mkdir(parents=True, exist_ok=True)
+    device = pick_device(cfg.device)
+    tok = load_tokenizer(str(sft_dir), cfg.model)
+    model = None
+
+    def generation_model():
+        nonlocal model
+        if model is None:
+            model = load_model(str(sft_dir), cfg.model, device=device, quantize=False, for_training=False).to(device)
+        return model
+
+    # 1. pairs
+    gen_stats = None
+    if v["pairs"] is not None:
+        pairs, pairs_path = v["pairs"], resolve_input(d.pairs_file)
+    else:
+        pairs_path = cfg.run_dir / "data" / "pairs.jsonl"
+        gen_seed = gen.seed if gen.seed is not None else cfg.seed
+        backend = build_backend(gen, sft_dir, cfg.model, seed=gen_seed, device=device,
+                                model=generation_model() if gen.backend == "transformers" else None, tokenizer=tok)
+        gen_stats = generate_pairs(backend, v["train"], v["constitution"], pairs_path, seed=gen_seed,
+                                   num_few_shot=gen.num_few_shot, batch_size=gen.batch_size,
+                                   drop_truncated=gen.drop_truncated, min_revision_words=gen.min_revision_words,
+                                   progress=gen.progress, provenance={"model": str(sft_dir)})
+        del backend
+        gc.collect()
+        train_ids = {p["id"] for p in v["train"]}
+        pairs = [p for p in read_pairs(pairs_path) if p["id"] in train_ids] if pairs_path.exists() else []
+        if len(pairs) < d.min_pairs:
+            raise DataError(pairs_path, None, None, f"only {len(pairs)} usable pair(s) after filtering (dpo.min_pairs "
+                                                    f"is {d.min_pairs}); see {default_side_paths(pairs_path)[1]}")
+    log.info("DPO on %d pairs from %s", len(pairs), pairs_path)
+
+    # 2. held-out answers before DPO
+    amt, bs = d.assessment_max_new_tokens, gen.batch_size
+    before = answer_and_judge(generation_model(), tok, v["held_out"], max_new_tokens=amt, batch_size=bs, label="sft")
+
+    # 3. DPO with LoRA on sft/merged; the reference is the adapter-disabled model (ref_model=None)
+    if cfg.model.quantization == "4bit" and device == "cuda":
+        del model
+        gc.collect()
+        torch.cuda.empty_cache()
+        model = load_model(str(sft_dir), cfg.model, device=device, quantize=True, for_training=True)
+    else:
+        model = generation_model()
+    ds = Dataset.from_list([{k: p[k] for k in ("prompt", "chosen", "rejected", "principle_id")} for p in pairs])
+    args = v["args"]
+    callbacks = standard_callbacks(cfg)
+    for cb in callbacks:
+        if isinstance(cb, LossGuardCallback):
+            cb.explode_factor = None  # DPO loss starts at ln 2 and may approach 0: "20x the minimum" is meaningless
+    trainer = ConstitutionalDPOTrainer(model=model, ref_model=None, args=args, train_dataset=ds, processing_class=tok,
+                                       peft_config=lora_config(cfg.lora), callbacks=callbacks)
+    if trainer.ref_model is not None:  # TRL contract with a peft model: no second copy of the weights
+        raise RuntimeError("expected no separate reference model with a LoRA adapter")
+    ckpt = last_checkpoint(args.output_dir)
+    if ckpt:
+        log.info("resuming DPO from %s", ckpt)
+    result = trainer.train(resume_from_checkpoint=ckpt)
+    raise_if_terminated(trainer)
+    history = trainer.state.log_history
+    atomic_write_json(out / "log_history.json", history)
+    save_adapter(trainer.model, tok, out / "adapter")
+    del trainer, model
+    model = None
+    gc.collect()
+    merge_adapter(str(sft_dir), out / "adapter", out / "merged", cfg.model, tok)
+
+    # 4. held-out answers after DPO, from the merged model
+    merged_tok = load_tokenizer(str(out / "merged"), cfg.model)
+    merged = load_model(str(out / "merged"), cfg.model, device=device, quantize=False, for_training=False).to(device)
+    after = answer_and_judge(merged, merged_tok, v["held_out"], max_new_tokens=amt, batch_size=bs, label="dpo")
+    del merged
+    gc.collect()
+
+    def delta(key):
+        a, b = after[key], before[key]
+        return None if a is None or b is None else a - b
+
+    assessment = {
+        "judge": "evaluation.judges.judge_response (rule-based; see its docstring for what it checks and misses)",
+        "decoding": {"do_sample": False, "max_new_tokens": amt},
+        "held_out": [{"id": p["id"], "prompt": p["prompt"]} for p in v["held_out"]],
+        "before": {"model": str(sft_dir), **before},
+        "after": {"model": str(out / "merged"), **after},
+        "delta": {"refusal_rate": delta("refusal_rate"), "harmful_rate": delta("harmful_rate")},
+    }
+    atomic_write_json(out / "assessment.json", assessment)
+
+    logs = [h for h in history if "rewards/margins" in h]
+    files = summarize_files(pairs_path) if v["pairs"] is None else None
+    metrics = {"pairs": len(pairs), "steps": result.global_step, "train_loss": round(result.training_loss, 4),
+               "first_margin": logs[0]["rewards/margins"] if logs else None,
+               "last_margin": logs[-1]["rewards/margins"] if logs else None,
+               "last_reward_accuracy": logs[-1]["rewards/accuracies"] if logs else None,
+               "refusal_rate_before": before["refusal_rate"], "refusal_rate_after": after["refusal_rate"],
+               "harmful_rate_before": before["harmful_rate"], "harmful_rate_after": after["harmful_rate"],
+               "held_out": before["n"]}
+    if files:
+        metrics["pairs_rejected"] = files["rejected"]
+        metrics["pairs_rejected_by_reason"] = files["rejected_by_reason"]
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    outputs = {"pairs": str(pairs_path), "adapter": str(out / "adapter"), "merged": str(out / "merged"),
+               "assessment": str(out / "assessment.json"), "log_history": str(out / "log_history.json")}
+    if gen_stats is not None:
+        outputs["pairs_stats"] = str(default_side_paths(pairs_path)[1])
+    outputs.update(maybe_push(cfg, STAGE, out / "adapter", metrics))
+    return {"outputs": outputs, "metrics": metrics}
+
+
+def main(argv=None) -> int:
+    from stages.common import run_stage_main
+
+    return run_stage_main(sys.modules[__name__], "Stage 1: constitutional critique-and-rewrite pairs, then DPO", argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
