@@ -150,6 +150,7 @@ class CausalLossSection:
     margin_floor: float = 0.0  # margin variant: separation term stops at cos ≤ floor
     injected_lm_loss: bool = False  # LM loss on the injected prompt toward the benign response
     lambda_injected: float = 1.0
+    in_batch_negatives: bool = False  # infonce: other triplets' counterfactuals/injections as extra negatives
 
 
 @dataclass
@@ -160,6 +161,7 @@ class CausalHeadSection:
     dim: int = 128
     hidden: int = 256
     pool_layer: int = -1  # hidden-state layer to pool (-1 = last)
+    learning_rate: float | None = None  # the head's own learning rate (None = causal.training.learning_rate)
 
 
 @dataclass
@@ -173,6 +175,14 @@ class CausalSection:
     triplets_file: str | None = None
     max_triplets: int | None = None
     counterfactual: str = "rule"  # rule | model
+    counterfactual_batch_size: int = 8  # model paraphrases: generation batch size
+    counterfactual_max_new_tokens: int = 256
+    positions: list = field(default_factory=lambda: ["start", "middle", "end"])  # injection positions (cycled)
+    triplets_per_task: int = 1  # triplets per task (next attack, next position each)
+    max_data_chars: int | None = None  # skip tasks whose data part is longer (cheap pre-filter)
+    max_length: int | None = None  # tokens per view (prompt + response); None = model.max_seq_length
+    padding_side: str = "right"  # right | left (the collator; pooling and positions are padding-agnostic)
+    eval_fraction: float = 0.0  # held-out triplets for eval/ causal metrics during training
     base: str = "dpo"  # which merged model to start from: dpo | sft
     loss: dict = field(default_factory=dict)  # CausalLossSection keys
     head: dict = field(default_factory=dict)  # CausalHeadSection keys
@@ -502,6 +512,27 @@ def validate_config(cfg: PipelineConfig) -> None:
         raise cfg.error("causal.head.type", f"{head.type!r} is not one of ['bottleneck', 'linear', 'mlp']")
     if head.dim < 1 or head.hidden < 1:
         raise cfg.error("causal.head.dim", "dim and hidden must be ≥ 1")
+    if head.type == "bottleneck" and head.hidden >= head.dim:
+        raise cfg.error("causal.head.hidden", f"a bottleneck head needs hidden < dim (got {head.hidden} ≥ {head.dim})")
+    if head.learning_rate is not None and head.learning_rate <= 0:
+        raise cfg.error("causal.head.learning_rate", "must be positive")
+    if loss.lambda_task < 0 or loss.lambda_causal < 0 or loss.lambda_spurious < 0 or loss.lambda_injected < 0:
+        raise cfg.error("causal.loss", "the λ weights must be ≥ 0")
+    c = cfg.causal
+    bad_pos = [p for p in c.positions if p not in ("start", "middle", "end")]
+    if not c.positions or bad_pos:
+        raise cfg.error("causal.positions", f"use a non-empty subset of ['start', 'middle', 'end'] (bad: {bad_pos})")
+    if c.padding_side not in ("left", "right"):
+        raise cfg.error("causal.padding_side", f"{c.padding_side!r} is not one of ['left', 'right']")
+    if not 0 <= c.eval_fraction < 1:
+        raise cfg.error("causal.eval_fraction", "must be in [0, 1)")
+    if c.max_length is not None and c.max_length < 16:
+        raise cfg.error("causal.max_length", "must be at least 16")
+    for key in ("max_triplets", "max_data_chars", "triplets_per_task"):
+        if getattr(c, key) is not None and getattr(c, key) < 1:
+            raise cfg.error(f"causal.{key}", "must be ≥ 1")
+    if c.counterfactual_batch_size < 1 or c.counterfactual_max_new_tokens < 1:
+        raise cfg.error("causal.counterfactual_batch_size", "batch size and max_new_tokens must be ≥ 1")
     if not 0 <= cfg.sft.eval_fraction < 1:
         raise cfg.error("sft.eval_fraction", "must be in [0, 1)")
     e = cfg.evaluate

@@ -1,0 +1,311 @@
+"""Stage 2: causal contrastive training on prompt-injection triplets.
+
+Recipe: parse config → validate task and attack files and the train/eval attack disjointness (no model yet) →
+base = ``dpo/merged`` (or ``sft/merged`` with ``causal.base: sft``) → build ``data/triplets.jsonl`` → tokenize
+once (cached under ``data/cache/``) → LoRA on the merged base + projection head → train
+(:class:`trainers.causal.CausalContrastiveTrainer`) → save ``causal/adapter`` (+ ``causal_projection.safetensors``)
+→ merge into ``causal/merged`` (16-bit) → ``causal/log_history.json`` and ``causal/curves.png``.
+
+    accelerate launch --config_file accelerate_config.yaml stages/stage2_causal.py --config C [key=value …]
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the project importable without an editable install
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from data_builders.jsonl_io import DataError, atomic_write_json  # noqa: E402
+from stages.config import CausalHeadSection, CausalLossSection, PipelineConfig, sub_section  # noqa: E402
+
+STAGE = "causal"
+CURVE_KEYS = ("loss", "loss_lm", "loss_causal", "loss_spurious", "causal_stability", "spurious_similarity",
+              "causal_discrimination", "pooled_causal_stability", "pooled_spurious_similarity")
+
+
+def base_model_dir(cfg: PipelineConfig) -> Path:
+    """``run_dir/dpo/merged`` or ``run_dir/sft/merged`` (``causal.base``)."""
+    return cfg.run_dir / cfg.causal.base / "merged"
+
+
+def input_paths(cfg: PipelineConfig) -> dict[str, str]:
+    c = cfg.causal
+    paths = {f"tasks{i}": s["path"] for i, s in enumerate(c.tasks)}
+    paths.update({f"train_attacks{i}": s["path"] for i, s in enumerate(c.train_attacks)})
+    paths.update({f"eval_attacks{i}": s["path"] for i, s in enumerate(c.eval_attacks)})
+    if c.triplets_file:
+        paths["triplets_file"] = c.triplets_file
+    paths["base"] = str(base_model_dir(cfg))
+    return paths
+
+
+def _src(s) -> dict:
+    return {"path": s} if isinstance(s, str) else s
+
+
+def eval_attack_sets(cfg: PipelineConfig) -> list:
+    """The evaluation attack files: ``causal.eval_attacks`` plus ``evaluate.eval_file`` when it exists (its
+    ``injection`` texts must not be trained on either)."""
+    from data_builders.triplets import read_attacks
+
+    sets = [read_attacks(s["path"], s.get("format", "auto"), s.get("max_rows")) for s in map(_src, cfg.causal.eval_attacks)]
+    ef = cfg.evaluate.eval_file
+    if ef and Path(ef).is_file() and ef.endswith((".jsonl", ".jsonl.gz")) and \
+            all(Path(s.path).resolve() != Path(ef).resolve() for s in sets):
+        sets.append(read_attacks(ef, "auto"))
+    return sets
+
+
+def validate(cfg: PipelineConfig) -> dict:
+    """Parse task files, attack files (train/eval disjointness), an existing ``triplets_file`` and the training
+    args; raises DataError/ConfigError before any model is loaded. Returns the parsed inputs."""
+    from transformers import TrainingArguments
+
+    from data_builders.triplets import check_attack_overlap, read_attacks, read_tasks, read_triplets
+    from stages.common import build_training_args
+
+    c = cfg.causal
+    sub_section(cfg, CausalLossSection, "causal.loss")
+    sub_section(cfg, CausalHeadSection, "causal.head")
+    out = {"tasks": [], "train_attacks": [], "eval_attacks": eval_attack_sets(cfg), "triplets": None}
+    if c.triplets_file:
+        out["triplets"] = read_triplets(c.triplets_file)
+    else:
+        if not c.tasks:
+            raise cfg.error("causal.tasks", "no task files configured (and no causal.triplets_file)")
+        if not c.train_attacks:
+            raise cfg.error("causal.train_attacks", "no training attack files configured")
+        for s in map(_src, c.tasks):
+            out["tasks"] += read_tasks(s["path"], s.get("format", "auto"), s.get("max_rows"), s.get("skip_invalid", False))
+        out["train_attacks"] = [read_attacks(s["path"], s.get("format", "auto"), s.get("max_rows"))
+                                for s in map(_src, c.train_attacks)]
+        check_attack_overlap(out["train_attacks"], out["eval_attacks"])
+    if out["triplets"] is not None and out["eval_attacks"]:
+        from data_builders.triplets import AttackSet
+
+        used = AttackSet(path=str(c.triplets_file), kind="text",
+                         items=[(t["attack_category"], t["injection"]) for t in out["triplets"]])
+        check_attack_overlap([used], out["eval_attacks"])
+    build_training_args(TrainingArguments, cfg, "causal", cfg.run_dir / "causal" / "checkpoints", **causal_defaults(cfg))
+    return out
+
+
+def causal_defaults(cfg: PipelineConfig) -> dict:
+    return dict(remove_unused_columns=False, label_names=["labels"], prediction_loss_only=True,
+                eval_strategy="steps" if cfg.causal.eval_fraction > 0 else "no")
+
+
+def build_triplet_file(cfg: PipelineConfig, parsed: dict, model=None, tokenizer=None) -> tuple[Path, dict]:
+    """Write ``data/triplets.jsonl`` (atomically) from the parsed inputs; returns (path, stats)."""
+    from data_builders.triplets import build_triplets, model_counterfactuals, write_triplets
+
+    c = cfg.causal
+    path = cfg.run_dir / "data" / "triplets.jsonl"
+    if parsed["triplets"] is not None:
+        write_triplets(path, parsed["triplets"])
+        return path, {"triplets": len(parsed["triplets"]), "source": str(c.triplets_file)}
+    cfs, cf_stats = None, None
+    if c.counterfactual == "model":
+        # paraphrase only the tasks that will be used (same shuffle/cap as build_triplets)
+        probe = build_triplets(parsed["tasks"], parsed["train_attacks"], seed=cfg.seed, max_triplets=c.max_triplets,
+                               positions=c.positions, max_data_chars=c.max_data_chars,
+                               triplets_per_task=c.triplets_per_task)
+        used = {t["id"] for t in probe.triplets}
+        tasks = [t for t in parsed["tasks"] if t.id in used]
+        cfs, cf_stats = model_counterfactuals(model, tokenizer, tasks, batch_size=c.counterfactual_batch_size,
+                                              max_new_tokens=c.counterfactual_max_new_tokens, progress=True)
+    res = build_triplets(parsed["tasks"], parsed["train_attacks"], seed=cfg.seed, max_triplets=c.max_triplets,
+                         positions=c.positions, max_data_chars=c.max_data_chars,
+                         eval_attacks=parsed["eval_attacks"], counterfactuals=cfs,
+                         triplets_per_task=c.triplets_per_task)
+    write_triplets(path, res.triplets)
+    stats = dict(res.stats)
+    if cf_stats:
+        stats["model_paraphrases"] = cf_stats
+    return path, stats
+
+
+def split_by_task(ds, eval_fraction: float, seed: int):
+    """(train, eval or None): a seeded split of whole tasks (all triplets of a task on one side), the eval side
+    holding about ``eval_fraction`` of the tasks (at least one)."""
+    import random
+
+    from data_builders.triplets import task_group
+
+    if eval_fraction <= 0:
+        return ds.shuffle(seed=seed, keep_in_memory=True), None
+    groups = sorted({task_group(i) for i in ds["id"]})
+    random.Random(seed).shuffle(groups)
+    n_eval = max(1, int(round(len(groups) * eval_fraction)))
+    held = set(groups[:n_eval])
+    ids = ds["id"]
+    ev = [i for i, x in enumerate(ids) if task_group(x) in held]
+    tr = [i for i, x in enumerate(ids) if task_group(x) not in held]
+    train = ds.select(tr, keep_in_memory=True).shuffle(seed=seed, keep_in_memory=True)
+    return train, ds.select(ev, keep_in_memory=True)
+
+
+def plot_curves(log_history: list[dict], out_png: Path) -> Path | None:
+    """Loss components (left) and causal metrics (right) per step, train and eval; matplotlib Agg."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def series(key):
+        pts = [(h["step"], h[key]) for h in log_history if key in h and "step" in h]
+        return [p[0] for p in pts], [p[1] for p in pts]
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for key in ("loss", "loss_lm", "loss_causal", "loss_spurious"):
+        for prefix, style in (("", "-"), ("eval_", "--")):
+            x, y = series(prefix + key)
+            if x:
+                axes[0].plot(x, y, style, marker="." if prefix else None, label=prefix + key)
+    axes[0].set_title("loss components")
+    axes[0].set_xlabel("step")
+    for key in ("causal_stability", "spurious_similarity", "causal_discrimination", "pooled_causal_stability",
+                "pooled_spurious_similarity"):
+        for prefix, style in (("", "-"), ("eval_", "--")):
+            x, y = series(prefix + key)
+            if x:
+                axes[1].plot(x, y, style, marker="." if prefix else None, label=prefix + key)
+    axes[1].set_title("causal metrics (cosine)")
+    axes[1].set_xlabel("step")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_png.with_name("." + out_png.name + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(out_png)
+    return out_png
+
+
+def first_last(log_history: list[dict]) -> dict:
+    """``{key: [first, last]}`` of each logged training metric (and ``eval_`` metric)."""
+    out = {}
+    for key in CURVE_KEYS + tuple("eval_" + k for k in CURVE_KEYS):
+        vals = [h[key] for h in log_history if key in h]
+        if vals:
+            out[key] = [vals[0], vals[-1]]
+    return out
+
+
+def run(cfg: PipelineConfig) -> dict:
+    """Build triplets, train, save adapter + head, merge; returns ``{"outputs": …, "metrics": …}``."""
+    import torch
+    from peft import get_peft_model
+    from transformers import TrainingArguments
+
+    from data_builders.token_cache import TripletCollator, build_token_cache
+    from stages.common import (build_training_args, last_checkpoint, log, raise_if_terminated, report_to_env,
+                               save_adapter, seed_everything)
+    from stages.models import (is_complete_model_dir, load_model, load_tokenizer, lora_config, merge_adapter,
+                               pick_device)
+    from trainers.callbacks import LossGuardCallback, SigtermCheckpointCallback
+    from trainers.causal import HEAD_CONFIG, HEAD_WEIGHTS, CausalContrastiveTrainer, save_projection_head
+    from trainers.causal_losses import build_projection_head
+
+    parsed = validate(cfg)
+    c = cfg.causal
+    base = base_model_dir(cfg)
+    if not is_complete_model_dir(base):
+        other = "sft" if c.base == "dpo" else "dpo"
+        raise FileNotFoundError(f"causal.base is {c.base!r} but the merged model {base} is missing or incomplete; run "
+                                f"stage '{c.base}' first, or set causal.base: {other} if {cfg.run_dir / other / 'merged'}"
+                                " exists")
+    seed_everything(cfg.seed)
+    report_to_env(cfg, STAGE)
+    out = cfg.run_dir / STAGE
+    loss_cfg = sub_section(cfg, CausalLossSection, "causal.loss")
+    head_cfg = sub_section(cfg, CausalHeadSection, "causal.head")
+    args = build_training_args(TrainingArguments, cfg, "causal", out / "checkpoints", **causal_defaults(cfg))
+    device = pick_device(cfg.device)
+    tok = load_tokenizer(str(base), cfg.model)
+    model = load_model(str(base), cfg.model, device=device)
+
+    if c.counterfactual == "model":
+        gen_model = model.to(device) if device == "cpu" else model
+        triplets_path, tstats = build_triplet_file(cfg, parsed, gen_model, tok)
+    else:
+        triplets_path, tstats = build_triplet_file(cfg, parsed)
+    max_length = c.max_length or cfg.model.max_seq_length
+    ds, cache = build_token_cache(triplets_path, tok, max_length, cfg.run_dir / "data" / "cache")
+    log.info("triplets: %d built, %d fit in %d tokens (cache %s, %s)", cache.n_total, cache.n_kept, max_length,
+             cache.cache_file, "hit" if cache.from_cache else "built")
+    ds, eval_ds = split_by_task(ds, c.eval_fraction, cfg.seed)
+    if eval_ds is not None and len(ds) == 0:
+        raise cfg.error("causal.eval_fraction", "leaves no training triplets")
+
+    peft_model = get_peft_model(model, lora_config(cfg.lora))
+    hidden_size = peft_model.get_base_model().config.get_text_config().hidden_size
+    head = build_projection_head(head_cfg.type, hidden_size, head_cfg.dim, head_cfg.hidden, seed=cfg.seed)
+    n_layers = peft_model.get_base_model().config.get_text_config().num_hidden_layers
+    if not -(n_layers + 1) <= head_cfg.pool_layer <= n_layers:
+        raise cfg.error("causal.head.pool_layer", f"{head_cfg.pool_layer} is outside the model's "
+                                                  f"{n_layers + 1} hidden-state layers")
+    collator = TripletCollator(tok.pad_token_id, padding_side=c.padding_side,
+                               injected_lm_loss=loss_cfg.injected_lm_loss)
+    # The loss can be negative (−λ·cos/τ), so the explosion check of LossGuardCallback (relative to the best
+    # loss) does not apply; NaN/inf are still caught here and in compute_loss.
+    callbacks = [LossGuardCallback(explode_factor=None), SigtermCheckpointCallback()]
+    trainer = CausalContrastiveTrainer(
+        model=peft_model, args=args, train_dataset=ds, eval_dataset=eval_ds, data_collator=collator,
+        processing_class=tok, callbacks=callbacks, projection_head=head, variant=loss_cfg.variant,
+        temperature=loss_cfg.temperature, lambda_task=loss_cfg.lambda_task, lambda_causal=loss_cfg.lambda_causal,
+        lambda_spurious=loss_cfg.lambda_spurious, margin_floor=loss_cfg.margin_floor,
+        in_batch_negatives=loss_cfg.in_batch_negatives, injected_lm_loss=loss_cfg.injected_lm_loss,
+        lambda_injected=loss_cfg.lambda_injected, pool_layer=head_cfg.pool_layer,
+        head_learning_rate=head_cfg.learning_rate)
+    ckpt = last_checkpoint(args.output_dir)
+    before_file = out / "eval_before.json"
+    if ckpt:
+        log.info("resuming the causal stage from %s", ckpt)
+    elif eval_ds is not None:  # held-out metrics before any update (step 0); train() resets the log history
+        atomic_write_json(before_file, {**trainer.evaluate(), "step": 0})
+    before = [json.loads(before_file.read_text())] if eval_ds is not None and before_file.exists() else []
+    result = trainer.train(resume_from_checkpoint=ckpt)
+    raise_if_terminated(trainer)
+    history = before + trainer.state.log_history
+    atomic_write_json(out / "log_history.json", history)
+    png = plot_curves(history, out / "curves.png")
+
+    adapter_dir = out / "adapter"
+    head_extra = {"pool_layer": head_cfg.pool_layer}
+    writers = {HEAD_WEIGHTS: lambda p: save_projection_head(head, p.parent, head_extra)}
+    save_adapter(peft_model, tok, adapter_dir, extra_files=writers)  # peft saves only the LoRA weights
+    del trainer, model, peft_model
+    merge_adapter(str(base), adapter_dir, out / "merged", cfg.model, tok)
+
+    fl = first_last(history)
+    metrics = {"train_loss": round(result.training_loss, 4), "steps": result.global_step,
+               "triplets": cache.n_kept, "triplets_too_long": cache.n_too_long, "token_cache_hit": cache.from_cache,
+               "triplet_stats": tstats, "first_last": fl}
+    for key in ("causal_stability", "spurious_similarity", "causal_discrimination"):
+        if key in fl:
+            metrics[f"first_{key}"], metrics[f"last_{key}"] = fl[key]
+    if cfg.hub.push_to_hub or cfg.hub.push_dry_run:
+        from stages.hub import push_stage_adapter
+
+        push_stage_adapter(cfg, "causal", adapter_dir, metrics, extra_files=[adapter_dir / HEAD_WEIGHTS,
+                                                                             adapter_dir / HEAD_CONFIG])
+    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    return {"outputs": {"triplets": str(triplets_path), "adapter": str(adapter_dir), "merged": str(out / "merged"),
+                        "head": str(adapter_dir / HEAD_WEIGHTS), "log_history": str(out / "log_history.json"),
+                        "curves": str(png)}, "metrics": metrics}
+
+
+def main(argv=None) -> int:
+    from stages.common import run_stage_main
+
+    return run_stage_main(sys.modules[__name__], "Stage 2: causal contrastive training on injection triplets", argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

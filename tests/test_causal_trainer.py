@@ -1,0 +1,358 @@
+"""Token cache, collator, the causal trainer (exact gradient accumulation, head persistence) and the stage."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from data_builders.chat_template import apply_template, prompt_ids
+from data_builders.jsonl_io import DataError
+from data_builders.token_cache import TripletCollator, _MapFn, build_token_cache, cache_fingerprint
+from data_builders.triplets import build_triplets, read_attacks, read_tasks, triplet_messages, write_triplets
+from trainers.causal import (HEAD_CONFIG, HEAD_WEIGHTS, CausalContrastiveTrainer, encode_prompts,
+                             load_projection_head, save_projection_head)
+from trainers.causal_losses import build_projection_head, pool_hidden_states
+
+REPO = Path(__file__).resolve().parents[1]
+SEED_TASKS = REPO / "data_builders" / "seed" / "tasks.jsonl"
+SEED_ATTACKS = REPO / "data_builders" / "seed" / "attacks_train.json"
+
+
+# ------------------------------------------------------------------ fixtures
+@pytest.fixture(scope="module")
+def tok(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    return apply_template(AutoTokenizer.from_pretrained(tiny_model_dir))
+
+
+@pytest.fixture(scope="module")
+def triplets_file(tmp_path_factory):
+    res = build_triplets(read_tasks(str(SEED_TASKS)), [read_attacks(str(SEED_ATTACKS))], seed=0, max_triplets=12)
+    return write_triplets(tmp_path_factory.mktemp("trip") / "triplets.jsonl", res.triplets)
+
+
+@pytest.fixture(scope="module")
+def dataset(triplets_file, tok, tmp_path_factory):
+    ds, _ = build_token_cache(triplets_file, tok, 512, tmp_path_factory.mktemp("cache"))
+    return ds
+
+
+def peft_model(model_dir, seed=0):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    cfg = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"],
+                     task_type="CAUSAL_LM", init_lora_weights=False)  # random B: every LoRA weight gets a gradient
+    return get_peft_model(model, cfg)
+
+
+def make_trainer(model_dir, tok, ds, out, *, seed=0, head_seed=0, collator=None, **kw):
+    from transformers import TrainingArguments
+
+    targs = dict(output_dir=str(out), report_to="none", use_cpu=True, remove_unused_columns=False,
+                 per_device_train_batch_size=2, learning_rate=1e-3, logging_steps=1, save_strategy="no",
+                 dataloader_num_workers=0, seed=seed, disable_tqdm=True)
+    targs.update(kw.pop("targs", {}))
+    model = peft_model(model_dir, seed)
+    head = build_projection_head("mlp", model.get_base_model().config.hidden_size, 8, 16, seed=head_seed)
+    return CausalContrastiveTrainer(model=model, args=TrainingArguments(**targs), train_dataset=ds,
+                                    data_collator=collator or TripletCollator(tok.pad_token_id), processing_class=tok,
+                                    projection_head=head, **kw)
+
+
+# ------------------------------------------------------------------ token cache
+def test_labels_mask_exactly_the_response_tokens(dataset, triplets_file, tok):
+    rows = [json.loads(x) for x in triplets_file.read_text().splitlines()]
+    by_id = {r["id"]: r for r in rows}
+    for ex in dataset:
+        t = by_id[ex["id"]]
+        resp = tok(t["response"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        for view in ("benign", "counterfactual", "injected"):
+            ids, labels = ex[f"{view}_input_ids"], ex[f"{view}_labels"]
+            p = prompt_ids(tok, triplet_messages(t, view))
+            assert ids == p + resp and len(labels) == len(ids)
+            assert labels[:len(p)] == [-100] * len(p) and labels[len(p):] == resp
+        assert tok.decode(ex["benign_labels"][-len(resp):]) == t["response"] + tok.eos_token
+        assert ex["benign_input_ids"] != ex["counterfactual_input_ids"] != ex["injected_input_ids"]
+
+
+def test_warm_build_hits_the_cache_and_template_changes_fingerprint(triplets_file, tok, tmp_path):
+    before = _MapFn.CALLS
+    ds1, info1 = build_token_cache(triplets_file, tok, 512, tmp_path)
+    assert _MapFn.CALLS - before == info1.n_total and not info1.from_cache
+    assert Path(info1.cache_file).parent == tmp_path and Path(info1.cache_file).exists()
+    mid = _MapFn.CALLS
+    ds2, info2 = build_token_cache(triplets_file, tok, 512, tmp_path)
+    assert _MapFn.CALLS == mid and info2.from_cache  # the map function was not called again
+    assert ds2["benign_input_ids"] == ds1["benign_input_ids"] and info2.fingerprint == info1.fingerprint
+    # a changed chat template (or max length, or triplet file) changes the fingerprint and re-tokenizes
+    old = tok.chat_template
+    try:
+        tok.chat_template = old.replace("<|assistant|>", "<|bot|>")
+        assert cache_fingerprint(triplets_file, tok, 512) != info1.fingerprint
+        _, info3 = build_token_cache(triplets_file, tok, 512, tmp_path)
+        assert not info3.from_cache and _MapFn.CALLS > mid
+    finally:
+        tok.chat_template = old
+    assert cache_fingerprint(triplets_file, tok, 256) != info1.fingerprint
+    other = tmp_path / "t2.jsonl"
+    text = triplets_file.read_text()
+    other.write_text(text.replace('"response": "', '"response": "Note: ', 1))
+    assert other.read_text() != text
+    assert cache_fingerprint(other, tok, 512) != info1.fingerprint
+
+
+def test_too_long_triplets_are_dropped_not_truncated(triplets_file, tok, tmp_path):
+    ds, info = build_token_cache(triplets_file, tok, 120, tmp_path)
+    assert info.n_kept + info.n_too_long == info.n_total and 0 < info.n_too_long < info.n_total
+    assert all(len(x) <= 120 for v in ("benign", "counterfactual", "injected") for x in ds[f"{v}_input_ids"])
+    with pytest.raises(DataError, match="fits in max_length=16"):
+        build_token_cache(triplets_file, tok, 16, tmp_path)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+@pytest.mark.parametrize("injected_lm", [False, True])
+def test_collator_layout(dataset, tok, side, injected_lm):
+    feats = [dataset[i] for i in range(3)]
+    b = TripletCollator(tok.pad_token_id, padding_side=side, injected_lm_loss=injected_lm)(feats)
+    B = 3
+    assert b["input_ids"].shape[0] == 3 * B and set(b) == {"input_ids", "attention_mask", "position_ids", "labels",
+                                                          "pool_mask"}
+    for v, view in enumerate(("benign", "counterfactual", "injected")):
+        for k, f in enumerate(feats):
+            r = v * B + k
+            ids, labels = f[f"{view}_input_ids"], f[f"{view}_labels"]
+            real = b["attention_mask"][r].bool()
+            assert b["input_ids"][r][real].tolist() == ids
+            if side == "right":
+                assert real[:len(ids)].all() and not real[len(ids):].any()
+            else:
+                assert real[-len(ids):].all() and not real[:-len(ids)].any()
+            assert b["position_ids"][r][real].tolist() == list(range(len(ids)))
+            n_prompt = sum(1 for x in labels if x == -100)
+            assert b["pool_mask"][r].sum().item() == n_prompt and not (b["pool_mask"][r].bool() & ~real).any()
+            lab = b["labels"][r]
+            if view == "benign" or (view == "injected" and injected_lm):
+                assert lab[real].tolist() == labels and (lab[~real] == -100).all()
+            else:
+                assert (lab == -100).all()
+
+
+# ------------------------------------------------------------------ exact gradient accumulation
+def _grads(model) -> dict:
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+
+
+def _run_step(trainer, batches):
+    model = trainer.model
+    model.zero_grad(set_to_none=True)
+    samples, n_items = trainer.get_batch_samples(iter(batches), len(batches), trainer.args.device)
+    total = sum(trainer.training_step(model, b, n_items).item() for b in samples)
+    return total, _grads(model)
+
+
+@pytest.mark.parametrize("variant,injected_lm", [("cosine", False), ("margin", True), ("infonce", False)])
+def test_gradient_accumulation_2x2_equals_batch_of_4(tiny_model_dir, tok, dataset, tmp_path, variant, injected_lm):
+    coll = TripletCollator(tok.pad_token_id, injected_lm_loss=injected_lm)
+    tr = make_trainer(tiny_model_dir, tok, dataset, tmp_path, collator=coll, variant=variant, temperature=0.2,
+                      lambda_task=1.0, lambda_causal=0.7, lambda_spurious=1.3, margin_floor=-0.5,
+                      injected_lm_loss=injected_lm, lambda_injected=0.5,
+                      targs={"gradient_accumulation_steps": 2})
+    feats = [dataset[i] for i in range(4)]
+    loss4, g4 = _run_step(tr, [coll(feats)])
+    loss22, g22 = _run_step(tr, [coll(feats[:2]), coll(feats[2:])])
+    names = [n for n in g4 if "lora_" in n]
+    head_names = [n for n in g4 if "causal_projection_head" in n]
+    assert len(names) == 2 * 3 * 2 and len(head_names) == 4  # LoRA A/B on 3 modules × 2 layers; head 2 linears
+    assert set(g4) == set(g22)
+    for n in g4:
+        assert g4[n].abs().max() > 0, n
+        assert torch.allclose(g4[n], g22[n], atol=1e-5, rtol=1e-4), (n, (g4[n] - g22[n]).abs().max())
+    assert loss4 == pytest.approx(loss22, abs=1e-5)
+
+
+def test_lm_loss_is_normalised_by_num_items_in_batch(tiny_model_dir, tok, dataset, tmp_path):
+    """With λ_causal = λ_spurious = 0 the loss is Σ NLL / num_items_in_batch over the whole step."""
+    coll = TripletCollator(tok.pad_token_id)
+    tr = make_trainer(tiny_model_dir, tok, dataset, tmp_path, collator=coll, lambda_causal=0.0, lambda_spurious=0.0)
+    feats = [dataset[i] for i in range(4)]
+    big = coll(feats)
+    n_tokens = int((big["labels"][:, 1:] != -100).sum())
+    samples, n_items = tr.get_batch_samples(iter([coll(feats[:2]), coll(feats[2:])]), 2, "cpu")
+    assert int(n_items) == n_tokens and int(samples[0]["step_triplets"]) == 4
+    with torch.no_grad():
+        out = tr.model(input_ids=big["input_ids"], attention_mask=big["attention_mask"],
+                       position_ids=big["position_ids"])
+        logits = out.logits[:, :-1]
+        tgt = big["labels"][:, 1:]
+        ref = torch.nn.functional.cross_entropy(logits[tgt != -100], tgt[tgt != -100], reduction="sum") / n_tokens
+        got = sum(tr.compute_loss(tr.model, s, num_items_in_batch=n_items) for s in samples)
+    assert got.item() == pytest.approx(ref.item(), rel=1e-5)
+
+
+# ------------------------------------------------------------------ logging
+def test_logged_metric_names_train_and_eval(tiny_model_dir, tok, dataset, tmp_path):
+    tr = make_trainer(tiny_model_dir, tok, dataset, tmp_path, targs={"max_steps": 2, "eval_strategy": "steps",
+                                                                     "eval_steps": 2, "per_device_eval_batch_size": 2},
+                      eval_dataset=dataset.select(range(3)))
+    tr.train()
+    hist = tr.state.log_history
+    train_logs = [h for h in hist if "loss" in h]
+    eval_logs = [h for h in hist if "eval_loss" in h]
+    names = ("loss_lm", "loss_causal", "loss_spurious", "causal_stability", "spurious_similarity",
+             "causal_discrimination")
+    assert len(train_logs) == 2 and len(eval_logs) == 1
+    for h in train_logs:
+        assert all(k in h for k in names)
+        assert h["causal_discrimination"] == pytest.approx(h["causal_stability"] - h["spurious_similarity"], abs=2e-6)
+        assert h["loss_causal"] == pytest.approx(-h["causal_stability"] / 0.1, abs=1e-4)  # cosine, τ = 0.1
+    assert all(f"eval_{k}" in eval_logs[0] for k in names)
+
+
+# ------------------------------------------------------------------ head persistence
+def test_head_save_load_resume_is_bit_identical(tiny_model_dir, tok, dataset, tmp_path):
+    kw = dict(targs={"max_steps": 4, "save_strategy": "steps", "save_steps": 2, "lr_scheduler_type": "constant"})
+    a = make_trainer(tiny_model_dir, tok, dataset, tmp_path / "a", **kw)
+    a.train()
+    final = {k: v.clone() for k, v in a.projection_head.state_dict().items()}
+    ck2, ck4 = tmp_path / "a" / "checkpoint-2", tmp_path / "a" / "checkpoint-4"
+    for ck in (ck2, ck4):
+        assert (ck / HEAD_WEIGHTS).is_file() and json.loads((ck / HEAD_CONFIG).read_text())["type"] == "mlp"
+    # save → load: the checkpoint holds exactly the trained head
+    loaded = load_projection_head(ck4, a.projection_head.in_dim)
+    assert all(torch.equal(final[k], v) for k, v in loaded.state_dict().items())
+    # resume from step 2 with a differently initialised head and model: ends bit-identical to the uninterrupted run
+    b = make_trainer(tiny_model_dir, tok, dataset, tmp_path / "b", seed=0, head_seed=123, **kw)
+    assert not torch.equal(b.projection_head.state_dict()["net.0.weight"], final["net.0.weight"])
+    b.train(resume_from_checkpoint=str(ck2))
+    assert all(torch.equal(final[k], v) for k, v in b.projection_head.state_dict().items())
+    lora_a = {n: p for n, p in a.model.named_parameters() if "lora_" in n}
+    lora_b = {n: p for n, p in b.model.named_parameters() if "lora_" in n}
+    assert all(torch.equal(lora_a[n], lora_b[n]) for n in lora_a)
+    # a checkpoint whose head is missing cannot be resumed
+    (ck2 / HEAD_WEIGHTS).unlink()
+    c = make_trainer(tiny_model_dir, tok, dataset, tmp_path / "c", **kw)
+    with pytest.raises(FileNotFoundError, match=str(ck2 / HEAD_WEIGHTS)):
+        c.train(resume_from_checkpoint=str(ck2))
+
+
+def test_missing_or_mismatched_head_is_an_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / HEAD_WEIGHTS)):
+        load_projection_head(tmp_path, 32)
+    head = build_projection_head("bottleneck", 32, 8, 4, seed=0)
+    save_projection_head(head, tmp_path, {"pool_layer": -1})
+    assert sorted(p.name for p in tmp_path.iterdir()) == [HEAD_CONFIG, HEAD_WEIGHTS]
+    again = load_projection_head(tmp_path / HEAD_WEIGHTS, 32)
+    assert all(torch.equal(a, b) for a, b in zip(head.state_dict().values(), again.state_dict().values()))
+    with pytest.raises(ValueError, match="hidden size 64"):
+        load_projection_head(tmp_path, 64)
+    (tmp_path / HEAD_CONFIG).unlink()
+    with pytest.raises(FileNotFoundError, match=HEAD_CONFIG):
+        load_projection_head(tmp_path, 32)
+
+
+# ------------------------------------------------------------------ encode_prompts
+def test_encode_prompts_matches_training_pooling(tiny_model_dir, tok):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    msgs = [[{"role": "user", "content": "Summarise the email below in one sentence."}],
+            [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello world"}],
+            "Translate the following text into French."]
+    one = encode_prompts(model, tok, msgs, batch_size=1)
+    three = encode_prompts(model, tok, msgs, batch_size=3)
+    assert one.shape == (3, model.config.hidden_size)
+    assert torch.allclose(one, three, atol=1e-5)  # padding does not change a prompt's representation
+    ids = torch.tensor([prompt_ids(tok, msgs[1])])
+    with torch.no_grad():
+        hs = model(input_ids=ids, output_hidden_states=True).hidden_states
+    ref = pool_hidden_states(hs[-1], torch.ones_like(ids))
+    assert torch.allclose(one[1], ref[0], atol=1e-5)
+    head = build_projection_head("linear", model.config.hidden_size, 5, 4, seed=0)
+    z = encode_prompts(model, tok, msgs, head=head, layer=1)
+    assert z.shape == (3, 5)
+    ref1 = pool_hidden_states(hs[1], torch.ones_like(ids))
+    assert torch.allclose(z[1], head(ref1)[0], atol=1e-5)
+
+
+# ------------------------------------------------------------------ the stage
+def _stage_cfg(tmp_path, model_dir, extra=""):
+    from stages.config import load_config
+
+    text = f"""run_name: st
+output_dir: {tmp_path / 'runs'}
+seed: 0
+device: cpu
+model:
+  name_or_path: {model_dir}
+  max_seq_length: 512
+lora:
+  r: 4
+  alpha: 8
+  dropout: 0.0
+causal:
+  base: sft
+  tasks:
+    - path: {SEED_TASKS}
+  train_attacks:
+    - path: {SEED_ATTACKS}
+  max_triplets: 8
+  eval_fraction: 0.25
+  head:
+    dim: 8
+    hidden: 16
+  training:
+    max_steps: 3
+    per_device_train_batch_size: 2
+    per_device_eval_batch_size: 2
+    eval_steps: 3
+    save_steps: 2
+    learning_rate: 1.0e-3
+evaluate:
+  eval_file: {tmp_path / 'none.jsonl'}
+{extra}"""
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    return load_config(p)
+
+
+def test_stage_validate_refuses_overlap_before_any_model(tmp_path):
+    from stages import stage2_causal as s2
+
+    ev = tmp_path / "eval_attacks.json"
+    first = json.loads(SEED_ATTACKS.read_text())["Task hijacking"][0]
+    ev.write_text(json.dumps({"held-out": [first.lower()]}))
+    cfg = _stage_cfg(tmp_path, tmp_path / "no-model")
+    cfg.causal.eval_attacks = [{"path": str(ev)}]
+    with pytest.raises(DataError, match="attacks_train.json.*eval_attacks.json"):
+        s2.validate(cfg)
+    cfg.causal.eval_attacks = []
+    s2.validate(cfg)
+    with pytest.raises(FileNotFoundError, match="sft/merged"):
+        s2.run(cfg)
+
+
+def test_stage_run_on_tiny_model(tiny_model_dir, tmp_path):
+    from stages import stage2_causal as s2
+
+    cfg = _stage_cfg(tmp_path, tiny_model_dir)
+    base = cfg.run_dir / "sft" / "merged"
+    shutil.copytree(tiny_model_dir, base)
+    result = s2.run(cfg)
+    out = cfg.run_dir / "causal"
+    for p in ("adapter/adapter_model.safetensors", "adapter/" + HEAD_WEIGHTS, "adapter/" + HEAD_CONFIG,
+              "merged/config.json", "log_history.json", "curves.png", "checkpoints/checkpoint-2/" + HEAD_WEIGHTS):
+        assert (out / p).is_file(), p
+    assert (cfg.run_dir / "data" / "triplets.jsonl").is_file() and list((cfg.run_dir / "data" / "cache").glob("*.arrow"))
+    head = load_projection_head(out / "adapter", 32)
+    assert head.config() == {"type": "mlp", "in_dim": 32, "dim": 8, "hidden": 16}
+    m = result["metrics"]
+    assert m["steps"] == 3 and m["triplets"] == 8 and "causal_stability" in m["first_last"]
+    assert "eval_causal_stability" in m["first_last"]
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
