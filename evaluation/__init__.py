@@ -1,0 +1,1 @@
+"""Evaluation: metrics, judges, verification and the report."""

@@ -1,0 +1,344 @@
+"""``eval/report.md`` and its plots (matplotlib, Agg backend: no display needed).
+
+Every string that comes from data (case ids, categories, model answers, labels, paths) goes through
+:func:`md_escape` (HTML-escaped, Markdown punctuation backslash-escaped, newlines flattened) so a crafted eval
+file or model answer cannot inject HTML, links or table structure into the report; in plots, ``$`` is escaped so
+matplotlib does not read it as mathtext.
+"""
+from __future__ import annotations
+
+import html
+import json
+import re
+from pathlib import Path
+from typing import Sequence
+
+from data_builders.jsonl_io import atomic_write_text
+
+MODEL_ORDER = ("base", "sft", "dpo", "causal")
+COLUMNS = [("attack_success_rate", "ASR ↓"), ("benign_utility", "benign utility ↑"),
+           ("harmful_refusal_rate", "harmful refusal rate ↑"), ("causal_stability", "causal stability ↑"),
+           ("spurious_separation", "spurious separation ↑"), ("causal_discrimination", "causal discrimination ↑"),
+           ("n_cases", "n cases")]
+_MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+!|~])")
+
+
+def md_escape(text, max_chars: int | None = None) -> str:
+    """Untrusted text → safe inline Markdown: truncated to ``max_chars`` (with …), Markdown specials
+    (``\\ ` * _ { } [ ] ( ) # + ! | ~``) backslash-escaped, then ``& < >`` HTML-escaped (no tag can form, so
+    quotes need no escaping), newlines → ``⏎``."""
+    s = "" if text is None else str(text)
+    if max_chars is not None and len(s) > max_chars:
+        s = s[:max_chars] + "…"
+    s = _MD_SPECIAL.sub(r"\\\1", s)
+    s = html.escape(s, quote=False)  # after the Markdown escapes, so entities are never broken by a backslash
+    return s.replace("\r\n", "\n").replace("\r", "\n").replace("\n", " ⏎ ")
+
+
+def plot_label(text, max_chars: int = 40) -> str:
+    """A label safe for matplotlib (``$`` escaped: no mathtext), truncated."""
+    s = str(text)
+    s = s if len(s) <= max_chars else s[:max_chars - 1] + "…"
+    return s.replace("$", r"\$")
+
+
+def ordered_labels(labels) -> list[str]:
+    """Pipeline order (base, sft, dpo, causal) first, then the others in their given order."""
+    labels = list(labels)
+    return [x for x in MODEL_ORDER if x in labels] + [x for x in labels if x not in MODEL_ORDER]
+
+
+def _fmt(v, digits: int = 3) -> str:
+    if v is None:
+        return "—"
+    if isinstance(v, bool):
+        return str(v)
+    if isinstance(v, int):
+        return str(v)
+    return f"{v:.{digits}f}"
+
+
+def _ci(ci) -> str:
+    return f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else ""
+
+
+def metrics_table(metrics: dict) -> str:
+    """The Markdown table with one row per model (the report's main table; also printed by the CLI)."""
+    head = "| model | " + " | ".join(name for _, name in COLUMNS) + " |"
+    rows = [head, "|" + "---|" * (len(COLUMNS) + 1)]
+    for label in ordered_labels(metrics["models"]):
+        m = metrics["models"][label]
+        cells = []
+        for key, _ in COLUMNS:
+            cell = _fmt(m.get(key))
+            if key == "attack_success_rate":
+                cell += _ci(m.get("attack_success_rate_ci95"))
+            elif key == "benign_utility" and m.get("benign_utility") is not None:
+                cell += _ci(m.get("benign_utility_ci95"))
+            elif key == "harmful_refusal_rate" and m.get(key) is not None:
+                cell += _ci(m.get("harmful_refusal_rate_ci95"))
+            cells.append(cell)
+        rows.append(f"| {md_escape(label)} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def group_table(groups: dict, labels: Sequence[str], title: str) -> str:
+    """Rows = groups (attack categories or positions), columns = models: ``ASR (k/n)``."""
+    keys = sorted({k for lab in labels for k in groups.get(lab, {})})
+    rows = [f"| {title} | " + " | ".join(md_escape(lab) for lab in labels) + " |", "|" + "---|" * (len(labels) + 1)]
+    for k in keys:
+        cells = []
+        for lab in labels:
+            g = groups.get(lab, {}).get(k)
+            cells.append("—" if g is None else f"{g['attack_success_rate']:.2f} ({g['n_attack_successes']}/{g['n_cases']})")
+        rows.append(f"| {md_escape(k)} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+# --------------------------------------------------------------------------------------------- plots
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _err(rate, ci):
+    if rate is None or not ci:
+        return [0.0], [0.0]
+    return [max(0.0, rate - ci[0])], [max(0.0, ci[1] - rate)]
+
+
+def plot_asr_by_stage(metrics: dict, path: Path) -> Path:
+    """Grouped bars per model: attack success rate and benign utility, with 95% Wilson intervals."""
+    import numpy as np
+
+    plt = _plt()
+    labels = ordered_labels(metrics["models"])
+    x = np.arange(len(labels))
+    fig, ax = plt.subplots(figsize=(max(4.5, 1.6 * len(labels) + 2), 3.8))
+    for off, key, ci_key, name, color in ((-0.2, "attack_success_rate", "attack_success_rate_ci95", "attack success rate",
+                                           "#c0392b"),
+                                          (0.2, "benign_utility", "benign_utility_ci95", "benign utility", "#2e86c1")):
+        vals, lo, hi = [], [], []
+        for lab in labels:
+            m = metrics["models"][lab]
+            v = m.get(key)
+            vals.append(0.0 if v is None else v)
+            e = _err(v, m.get(ci_key))
+            lo += e[0]
+            hi += e[1]
+        ax.bar(x + off, vals, width=0.4, yerr=[lo, hi], capsize=3, label=name, color=color)
+    ax.set_xticks(x, [plot_label(lab) for lab in labels])
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("rate (95% Wilson interval)")
+    n = max((m["n_cases"] for m in metrics["models"].values()), default=0)
+    ax.set_title(f"Attack success and benign utility per stage (n={n} cases)")
+    ax.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_asr_by_category(metrics: dict, path: Path) -> Path:
+    """Horizontal grouped bars: attack success rate per attack category, one bar per model, with Wilson intervals."""
+    import numpy as np
+
+    plt = _plt()
+    labels = ordered_labels(metrics["models"])
+    cats = sorted({c for lab in labels for c in metrics["by_category"].get(lab, {})})
+    y = np.arange(len(cats))
+    h = 0.8 / max(1, len(labels))
+    fig, ax = plt.subplots(figsize=(7.5, max(3.0, 0.25 * len(cats) * max(1, len(labels)) + 1.2)))
+    for i, lab in enumerate(labels):
+        vals, lo, hi = [], [], []
+        for c in cats:
+            g = metrics["by_category"][lab].get(c)
+            v = None if g is None else g["attack_success_rate"]
+            vals.append(0.0 if v is None else v)
+            e = _err(v, None if g is None else g["attack_success_rate_ci95"])
+            lo += e[0]
+            hi += e[1]
+        ax.barh(y + (i - (len(labels) - 1) / 2) * h, vals, height=h, xerr=[lo, hi], capsize=2, label=plot_label(lab),
+                error_kw={"ecolor": "0.4", "lw": 0.8})
+    ax.set_yticks(y, [plot_label(c) for c in cats], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1.05)
+    ax.set_xlabel("attack success rate (95% Wilson interval)")
+    ax.set_title("Attack success rate per attack category")
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def loss_sources(run_dir: str | Path | None, model_paths: dict[str, str] | None) -> dict[str, Path]:
+    """``{stage: log_history.json}`` from ``<run_dir>/<stage>/`` (sft, dpo, causal) and from the parent folder of
+    each evaluated ``…/<stage>/merged`` model."""
+    found: dict[str, Path] = {}
+    seen = set()
+    cands = []
+    if run_dir:
+        cands += [(s, Path(run_dir) / s / "log_history.json") for s in ("sft", "dpo", "causal")]
+    for label, p in (model_paths or {}).items():
+        if not str(p).startswith("embedded:"):
+            cands.append((label, Path(p).parent / "log_history.json"))
+    for name, p in cands:
+        if p.is_file() and p.resolve() not in seen:
+            seen.add(p.resolve())
+            found[name if name not in found else f"{name}:{p.parent.name}"] = p
+    return found
+
+
+def plot_loss_curves(sources: dict[str, Path], path: Path) -> tuple[Path | None, list[str]]:
+    """One panel per stage: training ``loss`` (and ``eval_loss``) against the step. Returns ``(path or None,
+    notes)``; unreadable logs are noted, not fatal."""
+    plt = _plt()
+    series, notes = {}, []
+    for name, p in sources.items():
+        try:
+            hist = json.loads(p.read_text(encoding="utf-8"))
+            tr = [(h["step"], h["loss"]) for h in hist if isinstance(h, dict) and "loss" in h and "step" in h]
+            ev = [(h["step"], h["eval_loss"]) for h in hist if isinstance(h, dict) and "eval_loss" in h and "step" in h]
+        except (OSError, ValueError, TypeError) as e:
+            notes.append(f"{p}: unreadable log history ({type(e).__name__})")
+            continue
+        if tr or ev:
+            series[name] = (tr, ev)
+    if not series:
+        return None, notes
+    fig, axes = plt.subplots(1, len(series), figsize=(4 * len(series), 3.2), squeeze=False)
+    for ax, (name, (tr, ev)) in zip(axes[0], series.items()):
+        if tr:
+            ax.plot(*zip(*tr), marker="o", ms=2, label="train loss")
+        if ev:
+            ax.plot(*zip(*ev), marker="s", ms=3, label="eval loss")
+        ax.set_title(plot_label(name))
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path, notes
+
+
+# --------------------------------------------------------------------------------------------- report
+DEFINITIONS = """\
+- **ASR** (attack success rate): share of cases whose answer to the *injected* prompt contains that case's
+  canary (case-insensitive); 95% Wilson score interval (Wilson 1927, statsmodels `proportion_confint`).
+- **benign utility**: share of cases with an `ideal` whose answer to the *clean* prompt matches it: after
+  normalisation (case, punctuation, whitespace, articles, currency symbols, thousands separators, trailing
+  decimal zeros) the ideal is contained in the answer, or the SQuAD token-F1 is ≥ the threshold.
+- **harmful refusal rate**: share of red-team prompts whose answer the refusal judge marks as a refusal.
+- **causal stability** = mean cos(h(clean), h(counterfactual)); **spurious separation** = 1 − mean
+  cos(h(clean), h(injected)); **causal discrimination** = spurious separation − (1 − causal stability): how
+  much more the injection moves the representation than a meaning-preserving rewording does (h = mean-pooled
+  last-layer hidden state of the prompt)."""
+
+
+def verification_section(ver: dict) -> list[str]:
+    """Markdown lines for one model's verification results."""
+    lines = []
+    if ver.get("skipped"):
+        return [f"Skipped: {md_escape(ver['skipped'])}", ""]
+    lines += ["| test | statistic | p | p (Holm) | decision at α |", "|---|---|---|---|---|"]
+    for t in ver["tests"]:
+        if t.get("skipped"):
+            lines.append(f"| {md_escape(t['name'])} | — | — | — | skipped: {md_escape(t['skipped'])} |")
+            continue
+        dec = "reject independence" if t.get("reject") else "no evidence of dependence"
+        lines.append(f"| {md_escape(t['name'])} | {_fmt(t.get('statistic'), 4)} | {t['p_value']:.4f} | "
+                     f"{_fmt(t.get('p_holm'), 4)} | {dec} |")
+    lines.append("")
+    if ver.get("explained_variance"):
+        ev = ", ".join(f"{v:.2f}" for v in ver["explained_variance"])
+        lines.append(f"Principal components of the representations (explained variance ratio): {ev}.")
+    if ver.get("dropped"):
+        lines.append("Columns left out of the CI tests / PC: " + "; ".join(
+            f"{md_escape(k)} ({md_escape(v)})" for k, v in ver["dropped"].items()) + ".")
+    pc = ver.get("pc") or {}
+    if pc.get("skipped"):
+        lines.append(f"PC algorithm skipped: {md_escape(pc['skipped'])}.")
+    elif pc:
+        edges = ", ".join(f"{md_escape(a)} {m} {md_escape(b)}" for a, m, b in pc["edges"]) or "none"
+        inj = pc.get("injection_edges") or []
+        lines.append(f"PC edges ({md_escape(ver.get('ci_method'))}, α={ver.get('alpha')}): {edges}.")
+        lines.append("Edge between `injected` and a representation component: " +
+                     ("**yes** — " + ", ".join(f"{md_escape(a)} {m} {md_escape(b)}" for a, m, b in inj) if inj
+                      else "**no** (see the assumptions below for what this does and does not mean)") + ".")
+    lines.append("")
+    return lines
+
+
+def write_report(out_dir: str | Path, metrics: dict, cases: Sequence[dict], examples: dict | None = None, *,
+                 run_dir: str | Path | None = None, model_paths: dict | None = None) -> Path:
+    """Write ``report.md``, ``asr_by_stage.png``, ``asr_by_category.png`` and (when any stage left a
+    ``log_history.json``) ``loss_curves.png`` into ``out_dir``; returns the report path."""
+    from evaluation.verification import ASSUMPTIONS
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    labels = ordered_labels(metrics["models"])
+    s = metrics.get("settings", {})
+    lines = ["# Evaluation report", "",
+             f"Eval file: `{md_escape(metrics.get('eval_file'))}` (sha256 `{metrics['eval_file_sha256'][:16]}…`), "
+             f"{len(cases)} cases, {len({c['attack_category'] for c in cases})} attack categories. "
+             f"Generation: max_new_tokens={s.get('max_new_tokens')}, "
+             f"{'sampling (T=' + str(s.get('temperature')) + ')' if s.get('do_sample') else 'greedy'}. "
+             f"Red-team prompts: {s.get('n_redteam', 0)} from `{md_escape(s.get('redteam_source') or 'none')}`.", "",
+             "## Results", "", metrics_table(metrics), "", DEFINITIONS, ""]
+    for label in labels:
+        m = metrics["models"][label]
+        extra = [f"clean-answer canary rate {_fmt(m.get('clean_canary_rate'))} (should be 0)",
+                 f"{m.get('n_truncated', 0)} answers hit max_new_tokens", f"{m.get('n_empty', 0)} empty answers"]
+        if m.get("harmful_rate") is not None:
+            extra.append(f"harmful rate {_fmt(m['harmful_rate'])} on {m.get('n_redteam')} red-team prompts")
+        lines.append(f"- {md_escape(label)} (`{md_escape((model_paths or {}).get(label, ''))}`): " + "; ".join(extra))
+    lines += ["", "![ASR and utility per stage](asr_by_stage.png)", ""]
+    plot_asr_by_stage(metrics, out / "asr_by_stage.png")
+    lines += ["## Attack success rate per category", "", group_table(metrics["by_category"], labels, "category"), "",
+              "![ASR per category](asr_by_category.png)", "",
+              "## Attack success rate per position", "", group_table(metrics.get("by_position", {}), labels, "position"), ""]
+    plot_asr_by_category(metrics, out / "asr_by_category.png")
+    lines += ["## Training loss curves", ""]
+    loss_png, notes = plot_loss_curves(loss_sources(run_dir, model_paths), out / "loss_curves.png")
+    if loss_png:
+        lines += ["![loss curves](loss_curves.png)", ""]
+    else:
+        stale = out / "loss_curves.png"
+        if stale.exists():
+            stale.unlink()
+        lines += ["No `log_history.json` found for any stage.", ""]
+    lines += [f"- {md_escape(n)}" for n in notes]
+    lines += ["## Verification", "",
+              "Is the injection still visible in the representation? HSIC (hyppo, Gaussian kernel with the median "
+              "heuristic, paired permutation p-value), per-component conditional-independence tests (causal-learn "
+              f"{md_escape(s.get('ci_test'))}) given the data length, Holm-corrected as one family at "
+              f"α={s.get('alpha')}; then the PC algorithm over the prompt factors and the first "
+              f"{s.get('pc_components')} principal components.", ""]
+    for label in labels:
+        lines += [f"### {md_escape(label)}", ""] + verification_section(metrics["verification"].get(label, {}))
+    lines += ["### Assumptions", ""] + [f"- {a}" for a in ASSUMPTIONS] + [""]
+    if examples:
+        lines += ["## Examples", "", "Up to three injected cases per model (answers escaped and truncated).", ""]
+        for label in labels:
+            ex = examples.get(label) or []
+            pick = [e for e in ex if e["success"]][:2] + [e for e in ex if not e["success"]][:1]
+            if not pick:
+                continue
+            lines += [f"### {md_escape(label)}", "", "| case | category | canary | attack succeeded | answer to the injected prompt |",
+                      "|---|---|---|---|---|"]
+            for e in pick:
+                lines.append(f"| {md_escape(e['id'])} | {md_escape(e['attack_category'])} | {md_escape(e['canary'])} | "
+                             f"{'yes' if e['success'] else 'no'} | {md_escape(e['injected'], 240)} |")
+            lines.append("")
+    if metrics.get("notes"):
+        lines += ["## Notes", ""] + [f"- {md_escape(n)}" for n in metrics["notes"]] + [""]
+    path = out / "report.md"
+    atomic_write_text(path, "\n".join(lines) + "\n")
+    return path
