@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import logging
 import os
 import random
@@ -137,13 +138,25 @@ def save_adapter(model, tokenizer, out_dir: str | Path, extra_files: dict | None
     return Path(out_dir)
 
 
+DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES}
+
+
+def _record_failure(manifest, name: str, e) -> None:
+    """Mark the stage failed in the manifest; a manifest that cannot be written (full disk) is left as it was."""
+    try:
+        manifest.fail(name, e if isinstance(e, str) else f"{type(e).__name__}: {e}")
+    except OSError:
+        pass
+
+
 def run_stage_main(stage_module, description: str, argv=None) -> int:
     """Entry point of a stage script: parse the CLI, validate inputs (no model), run, record the manifest.
 
     ``stage_module`` provides ``STAGE`` (name), ``validate(cfg)`` (raises DataError/ConfigError before any model
     load), ``input_paths(cfg)`` and ``run(cfg) -> {"outputs": {...}, "metrics": {...}}``.
     Exit codes: 0 done, 2 bad input or config, 1 failure during the run, 3 done but the Hub push failed
-    (local artifacts saved), 143 stopped by SIGTERM.
+    (local artifacts saved), 4 disk full or output not writable mid-run (earlier outputs intact), 143 stopped
+    by SIGTERM.
     """
     import time
 
@@ -167,10 +180,21 @@ def run_stage_main(stage_module, description: str, argv=None) -> int:
     try:
         result = stage_module.run(cfg)
     except SystemExit as e:
-        manifest.fail(name, f"exited with {e.code}")
+        _record_failure(manifest, name, f"exited with {e.code}")
         raise
+    except OSError as e:
+        if e.errno not in DISK_ERRNOS:
+            _record_failure(manifest, name, e)
+            raise
+        # a full disk or a read-only folder mid-run: one clear line; whatever was written before is intact
+        # (every output is written atomically), so the same command resumes once space is freed
+        _record_failure(manifest, name, e)
+        print(f"error: {name}: cannot write {e.filename or 'output'}: {e.strerror or e} (errno "
+              f"{errno.errorcode.get(e.errno, e.errno)}); earlier outputs are intact, free space or fix "
+              "permissions and rerun the same command to resume", file=sys.stderr)
+        return 4
     except BaseException as e:
-        manifest.fail(name, f"{type(e).__name__}: {e}")
+        _record_failure(manifest, name, e)
         raise
     manifest.finish(name, result.get("outputs", {}), result.get("metrics", {}), seconds=round(time.time() - t0, 1))
     hub_error = result.get("outputs", {}).get("hub_error")

@@ -34,8 +34,24 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+BIG_FILE_BYTES = 64 * 1024 ** 2
+
+
+def _file_digest(f: Path) -> str:
+    """Full sha256 of a small file; (size, mtime_ns) of a big one (weights: hashing 64 GB per rerun is too slow)."""
+    if f.stat().st_size <= BIG_FILE_BYTES:
+        return file_sha256(f)
+    st = f.stat()
+    return f"size={st.st_size},mtime_ns={st.st_mtime_ns}"
+
+
 def path_sha256(path: str | os.PathLike) -> str:
-    """sha256 of a file, or of a folder (relative names + file digests, sorted); ``missing`` if absent."""
+    """sha256 of a file, or of a folder (relative names + file digests, sorted); ``missing`` if absent.
+
+    Inside a folder, files above 64 MiB (model weights) count by size and modification time instead of
+    content: merged models are written to a temporary folder and renamed into place, so a rewritten model
+    always changes its mtime, and a rerun of a 32B pipeline does not re-read 64 GB to check what it skips.
+    """
     p = Path(path)
     if p.is_file():
         return file_sha256(p)
@@ -43,7 +59,7 @@ def path_sha256(path: str | os.PathLike) -> str:
         h = hashlib.sha256()
         for f in sorted(x for x in p.rglob("*") if x.is_file() and not x.name.startswith(".")):
             h.update(str(f.relative_to(p)).encode())
-            h.update(file_sha256(f).encode())
+            h.update(_file_digest(f).encode())
         return h.hexdigest()
     return "missing"
 
