@@ -71,7 +71,7 @@ def iter_jsonl(path: str | os.PathLike, *, allow_empty: bool = False) -> Iterato
             try:
                 obj = json.loads(text)
             except json.JSONDecodeError as e:
-                raise DataError(p, lineno, None, f"malformed JSON ({e.msg} at column {e.colno})") from None
+                raise DataError(p, lineno, None, f"malformed JSON ({e.msg}; column {e.colno})") from None
             if not isinstance(obj, dict):
                 raise DataError(p, lineno, None, f"expected a JSON object, got {type(obj).__name__}")
             n += 1
@@ -90,7 +90,24 @@ def load_json(path: str | os.PathLike) -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
-        raise DataError(p, e.lineno, None, f"malformed JSON ({e.msg} at column {e.colno})") from None
+        raise DataError(p, e.lineno, None, f"malformed JSON ({e.msg}; column {e.colno})") from None
+
+
+def json_list_item_lines(text: str) -> list[int]:
+    """1-based line on which each item of a top-level JSON list starts (``text`` must parse as a list).
+
+    Used to report a bad item of a pretty-printed JSON list (Alpaca's ``.json``) by its line, like JSONL rows.
+    """
+    dec = json.JSONDecoder()
+    i = text.index("[") + 1
+    lines, n = [], len(text)
+    while True:
+        while i < n and text[i] in " \t\r\n,":
+            i += 1
+        if i >= n or text[i] == "]":
+            return lines
+        lines.append(text.count("\n", 0, i) + 1)
+        _, i = dec.raw_decode(text, i)
 
 
 def require_str(obj: dict, key: str, path, line, *, prefix: str = "", allow_empty: bool = False) -> str:

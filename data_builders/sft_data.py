@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Iterable
 
 from data_builders.chat_template import ROLES
-from data_builders.jsonl_io import DataError, iter_jsonl, load_json, require_file, require_str
+from data_builders.jsonl_io import DataError, iter_jsonl, json_list_item_lines, load_json, require_file, require_str
 
 FORMATS = ("auto", "messages", "alpaca", "self_instruct")
 
@@ -93,8 +93,8 @@ def detect_format(obj: dict) -> str:
     return "unknown"
 
 
-def _iter_objects(path: Path) -> Iterable[tuple[int, dict]]:
-    """JSONL rows, or the items of a top-level JSON list (Alpaca's ``.json``); line = item's line/index."""
+def iter_rows(path: Path) -> Iterable[tuple[int, dict]]:
+    """``(line, row)``: JSONL rows, or the items of a top-level JSON list (Alpaca's ``.json``) with the line each starts on."""
     head = path.read_bytes()[:64].lstrip()
     if path.suffix == ".json" or head.startswith(b"["):
         data = load_json(path)
@@ -102,10 +102,15 @@ def _iter_objects(path: Path) -> Iterable[tuple[int, dict]]:
             raise DataError(path, None, None, "expected a JSON list of rows")
         if not data:
             raise DataError(path, None, None, "file has no rows")
+        item_lines = json_list_item_lines(path.read_bytes().decode("utf-8"))
         for i, obj in enumerate(data):
             if not isinstance(obj, dict):
-                raise DataError(path, None, f"[{i}]", f"expected an object, got {type(obj).__name__}")
-            yield i, obj  # for a JSON list, 'line' is the 0-based item index (reported as item N)
+                raise DataError(path, f"{item_lines[i]} (item {i})", f"[{i}]",
+                                f"expected an object, got {type(obj).__name__}")
+            # the line on which the item starts; items sharing a line (a one-line JSON file) add their index
+            shared = (i > 0 and item_lines[i - 1] == item_lines[i]) or \
+                     (i + 1 < len(item_lines) and item_lines[i + 1] == item_lines[i])
+            yield (f"{item_lines[i]} (item {i})" if shared else item_lines[i]), obj
     else:
         yield from iter_jsonl(path)
 
@@ -120,10 +125,9 @@ def read_sft_file(path: str, fmt: str = "auto", max_rows: int | None = None, ski
     p = require_file(path, "SFT data file")
     if fmt not in FORMATS:
         raise DataError(p, None, "format", f"unknown format {fmt!r}; expected one of {list(FORMATS)}")
-    is_list = p.suffix == ".json" or p.read_bytes()[:64].lstrip().startswith(b"[")
     rows: list[dict] = []
-    for line, obj in _iter_objects(p):
-        where = f"item {line}" if is_list else line
+    for line, obj in iter_rows(p):
+        where = line
         f = fmt if fmt != "auto" else detect_format(obj)
         if f == "unknown":
             raise DataError(p, where, None, "cannot tell the row format: expected 'messages', "

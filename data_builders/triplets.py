@@ -181,7 +181,7 @@ def _seed_task(obj: dict, path: Path, line: int) -> Task:
 def _detect(obj: dict) -> str:
     if "context" in obj:
         return "bipia"
-    if "data" in obj and "response" in obj:
+    if "data" in obj:  # a seed task (its missing fields are then named by the seed parser)
         return "seed"
     if "instruction" in obj and "output" in obj:
         return "alpaca"
@@ -195,15 +195,14 @@ def read_tasks(path: str, fmt: str = "auto", max_rows: int | None = None, skip_i
     Alpaca rows with an empty ``input`` are skipped (no data part). ``max_rows`` counts returned tasks. Raises
     :class:`DataError` naming file, line and field (with ``skip_invalid``, bad rows go to ``skipped``).
     """
-    from data_builders.sft_data import _iter_objects
+    from data_builders.sft_data import iter_rows
 
     p = require_file(path, "task file")
     if fmt not in TASK_FORMATS:
         raise DataError(p, None, "format", f"unknown task format {fmt!r}; expected one of {list(TASK_FORMATS)}")
-    is_list = p.suffix == ".json" or p.read_bytes()[:64].lstrip().startswith(b"[")
     tasks: list[Task] = []
-    for line, obj in _iter_objects(p):
-        where = f"item {line}" if is_list else line
+    for idx, (line, obj) in enumerate(iter_rows(p)):
+        where = line
         f = fmt if fmt != "auto" else _detect(obj)
         try:
             if f == "bipia":
@@ -211,7 +210,7 @@ def read_tasks(path: str, fmt: str = "auto", max_rows: int | None = None, skip_i
             elif f == "seed":
                 t = _seed_task(obj, p, where)
             elif f == "alpaca":
-                t = _alpaca_task(obj, p, where, line)
+                t = _alpaca_task(obj, p, where, idx)
             else:
                 raise DataError(p, where, None, "cannot tell the task format: expected BIPIA ('context'), seed "
                                                 "('instruction', 'data', 'response') or Alpaca ('instruction', "

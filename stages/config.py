@@ -23,12 +23,18 @@ ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 SECRET_KEY_PARTS = ("token", "api_key", "password", "secret")
 
 
+OVERRIDE = "override"  # the "line" of a value set by a key=value override
+
+
 class ConfigError(ValueError):
     """A bad config value: names the file, the YAML line (when known) and the dotted field."""
 
     def __init__(self, path: str | None, line: int | None, field_name: str | None, message: str):
         self.path, self.line, self.field, self.message = path, line, field_name, message
-        where = f"{path}:{line}" if (path and line) else (path or "<config>")
+        if line == OVERRIDE:
+            where = f"{path or '<config>'} (command-line override)"
+        else:
+            where = f"{path}:{line}" if (path and line) else (path or "<config>")
         what = f"field '{field_name}': " if field_name else ""
         super().__init__(f"{where}: {what}{message}")
 
@@ -395,7 +401,11 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
     for key in _find_secret_keys(data):
         raise ConfigError(str(p), lines.get(key), key,
                           "secrets do not belong in configs; set HF_TOKEN / WANDB_API_KEY in the environment")
-    apply_overrides(data, overrides or [])
+    for key in apply_overrides(data, overrides or []):
+        parts = key.split(".")  # errors in an overridden value (or a section it created) point at the command line
+        for i in range(1, len(parts) + 1):
+            if i == len(parts) or ".".join(parts[:i]) not in lines:
+                lines[".".join(parts[:i])] = OVERRIDE
     cfg = build_dataclass(PipelineConfig, data, "", str(p), lines)
     cfg.source_path, cfg.line_map = str(p), lines
     _check_hardware_claims(cfg, text, p.name)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -70,10 +71,19 @@ def test_file_level_errors(tmp_path):
 
 def test_skip_invalid_counts_bad_rows(tmp_path):
     p = _write(tmp_path, "mixed.json", json.dumps([{"instruction": "a", "output": "b"},
-                                                   {"instruction": "c", "output": ""}]))
+                                                   {"instruction": "c", "output": ""}], indent=1))
     skipped: list = []
     rows = read_sft_file(str(p), skip_invalid=True, skipped=skipped)
-    assert len(rows) == 1 and len(skipped) == 1 and "item 1" in skipped[0]
+    # a bad item of a pretty-printed JSON list is named by the line it starts on (line 6 here)
+    assert len(rows) == 1 and len(skipped) == 1 and "mixed.json:6: field 'output'" in skipped[0]
+
+
+def test_json_list_item_lines():
+    from data_builders.jsonl_io import json_list_item_lines
+
+    text = '[\n {"a": [1,\n 2]},\n\n  {"b": "x]"}, 3 ,\n"s"]'
+    assert json_list_item_lines(text) == [2, 5, 5, 6]
+    assert json_list_item_lines("[]") == []
 
 
 def test_real_sources(shared_data):
@@ -82,4 +92,5 @@ def test_real_sources(shared_data):
     assert all(r["messages"][-1]["role"] == "assistant" for r in rows)
     with pytest.raises(DataError) as ei:  # the real Alpaca subset has an empty output: reported precisely
         read_sft_file(str(shared_data / "sft/alpaca-5000/alpaca_5000.json"))
-    assert ei.value.field == "output" and "item" in str(ei.value.line)
+    # a one-line JSON list: the line alone does not locate the row, so the item index is added
+    assert ei.value.field == "output" and re.fullmatch(r"1 \(item \d+\)", str(ei.value.line))

@@ -1,0 +1,294 @@
+"""The bad-input corpus (``tests/bad_inputs/`` plus generated and config cases) through the pipeline entry point.
+
+Every case runs ``stages.pipeline.main`` in-process on the tiny pipeline config with one input or config value
+replaced. Each must: return exit code 2, print exactly one ``error:`` line that names the file, the line (where
+the input has lines) and the field, load no model (``from_pretrained`` and the stage subprocess are patched to
+fail the test) and leave the run directory byte-for-byte as it was.
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import REPO, write_tiny_pipeline_config
+
+BAD = Path(__file__).parent / "bad_inputs"
+
+
+def _src(name: str, **kw) -> list[dict]:
+    return [dict(path=str(BAD / name), **kw)]
+
+
+def _huge_line(tmp: Path) -> Path:
+    p = tmp / "sft_huge_line.jsonl"
+    p.write_text('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}\n'
+                 + '{"messages": [{"role": "user", "content": "' + "x" * 1_200_000 + '"}]}\n')
+    return p
+
+
+def _sft_as_dir(tmp: Path) -> Path:
+    d = tmp / "sft_dir.jsonl"
+    d.mkdir()
+    return d
+
+
+# (case id, dotted config key, value or callable(tmp) -> path, expected file name, line or None, field or None)
+DATA_CASES = [
+    # SFT sources
+    ("sft_malformed_json", "sft.data", _src("sft_malformed.jsonl"), "sft_malformed.jsonl", 2, None),
+    ("sft_empty_file", "sft.data", _src("sft_empty.jsonl"), "sft_empty.jsonl", None, None),
+    ("sft_unknown_role", "sft.data", _src("sft_bad_role.jsonl"), "sft_bad_role.jsonl", 3, "role"),
+    ("sft_blank_instruction", "sft.data", _src("sft_empty_instruction.jsonl"), "sft_empty_instruction.jsonl", 1,
+     "instruction"),
+    ("sft_alpaca_missing_output", "sft.data", _src("sft_missing_output.json"), "sft_missing_output.json", "1 (item 1)", "output"),
+    ("sft_non_utf8", "sft.data", _src("sft_non_utf8.jsonl"), "sft_non_utf8.jsonl", 2, None),
+    ("sft_wrong_type", "sft.data", _src("sft_wrong_type.jsonl"), "sft_wrong_type.jsonl", 1, "content"),
+    ("sft_missing_file", "sft.data", [{"path": "/nonexistent/sft.jsonl"}], "/nonexistent/sft.jsonl", None, None),
+    ("sft_huge_line", "sft.data", lambda t: [{"path": str(_huge_line(t))}], "sft_huge_line.jsonl", 2, None),
+    ("sft_path_is_folder", "sft.data", lambda t: [{"path": str(_sft_as_dir(t))}], "sft_dir.jsonl", None, None),
+    ("sft_unknown_format", "sft.data", _src("sft_wrong_type.jsonl", format="sharegpt"), "sft_wrong_type.jsonl", None,
+     "format"),
+    # red-team prompt files
+    ("redteam_malformed_json", "dpo.prompts", _src("redteam_malformed.jsonl"), "redteam_malformed.jsonl", 3, None),
+    ("redteam_empty_prompt", "dpo.prompts", _src("redteam_empty_prompt.jsonl"), "redteam_empty_prompt.jsonl", 2,
+     "prompt"),
+    ("redteam_hh_without_human_turn", "dpo.prompts", _src("redteam_hh_no_human.jsonl"), "redteam_hh_no_human.jsonl",
+     1, "chosen"),
+    ("redteam_prompt_not_a_string", "dpo.prompts", _src("redteam_wrong_type.jsonl"), "redteam_wrong_type.jsonl", 1,
+     "prompt"),
+    # constitutions
+    ("constitution_no_principles", "dpo.constitution", str(BAD / "constitution_no_principles.json"),
+     "constitution_no_principles.json", None, "principles"),
+    ("constitution_empty_revision", "dpo.constitution", str(BAD / "constitution_empty_revision.json"),
+     "constitution_empty_revision.json", None, "principles[1].revision"),
+    ("constitution_malformed_json", "dpo.constitution", str(BAD / "constitution_malformed.json"),
+     "constitution_malformed.json", 4, None),
+    ("constitution_swarm_empty_critic", "dpo.constitution", str(BAD / "constitution_swarm_empty_critic.json"),
+     "constitution_swarm_empty_critic.json", None, "critic"),
+    ("constitution_missing", "dpo.constitution", "/nonexistent/constitution.json", "/nonexistent/constitution.json",
+     None, None),
+    # triplet files, task files, attack files
+    ("triplets_malformed_json", "causal.triplets_file", str(BAD / "triplets_malformed.jsonl"),
+     "triplets_malformed.jsonl", 1, None),
+    ("triplets_bad_position", "causal.triplets_file", str(BAD / "triplets_bad_position.jsonl"),
+     "triplets_bad_position.jsonl", 2, "position"),
+    ("triplets_empty_data", "causal.triplets_file", str(BAD / "triplets_empty_data.jsonl"),
+     "triplets_empty_data.jsonl", 1, "data"),
+    ("tasks_missing_response", "causal.tasks", _src("tasks_missing_response.jsonl"), "tasks_missing_response.jsonl",
+     1, "response"),
+    ("attacks_not_a_mapping", "causal.train_attacks", _src("attacks_not_mapping.json"), "attacks_not_mapping.json",
+     None, None),
+    ("attacks_train_eval_overlap", "causal.eval_attacks", _src("attacks_overlap_eval.json"),
+     "attacks_overlap_eval.json", None, "leak"),
+    # injection eval files
+    ("eval_malformed_json", "evaluate.eval_file", str(BAD / "eval_malformed.jsonl"), "eval_malformed.jsonl", 2, None),
+    ("eval_missing_canary", "evaluate.eval_file", str(BAD / "eval_missing_canary.jsonl"), "eval_missing_canary.jsonl",
+     2, "canary"),
+    ("eval_injection_not_a_string", "evaluate.eval_file", str(BAD / "eval_wrong_type.jsonl"), "eval_wrong_type.jsonl",
+     1, "injection"),
+    ("eval_unknown_position", "evaluate.eval_file", str(BAD / "eval_bad_position.jsonl"), "eval_bad_position.jsonl",
+     1, "position"),
+]
+
+# (case id, dotted key, value, field named in the message); the message must name the config file and a line
+CONFIG_CASES = [
+    ("config_unknown_section_key", "sft.trainig", {"max_steps": 1}, "sft.trainig"),
+    ("config_unknown_training_key", "sft.training.learning_rat", 0.1, "learning_rat"),
+    ("config_bf16_on_cpu", "sft.training.bf16", True, "bf16"),
+    ("config_temperature_out_of_range", "causal.loss.temperature", 5.0, "causal.loss.temperature"),
+    ("config_seq_above_model_max", "model.max_seq_length", 100000, "max_seq_length"),
+    ("config_wrong_type", "lora.r", "eight", "lora.r"),
+    ("config_4bit_on_cpu", "model.quantization", "4bit", "model.quantization"),
+    ("config_secret_in_file", "hub.token", "hf_notarealtoken", "token"),
+]
+
+
+def _set(d: dict, dotted: str, value) -> None:
+    node = d
+    *parents, last = dotted.split(".")
+    for p in parents:
+        node = node.setdefault(p, {})
+    node[last] = value
+
+
+def _tree_digest(root: Path) -> dict:
+    return {str(p.relative_to(root)): (hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir")
+            for p in sorted(root.rglob("*"))}
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Any model load or stage subprocess fails the test."""
+    import subprocess
+
+    import transformers
+
+    def boom(*a, **k):
+        raise AssertionError("a model was loaded (or a stage started) for a bad input")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", boom)
+    monkeypatch.setattr(subprocess, "call", boom)
+    monkeypatch.setattr(subprocess, "run", boom)
+
+
+def _base_config(tmp_path: Path, model_dir: Path) -> tuple[dict, Path]:
+    path = write_tiny_pipeline_config(tmp_path, model_dir, name="bad")
+    data = yaml.safe_load(path.read_text())
+    run_dir = tmp_path / "runs" / "bad"
+    run_dir.mkdir(parents=True)  # an earlier run's files: the bad input must not touch them
+    (run_dir / "manifest.json").write_text('{"stages": {"sft": {"status": "done"}}}\n')
+    (run_dir / "sft").mkdir()
+    (run_dir / "sft" / "log_history.json").write_text("[]\n")
+    return data, run_dir
+
+
+def _run_expect_error(cfg_path: Path, run_dir: Path, capsys, extra_args=()) -> str:
+    from stages import pipeline
+
+    before = _tree_digest(run_dir)
+    rc = pipeline.main(["--config", str(cfg_path), *extra_args])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    lines = [x for x in err.splitlines() if x.startswith("error:")]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    assert _tree_digest(run_dir) == before
+    print(lines[0])  # shown with -rP: the corpus's messages side by side
+    return lines[0]
+
+
+@pytest.mark.parametrize("case", DATA_CASES, ids=[c[0] for c in DATA_CASES])
+def test_bad_data_file(case, tiny_model_dir, tmp_path, capsys, no_model_load):
+    _, key, value, fname, line, field = case
+    data, run_dir = _base_config(tmp_path, tiny_model_dir)
+    _set(data, key, value(tmp_path) if callable(value) else value)
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(yaml.safe_dump(data, sort_keys=False))
+    msg = _run_expect_error(cfg, run_dir, capsys)
+    assert fname in msg, msg
+    if line is not None:
+        assert re.escape(fname) and f"{fname}:{line}:" in msg, msg
+    else:
+        assert not re.search(re.escape(fname) + r":\d+:", msg) or field, msg
+    if field is not None:
+        assert f"'{field}'" in msg or f"{field}" in msg, msg
+
+
+@pytest.mark.parametrize("case", CONFIG_CASES, ids=[c[0] for c in CONFIG_CASES])
+def test_bad_config_value(case, tiny_model_dir, tmp_path, capsys, no_model_load):
+    _, key, value, field = case
+    data, run_dir = _base_config(tmp_path, tiny_model_dir)
+    _set(data, key, value)
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(yaml.safe_dump(data, sort_keys=False))
+    msg = _run_expect_error(cfg, run_dir, capsys)
+    assert re.search(r"bad\.yaml:\d+: ", msg), msg  # file and line
+    assert field in msg, msg
+    if key != "hub.token":
+        assert str(value) not in ("hf_notarealtoken",)
+    assert "hf_notarealtoken" not in msg  # a secret is named, never echoed
+
+
+def test_device_memory_contradicted_by_comment(tiny_model_dir, tmp_path, capsys, no_model_load):
+    data, run_dir = _base_config(tmp_path, tiny_model_dir)
+    text = yaml.safe_dump(data, sort_keys=False).replace(
+        "  max_seq_length: 192\n", "  max_seq_length: 192\n  device_memory_gb: 12   # one RTX 4090, 24 GB\n")
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(text)
+    lineno = text.splitlines().index("  device_memory_gb: 12   # one RTX 4090, 24 GB") + 1
+    msg = _run_expect_error(cfg, run_dir, capsys)
+    assert f"bad.yaml:{lineno}:" in msg and "device_memory_gb" in msg and "24" in msg, msg
+
+
+def test_malformed_yaml_names_line(tiny_model_dir, tmp_path, capsys, no_model_load):
+    data, run_dir = _base_config(tmp_path, tiny_model_dir)
+    text = yaml.safe_dump(data, sort_keys=False) + "extra: [unclosed\n"
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(text)
+    msg = _run_expect_error(cfg, run_dir, capsys)
+    assert re.search(r"bad\.yaml:\d+: ", msg), msg
+
+
+def test_override_of_unknown_key_is_rejected(tiny_model_dir, tmp_path, capsys, no_model_load):
+    data, run_dir = _base_config(tmp_path, tiny_model_dir)
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(yaml.safe_dump(data, sort_keys=False))
+    msg = _run_expect_error(cfg, run_dir, capsys, ["dpo.trainig.beta=0.2"])
+    assert "dpo.trainig" in msg, msg
+
+
+def test_missing_config_file(tmp_path, capsys, no_model_load):
+    from stages import pipeline
+
+    rc = pipeline.main(["--config", str(tmp_path / "nope.yaml")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "nope.yaml" in err and "does not exist" in err
+
+
+def test_corpus_covers_every_input_kind():
+    kinds = {c[1].split(".")[0] + ":" + c[1].split(".")[-1] for c in DATA_CASES}
+    assert {"sft:data", "dpo:prompts", "dpo:constitution", "causal:triplets_file", "causal:tasks",
+            "causal:train_attacks", "causal:eval_attacks", "evaluate:eval_file"} <= kinds
+    assert len(DATA_CASES) + len(CONFIG_CASES) + 3 >= 30
+    shipped = {p.name for p in BAD.iterdir()}
+    used = {Path(c[2] if isinstance(c[2], str) else c[2][0]["path"]).name for c in DATA_CASES if not callable(c[2])}
+    assert shipped <= used, f"corpus files no case uses: {shipped - used}"
+
+
+# ------------------------------------------------------------------ disk faults
+def test_output_dir_not_writable_detected_up_front(tiny_model_dir, tmp_path, capsys, no_model_load):
+    from stages import pipeline
+
+    blocker = tmp_path / "not_a_dir"
+    blocker.write_text("a file where the output folder should be\n")
+    cfg = write_tiny_pipeline_config(tmp_path, tiny_model_dir, name="ro")
+    rc = pipeline.main(["--config", str(cfg), "--dry-run", f"output_dir={blocker}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "not writable" in err and str(blocker) in err, err
+    assert blocker.read_text() == "a file where the output folder should be\n"
+
+
+def test_full_disk_detected_up_front(tiny_model_dir, tmp_path, capsys, monkeypatch, no_model_load):
+    import collections
+
+    from stages import pipeline
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10 * 1024 ** 3, 10 * 1024 ** 3 - 1024 ** 2, 1024 ** 2))
+    cfg = write_tiny_pipeline_config(tmp_path, tiny_model_dir, name="full")
+    rc = pipeline.main(["--config", str(cfg), "--dry-run"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "GiB free" in err, err
+
+
+def test_disk_full_mid_run_is_one_clear_error_and_keeps_outputs(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    """ENOSPC while a stage writes: exit 4, one message, the manifest and earlier outputs intact."""
+    import errno
+    import json
+
+    from stages import common, stage0_sft
+
+    cfg = write_tiny_pipeline_config(tmp_path, tiny_model_dir, name="enospc")
+    run_dir = tmp_path / "runs" / "enospc"
+    run_dir.mkdir(parents=True)
+    earlier = run_dir / "data" / "pairs.jsonl"
+    earlier.parent.mkdir()
+    earlier.write_text('{"id": "x"}\n')
+
+    def full_disk(cfg):
+        raise OSError(errno.ENOSPC, "No space left on device", str(run_dir / "sft" / "adapter"))
+
+    monkeypatch.setattr(stage0_sft, "run", full_disk)
+    rc = common.run_stage_main(stage0_sft, "sft", ["--config", str(cfg)])
+    err = capsys.readouterr().err
+    lines = [x for x in err.splitlines() if x.startswith("error:")]
+    assert rc == 4 and len(lines) == 1 and "No space left" in lines[0] and "rerun" in lines[0], err
+    assert earlier.read_text() == '{"id": "x"}\n'
+    m = json.loads((run_dir / "manifest.json").read_text())
+    assert m["stages"]["sft"]["status"] == "failed"
+    assert REPO.exists()
