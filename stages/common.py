@@ -138,6 +138,24 @@ def save_adapter(model, tokenizer, out_dir: str | Path, extra_files: dict | None
     return Path(out_dir)
 
 
+def clear_resume_state(paths) -> None:
+    """Make a stage start fresh: delete its checkpoint folders, keep its generated records as ``*.superseded``.
+
+    Called when the stage's last attempt did not stop part-way with the same config and inputs (first run,
+    a finished stage rerun alone, ``--from-stage``/``--force``, or a changed config or input): resuming from
+    those checkpoints or records would silently reuse work done under other settings.
+    """
+    import shutil
+
+    for p in map(Path, paths):
+        if p.is_dir():
+            log.info("starting fresh: removing %s", p)
+            shutil.rmtree(p)
+        elif p.is_file():
+            log.info("starting fresh: keeping the previous %s as %s.superseded", p.name, p.name)
+            os.replace(p, p.with_name(p.name + ".superseded"))
+
+
 DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES}
 
 
@@ -175,7 +193,10 @@ def run_stage_main(stage_module, description: str, argv=None) -> int:
     manifest = Manifest(cfg.run_dir)
     name = stage_module.STAGE
     inputs = {k: path_sha256(v) for k, v in stage_module.input_paths(cfg).items()}
-    manifest.start(name, cfg.config_hash(name), inputs)
+    resume_hash = cfg.config_hash(name, for_resume=True)
+    if not manifest.should_resume(name, resume_hash, inputs):
+        clear_resume_state(getattr(stage_module, "resume_state", lambda c: [])(cfg))
+    manifest.start(name, cfg.config_hash(name), inputs, resume_hash)
     t0 = time.time()
     try:
         result = stage_module.run(cfg)

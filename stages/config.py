@@ -23,6 +23,10 @@ ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 SECRET_KEY_PARTS = ("token", "api_key", "password", "secret")
 
 
+# training keys that may change when an interrupted stage resumes from its checkpoint (see config_hash)
+RESUME_SAFE_TRAINING_KEYS = ("max_steps", "num_train_epochs", "save_steps", "save_total_limit", "logging_steps",
+                             "eval_steps", "report_to", "run_name", "dataloader_num_workers", "disable_tqdm")
+
 OVERRIDE = "override"  # the "line" of a value set by a key=value override
 
 
@@ -261,11 +265,27 @@ class PipelineConfig:
         d.pop("line_map", None)
         return d
 
-    def config_hash(self, section: str | None = None) -> str:
-        """sha256 of the config (or of one section plus model/lora), for the manifest."""
+    def config_hash(self, section: str | None = None, *, for_resume: bool = False) -> str:
+        """sha256 of the config (or of one section plus model/lora), for the manifest.
+
+        ``for_resume`` leaves out the training keys that may change between an interrupted attempt and its
+        resumption without invalidating the checkpoint (:data:`RESUME_SAFE_TRAINING_KEYS`: train longer, save or
+        log more often), plus logging and hub settings.
+        """
         d = self.to_dict()
         if section:
             d = {k: d[k] for k in ("model", "lora", "seed", section) if k in d}
+        if for_resume:
+            d = json.loads(json.dumps(d, default=str))
+            sec = d.get(section) if section else None
+            for s in ([sec] if sec is not None else [v for v in d.values() if isinstance(v, dict)]):
+                if isinstance(s, dict) and isinstance(s.get("training"), dict):
+                    for k in RESUME_SAFE_TRAINING_KEYS:
+                        s["training"].pop(k, None)
+                if isinstance(s, dict):
+                    s.pop("hub_model_id", None)
+            d.pop("logging", None)
+            d.pop("hub", None)
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()
 
 

@@ -135,8 +135,8 @@ def run_pipeline(args) -> int:
         if i < redo_from and manifest.is_done(name, cfg.config_hash(name), inputs):
             print(f"[{name}] done with the same config and inputs: skipped", flush=True)
             continue
-        if i >= redo_from:
-            manifest.update(name, status="pending")
+        if i >= redo_from:  # the stage starts fresh: no checkpoint or record of an earlier attempt is reused
+            manifest.update(name, status="pending", redo=True)
         script = ROOT / (STAGE_MODULES[name].replace(".", "/") + ".py")
         cmd = launcher + [str(script), "--config", str(args.config), *args.overrides]
         print(f"[{name}] running: {' '.join(shlex.quote(c) for c in cmd)}", flush=True)

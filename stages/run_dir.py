@@ -106,9 +106,9 @@ class Manifest:
     def entry(self, stage: str) -> dict:
         return self.read()["stages"].get(stage, {"status": "pending"})
 
-    def start(self, stage: str, config_hash: str, input_hashes: dict) -> None:
-        self.update(stage, status="running", config_hash=config_hash, input_hashes=input_hashes,
-                    started=now(), finished=None, error=None, pid=os.getpid())
+    def start(self, stage: str, config_hash: str, input_hashes: dict, resume_hash: str | None = None) -> None:
+        self.update(stage, status="running", config_hash=config_hash, resume_hash=resume_hash or config_hash,
+                    input_hashes=input_hashes, started=now(), finished=None, error=None, pid=os.getpid(), redo=False)
 
     def finish(self, stage: str, outputs: dict, metrics: dict | None = None, seconds: float | None = None) -> None:
         self.update(stage, status="done", outputs=outputs, metrics=metrics or {}, finished=now(), seconds=seconds,
@@ -118,8 +118,18 @@ class Manifest:
         self.update(stage, status="failed", error=error[-2000:], finished=now(), pid=None)
 
     def is_done(self, stage: str, config_hash: str, input_hashes: dict) -> bool:
-        """True if the stage finished with this config and these inputs and its outputs still exist."""
+        """True if the stage finished with this config and these inputs and its local outputs still exist."""
         e = self.entry(stage)
         if e.get("status") != "done" or e.get("config_hash") != config_hash or e.get("input_hashes") != input_hashes:
             return False
-        return all(Path(p).exists() for p in (e.get("outputs") or {}).values() if isinstance(p, str))
+        return all(Path(p).exists() for k, p in (e.get("outputs") or {}).items()
+                   if isinstance(p, str) and not k.startswith("hub") and Path(p).is_absolute())
+
+    def should_resume(self, stage: str, resume_hash: str, input_hashes: dict) -> bool:
+        """True if the last attempt of ``stage`` was interrupted (running or failed, not marked for redo) with this
+        config (``PipelineConfig.config_hash(stage, for_resume=True)``: max_steps, save and logging intervals may
+        differ) and these inputs: its checkpoints and records may then be reused. Otherwise the stage starts fresh
+        (see ``stages.common.run_stage_main``)."""
+        e = self.entry(stage)
+        return (e.get("status") in ("running", "failed") and not e.get("redo")
+                and e.get("resume_hash") == resume_hash and e.get("input_hashes") == input_hashes)

@@ -24,6 +24,11 @@ def input_paths(cfg: PipelineConfig) -> dict[str, str]:
     return {f"data{i}": s["path"] for i, s in enumerate(cfg.sft.data)}
 
 
+def resume_state(cfg: PipelineConfig) -> list:
+    """What an interrupted run resumes from (cleared when the stage starts fresh)."""
+    return [cfg.run_dir / "sft" / "checkpoints"]
+
+
 def validate(cfg: PipelineConfig) -> list[dict]:
     """Parse every SFT source and the training args; raises DataError/ConfigError before any model load."""
     from trl import SFTConfig

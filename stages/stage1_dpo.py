@@ -60,6 +60,18 @@ def input_paths(cfg: PipelineConfig) -> dict[str, str]:
     return out
 
 
+def resume_state(cfg: PipelineConfig) -> list:
+    """What an interrupted run resumes from: DPO checkpoints and the append-only generated pairs (with their
+    rejected-pairs and stats side files); cleared (pairs kept as ``*.superseded``) when the stage starts fresh."""
+    from data_builders.critique_rewrite import default_side_paths
+
+    paths = [cfg.run_dir / "dpo" / "checkpoints"]
+    if not cfg.dpo.pairs_file:
+        pairs = cfg.run_dir / "data" / "pairs.jsonl"
+        paths += [pairs, *default_side_paths(pairs)]
+    return paths
+
+
 def split_held_out(prompts: list[dict], n: int, seed: int) -> tuple[list[dict], list[dict]]:
     """``(train, held_out)``: the ``n`` prompts with the smallest sha256(``seed:id``) are held out.
 

@@ -41,6 +41,12 @@ def input_paths(cfg: PipelineConfig) -> dict[str, str]:
     return paths
 
 
+def resume_state(cfg: PipelineConfig) -> list:
+    """What an interrupted run resumes from (triplets are rebuilt deterministically each run; the token cache is
+    fingerprinted, so neither needs clearing)."""
+    return [cfg.run_dir / "causal" / "checkpoints"]
+
+
 def _src(s) -> dict:
     return {"path": s} if isinstance(s, str) else s
 

@@ -105,13 +105,25 @@ def test_sigterm_saves_checkpoint_and_rerun_resumes(tiny_model_dir, tmp_path):
     assert 0 < step < 400
     manifest = json.loads((tmp_path / "runs" / "tiny" / "manifest.json").read_text())
     assert manifest["stages"]["sft"]["status"] == "failed"
-    # rerun with a reachable max_steps: resumes from the checkpoint (global step continues) and finishes
+    # rerun with a reachable max_steps (a resume-safe change): resumes from the checkpoint and finishes
     cfg.write_text(text.replace("    max_steps: 400\n", f"    max_steps: {step + 2}\n", 1))
     r = subprocess.run([sys.executable, str(REPO / "stages/stage0_sft.py"), "--config", str(cfg)], cwd=REPO,
                        env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"resuming SFT from {ckpts[0]}" in r.stderr
     hist = json.loads((tmp_path / "runs" / "tiny" / "sft" / "log_history.json").read_text())
-    assert max(h.get("step", 0) for h in hist) == step + 2
+    steps = [h["step"] for h in hist if "loss" in h]
+    assert steps == list(range(1, step + 3))  # 1..k restored from the checkpoint, k+1, k+2 trained after it
+    # a change that is not resume-safe (learning rate) starts fresh: the old checkpoints are removed
+    cfg.write_text(text.replace("    max_steps: 400\n", "    max_steps: 2\n", 1).replace(
+        "    learning_rate: 1.0e-3\n", "    learning_rate: 5.0e-4\n", 1))
+    from stages.run_dir import Manifest
+
+    Manifest(tmp_path / "runs" / "tiny").update("sft", status="failed")  # as if the finished run had been killed
+    r = subprocess.run([sys.executable, str(REPO / "stages/stage0_sft.py"), "--config", str(cfg)], cwd=REPO,
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "resuming SFT" not in r.stderr, r.stderr[-3000:]
+    hist = json.loads((tmp_path / "runs" / "tiny" / "sft" / "log_history.json").read_text())
+    assert [h["step"] for h in hist if "loss" in h] == [1, 2]
     manifest = json.loads((tmp_path / "runs" / "tiny" / "manifest.json").read_text())
     assert manifest["stages"]["sft"]["status"] == "done"
