@@ -122,6 +122,8 @@ dpo:
   generation:
     batch_size: 4
     max_new_tokens: 6
+    drop_truncated: false     # a random tiny model never stops by itself within 6 tokens
+    min_revision_words: 1
   training:
     max_steps: 3
     per_device_train_batch_size: 2
