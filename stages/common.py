@@ -97,16 +97,22 @@ def report_to_env(cfg: PipelineConfig, stage: str) -> None:
 
 
 def last_checkpoint(folder: str | Path) -> str | None:
-    """Newest complete ``checkpoint-N`` folder in ``folder`` (transformers' rule), or None."""
-    from transformers.trainer_utils import get_last_checkpoint
+    """Newest complete ``checkpoint-N`` folder in ``folder``, or None.
+
+    Complete = it holds ``trainer_state.json`` (the Trainer writes it last); a checkpoint cut off mid-save is
+    skipped in favour of the previous complete one, so a kill during a save never costs earlier steps.
+    """
+    import re
 
     folder = Path(folder)
     if not folder.is_dir():
         return None
-    ckpt = get_last_checkpoint(str(folder))
-    if ckpt and not (Path(ckpt) / "trainer_state.json").exists():  # killed mid-save: not a finished checkpoint
-        return None
-    return ckpt
+    ckpts = [(int(m.group(1)), p) for p in folder.iterdir()
+             if p.is_dir() and (m := re.fullmatch(r"checkpoint-(\d+)", p.name))]
+    for _, p in sorted(ckpts, reverse=True):
+        if (p / "trainer_state.json").exists():
+            return str(p)
+    return None
 
 
 def standard_callbacks(cfg: PipelineConfig) -> list:
@@ -156,7 +162,21 @@ def clear_resume_state(paths) -> None:
             os.replace(p, p.with_name(p.name + ".superseded"))
 
 
-DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES}
+DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
+DISK_MESSAGES = ("No space left on device", "Disk quota exceeded", "Read-only file system", "file size limit")
+
+
+def is_disk_error(e: BaseException) -> bool:
+    """A full disk or read-only output, as an ``OSError`` or as the message of a library's own error
+    (safetensors' ``SafetensorError``, torch's ``RuntimeError`` from a failed save), anywhere in the chain."""
+    seen = 0
+    while e is not None and seen < 10:
+        if isinstance(e, OSError) and e.errno in DISK_ERRNOS:
+            return True
+        if any(m.lower() in str(e).lower() for m in DISK_MESSAGES):
+            return True
+        e, seen = (e.__cause__ or e.__context__), seen + 1
+    return False
 
 
 def _record_failure(manifest, name: str, e) -> None:
@@ -203,16 +223,16 @@ def run_stage_main(stage_module, description: str, argv=None) -> int:
     except SystemExit as e:
         _record_failure(manifest, name, f"exited with {e.code}")
         raise
-    except OSError as e:
-        if e.errno not in DISK_ERRNOS:
+    except Exception as e:
+        if not is_disk_error(e):
             _record_failure(manifest, name, e)
             raise
         # a full disk or a read-only folder mid-run: one clear line; whatever was written before is intact
         # (every output is written atomically), so the same command resumes once space is freed
         _record_failure(manifest, name, e)
-        print(f"error: {name}: cannot write {e.filename or 'output'}: {e.strerror or e} (errno "
-              f"{errno.errorcode.get(e.errno, e.errno)}); earlier outputs are intact, free space or fix "
-              "permissions and rerun the same command to resume", file=sys.stderr)
+        what = getattr(e, "filename", None) or "output"
+        print(f"error: {name}: cannot write {what}: {getattr(e, 'strerror', None) or e}; earlier outputs are "
+              "intact, free space or fix permissions and rerun the same command to resume", file=sys.stderr)
         return 4
     except BaseException as e:
         _record_failure(manifest, name, e)

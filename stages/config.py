@@ -426,6 +426,9 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
         for i in range(1, len(parts) + 1):
             if i == len(parts) or ".".join(parts[:i]) not in lines:
                 lines[".".join(parts[:i])] = OVERRIDE
+    for key in _find_secret_keys(data):  # also a secret given as a key=value override
+        raise ConfigError(str(p), lines.get(key), key,
+                          "secrets do not belong in configs; set HF_TOKEN / WANDB_API_KEY in the environment")
     cfg = build_dataclass(PipelineConfig, data, "", str(p), lines)
     cfg.source_path, cfg.line_map = str(p), lines
     _check_hardware_claims(cfg, text, p.name)

@@ -210,8 +210,8 @@ def run(cfg: PipelineConfig) -> dict:
     from transformers import TrainingArguments
 
     from data_builders.token_cache import TripletCollator, build_token_cache
-    from stages.common import (build_training_args, last_checkpoint, log, raise_if_terminated, report_to_env,
-                               save_adapter, seed_everything)
+    from stages.common import (build_training_args, last_checkpoint, log, maybe_push, raise_if_terminated,
+                               report_to_env, save_adapter, seed_everything)
     from stages.models import (is_complete_model_dir, load_model, load_tokenizer, lora_config, merge_adapter,
                                pick_device)
     from trainers.callbacks import LossGuardCallback, SigtermCheckpointCallback
@@ -296,15 +296,11 @@ def run(cfg: PipelineConfig) -> dict:
     for key in ("causal_stability", "spurious_similarity", "causal_discrimination"):
         if key in fl:
             metrics[f"first_{key}"], metrics[f"last_{key}"] = fl[key]
-    if cfg.hub.push_to_hub or cfg.hub.push_dry_run:
-        from stages.hub import push_stage_adapter
-
-        push_stage_adapter(cfg, "causal", adapter_dir, metrics, extra_files=[adapter_dir / HEAD_WEIGHTS,
-                                                                             adapter_dir / HEAD_CONFIG])
+    hub = maybe_push(cfg, STAGE, adapter_dir, metrics, extra_files=[adapter_dir / HEAD_WEIGHTS, adapter_dir / HEAD_CONFIG])
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
     return {"outputs": {"triplets": str(triplets_path), "adapter": str(adapter_dir), "merged": str(out / "merged"),
                         "head": str(adapter_dir / HEAD_WEIGHTS), "log_history": str(out / "log_history.json"),
-                        "curves": str(png)}, "metrics": metrics}
+                        "curves": str(png), **hub}, "metrics": metrics}
 
 
 def main(argv=None) -> int:

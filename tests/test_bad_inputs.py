@@ -222,6 +222,15 @@ def test_override_of_unknown_key_is_rejected(tiny_model_dir, tmp_path, capsys, n
     assert "dpo.trainig" in msg, msg
 
 
+def test_secret_given_as_override_is_rejected(tiny_model_dir, tmp_path, capsys, no_model_load):
+    data, run_dir = _base_config(tmp_path, tiny_model_dir)
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(yaml.safe_dump(data, sort_keys=False))
+    msg = _run_expect_error(cfg, run_dir, capsys, ["sft.training.hub_token=hf_planted_override_secret"])
+    assert "sft.training.hub_token" in msg and "command-line override" in msg
+    assert "hf_planted_override_secret" not in msg
+
+
 def test_missing_config_file(tmp_path, capsys, no_model_load):
     from stages import pipeline
 
@@ -292,3 +301,23 @@ def test_disk_full_mid_run_is_one_clear_error_and_keeps_outputs(tiny_model_dir, 
     m = json.loads((run_dir / "manifest.json").read_text())
     assert m["stages"]["sft"]["status"] == "failed"
     assert REPO.exists()
+
+
+def test_disk_full_inside_a_library_save_is_recognised():
+    """safetensors and torch report a full disk in their own exception types: still a disk error (exit 4)."""
+    import errno
+
+    from stages.common import is_disk_error
+
+    assert is_disk_error(OSError(errno.ENOSPC, "No space left on device"))
+    assert is_disk_error(RuntimeError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, "
+                                      "message: \"No space left on device\" })"))
+    try:
+        try:
+            raise OSError(errno.EDQUOT, "Disk quota exceeded")
+        except OSError as inner:
+            raise ValueError("save failed") from inner
+    except ValueError as outer:
+        assert is_disk_error(outer)
+    assert not is_disk_error(ValueError("loss is nan"))
+    assert not is_disk_error(OSError(errno.ENOENT, "No such file or directory"))

@@ -294,3 +294,24 @@ def test_stage_run_end_to_end_tiny(tmp_path, tiny_model_dir):
     hist = json.loads((out / "log_history.json").read_text())
     assert any(k.startswith("rewards/margin/") for h in hist for k in h)
     assert res["metrics"]["steps"] == 2 and set(res["outputs"]) >= {"pairs", "adapter", "merged", "assessment"}
+
+
+def test_nan_dpo_loss_stops_training(tiny_model_dir, tmp_path):
+    """A NaN loss must stop DPO (the Trainer's logging_nan_inf_filter would otherwise log the running mean)."""
+    from transformers import TrainerCallback
+
+    from trainers.callbacks import NonFiniteLossError
+
+    trainer = _trainer(tiny_model_dir, tmp_path, _pairs(8), max_steps=4)
+    lm_head = trainer.model.get_base_model().lm_head
+
+    class Poison(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == 1:
+                with torch.no_grad():
+                    lm_head.weight.fill_(float("nan"))
+
+    trainer.add_callback(Poison())
+    with pytest.raises(NonFiniteLossError, match="non-finite DPO loss"):
+        trainer.train()
+    assert trainer.state.global_step == 1

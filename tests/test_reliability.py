@@ -127,3 +127,17 @@ def test_sigterm_saves_checkpoint_and_rerun_resumes(tiny_model_dir, tmp_path):
     assert [h["step"] for h in hist if "loss" in h] == [1, 2]
     manifest = json.loads((tmp_path / "runs" / "tiny" / "manifest.json").read_text())
     assert manifest["stages"]["sft"]["status"] == "done"
+
+
+def test_last_checkpoint_skips_a_checkpoint_cut_off_mid_save(tmp_path):
+    from stages.common import last_checkpoint
+
+    assert last_checkpoint(tmp_path / "none") is None
+    for step, complete in ((2, True), (4, True), (10, False), (6, False)):
+        d = tmp_path / f"checkpoint-{step}"
+        d.mkdir()
+        (d / "adapter_model.safetensors").write_bytes(b"x")
+        if complete:
+            (d / "trainer_state.json").write_text("{}")
+    (tmp_path / "checkpoint-x").mkdir()  # not a step folder
+    assert last_checkpoint(tmp_path) == str(tmp_path / "checkpoint-4")  # 10 and 6 were cut off, 4 is whole
