@@ -138,10 +138,23 @@ def _wait_for_stage(proc, run_dir: Path, stage: str, timeout=600) -> bool:
     raise TimeoutError(stage)
 
 
+def _wait_group_gone(pgid: int, timeout=300) -> None:
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    os.killpg(pgid, signal.SIGKILL)
+    raise TimeoutError(f"process group {pgid} still alive {timeout} s after the signal")
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("seed", [0, 1])
-def test_sigkill_in_each_stage_then_rerun(tiny_model_dir, tmp_path, seed):
-    """SIGKILL the whole pipeline (process group) inside each stage in turn; every rerun completes, finished
+@pytest.mark.parametrize("seed,sig", [(0, signal.SIGKILL), (1, signal.SIGTERM), (2, signal.SIGKILL)])
+def test_kill_in_each_stage_then_rerun(tiny_model_dir, tmp_path, seed, sig):
+    """SIGKILL or SIGTERM the whole pipeline (process group) inside each stage in turn, at a seeded random moment
+    (loading, generation, training, merging, evaluation or a manifest write); every rerun completes, finished
     stages are not redone, records are neither lost nor duplicated, the manifest always parses."""
     rng = random.Random(seed)
     cfg = write_tiny_pipeline_config(tmp_path, tiny_model_dir, name="kill")
@@ -155,9 +168,10 @@ def test_sigkill_in_each_stage_then_rerun(tiny_model_dir, tmp_path, seed):
         try:
             assert _wait_for_stage(proc, run_dir, stage), f"pipeline ended before {stage} started"
             time.sleep(rng.uniform(0.5, 6.0))  # somewhere in loading, generation, training, merge or writing
-            os.killpg(proc.pid, signal.SIGKILL)
+            os.killpg(proc.pid, sig)
         finally:
             proc.wait()
+            _wait_group_gone(proc.pid)  # a SIGTERMed stage saves its checkpoint before it exits
         m = _manifest(run_dir)  # parses: never half-written
         killed_in.append((stage, m[stage]["status"]))
         for s in STAGES[:i]:  # stages before the killed one are untouched
