@@ -111,7 +111,7 @@ def build_token_cache(triplets_path: str | Path, tokenizer, max_length: int, cac
     ds = ds.map(_MapFn(tokenizer, max_length), new_fingerprint=fp[:32], cache_file_name=str(cache_file),
                 load_from_cache_file=True, remove_columns=[c for c in ds.column_names if c not in keep_cols],
                 desc="tokenizing triplets")
-    fits = ds["fits"]
+    fits = ds["fits"][:]  # one Arrow read; iterating the lazy Column formats row by row (~40 µs a row)
     kept = [i for i, f in enumerate(fits) if f]
     info = CacheInfo(fingerprint=fp, cache_file=str(cache_file), from_cache=from_cache, n_total=len(rows),
                      n_kept=len(kept), n_too_long=len(rows) - len(kept))
