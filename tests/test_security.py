@@ -68,11 +68,14 @@ def _grep_tree(root: Path, needles: list[str]) -> list[str]:
 
 
 def test_tokens_never_written_and_offline_push_fails_fast(tiny_model_dir, tmp_path):
-    """A real SFT stage run with planted tokens: push fails fast offline, artifacts saved, no token anywhere."""
+    """A real SFT stage run with planted tokens, logging to W&B (offline) and TensorBoard: push fails fast
+    offline, artifacts saved, no token in any file the run writes (W&B's offline run and config included)."""
     cfg = write_tiny_pipeline_config(tmp_path, tiny_model_dir, extra="hub:\n  push_to_hub: true\n"
-                                                                     "logging:\n  report_to: [tensorboard]\n")
+                                                                     "logging:\n  report_to: [wandb, tensorboard]\n")
     cfg.write_text(cfg.read_text().replace("sft:\n", "sft:\n  hub_model_id: someone/tiny-sft\n", 1))
-    env = dict(os.environ, HF_TOKEN=PLANTED_HF, WANDB_API_KEY=PLANTED_WANDB, HF_HUB_OFFLINE="1")
+    env = dict(os.environ, HF_TOKEN=PLANTED_HF, WANDB_API_KEY=PLANTED_WANDB, HF_HUB_OFFLINE="1", WANDB_MODE="offline")
+    for k in ("WANDB_DIR", "WANDB_PROJECT", "WANDB_RUN_GROUP", "WANDB_NAME"):
+        env.pop(k, None)
     r = subprocess.run([sys.executable, str(REPO / "stages/stage0_sft.py"), "--config", str(cfg)], cwd=REPO,
                        env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 3, r.stderr[-3000:]
@@ -86,6 +89,11 @@ def test_tokens_never_written_and_offline_push_fails_fast(tiny_model_dir, tmp_pa
     assert not list(run.rglob("*.bin")) and not list(run.rglob("*.pt")) or all(
         "optimizer.pt" in str(p) or "scheduler.pt" in str(p) or "rng_state" in str(p) or "training_args.bin" in str(p)
         for p in list(run.rglob("*.bin")) + list(run.rglob("*.pt")))
+    wandb_runs = list((run / "wandb").glob("offline-run-*"))
+    assert len(wandb_runs) == 1, "one offline W&B run per stage, under the run directory"
+    records = next(wandb_runs[0].glob("run-*.wandb")).read_bytes()  # the offline run: config, name, history
+    assert b"learning_rate" in records and b"tiny-sft" in records  # run named <run_name>-<stage>
+    assert list(run.rglob("events.out.tfevents.*")), "TensorBoard events written too"
     assert not _grep_tree(run, [PLANTED_HF, PLANTED_WANDB])
     assert PLANTED_HF not in r.stdout + r.stderr and PLANTED_WANDB not in r.stdout + r.stderr
 
