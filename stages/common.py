@@ -87,6 +87,41 @@ def build_training_args(cls, cfg: PipelineConfig, section: str, output_dir: str 
     return args
 
 
+def process_state(cfg: PipelineConfig):
+    """accelerate's ``PartialState`` (a singleton) for this launch: rank, world size and the barrier.
+
+    ``cpu`` follows the config as in :func:`build_training_args` (``use_cpu``), so on a CPU-only or ``device: cpu``
+    multi-process launch the state is ``MULTI_CPU`` over gloo (with ``cpu=False`` on a machine without CUDA every
+    rank would call itself process 0). When the stage's ``TrainingArguments`` already created the state (and the
+    process group, with ``<stage>.training.ddp_timeout``), that state is returned unchanged. On one process:
+    ``is_main_process`` is True, ``num_processes`` is 1, ``wait_for_everyone()`` returns at once and
+    ``main_process_first()`` just runs its block; no process group is created.
+    """
+    from accelerate import PartialState
+
+    return PartialState(cpu=not on_cuda(cfg))
+
+
+def main_process_only(cfg: PipelineConfig, what: str) -> bool:
+    """Gate for work that is not distributed (evaluation): True on the process that should do it.
+
+    On one process: True at once. Under a multi-process launch every process meets at a barrier, then only the
+    main process goes on (True); the others log that they leave the work to it and get False (they should exit 0
+    and must not meet the main process at any later barrier).
+    """
+    state = process_state(cfg)
+    if state.num_processes <= 1:
+        return True
+    state.wait_for_everyone()
+    if state.is_main_process:
+        log.info("%s is not distributed: the main process runs it alone (%d launched processes; the others exit)",
+                 what, state.num_processes)
+        return True
+    log.info("%s is not distributed: process %d of %d exits, the main process runs it", what, state.process_index,
+             state.num_processes)
+    return False
+
+
 def report_to_env(cfg: PipelineConfig, stage: str) -> None:
     """Set W&B project/group/run names from the config (each stage one run, in one group per pipeline run)."""
     if "wandb" in cfg.logging.report_to:
@@ -195,6 +230,13 @@ def run_stage_main(stage_module, description: str, argv=None) -> int:
     Exit codes: 0 done, 2 bad input or config, 1 failure during the run, 3 done but the Hub push failed
     (local artifacts saved), 4 disk full or output not writable mid-run (earlier outputs intact), 143 stopped
     by SIGTERM.
+
+    Several processes (``accelerate launch``/``torchrun``): every process parses and validates; only the main
+    process (accelerate's ``PartialState``, created after ``validate``, which for the training stages has already
+    set it up through ``TrainingArguments``) clears the resume state and writes the manifest (start, finish,
+    failure); the others wait at a barrier until it has, then every process runs the stage (the stage itself keeps
+    its file writes to the main process). A module with ``MAIN_PROCESS_ONLY = True`` (evaluation) runs on the main
+    process alone: the others exit 0 after the barrier (:func:`main_process_only`).
     """
     import time
 
@@ -210,33 +252,48 @@ def run_stage_main(stage_module, description: str, argv=None) -> int:
     except (DataError, ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    manifest = Manifest(cfg.run_dir)
     name = stage_module.STAGE
-    inputs = {k: path_sha256(v) for k, v in stage_module.input_paths(cfg).items()}
-    resume_hash = cfg.config_hash(name, for_resume=True)
-    if not manifest.should_resume(name, resume_hash, inputs):
-        clear_resume_state(getattr(stage_module, "resume_state", lambda c: [])(cfg))
-    manifest.start(name, cfg.config_hash(name), inputs, resume_hash)
+    alone = getattr(stage_module, "MAIN_PROCESS_ONLY", False)
+    if alone and not main_process_only(cfg, f"stage {name}"):
+        return 0
+    state = process_state(cfg)
+    main = state.is_main_process
+    manifest = Manifest(cfg.run_dir) if main else None  # written by the main process only
+    if main:
+        inputs = {k: path_sha256(v) for k, v in stage_module.input_paths(cfg).items()}
+        resume_hash = cfg.config_hash(name, for_resume=True)
+        if not manifest.should_resume(name, resume_hash, inputs):
+            clear_resume_state(getattr(stage_module, "resume_state", lambda c: [])(cfg))
+        manifest.start(name, cfg.config_hash(name), inputs, resume_hash)
+    if not alone:  # the others start once checkpoints are cleared (or kept for resuming)
+        state.wait_for_everyone()
+
+    def record_failure(e) -> None:
+        if main:
+            _record_failure(manifest, name, e)
+
     t0 = time.time()
     try:
         result = stage_module.run(cfg)
     except SystemExit as e:
-        _record_failure(manifest, name, f"exited with {e.code}")
+        record_failure(f"exited with {e.code}")
         raise
     except Exception as e:
         if not is_disk_error(e):
-            _record_failure(manifest, name, e)
+            record_failure(e)
             raise
         # a full disk or a read-only folder mid-run: one clear line; whatever was written before is intact
         # (every output is written atomically), so the same command resumes once space is freed
-        _record_failure(manifest, name, e)
+        record_failure(e)
         what = getattr(e, "filename", None) or "output"
         print(f"error: {name}: cannot write {what}: {getattr(e, 'strerror', None) or e}; earlier outputs are "
               "intact, free space or fix permissions and rerun the same command to resume", file=sys.stderr)
         return 4
     except BaseException as e:
-        _record_failure(manifest, name, e)
+        record_failure(e)
         raise
+    if not main:
+        return 0
     manifest.finish(name, result.get("outputs", {}), result.get("metrics", {}), seconds=round(time.time() - t0, 1))
     hub_error = result.get("outputs", {}).get("hub_error")
     if hub_error:

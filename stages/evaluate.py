@@ -12,6 +12,10 @@ verification (:mod:`evaluation.verification`) → ``metrics.json``, ``report.md`
 folder); ``embedded:<name>`` is accepted as a path. Without ``--model`` (and without ``--output``) it runs as the
 pipeline stage: models ``base`` (the configured model), ``sft``, ``dpo``, ``causal`` (``<run_dir>/<label>/merged``)
 that exist and are listed in ``evaluate.models``, output ``<run_dir>/eval/``, recorded in the manifest.
+
+Evaluation is not distributed: started with several processes (``accelerate launch``, ``torchrun``, the pipeline's
+``--launcher``), every process parses and validates, they meet at a barrier, then the main process evaluates alone
+and the others exit 0 (each logs a line saying so).
 """
 from __future__ import annotations
 
@@ -31,6 +35,7 @@ from data_builders.jsonl_io import DataError, append_jsonl, atomic_write_json, r
 from stages.config import CausalHeadSection, ConfigError, PipelineConfig, sub_section  # noqa: E402
 
 STAGE = "evaluate"
+MAIN_PROCESS_ONLY = True  # stages.common.run_stage_main: under several processes only the main one evaluates
 ROOT = Path(__file__).resolve().parents[1]
 PIPELINE_LABELS = ("base", "sft", "dpo", "causal")
 log = logging.getLogger("staged_alignment.evaluate")
@@ -484,6 +489,10 @@ def main(argv=None) -> int:
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    from stages.common import main_process_only
+
+    if not main_process_only(cfg, "evaluation"):
+        return 0
     if not models:
         models = pipeline_models(cfg)
     out = Path(args.output) if args.output else cfg.run_dir / "eval"

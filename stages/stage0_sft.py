@@ -3,6 +3,10 @@
 Recipe: parse config → validate data (no model yet) → load base → sample before → SFT with LoRA on all seven
 projections → save adapter → merge into a 16-bit copy (``sft/merged``) → sample after, from the merged model.
 
+Several processes: every process trains (the Trainer shards the data, DDP all-reduces the gradients); the samples,
+``log_history.json``, the adapter, the merge and the Hub push are the main process's alone (the others wait for its
+"before" samples at a barrier and end after training).
+
     accelerate launch --config_file accelerate_config.yaml stages/stage0_sft.py --config C [key=value …]
 """
 from __future__ import annotations
@@ -56,8 +60,8 @@ def run(cfg: PipelineConfig) -> dict:
     from trl import SFTConfig
 
     from data_builders.generation import generate_chat
-    from stages.common import (build_training_args, last_checkpoint, maybe_push, raise_if_terminated, report_to_env,
-                               save_adapter, seed_everything, standard_callbacks, log)
+    from stages.common import (build_training_args, last_checkpoint, maybe_push, process_state, raise_if_terminated,
+                               report_to_env, save_adapter, seed_everything, standard_callbacks, log)
     from stages.models import (load_model, load_tokenizer, lora_config, merge_adapter, pick_device,
                                resolve_model_path)
     from trainers.sft import ZephyrSFTTrainer
@@ -67,12 +71,16 @@ def run(cfg: PipelineConfig) -> dict:
     report_to_env(cfg, STAGE)
     out = cfg.run_dir / "sft"
     args = build_training_args(SFTConfig, cfg, "sft", out / "checkpoints", **sft_defaults(cfg))
+    state = process_state(cfg)  # the one TrainingArguments set up; one process: main, barriers are no-ops
     device = pick_device(cfg.device)
     base_path = resolve_model_path(cfg.model)
     tok = load_tokenizer(base_path, cfg.model)
     model = load_model(base_path, cfg.model, device=device)
     convs = [[{"role": "user", "content": p}] for p in cfg.sft.sample_prompts]
-    before = generate_chat(model.to(device) if device == "cpu" else model, tok, convs, max_new_tokens=64)
+    before = None
+    if state.is_main_process:
+        before = generate_chat(model.to(device) if device == "cpu" else model, tok, convs, max_new_tokens=64)
+    state.wait_for_everyone()
 
     ds = Dataset.from_list(rows).shuffle(seed=cfg.seed)
     eval_ds = None
@@ -86,6 +94,10 @@ def run(cfg: PipelineConfig) -> dict:
         log.info("resuming SFT from %s", ckpt)
     result = trainer.train(resume_from_checkpoint=ckpt)
     raise_if_terminated(trainer)
+    if not state.is_main_process:  # saving, merging and sampling are the main process's
+        log.info("process %d of %d: SFT training done; the main process saves and merges", state.process_index,
+                 state.num_processes)
+        return {"outputs": {}, "metrics": {}}
     atomic_write_json(out / "log_history.json", trainer.state.log_history)
     save_adapter(trainer.model, tok, out / "adapter")
     del trainer, model

@@ -7,6 +7,11 @@ once (cached under ``data/cache/``) → LoRA on the merged base + projection hea
 → merge into ``causal/merged`` (16-bit) → ``causal/log_history.json`` and ``causal/curves.png``.
 
     accelerate launch --config_file accelerate_config.yaml stages/stage2_causal.py --config C [key=value …]
+
+Several processes: only the main process writes ``data/triplets.jsonl`` (and generates model paraphrases); the
+others wait at a barrier and read it; the main process tokenizes it into the cache first and the others then load
+that cache (``main_process_first``). Every process trains and evaluates (the Trainer shards the data); the log
+history, curves, adapter, head, merge and Hub push are the main process's; the others end after training.
 """
 from __future__ import annotations
 
@@ -210,8 +215,8 @@ def run(cfg: PipelineConfig) -> dict:
     from transformers import TrainingArguments
 
     from data_builders.token_cache import TripletCollator, build_token_cache
-    from stages.common import (build_training_args, last_checkpoint, log, maybe_push, raise_if_terminated,
-                               report_to_env, save_adapter, seed_everything)
+    from stages.common import (build_training_args, last_checkpoint, log, maybe_push, process_state,
+                               raise_if_terminated, report_to_env, save_adapter, seed_everything)
     from stages.models import (is_complete_model_dir, load_model, load_tokenizer, lora_config, merge_adapter,
                                pick_device)
     from trainers.callbacks import LossGuardCallback, SigtermCheckpointCallback
@@ -232,17 +237,23 @@ def run(cfg: PipelineConfig) -> dict:
     loss_cfg = sub_section(cfg, CausalLossSection, "causal.loss")
     head_cfg = sub_section(cfg, CausalHeadSection, "causal.head")
     args = build_training_args(TrainingArguments, cfg, "causal", out / "checkpoints", **causal_defaults(cfg))
+    state = process_state(cfg)  # the one TrainingArguments set up; one process: main, barriers are no-ops
     device = pick_device(cfg.device)
     tok = load_tokenizer(str(base), cfg.model)
     model = load_model(str(base), cfg.model, device=device)
 
-    if c.counterfactual == "model":
-        gen_model = model.to(device) if device == "cpu" else model
-        triplets_path, tstats = build_triplet_file(cfg, parsed, gen_model, tok)
-    else:
-        triplets_path, tstats = build_triplet_file(cfg, parsed)
+    # the triplet file has one writer, the main process; the others wait for it and read the same file
+    triplets_path, tstats = cfg.run_dir / "data" / "triplets.jsonl", None
+    if state.is_main_process:
+        if c.counterfactual == "model":
+            gen_model = model.to(device) if device == "cpu" else model
+            triplets_path, tstats = build_triplet_file(cfg, parsed, gen_model, tok)
+        else:
+            triplets_path, tstats = build_triplet_file(cfg, parsed)
+    state.wait_for_everyone()
     max_length = c.max_length or cfg.model.max_seq_length
-    ds, cache = build_token_cache(triplets_path, tok, max_length, cfg.run_dir / "data" / "cache")
+    with state.main_process_first():  # the main process writes the token cache, the others then load it
+        ds, cache = build_token_cache(triplets_path, tok, max_length, cfg.run_dir / "data" / "cache")
     log.info("triplets: %d built, %d fit in %d tokens (cache %s, %s)", cache.n_total, cache.n_kept, max_length,
              cache.cache_file, "hit" if cache.from_cache else "built")
     ds, eval_ds = split_by_task(ds, c.eval_fraction, cfg.seed)
@@ -274,10 +285,16 @@ def run(cfg: PipelineConfig) -> dict:
     if ckpt:
         log.info("resuming the causal stage from %s", ckpt)
     elif eval_ds is not None:  # held-out metrics before any update (step 0); train() resets the log history
-        atomic_write_json(before_file, {**trainer.evaluate(), "step": 0})
-    before = [json.loads(before_file.read_text())] if eval_ds is not None and before_file.exists() else []
+        step0 = trainer.evaluate()  # every process takes part (sharded eval); the main process writes the file
+        if state.is_main_process:
+            atomic_write_json(before_file, {**step0, "step": 0})
     result = trainer.train(resume_from_checkpoint=ckpt)
     raise_if_terminated(trainer)
+    if not state.is_main_process:  # log history, curves, saving and merging are the main process's
+        log.info("process %d of %d: causal training done; the main process saves and merges", state.process_index,
+                 state.num_processes)
+        return {"outputs": {}, "metrics": {}}
+    before = [json.loads(before_file.read_text())] if eval_ds is not None and before_file.exists() else []
     history = before + trainer.state.log_history
     atomic_write_json(out / "log_history.json", history)
     png = plot_curves(history, out / "curves.png")

@@ -9,6 +9,12 @@ applies the same update) and checks that training changed them from the initial 
 
 Also checks that every ``configs/accelerate/*.yaml`` parses with accelerate's own config loader (no unknown
 keys for the installed accelerate).
+
+The stage scripts themselves: fast tests of the main-process guards on one process (``stages.common``:
+``process_state``, ``main_process_only``, ``run_stage_main`` with a stand-in rank), and slow tests that run the real
+``stages/stage0_sft.py``, ``stage1_dpo.py``, ``stage2_causal.py`` and ``evaluate.py`` under ``torchrun
+--nproc_per_node 2`` (gloo, CPU) on the tiny pipeline config: one manifest entry per stage, one adapter, one merged
+model, no ``.partial-*`` leftovers, each pair id and each evaluation answer written once.
 """
 from __future__ import annotations
 
@@ -157,12 +163,16 @@ def _run_causal(model_dir: Path, out: Path, rank: int) -> None:
 
 # --------------------------------------------------------------------------------------------- test side
 def _torchrun(model_dir: Path, out: Path, stages: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    return _torchrun_script([str(Path(__file__).resolve()), str(model_dir), str(out), stages], timeout)
+
+
+def _torchrun_script(argv: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc_per_node 2 <argv>`` on the CPU (gloo), one thread per worker."""
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", WANDB_MODE="offline",
                HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
     env.pop("CUDA_VISIBLE_DEVICES", None)
     # --standalone: c10d rendezvous on a free localhost port (a fixed --master_port could collide; port 0 hangs)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(Path(__file__).resolve()), str(model_dir), str(out), stages]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *argv]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     try:
@@ -240,6 +250,189 @@ def test_accelerate_configs_parse():
     z3 = load_config_from_file(str(folder / "deepspeed_zero3.yaml")).deepspeed_config
     assert z3["zero_stage"] == 3 and z3["zero3_save_16bit_model"] is True
     assert load_config_from_file(str(folder / "fsdp.yaml")).fsdp_config["fsdp_version"] == 2
+
+
+# --------------------------------------------------------------------------------------------- stage scripts
+class _FakeState:
+    """Stands in for accelerate's ``PartialState`` as rank ``index`` of ``n`` (records the barriers)."""
+
+    def __init__(self, index: int, n: int = 2):
+        self.process_index, self.num_processes, self.barriers = index, n, 0
+        self.is_main_process = index == 0
+
+    def wait_for_everyone(self):
+        self.barriers += 1
+
+
+def _fake_stage(run_dir: Path, alone: bool = False):
+    import types
+
+    mod = types.SimpleNamespace(STAGE="sft", ran=[], validate=lambda cfg: None, input_paths=lambda cfg: {},
+                                resume_state=lambda cfg: [run_dir / "sft" / "checkpoints"])
+    if alone:
+        mod.MAIN_PROCESS_ONLY = True
+
+    def run(cfg):
+        mod.ran.append(cfg.run_dir)
+        return {"outputs": {}, "metrics": {"x": 1}}
+
+    mod.run = run
+    return mod
+
+
+def test_process_state_on_one_process_is_main_and_barriers_are_no_ops(tmp_path):
+    import torch.distributed as dist
+    from accelerate import DistributedType
+
+    from stages.common import main_process_only, process_state
+    from stages.config import PipelineConfig
+
+    cfg = PipelineConfig(run_name="one", output_dir=str(tmp_path), device="cpu")
+    state = process_state(cfg)
+    assert state.is_main_process and state.num_processes == 1 and state.process_index == 0
+    assert state.distributed_type == DistributedType.NO
+    t0 = time.time()
+    state.wait_for_everyone()
+    ran = []
+    with state.main_process_first():
+        ran.append(1)
+    assert ran == [1] and time.time() - t0 < 5
+    assert main_process_only(cfg, "evaluation") is True
+    assert not dist.is_initialized()  # one process: no process group was created
+    assert process_state(cfg) is not None and process_state(cfg).__dict__ is state.__dict__  # the singleton
+
+
+@pytest.mark.parametrize("alone", [False, True], ids=["training-stage", "main-process-only-stage"])
+def test_run_stage_main_manifest_and_run_by_rank(tmp_path, tiny_model_dir, monkeypatch, alone):
+    """Rank 0 of 2 clears the resume state, writes the manifest and runs; rank 1 of 2 writes nothing, runs the
+    training stage after one barrier, and leaves a main-process-only stage (evaluation) after the barrier."""
+    import stages.common as common
+    from conftest import write_tiny_pipeline_config
+    from stages.run_dir import Manifest
+
+    cfg_path = write_tiny_pipeline_config(tmp_path, tiny_model_dir)
+    run_dir = tmp_path / "runs" / "tiny"
+    for index in (1, 0):
+        ckpt = run_dir / "sft" / "checkpoints" / "checkpoint-2"
+        ckpt.mkdir(parents=True, exist_ok=True)
+        state = _FakeState(index)
+        monkeypatch.setattr(common, "process_state", lambda cfg, s=state: s)
+        mod = _fake_stage(run_dir, alone)
+        assert common.run_stage_main(mod, "fake", ["--config", str(cfg_path)]) == 0
+        if index == 1:
+            assert not (run_dir / "manifest.json").exists() and ckpt.is_dir()
+            assert mod.ran == ([] if alone else [run_dir]) and state.barriers == 1
+        else:
+            entry = Manifest(run_dir).entry("sft")
+            assert entry["status"] == "done" and entry["metrics"] == {"x": 1}
+            assert not ckpt.exists()  # a fresh start: the main process cleared the checkpoints
+            assert mod.ran == [run_dir] and state.barriers == 1
+
+
+def _manifest(run_dir: Path) -> dict:
+    return json.loads((run_dir / "manifest.json").read_text())
+
+
+def _partials(run_dir: Path) -> list[str]:
+    return sorted(str(p) for p in run_dir.rglob("*") if ".partial-" in p.name)
+
+
+@pytest.fixture(scope="module")
+def ddp_stage_run(tmp_path_factory):
+    """The tiny pipeline config and its run directory after ``torchrun --nproc_per_node 2 stages/stage0_sft.py``."""
+    from conftest import build_tiny_model, write_tiny_pipeline_config
+
+    tmp = tmp_path_factory.mktemp("ddp-stages")
+    model_dir = build_tiny_model(tmp / "model")
+    cfg = write_tiny_pipeline_config(tmp, model_dir)
+    proc = _torchrun_script([str(ROOT / "stages" / "stage0_sft.py"), "--config", str(cfg)])
+    return cfg, tmp / "runs" / "tiny", proc
+
+
+@pytest.mark.slow
+def test_stage0_sft_two_processes(ddp_stage_run):
+    from stages.models import is_complete_adapter_dir, is_complete_model_dir
+
+    _, run_dir, proc = ddp_stage_run
+    assert proc.returncode == 0, f"torchrun stage0 failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    stages = _manifest(run_dir)["stages"]
+    assert list(stages) == ["sft"] and stages["sft"]["status"] == "done", stages
+    assert stages["sft"]["metrics"]["steps"] == 4
+    sft = run_dir / "sft"
+    assert is_complete_adapter_dir(sft / "adapter") and is_complete_model_dir(sft / "merged")
+    assert sorted(p.name for p in sft.iterdir() if "adapter" in p.name or "merged" in p.name) == ["adapter", "merged"]
+    assert not _partials(run_dir), _partials(run_dir)
+    samples = json.loads((sft / "samples.json").read_text())
+    assert samples and all(s["before"] is not None for s in samples)
+    # both processes trained; rank 1 left saving and merging to rank 0
+    assert "process 1 of 2: SFT training done" in proc.stderr
+    assert "process 0 of 2: SFT training done" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_stage1_dpo_two_processes_pairs_written_once(ddp_stage_run):
+    from collections import Counter
+
+    from stages.models import is_complete_adapter_dir, is_complete_model_dir
+    from stages.stage1_dpo import validate
+    from stages.config import load_config
+
+    cfg_path, run_dir, sft_proc = ddp_stage_run
+    assert sft_proc.returncode == 0, "stage 0 failed (see test_stage0_sft_two_processes)"
+    overrides = ["dpo.max_prompts=6"]
+    proc = _torchrun_script([str(ROOT / "stages" / "stage1_dpo.py"), "--config", str(cfg_path), *overrides])
+    assert proc.returncode == 0, f"torchrun stage1 failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    stages = _manifest(run_dir)["stages"]
+    assert sorted(stages) == ["dpo", "sft"] and stages["dpo"]["status"] == "done", stages
+    data = run_dir / "data"
+    ids = [json.loads(line)["id"] for line in (data / "pairs.jsonl").read_text().splitlines() if line.strip()]
+    rejected = data / "pairs.rejected.jsonl"
+    rej = [json.loads(line)["id"] for line in rejected.read_text().splitlines() if line.strip()] \
+        if rejected.exists() else []
+    counts = Counter(ids + rej)
+    assert ids and all(n == 1 for n in counts.values()), counts
+    train = validate(load_config(str(cfg_path), overrides))["train"]
+    assert set(counts) == {p["id"] for p in train} and len(train) == 6  # every training prompt, once
+    dpo = run_dir / "dpo"
+    assert is_complete_adapter_dir(dpo / "adapter") and is_complete_model_dir(dpo / "merged")
+    assert (dpo / "assessment.json").exists() and not _partials(run_dir), _partials(run_dir)
+    assert stages["dpo"]["metrics"]["pairs"] == len(ids)
+    assert "process 1 of 2: DPO training done" in proc.stderr
+
+
+@pytest.mark.slow
+def test_stage2_causal_and_evaluate_two_processes(ddp_stage_run):
+    """Stage 2 on ``sft/merged`` (with held-out triplets, so the step-0 ``trainer.evaluate()`` runs on both ranks)
+    and the evaluation stage, each under ``torchrun --nproc_per_node 2``: one writer of every file; evaluation runs
+    on rank 0 alone and rank 1 exits 0."""
+    from collections import Counter
+
+    from stages.models import is_complete_adapter_dir, is_complete_model_dir
+
+    cfg_path, run_dir, sft_proc = ddp_stage_run
+    assert sft_proc.returncode == 0, "stage 0 failed (see test_stage0_sft_two_processes)"
+    proc = _torchrun_script([str(ROOT / "stages" / "stage2_causal.py"), "--config", str(cfg_path), "causal.base=sft",
+                             "causal.eval_fraction=0.25"])
+    assert proc.returncode == 0, f"torchrun stage2 failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    causal = run_dir / "causal"
+    assert _manifest(run_dir)["stages"]["causal"]["status"] == "done"
+    assert is_complete_adapter_dir(causal / "adapter")
+    assert (causal / "adapter" / "causal_projection.safetensors").exists()
+    assert is_complete_model_dir(causal / "merged") and (causal / "curves.png").exists()
+    history = json.loads((causal / "log_history.json").read_text())
+    assert history[0]["step"] == 0 and "eval_loss" in history[0]  # the step-0 evaluation, written by rank 0
+    assert "process 1 of 2: causal training done" in proc.stderr
+
+    proc = _torchrun_script([str(ROOT / "stages" / "evaluate.py"), "--config", str(cfg_path)])
+    assert proc.returncode == 0, f"torchrun evaluate failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    assert _manifest(run_dir)["stages"]["evaluate"]["status"] == "done"
+    assert "process 1 of 2 exits, the main process runs it" in proc.stderr
+    rows = [json.loads(line) for line in (run_dir / "eval" / "generations.jsonl").read_text().splitlines()
+            if line.strip()]
+    counts = Counter((r["model"], r["key"], r["kind"], r["id"]) for r in rows)
+    assert rows and all(n == 1 for n in counts.values()), counts.most_common(3)
+    assert {r["model"] for r in rows} >= {"sft", "causal"}
+    assert (run_dir / "eval" / "metrics.json").exists() and not _partials(run_dir), _partials(run_dir)
 
 
 if __name__ == "__main__":
