@@ -208,17 +208,31 @@ def representation_metrics(benign: np.ndarray, counterfactual: np.ndarray | None
     """Causal stability, spurious separation and causal discrimination (module docstring) from (N, H) arrays.
 
     ``counterfactual`` None → stability and discrimination are None. Returns floats (or None) under the keys
-    ``causal_stability``, ``spurious_separation``, ``causal_discrimination``, plus ``cos_benign_injected``.
+    ``causal_stability``, ``spurious_separation``, ``causal_discrimination``, plus ``cos_benign_injected`` and
+    the same three computed on mean-centred representations (``*_centered``, see the comment below).
     """
     if len(benign) == 0:
-        return {"causal_stability": None, "spurious_separation": None, "causal_discrimination": None,
-                "cos_benign_injected": None}
+        return {k: None for k in ("causal_stability", "spurious_separation", "causal_discrimination",
+                                  "cos_benign_injected", "causal_stability_centered",
+                                  "spurious_separation_centered", "causal_discrimination_centered")}
     cos_inj = float(cosine_rows(benign, injected).mean())
     sep = 1.0 - cos_inj
     stab = float(cosine_rows(benign, counterfactual).mean()) if counterfactual is not None else None
     disc = (sep - (1.0 - stab)) if stab is not None else None
-    return {"causal_stability": stab, "spurious_separation": sep, "causal_discrimination": disc,
-            "cos_benign_injected": cos_inj}
+    out = {"causal_stability": stab, "spurious_separation": sep, "causal_discrimination": disc,
+           "cos_benign_injected": cos_inj}
+    # Mean-pooled hidden states of a causal LM share one dominant direction (anisotropy, Ethayarajh 2019), so raw
+    # cosines sit near 1 for any two prompts. The centred variants subtract the mean representation of all the
+    # views first (per model), which leaves the differences between prompts: same formulas, centred inputs.
+    views = [benign, injected] + ([counterfactual] if counterfactual is not None else [])
+    mu = np.concatenate([np.asarray(v, dtype=np.float64) for v in views]).mean(0, keepdims=True)
+    b_c, i_c = np.asarray(benign, dtype=np.float64) - mu, np.asarray(injected, dtype=np.float64) - mu
+    sep_c = 1.0 - float(cosine_rows(b_c, i_c).mean())
+    stab_c = float(cosine_rows(b_c, np.asarray(counterfactual, dtype=np.float64) - mu).mean()) \
+        if counterfactual is not None else None
+    out.update(causal_stability_centered=stab_c, spurious_separation_centered=sep_c,
+               causal_discrimination_centered=(sep_c - (1.0 - stab_c)) if stab_c is not None else None)
+    return out
 
 
 # --------------------------------------------------------------------------------------------- one model

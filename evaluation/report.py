@@ -19,7 +19,7 @@ MODEL_ORDER = ("base", "sft", "dpo", "causal")
 COLUMNS = [("attack_success_rate", "ASR ↓"), ("benign_utility", "benign utility ↑"),
            ("harmful_refusal_rate", "harmful refusal rate ↑"), ("causal_stability", "causal stability ↑"),
            ("spurious_separation", "spurious separation ↑"), ("causal_discrimination", "causal discrimination ↑"),
-           ("n_cases", "n cases")]
+           ("causal_discrimination_centered", "causal discrimination, centred ↑"), ("n_cases", "n cases")]
 _MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+!|~])")
 
 

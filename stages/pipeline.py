@@ -167,8 +167,8 @@ def print_summary(cfg: PipelineConfig, manifest) -> None:
     if metrics.exists():
         m = json.loads(metrics.read_text())
         cols = ["attack_success_rate", "benign_utility", "harmful_refusal_rate", "causal_stability",
-                "spurious_separation", "causal_discrimination", "n_cases"]
-        print("\n| model | " + " | ".join(cols) + " |\n|---" * (len(cols) + 1) + "|")
+                "spurious_separation", "causal_discrimination", "causal_discrimination_centered", "n_cases"]
+        print("\n| model | " + " | ".join(cols) + " |\n" + "|---" * (len(cols) + 1) + "|")
         for label, row in m.get("models", {}).items():
             vals = [("—" if row.get(c) is None else (f"{row[c]:.3f}" if isinstance(row[c], float) else str(row[c])))
                     for c in cols]

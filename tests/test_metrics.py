@@ -152,3 +152,19 @@ def test_model_metrics_shape_and_values():
     assert m["clean_canary_rate"] == 0.0
     m2 = M.model_metrics(cases, clean, injected)
     assert m2["harmful_refusal_rate"] is None and m2["causal_stability"] is None
+
+
+def test_centred_representation_metrics_remove_the_shared_direction():
+    """A large shared offset (anisotropy) drives every raw cosine to ~1; centring recovers the hand values."""
+    offset = np.array([[100.0, 100.0]])
+    benign = np.array([[1.0, 0.0], [-1.0, 0.0]]) + offset
+    cf = benign.copy()  # same meaning, same representation
+    inj = np.array([[0.0, 1.0], [0.0, -1.0]]) + offset  # mean of all six rows is exactly the offset
+    out = M.representation_metrics(benign, cf, inj)
+    assert out["spurious_separation"] < 1e-3  # raw: saturated
+    assert out["causal_stability_centered"] == pytest.approx(1.0)
+    assert out["spurious_separation_centered"] == pytest.approx(1.0)  # centred b ⟂ centred i: cos 0
+    assert out["causal_discrimination_centered"] == pytest.approx(1.0)
+    none = M.representation_metrics(benign, None, inj)
+    assert none["causal_stability_centered"] is None and none["spurious_separation_centered"] == pytest.approx(1.0)
+    assert all(v is None for v in M.representation_metrics(np.zeros((0, 2)), None, np.zeros((0, 2))).values())

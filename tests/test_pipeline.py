@@ -90,6 +90,9 @@ def test_pipeline_end_to_end(finished_run):
     m = _check_complete(run_dir)
     _check_records(run_dir)
     assert "| model |" in res.stdout and str(run_dir / "eval" / "report.md") in res.stdout  # table + report path
+    table = [x for x in res.stdout.splitlines() if x.startswith("|")]
+    assert len(table) == 2 + 4 and set(table[1]) == {"|", "-"}  # header, separator, one row per model
+    assert len({x.count("|") for x in table}) == 1
     for s in STAGES:
         assert m[s]["config_hash"] and m[s]["input_hashes"] and m[s]["seconds"] >= 0
     # the DPO stage is bound to the SFT model it trained on, the causal stage to the DPO model
