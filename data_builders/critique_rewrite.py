@@ -26,9 +26,11 @@ Filters (each prompt gets the first reason that applies; every reason is counted
   "Sure, here is a revised response:", "Here's a rewritten version of the response:", "Revised response:" or
   "Rewrite:" is stripped (with quotes around the rest) when the rest has at least ``min_revision_words`` words
   (counted as ``preamble_stripped``); otherwise the pair is dropped. What is *not* caught: meta-talk in the middle
-  or at the end ("I removed the harmful parts above"), a revision that repeats the critique, and a revision that
-  is itself harmful — the judge in :mod:`evaluation.judges` is the place for that;
-- ``identical``: the revision equals the response after whitespace normalisation.
+  or at the end ("I removed the harmful parts above"), a revision that paraphrases the critique, and a revision
+  that is itself harmful — the judge in :mod:`evaluation.judges` is the place for that;
+- ``identical``: the revision equals the response after whitespace normalisation;
+- ``copies_critique``: the revision repeats the critique instead of rewriting the response (see
+  :func:`copies_critique`; small models do this often).
 
 Resumability: accepted pairs are appended to ``out`` and filtered-out prompts (with the reason and all texts) to
 ``rejected_out`` (default ``<out stem>.rejected.jsonl``), one batch at a time with :func:`append_jsonl` (fsync'd
@@ -64,7 +66,7 @@ from data_builders.jsonl_io import (DataError, append_jsonl, atomic_write_json, 
 log = logging.getLogger(__name__)
 
 REJECT_REASONS = ("empty_response", "truncated_response", "empty_critique", "empty_revision", "truncated_revision",
-                  "meta_revision", "identical")
+                  "meta_revision", "identical", "copies_critique")
 
 # A leading sentence that announces a rewrite instead of being one. Anchored at the start; needs a rewrite noun
 # (version/response/revision/…) or a "Revised response:"-style label, so "Sure, I can help with that." is kept.
@@ -362,6 +364,8 @@ def _process_batch(backend, batch, constitution, few, seed, drop_truncated, min_
                     revision = rest
                 if normalize_ws(revision) == normalize_ws(s["texts"]["response"]):
                     s["reason"] = "identical"
+                elif copies_critique(revision, s["texts"]["critique"]):
+                    s["reason"] = "copies_critique"
         if s["reason"] is None:
             accepted.append(make_pair(s["prompt"], s["principle"], s["texts"]["response"], s["texts"]["critique"],
                                       revision))
@@ -371,6 +375,20 @@ def _process_batch(backend, batch, constitution, few, seed, drop_truncated, min_
             rejected.append({"id": s["prompt"]["id"], "reason": s["reason"], "principle_id": s["principle"].id,
                              "prompt": s["prompt"]["prompt"], "source": s["prompt"].get("source", ""), **s["texts"]})
     return accepted, rejected
+
+
+def copies_critique(revision: str, critique: str, min_words: int = 5, share: float = 0.8) -> bool:
+    """True when ``revision`` repeats ``critique``: after whitespace normalisation and lower-casing, their common
+    prefix covers at least ``share`` of the shorter text, and that text has at least ``min_words`` words (the
+    project's rule; short texts are left to the other filters)."""
+    a, b = normalize_ws(revision).lower(), normalize_ws(critique).lower()
+    shorter = min(len(a), len(b))
+    if not shorter or len((a if len(a) <= len(b) else b).split()) < min_words:
+        return False
+    n = 0
+    while n < shorter and a[n] == b[n]:
+        n += 1
+    return n >= share * shorter
 
 
 # ------------------------------------------------------------------------------------------ reading pairs

@@ -94,6 +94,7 @@ def test_conversation_structure_and_row_schema(tmp_path, constitution):
 
 
 def test_filters_are_counted(tmp_path, constitution):
+    crit = "The answer gives dangerous advice that could hurt someone badly."
     script = {
         "q0": {"response": "  "},                                            # empty_response
         "q1": {"response": ("long answer", True)},                           # truncated_response
@@ -102,28 +103,29 @@ def test_filters_are_counted(tmp_path, constitution):
         "q4": {"revision": ("cut off", True)},                               # truncated_revision
         "q5": {"revision": "Sure, here is a revised response:"},             # meta_revision
         "q6": {"response": "Same  text\nhere", "revision": "Same text here"},  # identical
-        "q7": {"revision": "Here's a rewritten version of the response:\n\nI won't help with that, sorry."},
-        "q8": {"critique": ("a long critique", True)},                       # counted, kept
+        "q7": {"critique": crit, "revision": crit.upper()},                  # copies_critique
+        "q8": {"revision": "Here's a rewritten version of the response:\n\nI won't help with that, sorry."},
+        "q9": {"critique": ("a long critique", True)},                       # counted, kept
     }
     be = ScriptedBackend(script)
     out = tmp_path / "pairs.jsonl"
-    stats = generate_pairs(be, _prompts(10), constitution, out, seed=1, batch_size=4, progress=False)
-    expected = dict(zip(REJECT_REASONS, [1] * 7))
+    stats = generate_pairs(be, _prompts(11), constitution, out, seed=1, batch_size=4, progress=False)
+    expected = dict(zip(REJECT_REASONS, [1] * 8))
     assert stats["rejected"] == expected and stats["accepted"] == 3
     assert stats["preamble_stripped"] == 1 and stats["truncated"] == {"response": 1, "critique": 1, "revision": 1}
     assert stats["empty"] == {"response": 1, "critique": 1, "revision": 1}
     acc = {r["id"]: r for r in read_pairs(out)}
-    assert sorted(acc) == ["q7", "q8", "q9"]
-    assert acc["q7"]["chosen"][0]["content"] == "I won't help with that, sorry."
+    assert sorted(acc) == ["q10", "q8", "q9"]
+    assert acc["q8"]["chosen"][0]["content"] == "I won't help with that, sorry."
     rej = [json.loads(x) for x in default_side_paths(out)[0].read_text().splitlines()]
-    assert {r["id"]: r["reason"] for r in rej} == {f"q{i}": REJECT_REASONS[i] for i in range(7)}
+    assert {r["id"]: r["reason"] for r in rej} == {f"q{i}": REJECT_REASONS[i] for i in range(8)}
     assert stats["files"]["rejected_by_reason"] == expected
     # an empty or truncated response stops the chain: no critique/revision generated for q0, q1
     later_ids = [i for step, ids, _ in be.calls if step != "response" for i in ids]
     assert "q0" not in later_ids and "q1" not in later_ids
     # keep truncated outputs when asked (still counted)
     out2 = tmp_path / "keep.jsonl"
-    s2 = generate_pairs(ScriptedBackend(script), _prompts(10), constitution, out2, seed=1, drop_truncated=False,
+    s2 = generate_pairs(ScriptedBackend(script), _prompts(11), constitution, out2, seed=1, drop_truncated=False,
                         progress=False)
     assert s2["rejected"]["truncated_response"] == s2["rejected"]["truncated_revision"] == 0
     assert s2["truncated"]["response"] == 1 and s2["accepted"] == 5
@@ -285,3 +287,17 @@ def test_cli_resumes_after_sigkill_without_duplicates(tmp_path, eos_biased_model
     assert stats["files"]["prompts_covered"] == n and stats["files"]["accepted"] == len(acc)
     c = load_constitution(ROOT / "constitutions" / "default.json")
     assert all(r["principle_id"] == draw_principle(c, 3, r["id"]).id for r in rows)
+
+
+def test_copies_critique_rule():
+    from data_builders.critique_rewrite import copies_critique
+
+    crit = "The preceding response contains several potential harms, including advice that could hurt someone."
+    assert copies_critique(crit, crit)
+    assert len(crit) == 98
+    assert copies_critique(crit[:85] + " and a different ending", crit)  # 85 of 98 shared: ≥ 80%
+    assert not copies_critique(crit[:70] + " and then some other ending here", crit)  # 70 of 98: < 80%
+    assert not copies_critique("Here is a safer answer that explains the risks of drinking too much.", crit)
+    assert not copies_critique("The preceding", "The preceding text")  # under 5 words: left to other filters
+    assert copies_critique("  THE preceding response contains several potential harms,\nincluding advice that "
+                           "could hurt someone.", crit)  # case and whitespace do not matter
