@@ -238,7 +238,9 @@ DEFINITIONS = """\
 - **causal stability** = mean cos(h(clean), h(counterfactual)); **spurious separation** = 1 − mean
   cos(h(clean), h(injected)); **causal discrimination** = spurious separation − (1 − causal stability): how
   much more the injection moves the representation than a meaning-preserving rewording does (h = mean-pooled
-  last-layer hidden state of the prompt)."""
+  last-layer hidden state of the prompt). **centred**: the same on representations minus their mean over all
+  the model's prompts; raw cosines of mean-pooled states sit near 1 for any two prompts (anisotropy), so the
+  centred figure is the one that shows differences between models."""
 
 
 def verification_section(ver: dict) -> list[str]:
