@@ -156,7 +156,9 @@ def main(argv=None) -> int:
     figures = {}
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        common = ["save_strategy='no'", "disable_tqdm=true", "logging_steps=1"]
+        # random order on both sides: step k of both trainers sees the same triplets (length grouping would sort
+        # them by different lengths); bench_length_grouping.py measures grouping
+        common = ["save_strategy='no'", "disable_tqdm=true", "logging_steps=1", "train_sampling_strategy=random"]
         cfg = smoke_config(tmp, [f"causal.training.{x}" for x in common + [f"max_steps={a.steps}"]] +
                            [f"sft.training.{x}" for x in common + [f"max_steps={a.steps}"]])
         path = smollm2_path()

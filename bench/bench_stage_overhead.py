@@ -85,7 +85,8 @@ def bench_sft(steps: int, reps: int, tmp: Path) -> dict:
                        learning_rate=t["learning_rate"], lr_scheduler_type=t["lr_scheduler_type"],
                        assistant_only_loss=True, max_length=cfg.model.max_seq_length, packing=False, use_cpu=True,
                        bf16=False, logging_steps=1, report_to="none", save_strategy="no", seed=cfg.seed,
-                       dataloader_num_workers=0, disable_tqdm=True, gradient_checkpointing=False)
+                       dataloader_num_workers=0, disable_tqdm=True, gradient_checkpointing=False,
+                       train_sampling_strategy=a_args.train_sampling_strategy)  # same batches as the project side
     b_timer = step_timer()
     b = SFTTrainer(model=load_model(path, cfg.model, device="cpu"), args=b_args, train_dataset=ds,
                    processing_class=tok, peft_config=lora_config(cfg.lora), callbacks=[b_timer])

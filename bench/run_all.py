@@ -27,6 +27,7 @@ BENCHES = {
     "generation": "bench_generation.py",
     "token_cache": "bench_token_cache.py",
     "causal_step": "bench_causal_step.py",
+    "length_grouping": "bench_length_grouping.py",
     "memory": "bench_memory.py",
     "utilisation": "bench_utilisation.py",
 }

@@ -14,7 +14,10 @@ triplet's ``response`` tokens followed by ``eos``, exactly what the model would 
 * ``benign_labels``, ``counterfactual_labels``, ``injected_labels``: the same length, -100 on the prompt, the
   token id on the response (so the labels mask exactly the response tokens);
 * ``id``, ``fits`` (all three sequences ≤ ``max_length``). Triplets that do not fit are dropped, never truncated
-  (a truncated prompt would cut the data or the ``<|assistant|>`` marker); their number is reported.
+  (a truncated prompt would cut the data or the ``<|assistant|>`` marker); their number is reported;
+* ``length``: the longest of the three views in tokens, the length the collator pads the triplet to. The
+  Trainer's ``train_sampling_strategy: group_by_length`` reads it (``length_column_name`` default) to put
+  triplets of similar length in one batch (less padding; see ``bench/README.md``).
 
 :class:`TripletCollator` pads the three views of B triplets to one length L and returns one (3B, L) batch:
 rows [0:B] benign, [B:2B] counterfactual, [2B:3B] injected, with ``attention_mask``, ``position_ids`` (counted
@@ -38,7 +41,7 @@ from data_builders.triplets import read_triplets, triplet_messages
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = "triplet-tokens-v1"  # bump when the tokenize function changes
+CACHE_VERSION = "triplet-tokens-v2"  # bump when the tokenize function changes
 VIEWS = ("benign", "counterfactual", "injected")
 
 
@@ -69,14 +72,15 @@ def tokenize_triplet(row: dict, tokenizer, max_length: int) -> dict:
     """Token ids and labels of the three views of one triplet (see the module docstring)."""
     response_ids = tokenizer(row["response"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     out = {}
-    fits = True
+    lengths = []
     for view in VIEWS:
         p = prompt_ids(tokenizer, triplet_messages(row, view))
         ids = p + response_ids
         out[f"{view}_input_ids"] = ids
         out[f"{view}_labels"] = [-100] * len(p) + list(response_ids)
-        fits = fits and len(ids) <= max_length
-    out["fits"] = fits
+        lengths.append(len(ids))
+    out["length"] = max(lengths)
+    out["fits"] = out["length"] <= max_length
     return out
 
 

@@ -590,6 +590,12 @@ def validate_config(cfg: PipelineConfig) -> None:
         raise cfg.error("evaluate.ci_test", f"{e.ci_test!r} is not one of ['fisherz', 'kci']")
     if cfg.logging.report_to and not set(cfg.logging.report_to) <= {"none", "wandb", "tensorboard"}:
         raise cfg.error("logging.report_to", "use any of none, wandb, tensorboard")
+    if cfg.dpo.training.get("train_sampling_strategy") in {"group_by_length", "batch_rebalance"}:
+        # TRL's DPO dataset has prompt_ids/chosen_ids/rejected_ids, no input_ids or length column: the Trainer's
+        # length-grouped samplers raise "Can only automatically infer lengths" after the model has loaded.
+        raise cfg.error("dpo.training.train_sampling_strategy",
+                        "length-grouped sampling is supported for the sft and causal stages only (TRL's DPO "
+                        "dataset has no length column); use 'random'")
     _check_device_consistency(cfg)
 
 

@@ -104,8 +104,14 @@ def validate(cfg: PipelineConfig) -> dict:
 
 
 def causal_defaults(cfg: PipelineConfig) -> dict:
+    """Causal-stage TrainingArguments defaults (a user's ``causal.training`` keys override them).
+
+    ``train_sampling_strategy: group_by_length`` batches triplets of similar ``length`` (the longest view, a
+    column of the token cache) to cut padding (``bench/bench_length_grouping.py``); ``random`` turns it off.
+    """
     return dict(remove_unused_columns=False, label_names=["labels"], prediction_loss_only=True,
-                eval_strategy="steps" if cfg.causal.eval_fraction > 0 else "no")
+                eval_strategy="steps" if cfg.causal.eval_fraction > 0 else "no",
+                train_sampling_strategy="group_by_length")
 
 
 def build_triplet_file(cfg: PipelineConfig, parsed: dict, model=None, tokenizer=None) -> tuple[Path, dict]:

@@ -108,6 +108,27 @@ def test_warm_build_hits_the_cache_and_template_changes_fingerprint(triplets_fil
     assert cache_fingerprint(other, tok, 512) != info1.fingerprint
 
 
+def test_length_column_drives_length_grouped_batches(tok, tiny_model_dir, tmp_path):
+    """``length`` = the longest view (what the collator pads to); the Trainer's group_by_length sampler uses it
+    and the batches it builds over one epoch carry less padding than random ones, with every triplet once."""
+    res = build_triplets(read_tasks(str(SEED_TASKS)), [read_attacks(str(SEED_ATTACKS))], seed=0, max_triplets=64)
+    ds, _ = build_token_cache(write_triplets(tmp_path / "t.jsonl", res.triplets), tok, 512, tmp_path / "cache")
+    # HF's sampler sorts mega-batches of min(n // (batch × 4), 50) batches: ≥ 2 batches each, so grouping can act
+    assert len(ds) // (2 * 4) >= 2
+    for ex in ds:
+        assert ex["length"] == max(len(ex[f"{v}_input_ids"]) for v in ("benign", "counterfactual", "injected"))
+    coll = TripletCollator(tok.pad_token_id)
+    padded = {}
+    for strategy in ("random", "group_by_length"):
+        tr = make_trainer(tiny_model_dir, tok, ds, tmp_path / strategy, collator=coll,
+                          targs={"train_sampling_strategy": strategy})
+        batches = list(tr.get_train_dataloader())
+        assert sum(b["input_ids"].shape[0] for b in batches) == 3 * len(ds)
+        padded[strategy] = sum(b["input_ids"].numel() for b in batches)
+    real = sum(len(ex[f"{v}_input_ids"]) for v in ("benign", "counterfactual", "injected") for ex in ds)
+    assert real < padded["group_by_length"] < padded["random"]
+
+
 def test_too_long_triplets_are_dropped_not_truncated(triplets_file, tok, tmp_path):
     ds, info = build_token_cache(triplets_file, tok, 120, tmp_path)
     assert info.n_kept + info.n_too_long == info.n_total and 0 < info.n_too_long < info.n_total

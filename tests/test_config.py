@@ -39,6 +39,8 @@ def test_good_config_and_overrides(tmp_path):
     (GOOD, ["model.dtype=bfloat16"], None, "model.dtype", "CPU"),
     (GOOD, ["sft.training.bf16=true"], None, "sft.training.bf16", "GPU"),
     (GOOD, ["model.quantization=4bit"], None, "model.quantization", "CUDA"),
+    (GOOD, ["dpo.training.train_sampling_strategy=group_by_length"], None, "dpo.training.train_sampling_strategy",
+     "sft and causal stages only"),
     (GOOD, ["dpo.generation.backend=vllm"], None, "dpo.generation.backend", "CUDA"),
     (GOOD, ["causal.head.type=transformer"], None, "causal.head.type", "not one of"),
     (GOOD.replace("  data:\n    - path: x.jsonl\n", "  data:\n    - path: ''\n"), [], 7, "sft.data.0.path", "empty"),
@@ -89,6 +91,24 @@ def test_training_args_unknown_key_names_line(tmp_path):
     args = build_training_args(SFTConfig, cfg, "sft", tmp_path / "out", assistant_only_loss=True)
     assert args.bf16 is False and args.gradient_checkpointing is False and args.max_steps == 2
     assert args.assistant_only_loss is True
+
+
+def test_stage_defaults_group_by_length_and_user_key_wins(tmp_path):
+    from transformers import TrainingArguments
+    from trl import SFTConfig
+
+    from stages.common import build_training_args
+    from stages.stage0_sft import sft_defaults
+    from stages.stage2_causal import causal_defaults
+
+    _, cfg = _cfg(tmp_path, GOOD)
+    assert build_training_args(SFTConfig, cfg, "sft", tmp_path / "o", **sft_defaults(cfg)) \
+        .train_sampling_strategy == "group_by_length"
+    assert build_training_args(TrainingArguments, cfg, "causal", tmp_path / "o", **causal_defaults(cfg)) \
+        .train_sampling_strategy == "group_by_length"
+    _, cfg = _cfg(tmp_path, GOOD, ["sft.training.train_sampling_strategy=random"])
+    assert build_training_args(SFTConfig, cfg, "sft", tmp_path / "o", **sft_defaults(cfg)) \
+        .train_sampling_strategy == "random"
 
 
 def test_shipped_configs_load():
