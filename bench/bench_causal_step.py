@@ -147,7 +147,7 @@ def main(argv=None) -> int:
     from stages.config import CausalHeadSection, CausalLossSection, sub_section
     from stages.models import load_model, load_tokenizer, lora_config
     from stages.stage0_sft import sft_defaults
-    from stages.stage2_causal import causal_defaults
+    from stages.stage2_causal import causal_defaults, loss_and_head_kwargs
     from trainers.callbacks import LossGuardCallback, SigtermCheckpointCallback
     from trainers.causal import CausalContrastiveTrainer
     from trainers.causal_losses import build_projection_head
@@ -182,12 +182,8 @@ def main(argv=None) -> int:
         c_timer = step_timer()
         causal = CausalContrastiveTrainer(
             model=peft_model, args=c_args, train_dataset=ds, data_collator=c_coll, processing_class=tok,
-            callbacks=[LossGuardCallback(explode_factor=None), SigtermCheckpointCallback(), c_timer], projection_head=head, variant=loss_cfg.variant,
-            temperature=loss_cfg.temperature, lambda_task=loss_cfg.lambda_task,
-            lambda_causal=loss_cfg.lambda_causal, lambda_spurious=loss_cfg.lambda_spurious,
-            margin_floor=loss_cfg.margin_floor, in_batch_negatives=loss_cfg.in_batch_negatives,
-            injected_lm_loss=loss_cfg.injected_lm_loss, lambda_injected=loss_cfg.lambda_injected,
-            pool_layer=head_cfg.pool_layer, head_learning_rate=head_cfg.learning_rate)
+            callbacks=[LossGuardCallback(explode_factor=None), SigtermCheckpointCallback(), c_timer],
+            projection_head=head, **loss_and_head_kwargs(cfg))
 
         # --- 1. fused vs separate forwards on fixed batches
         inner = TripletCollator(tok.pad_token_id, padding_side="right", injected_lm_loss=loss_cfg.injected_lm_loss)

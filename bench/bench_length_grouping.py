@@ -54,7 +54,7 @@ def main(argv=None) -> int:
     from stages.config import CausalHeadSection, CausalLossSection, sub_section
     from stages.models import load_model, load_tokenizer, lora_config
     from stages.stage0_sft import sft_defaults
-    from stages.stage2_causal import causal_defaults
+    from stages.stage2_causal import causal_defaults, loss_and_head_kwargs
     from trainers.causal import CausalContrastiveTrainer
     from trainers.causal_losses import build_projection_head
     from trainers.sft import ZephyrSFTTrainer
@@ -89,11 +89,7 @@ def main(argv=None) -> int:
                 model=model, args=args, train_dataset=ds, data_collator=coll, processing_class=tok,
                 projection_head=build_projection_head(head_cfg.type, hidden, head_cfg.dim, head_cfg.hidden,
                                                       seed=c.seed),
-                variant=loss_cfg.variant, temperature=loss_cfg.temperature, lambda_task=loss_cfg.lambda_task,
-                lambda_causal=loss_cfg.lambda_causal, lambda_spurious=loss_cfg.lambda_spurious,
-                margin_floor=loss_cfg.margin_floor, in_batch_negatives=loss_cfg.in_batch_negatives,
-                injected_lm_loss=loss_cfg.injected_lm_loss, lambda_injected=loss_cfg.lambda_injected,
-                pool_layer=head_cfg.pool_layer, head_learning_rate=head_cfg.learning_rate)
+                **loss_and_head_kwargs(c))
             return trainer, coll
 
         def sft_side(s):

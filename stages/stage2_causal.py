@@ -103,6 +103,18 @@ def validate(cfg: PipelineConfig) -> dict:
     return out
 
 
+def loss_and_head_kwargs(cfg: PipelineConfig) -> dict:
+    """The :class:`CausalContrastiveTrainer` keyword arguments that come from ``causal.loss`` and ``causal.head``
+    (variant, τ, λs, margin floor, in-batch negatives, injected LM loss, pooling layer, head learning rate)."""
+    loss_cfg = sub_section(cfg, CausalLossSection, "causal.loss")
+    head_cfg = sub_section(cfg, CausalHeadSection, "causal.head")
+    return dict(variant=loss_cfg.variant, temperature=loss_cfg.temperature, lambda_task=loss_cfg.lambda_task,
+                lambda_causal=loss_cfg.lambda_causal, lambda_spurious=loss_cfg.lambda_spurious,
+                margin_floor=loss_cfg.margin_floor, in_batch_negatives=loss_cfg.in_batch_negatives,
+                injected_lm_loss=loss_cfg.injected_lm_loss, lambda_injected=loss_cfg.lambda_injected,
+                pool_layer=head_cfg.pool_layer, head_learning_rate=head_cfg.learning_rate)
+
+
 def causal_defaults(cfg: PipelineConfig) -> dict:
     """Causal-stage TrainingArguments defaults (a user's ``causal.training`` keys override them).
 
@@ -176,21 +188,17 @@ def plot_curves(log_history: list[dict], out_png: Path) -> Path | None:
         return [p[0] for p in pts], [p[1] for p in pts]
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for key in ("loss", "loss_lm", "loss_causal", "loss_spurious"):
-        for prefix, style in (("", "-"), ("eval_", "--")):
-            x, y = series(prefix + key)
-            if x:
-                axes[0].plot(x, y, style, marker="." if prefix else None, label=prefix + key)
-    axes[0].set_title("loss components")
-    axes[0].set_xlabel("step")
-    for key in ("causal_stability", "spurious_similarity", "causal_discrimination", "pooled_causal_stability",
-                "pooled_spurious_similarity"):
-        for prefix, style in (("", "-"), ("eval_", "--")):
-            x, y = series(prefix + key)
-            if x:
-                axes[1].plot(x, y, style, marker="." if prefix else None, label=prefix + key)
-    axes[1].set_title("causal metrics (cosine)")
-    axes[1].set_xlabel("step")
+    panels = (("loss components", ("loss", "loss_lm", "loss_causal", "loss_spurious")),
+              ("causal metrics (cosine)", ("causal_stability", "spurious_similarity", "causal_discrimination",
+                                           "pooled_causal_stability", "pooled_spurious_similarity")))
+    for ax, (title, keys) in zip(axes, panels):
+        for key in keys:
+            for prefix, style in (("", "-"), ("eval_", "--")):
+                x, y = series(prefix + key)
+                if x:
+                    ax.plot(x, y, style, marker="." if prefix else None, label=prefix + key)
+        ax.set_title(title)
+        ax.set_xlabel("step")
     for ax in axes:
         ax.grid(alpha=0.3)
         if ax.lines:
@@ -280,12 +288,7 @@ def run(cfg: PipelineConfig) -> dict:
     callbacks = [LossGuardCallback(explode_factor=None), SigtermCheckpointCallback()]
     trainer = CausalContrastiveTrainer(
         model=peft_model, args=args, train_dataset=ds, eval_dataset=eval_ds, data_collator=collator,
-        processing_class=tok, callbacks=callbacks, projection_head=head, variant=loss_cfg.variant,
-        temperature=loss_cfg.temperature, lambda_task=loss_cfg.lambda_task, lambda_causal=loss_cfg.lambda_causal,
-        lambda_spurious=loss_cfg.lambda_spurious, margin_floor=loss_cfg.margin_floor,
-        in_batch_negatives=loss_cfg.in_batch_negatives, injected_lm_loss=loss_cfg.injected_lm_loss,
-        lambda_injected=loss_cfg.lambda_injected, pool_layer=head_cfg.pool_layer,
-        head_learning_rate=head_cfg.learning_rate)
+        processing_class=tok, callbacks=callbacks, projection_head=head, **loss_and_head_kwargs(cfg))
     ckpt = last_checkpoint(args.output_dir)
     before_file = out / "eval_before.json"
     if ckpt:
