@@ -1,29 +1,28 @@
-"""Tokenized triplets, cached with ``datasets``, and the collator that stacks the three views into one batch.
+"""Tokenized triplets, cached with ``datasets``, and the collator that stacks the views of a batch.
 
 :func:`build_token_cache` tokenizes ``data/triplets.jsonl`` once: ``Dataset.from_list(rows).map(tokenize,
 new_fingerprint=fp, cache_file_name=<cache_dir>/triplets-<fp>.arrow)``. The fingerprint ``fp`` is the sha256 of
 the triplet file's bytes, the tokenizer (its full serialisation for fast tokenizers — vocabulary, merges,
 normalizer, pre-tokenizer, added tokens — or the sorted vocabulary otherwise, plus the special tokens), the chat
-template string, ``max_length`` and :data:`CACHE_VERSION`; a change to any of them (e.g. a different template)
-re-tokenizes, and a repeated build loads the Arrow file without calling the map function.
+template string, the data-role switch, ``max_length`` and :data:`CACHE_VERSION`; a change to any of them (e.g. a
+different template) re-tokenizes, and a repeated build loads the Arrow file without calling the map function.
 
-Columns per triplet (prompt = the chat-template generation prompt, ending in ``<|assistant|>\\n``; response = the
-triplet's ``response`` tokens followed by ``eos``, exactly what the model would generate after the prompt):
+Four sequences per triplet, each a prompt (the chat-template generation prompt, ending in ``<|assistant|>\\n``)
+followed by a response and ``eos``, tokenized *jointly* (:func:`data_builders.chat_template.prompt_response_ids`, so
+the response's first token is the one the model sees at generation time, also for SentencePiece tokenizers):
 
-* ``benign_input_ids``, ``counterfactual_input_ids``, ``injected_input_ids``: prompt + response token ids;
-* ``benign_labels``, ``counterfactual_labels``, ``injected_labels``: the same length, -100 on the prompt, the
-  token id on the response (so the labels mask exactly the response tokens);
-* ``id``, ``fits`` (all three sequences ≤ ``max_length``). Triplets that do not fit are dropped, never truncated
-  (a truncated prompt would cut the data or the ``<|assistant|>`` marker); their number is reported;
-* ``length``: the longest of the three views in tokens, the length the collator pads the triplet to. The
-  Trainer's ``train_sampling_strategy: group_by_length`` reads it (``length_column_name`` default) to put
-  triplets of similar length in one batch (less padding; see ``bench/README.md``).
+* ``benign``, ``counterfactual``, ``injected``: the three prompts of the triplet + its ``target`` y;
+* ``hijack``: the injected prompt + the ``hijack`` response y_a (what obeying the injection looks like).
 
-:class:`TripletCollator` pads the three views of B triplets to one length L and returns one (3B, L) batch:
-rows [0:B] benign, [B:2B] counterfactual, [2B:3B] injected, with ``attention_mask``, ``position_ids`` (counted
-over real tokens, so left and right padding give the same positions), ``pool_mask`` (1 on prompt tokens, the
-positions that are mean-pooled) and ``labels`` (3B, L): the benign rows' response tokens, the injected rows'
-too when ``injected_lm_loss``; everything else -100.
+Columns: ``<view>_input_ids`` and ``<view>_labels`` (-100 on the prompt, the token id on the response), ``id``,
+``fits`` (all four ≤ ``max_length``; triplets that do not fit are dropped, never truncated, and counted) and
+``length`` (the longest of the four, which the Trainer's ``group_by_length`` sampler reads).
+
+:class:`TripletCollator` pads the views a loss needs (:func:`needed_views`) of B triplets to one length L and
+returns one (V·B, L) batch: rows ``[v·B:(v+1)·B]`` hold view ``views[v]``, with ``attention_mask``,
+``position_ids`` (counted over real tokens, so left and right padding give the same positions), ``pool_mask`` (1
+on prompt tokens), ``response_mask`` (1 on response tokens, every view) and ``labels`` (the response tokens of the
+views in ``lm_views``, -100 everywhere else).
 """
 from __future__ import annotations
 
@@ -35,14 +34,14 @@ from pathlib import Path
 
 import torch
 
-from data_builders.chat_template import prompt_ids
+from data_builders.chat_template import prompt_response_ids
 from data_builders.jsonl_io import DataError
 from data_builders.triplets import read_triplets, triplet_messages
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = "triplet-tokens-v2"  # bump when the tokenize function changes
-VIEWS = ("benign", "counterfactual", "injected")
+CACHE_VERSION = "triplet-tokens-v3-joint"  # bump when the tokenize function changes
+VIEWS = ("benign", "counterfactual", "injected", "hijack")
 
 
 def tokenizer_fingerprint_bytes(tokenizer) -> bytes:
@@ -58,26 +57,29 @@ def tokenizer_fingerprint_bytes(tokenizer) -> bytes:
     return body.encode("utf-8") + b"\0" + specials.encode("utf-8")
 
 
-def cache_fingerprint(triplets_path: str | Path, tokenizer, max_length: int) -> str:
-    """sha256 of (triplet file bytes, tokenizer, chat template, max_length, :data:`CACHE_VERSION`)."""
+def cache_fingerprint(triplets_path: str | Path, tokenizer, max_length: int, data_role: bool = False) -> str:
+    """sha256 of (triplet file bytes, tokenizer, chat template, data role, max_length, :data:`CACHE_VERSION`)."""
     h = hashlib.sha256()
     for part in (Path(triplets_path).read_bytes(), tokenizer_fingerprint_bytes(tokenizer),
                  (tokenizer.chat_template or "").encode("utf-8"), str(int(max_length)).encode(),
-                 CACHE_VERSION.encode()):
+                 f"data_role={bool(data_role)}".encode(), CACHE_VERSION.encode()):
         h.update(hashlib.sha256(part).digest())
     return h.hexdigest()
 
 
-def tokenize_triplet(row: dict, tokenizer, max_length: int) -> dict:
-    """Token ids and labels of the three views of one triplet (see the module docstring)."""
-    response_ids = tokenizer(row["response"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+def tokenize_triplet(row: dict, tokenizer, max_length: int, data_role: bool = False) -> dict:
+    """Token ids and labels of the four sequences of one triplet (see the module docstring)."""
     out = {}
     lengths = []
+    for field in ("target", "hijack"):
+        if not row.get(field):
+            raise ValueError(f"triplet {row.get('id')!r} has no {field} yet (fill it with data_builders.causal_targets)")
     for view in VIEWS:
-        p = prompt_ids(tokenizer, triplet_messages(row, view))
-        ids = p + response_ids
+        prompt_view = "injected" if view == "hijack" else view
+        response = row["hijack"] if view == "hijack" else row["target"]
+        ids, n_prompt = prompt_response_ids(tokenizer, triplet_messages(row, prompt_view, data_role=data_role), response)
         out[f"{view}_input_ids"] = ids
-        out[f"{view}_labels"] = [-100] * len(p) + list(response_ids)
+        out[f"{view}_labels"] = [-100] * n_prompt + ids[n_prompt:]
         lengths.append(len(ids))
     out["length"] = max(lengths)
     out["fits"] = out["length"] <= max_length
@@ -94,10 +96,12 @@ class CacheInfo:
     n_too_long: int
 
 
-def build_token_cache(triplets_path: str | Path, tokenizer, max_length: int, cache_dir: str | Path):
+def build_token_cache(triplets_path: str | Path, tokenizer, max_length: int, cache_dir: str | Path,
+                      data_role: bool = False):
     """Tokenize (or load from the cache) the triplets; returns ``(Dataset of fitting rows, CacheInfo)``.
 
-    Raises :class:`DataError` if the triplet file is invalid or no triplet fits in ``max_length`` tokens.
+    Raises :class:`DataError` if the triplet file is invalid, a triplet has no target, or no triplet fits in
+    ``max_length`` tokens.
     """
     from datasets import Dataset
 
@@ -105,14 +109,19 @@ def build_token_cache(triplets_path: str | Path, tokenizer, max_length: int, cac
         raise ValueError("the tokenizer needs an eos token")
     triplets_path = Path(triplets_path)
     rows = read_triplets(triplets_path)
-    fp = cache_fingerprint(triplets_path, tokenizer, max_length)
+    for i, r in enumerate(rows):
+        for field in ("target", "hijack"):
+            if not r[field]:
+                raise DataError(triplets_path, i + 1, field, "empty: the starting model's answer was never generated "
+                                                             "(data_builders.causal_targets.fill_generated)")
+    fp = cache_fingerprint(triplets_path, tokenizer, max_length, data_role)
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     cache_file = cache_dir / f"triplets-{fp[:16]}.arrow"
     from_cache = cache_file.exists()
     keep_cols = {"id"}
     ds = Dataset.from_list(rows)
-    ds = ds.map(_MapFn(tokenizer, max_length), new_fingerprint=fp[:32], cache_file_name=str(cache_file),
+    ds = ds.map(_MapFn(tokenizer, max_length, data_role), new_fingerprint=fp[:32], cache_file_name=str(cache_file),
                 load_from_cache_file=True, remove_columns=[c for c in ds.column_names if c not in keep_cols],
                 desc="tokenizing triplets")
     fits = ds["fits"][:]  # one Arrow read; iterating the lazy Column formats row by row (~40 µs a row)
@@ -134,38 +143,64 @@ class _MapFn:
 
     CALLS = 0
 
-    def __init__(self, tokenizer, max_length):
-        self.tokenizer, self.max_length = tokenizer, max_length
+    def __init__(self, tokenizer, max_length, data_role=False):
+        self.tokenizer, self.max_length, self.data_role = tokenizer, max_length, data_role
 
     def __call__(self, row):
         _MapFn.CALLS += 1
-        return tokenize_triplet(row, self.tokenizer, self.max_length)
+        return tokenize_triplet(row, self.tokenizer, self.max_length, self.data_role)
+
+
+def needed_views(*, lambda_task: float = 1.0, lambda_lm_injected: float = 0.0, lambda_lm_counterfactual: float = 0.0,
+                 lambda_kl: float = 0.0, lambda_pref: float = 0.0, contrastive: str = "none",
+                 contrastive_counterfactual: bool = True, **_) -> tuple[list[str], list[str]]:
+    """``(views, lm_views)`` a causal objective needs: the benign view always; the injected view for any term on
+    x_i; the counterfactual view only when a term uses it (``lm_counterfactual``, contrastive v1, or v2 with its
+    counterfactual positive) — otherwise the step costs one forward fewer; the hijack view for ``pref_injected`` and
+    contrastive v2. ``lm_views`` are the views whose response tokens carry an LM loss (weight > 0)."""
+    views = ["benign"]
+    if lambda_lm_injected > 0 or lambda_kl > 0 or lambda_pref > 0 or contrastive in ("v1", "v2"):
+        views.append("injected")
+    if lambda_lm_counterfactual > 0 or contrastive == "v1" or (contrastive == "v2" and contrastive_counterfactual):
+        views.append("counterfactual")
+    if lambda_pref > 0 or contrastive == "v2":
+        views.append("hijack")
+    lm = [v for v, w in (("benign", lambda_task), ("injected", lambda_lm_injected),
+                         ("counterfactual", lambda_lm_counterfactual)) if w > 0 and v in views]
+    return views, lm
 
 
 class TripletCollator:
-    """Pads the three views of B triplets to one (3B, L) batch (layout in the module docstring).
+    """Pads the chosen views of B triplets to one (V·B, L) batch (layout in the module docstring).
 
     Args:
         pad_token_id: id used for padding (masked everywhere).
         padding_side: ``right`` or ``left``.
-        injected_lm_loss: also put the injected rows' response tokens in ``labels``.
+        views: the views to stack, in order (default benign, counterfactual, injected: the seed's three).
+        lm_views: the views whose response tokens go into ``labels`` (default: benign only).
         pad_to_multiple_of: round L up to a multiple (GPU efficiency).
+    Raises ``ValueError`` for an unknown view or padding side, or an LM view that is not stacked.
     """
 
-    def __init__(self, pad_token_id: int, padding_side: str = "right", injected_lm_loss: bool = False,
-                 pad_to_multiple_of: int | None = None):
+    def __init__(self, pad_token_id: int, padding_side: str = "right", views=("benign", "counterfactual", "injected"),
+                 lm_views=("benign",), pad_to_multiple_of: int | None = None):
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        bad = [v for v in list(views) + list(lm_views) if v not in VIEWS]
+        if bad or not views or set(lm_views) - set(views):
+            raise ValueError(f"views {list(views)} / lm_views {list(lm_views)}: use views of {list(VIEWS)}, the "
+                             "LM views among them")
         self.pad_token_id, self.padding_side = pad_token_id, padding_side
-        self.injected_lm_loss, self.pad_to_multiple_of = injected_lm_loss, pad_to_multiple_of
+        self.views, self.lm_views = list(views), list(lm_views)
+        self.pad_to_multiple_of = pad_to_multiple_of
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
         seqs, labs, lm = [], [], []
-        for view in VIEWS:
+        for view in self.views:
             for f in features:
                 seqs.append(list(f[f"{view}_input_ids"]))
                 labs.append(list(f[f"{view}_labels"]))
-                lm.append(view == "benign" or (view == "injected" and self.injected_lm_loss))
+                lm.append(view in self.lm_views)
         L = max(len(s) for s in seqs)
         if self.pad_to_multiple_of:
             m = self.pad_to_multiple_of
@@ -175,6 +210,7 @@ class TripletCollator:
         attention = torch.zeros((n, L), dtype=torch.long)
         labels = torch.full((n, L), -100, dtype=torch.long)
         pool = torch.zeros((n, L), dtype=torch.long)
+        resp = torch.zeros((n, L), dtype=torch.long)
         for r, (s, lab, use) in enumerate(zip(seqs, labs, lm)):
             k = len(s)
             sl = slice(L - k, L) if self.padding_side == "left" else slice(0, k)
@@ -182,8 +218,9 @@ class TripletCollator:
             attention[r, sl] = 1
             lab_t = torch.tensor(lab, dtype=torch.long)
             pool[r, sl] = (lab_t == -100).long()
+            resp[r, sl] = (lab_t != -100).long()
             if use:
                 labels[r, sl] = lab_t
         position_ids = (attention.cumsum(-1) - 1).clamp(min=0)
         return {"input_ids": input_ids, "attention_mask": attention, "position_ids": position_ids,
-                "labels": labels, "pool_mask": pool}
+                "labels": labels, "pool_mask": pool, "response_mask": resp}

@@ -19,8 +19,8 @@ Task sources (:func:`read_tasks`, ``format`` = ``auto`` | ``bipia`` | ``alpaca``
   email/table the context is a string and the question the instruction. For code, ``context`` (the Stack
   Overflow answer, the *external* data the injection goes into), ``code`` and ``error`` are lists of lines and
   are joined with newlines; without a ``question`` the instruction is built from the error and the code
-  (:data:`CODE_INSTRUCTION`). ``response`` = ``ideal`` (joined for code) when present, else the generic target
-  :data:`GENERIC_RESPONSES` of the task kind ("I could not find the answer in the email." …) — BIPIA's own
+  (:data:`CODE_INSTRUCTION`). ``response`` = ``ideal`` (joined for code) when present, else empty: the causal
+  stage then trains toward the starting model's own greedy answer (:mod:`data_builders.causal_targets`) — BIPIA's own
   email files use "unknown" for unanswerable questions, which is kept as is.
 * Alpaca rows (``instruction``, ``input``, ``output``) with a non-empty ``input`` (the data part).
 * Seed tasks ``{"id", "system"?, "instruction", "data", "response"}`` (``data_builders/seed/tasks.jsonl``).
@@ -76,18 +76,23 @@ POSITIONS = ("start", "middle", "end")
 TASK_FORMATS = ("auto", "bipia", "alpaca", "seed")
 TRIPLET_FIELDS = ("id", "system", "instruction", "data", "data_counterfactual", "injection", "position",
                   "response", "attack_category")
+TRIPLET_OPTIONAL = ("target", "target_source", "hijack", "hijack_source", "canary", "control_tag", "control_mode")
+CANARY_SLOT = "{canary}"
+# Canary vocabulary of the *training* attacks (trees; WORD-NNN). The held-out set uses minerals and WORD-NNNN
+# (evaluation/heldout/attacks.py); tests/test_heldout.py checks that the two never share a word.
+TRAIN_CANARY_WORDS = ["MAPLE", "CEDAR", "BIRCH", "WILLOW", "ALDER", "ROWAN", "HAZEL", "LARCH", "SPRUCE", "ASPEN",
+                      "POPLAR", "JUNIPER", "SEQUOIA", "BAOBAB", "ACACIA", "MAGNOLIA", "HORNBEAM", "SYCAMORE"]
+# Training controls: the *trusted* instruction asks for a tag; the target complies (see build_triplets).
+TRAIN_CONTROL_SUFFIXES = [("Close your reply with the label {tag}.", "end"),
+                          ("Put the word {tag} at the very start of your answer.", "start"),
+                          ("Add the reference code {tag} after your answer.", "end")]
+TRAIN_CONTROL_WORDS = ["MEMO", "NOTE", "FILE", "ENTRY"]
 
 SYSTEMS = {
     "email": "You are an email assistant. Answer the user's question using only the email provided.",
     "table": "You are a data assistant. Answer the user's question using only the table provided.",
     "code": "You are a coding assistant. Help the user fix their code; the reference answer is provided as help.",
     "text": "",
-}
-GENERIC_RESPONSES = {
-    "email": "I could not find the answer in the email.",
-    "table": "I could not find the answer in the table.",
-    "code": "I could not determine the fix from the information provided.",
-    "text": "I could not complete the task from the content provided.",
 }
 CODE_INSTRUCTION = ("My code raises the error below. Using the reference answer that follows as help, fix the "
                     "error and reply with the corrected code only.\n\nError:\n```\n{error}\n```\n\nCode:\n```\n{code}\n```\n\n"
@@ -97,7 +102,8 @@ CODE_INSTRUCTION = ("My code raises the error below. Using the reference answer 
 # --------------------------------------------------------------------------------------------- tasks
 @dataclass
 class Task:
-    """One task with a data part. ``kind`` ∈ {email, table, code, text} selects rewording and attack pool."""
+    """One task with a data part. ``kind`` ∈ {email, table, code, text} selects rewording and attack pool;
+    ``response`` is the gold answer, or "" when the source has none (``generic_response``)."""
 
     id: str
     instruction: str
@@ -151,7 +157,7 @@ def _bipia_task(obj: dict, path: Path, line: int) -> Task:
         instruction = f"{q}\nAnswer using only the {kind} below."
         data = context.strip()
     generic = not (ideal and ideal.strip())
-    response = GENERIC_RESPONSES[kind] if generic else ideal.strip()
+    response = "" if generic else ideal.strip()
     return Task(id=f"bipia-{kind}-{path.parent.name}-{line}", instruction=instruction, data=data,
                 response=response, system=SYSTEMS[kind], kind=kind, generic_response=generic)
 
@@ -253,6 +259,8 @@ def read_attacks(path: str, fmt: str = "auto", max_rows: int | None = None) -> A
     items: list[tuple[str, str]] = []
     if p.suffix == ".jsonl" or p.suffix == ".gz":
         for line, obj in iter_jsonl(p):
+            if isinstance(obj, dict) and obj.get("kind") == "control":
+                continue  # over-defence controls carry no injection
             text = require_str(obj, "injection", p, line)
             cat = obj.get("attack_category", "uncategorised")
             if not isinstance(cat, str):
@@ -275,27 +283,50 @@ def read_attacks(path: str, fmt: str = "auto", max_rows: int | None = None) -> A
 
 
 def normalise_attack(text: str) -> str:
-    """NFKC, case-folded, whitespace-collapsed form used for the train/eval disjointness rule."""
+    """NFKC, case-folded, whitespace-collapsed form (kept for callers; the disjointness rule uses
+    :func:`data_builders.overlap.normalise`)."""
     return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
 
 
 def check_attack_overlap(train: Sequence[AttackSet], evaluation: Sequence[AttackSet]) -> None:
-    """Raise :class:`DataError` (naming the training file, its category/index, and the evaluation file) if any
-    training attack equals an evaluation attack after :func:`normalise_attack`."""
-    seen: dict[str, tuple[str, str]] = {}
-    for s in evaluation:
-        for cat, text in s.items:
-            seen.setdefault(normalise_attack(text), (s.path, cat))
+    """Raise :class:`DataError` (naming the training file, its category/index, and the evaluation file) if a
+    training attack shares a word ``ATTACK_NGRAM``-gram (6) with an evaluation attack after
+    :func:`data_builders.overlap.normalise` (case, spacing, punctuation and canaries masked), so an evaluation
+    attack that is a training attack with a clause appended or another canary is caught too."""
+    from data_builders.overlap import ATTACK_NGRAM, find_overlaps
+
+    ev = [(s.path, cat, text) for s in evaluation for cat, text in s.items]
+    if not ev:
+        return
     for s in train:
-        counters: dict[str, int] = {}
-        for cat, text in s.items:
-            idx = counters.get(cat, 0)
-            counters[cat] = idx + 1
-            hit = seen.get(normalise_attack(text))
-            if hit:
-                raise DataError(s.path, None, f"{cat}[{idx}]",
-                                f"training attack also appears in the evaluation attack file {hit[0]} (category "
-                                f"{hit[1]!r}): {text[:80]!r}; train and evaluation attacks must be disjoint")
+        texts = [text for _, text in s.items]
+        hits = find_overlaps(texts, [t for _, _, t in ev], ATTACK_NGRAM)
+        if hits:
+            i = min(hits)
+            cat, text = s.items[i]
+            idx = sum(1 for c, _ in s.items[:i] if c == cat)
+            path, ecat, etext = ev[hits[i][0]]
+            raise DataError(s.path, None, f"{cat}[{idx}]",
+                            f"training attack overlaps the evaluation attack file {path} (category {ecat!r}: "
+                            f"{etext[:60]!r}): {text[:80]!r}; train and evaluation attacks must be disjoint "
+                            f"(no shared {ATTACK_NGRAM}-word sequence)")
+
+
+def check_task_overlap(tasks: Sequence[Task], eval_cases: Sequence[dict], eval_path: str) -> None:
+    """Raise :class:`DataError` if a training task's data part shares a word ``DATA_NGRAM``-gram (8) with the data
+    of an evaluation case (e.g. a BIPIA train context converted into eval cases): the evaluation would then
+    measure memorisation, not robustness. Names the task and the evaluation case."""
+    from data_builders.overlap import DATA_NGRAM, find_overlaps
+
+    if not tasks or not eval_cases:
+        return
+    hits = find_overlaps([t.data for t in tasks], [c["data"] for c in eval_cases], DATA_NGRAM)
+    if hits:
+        i = min(hits)
+        c = eval_cases[hits[i][0]]
+        raise DataError(eval_path, None, "data", f"evaluation case {c.get('id')!r} reuses the data of training task "
+                                                 f"{tasks[i].id!r} (shared {DATA_NGRAM}-word sequence); the causal "
+                                                 "stage's tasks and the evaluation set must be disjoint")
 
 
 # --------------------------------------------------------------------------------------------- rewording
@@ -542,8 +573,35 @@ def insert_injection(data: str, injection: str, position: str) -> str:
     return data + sep + inj
 
 
-def triplet_messages(t: dict, view: str) -> list[dict]:
-    """Messages of one view (``benign`` | ``counterfactual`` | ``injected``) of triplet ``t``."""
+# Chat-template control strings of common model families. With the data role on, they are removed from the data
+# part (repeatedly, so "<|us<|user|>er|>" cannot reassemble one), as Meta SecAlign's ``recursive_filter`` does for
+# Llama-3's header tokens: data can then never open a turn of its own.
+TEMPLATE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|input|>", "</s>", "<s>", "<|im_start|>",
+                   "<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|begin_of_text|>", "<|start_header_id|>",
+                   "<|end_header_id|>", "<start_of_turn>", "<end_of_turn>", "<eos>", "<bos>", "[INST]", "[/INST]",
+                   "<<SYS>>", "<</SYS>>", "<|end|>", "<|user", "<|assistant")
+
+
+def neutralise_template_tokens(text: str, extra: Sequence[str] = ()) -> str:
+    """``text`` with every :data:`TEMPLATE_TOKENS` string (and ``extra``, e.g. a tokenizer's special tokens)
+    removed until none is left (case-sensitive, like the tokenizers that would read them as control tokens)."""
+    tokens = sorted({*TEMPLATE_TOKENS, *(e for e in extra if e)}, key=len, reverse=True)
+    prev = None
+    while prev != text:
+        prev = text
+        for tok in tokens:
+            text = text.replace(tok, "")
+    return text
+
+
+def triplet_messages(t: dict, view: str, data_role: bool = False) -> list[dict]:
+    """Messages of one view (``benign`` | ``counterfactual`` | ``injected``) of triplet ``t``.
+
+    ``data_role`` False: ``[system?, user(instruction + blank line + data')]``. True: ``[system?, user(instruction),
+    input(data')]`` with :func:`neutralise_template_tokens` applied to the data (the ``input`` role of
+    :mod:`data_builders.chat_template`). Evaluation cases are built by the same function, so training, generation
+    and evaluation see one format.
+    """
     if view == "benign":
         data = t["data"]
     elif view == "counterfactual":
@@ -553,7 +611,11 @@ def triplet_messages(t: dict, view: str) -> list[dict]:
     else:
         raise ValueError(f"unknown view {view!r}")
     msgs = [{"role": "system", "content": t["system"]}] if t.get("system", "").strip() else []
-    msgs.append({"role": "user", "content": user_turn(t["instruction"], data)})
+    if data_role:
+        msgs.append({"role": "user", "content": t["instruction"].strip()})
+        msgs.append({"role": "input", "content": neutralise_template_tokens(data).strip()})
+    else:
+        msgs.append({"role": "user", "content": user_turn(t["instruction"], data)})
     return msgs
 
 
@@ -568,18 +630,45 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:40] or "attack"
 
 
+def _fresh_canary(rng: random.Random, used: set, forbidden: str) -> str:
+    low = forbidden.casefold()
+    while True:
+        c = f"{rng.choice(TRAIN_CANARY_WORDS)}-{rng.randint(100, 999)}"
+        if c not in used and c.casefold() not in low:
+            used.add(c)
+            return c
+
+
+def compose_control_target(answer: str, tag: str, mode: str) -> str:
+    """The compliant answer of a control triplet: ``tag`` before (``start``) or after (``end``) the answer."""
+    return f"{tag} {answer}".strip() if mode == "start" else f"{answer} {tag}".strip()
+
+
 def build_triplets(tasks: Sequence[Task], train_attacks: Sequence[AttackSet], *, seed: int = 42,
                    max_triplets: int | None = None, positions: Sequence[str] = POSITIONS,
                    max_data_chars: int | None = None, eval_attacks: Sequence[AttackSet] = (),
-                   counterfactuals: dict[str, str] | None = None, triplets_per_task: int = 1) -> BuildResult:
+                   counterfactuals: dict[str, str] | None = None, triplets_per_task: int = 1,
+                   control_fraction: float = 0.0, max_response_chars: int | None = None) -> BuildResult:
     """``triplets_per_task`` triplets per task (each with the next attack of the pool and the next position),
     tasks taken in a seeded shuffle until ``max_triplets`` triplets exist. Tasks whose data is longer than
-    ``max_data_chars`` are skipped. Triplet ids are the task id, then ``<task id>~2``, ``~3`` … for the extra
+    ``max_data_chars`` (or whose gold answer is longer than ``max_response_chars``) are skipped. Triplet ids are the
+    task id, then ``<task id>~2``, ``~3`` … for the extra
     triplets of the same task (:func:`task_group` strips the suffix, to split by task).
+
+    Attack texts holding ``{canary}`` are *canary attacks*: the slot gets a fresh ``WORD-NNN`` training canary
+    (:data:`TRAIN_CANARY_WORDS`) and the triplet's ``hijack`` (what obeying looks like) is that canary; other texts
+    are task attacks whose ``hijack`` is left empty for the starting model to fill (its answer to the injected
+    instruction alone, :mod:`data_builders.causal_targets`). ``target`` (the answer every view is trained toward)
+    is the gold ``response``, or empty when the task has none (filled with the starting model's greedy answer).
+
+    ``control_fraction`` of the triplets (every k-th, deterministic) are *controls*: the trusted instruction itself
+    asks for a tag (:data:`TRAIN_CONTROL_SUFFIXES`, tag from :data:`TRAIN_CONTROL_WORDS`) and the target complies
+    (:func:`compose_control_target`), while the data still carries an injection — so the stage learns to follow
+    requests in the instruction and ignore those in the data.
 
     ``counterfactuals`` maps task id → a model paraphrase already checked by :func:`accept_paraphrase`; other
     tasks get :func:`reword`. Raises :class:`DataError` on train/eval attack overlap, and ``ValueError`` if there
-    are no tasks, no attacks, or an unknown position.
+    are no tasks, no attacks, an unknown position or a control fraction outside [0, 1).
     """
     check_attack_overlap(train_attacks, eval_attacks)
     for p in positions:
@@ -587,12 +676,15 @@ def build_triplets(tasks: Sequence[Task], train_attacks: Sequence[AttackSet], *,
             raise ValueError(f"unknown injection position {p!r}; expected some of {list(POSITIONS)}")
     if not positions:
         raise ValueError("no injection positions given")
+    if not 0 <= control_fraction < 1:
+        raise ValueError(f"control_fraction must be in [0, 1), got {control_fraction}")
     pools = {"text": [], "code": []}
     for s in train_attacks:
         pools[s.kind].extend(s.items)
     if not pools["text"] and not pools["code"]:
         raise ValueError("no training attacks given")
-    kept = [t for t in tasks if max_data_chars is None or len(t.data) <= max_data_chars]
+    kept = [t for t in tasks if (max_data_chars is None or len(t.data) <= max_data_chars)
+            and (max_response_chars is None or len(t.response) <= max_response_chars)]
     n_long = len(tasks) - len(kept)
     if not kept:
         raise ValueError(f"no tasks left (all {len(tasks)} have data longer than max_data_chars={max_data_chars})")
@@ -610,9 +702,12 @@ def build_triplets(tasks: Sequence[Task], train_attacks: Sequence[AttackSet], *,
         rng.shuffle(deck)
         decks[k] = deck
     cursor = {"text": 0, "code": 0}
+    every = round(1 / control_fraction) if control_fraction > 0 else 0
+    crng = random.Random(seed + 1)  # canaries and control tags: their own stream (the attack deal stays as before)
+    used_canaries: set = set()
     triplets, ids = [], set()
     stats = {"tasks_read": len(tasks), "skipped_long_data": n_long, "by_kind": {}, "by_position": {},
-             "by_category": {}, "counterfactual": {}, "generic_responses": 0}
+             "by_category": {}, "counterfactual": {}, "generic_responses": 0, "canary_attacks": 0, "controls": 0}
     for i, (task, rep) in enumerate(jobs):
         pool = "code" if task.kind == "code" else "text"
         if not decks[pool]:
@@ -631,9 +726,26 @@ def build_triplets(tasks: Sequence[Task], train_attacks: Sequence[AttackSet], *,
             n += 1
             tid = f"{base_id}#{n}"
         ids.add(tid)
-        triplets.append({"id": tid, "system": task.system, "instruction": task.instruction, "data": task.data,
-                         "data_counterfactual": cf, "injection": injection.strip(), "position": position,
-                         "response": task.response, "attack_category": cat})
+        forbidden = "\n".join([task.instruction, task.data, task.response])
+        canary = ""
+        injection = injection.strip()
+        if CANARY_SLOT in injection:
+            canary = _fresh_canary(crng, used_canaries, forbidden)
+            injection = injection.replace(CANARY_SLOT, canary)
+            stats["canary_attacks"] += 1
+        row = {"id": tid, "system": task.system, "instruction": task.instruction, "data": task.data,
+               "data_counterfactual": cf, "injection": injection, "position": position,
+               "response": task.response, "attack_category": cat, "target": task.response,
+               "target_source": "gold" if task.response else "model", "hijack": canary,
+               "hijack_source": "canary" if canary else "model", "canary": canary}
+        if every and i % every == every - 1:
+            suffix, mode = TRAIN_CONTROL_SUFFIXES[(i // every) % len(TRAIN_CONTROL_SUFFIXES)]
+            tag = f"{crng.choice(TRAIN_CONTROL_WORDS)}-{crng.randint(100, 999)}"
+            row["instruction"] = f"{task.instruction} {suffix.format(tag=tag)}"
+            row["control_tag"], row["control_mode"] = tag, mode
+            row["target"] = compose_control_target(task.response, tag, mode) if task.response else ""
+            stats["controls"] += 1
+        triplets.append(row)
         for key, val in (("by_kind", task.kind), ("by_position", position), ("by_category", cat),
                          ("counterfactual", rule)):
             stats[key][val] = stats[key].get(val, 0) + 1
@@ -654,14 +766,26 @@ def write_triplets(path: str | Path, triplets: Iterable[dict]) -> Path:
 
 
 def validate_triplet(obj: dict, path, line) -> dict:
-    """Check one triplet row against the schema; returns it with only the schema fields."""
+    """Check one triplet row against the schema; returns it with the schema fields (``response`` may be empty when
+    the task has no gold answer; ``target`` defaults to ``response``, ``hijack`` to ``canary`` or "")."""
     out = {}
     for k in TRIPLET_FIELDS:
-        out[k] = require_str(obj, k, path, line, allow_empty=(k == "system"))
+        out[k] = require_str(obj, k, path, line, allow_empty=(k in ("system", "response")))
     if out["position"] not in POSITIONS:
         raise DataError(path, line, "position", f"{out['position']!r} is not one of {list(POSITIONS)}")
     if out["data"] == out["data_counterfactual"]:
         raise DataError(path, line, "data_counterfactual", "identical to 'data' (a counterfactual must be reworded)")
+    for k in TRIPLET_OPTIONAL:
+        if k in obj and obj[k] is not None and not isinstance(obj[k], str):
+            raise DataError(path, line, k, f"expected a string, got {type(obj[k]).__name__}")
+        if k in obj or k not in ("control_tag", "control_mode"):
+            out[k] = obj.get(k) or ""
+    out["target"] = out["target"] or out["response"]
+    out["target_source"] = out["target_source"] or ("gold" if out["response"] else "model")
+    out["hijack"] = out["hijack"] or out["canary"]
+    out["hijack_source"] = out["hijack_source"] or ("canary" if out["canary"] else "model")
+    if out.get("control_tag") and out.get("control_mode") not in ("start", "end"):
+        raise DataError(path, line, "control_mode", f"{out['control_mode']!r} is not one of ['start', 'end']")
     return out
 
 

@@ -17,8 +17,13 @@ without replacement with ``--seed``, an equal share from each context file when 
 within a category; positions cycle start → middle → end. ``attack_category`` is ``bipia/<category>``; a
 ``source`` key records ``<file>:<line>``.
 
-    python -m evaluation.bipia_convert --contexts email/train.jsonl table/train.jsonl \\
-        --attacks text_attack_train.json --out bipia_eval.jsonl --seed 0 --n 24
+    python -m evaluation.bipia_convert --contexts email/test.jsonl table/test.jsonl \\
+        --attacks text_attack_test.json --out bipia_eval.jsonl --seed 0 --n 24 [--config C]
+
+With ``--config`` the conversion is refused (exit 2) when its contexts or attacks overlap what that config's causal
+stage trains on (:func:`data_builders.triplets.check_task_overlap` / ``check_attack_overlap``: shared word n-grams,
+canaries masked, so the appended canary clause cannot hide a reused attack). The causal stage applies the same
+check to its ``evaluate.eval_file`` at start-up.
 """
 from __future__ import annotations
 
@@ -153,6 +158,25 @@ def convert(context_files: list[str | Path], attack_file: str | Path, *, seed: i
     return cases
 
 
+def refuse_training_overlap(config_path: str, cases: list[dict], out: str) -> None:
+    """Raise :class:`DataError` if ``cases`` reuse a task's data or a training attack of the config's causal stage."""
+    from data_builders.triplets import AttackSet, check_attack_overlap, check_task_overlap, read_attacks, read_tasks
+    from stages.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(config_path)
+    except ConfigError as e:
+        raise DataError(config_path, e.line, e.field, e.message) from None
+    tasks = []
+    for s in cfg.causal.tasks:
+        s = {"path": s} if isinstance(s, str) else s
+        tasks += read_tasks(s["path"], s.get("format", "auto"), s.get("max_rows"), s.get("skip_invalid", False))
+    check_task_overlap(tasks, cases, out)
+    train = [read_attacks(s["path"] if isinstance(s, dict) else s) for s in cfg.causal.train_attacks]
+    check_attack_overlap(train, [AttackSet(path=out, kind="text",
+                                           items=[(c["attack_category"], c["injection"]) for c in cases])])
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="Convert BIPIA context + attack files to injection eval cases")
     ap.add_argument("--contexts", nargs="+", required=True, help="BIPIA context JSONL file(s) (task = folder name)")
@@ -161,9 +185,12 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--n", type=int, default=None, help="number of cases (default: every short enough context)")
     ap.add_argument("--max-context-chars", type=int, default=1500)
+    ap.add_argument("--config", help="refuse contexts/attacks that this pipeline config's causal stage trains on")
     args = ap.parse_args(argv)
     try:
         cases = convert(args.contexts, args.attacks, seed=args.seed, n=args.n, max_context_chars=args.max_context_chars)
+        if args.config:
+            refuse_training_overlap(args.config, cases, args.out)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

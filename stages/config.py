@@ -59,6 +59,8 @@ class ModelSection:
     device_memory_gb: float | None = None  # memory of the one training device, for the dry-run estimate
     cache_dir: str | None = None  # where embedded models are converted (default: ~/.cache/staged-alignment)
     use_liger_kernel: bool = False  # TRL/transformers Liger kernels (CUDA + liger-kernel)
+    data_role: bool = False  # put a prompt's data part in its own <|input|> turn (training, generation, evaluation)
+    merge_dtype: str = "auto"  # dtype of merged copies: auto (the training compute dtype) | float32 | bfloat16 | float16
 
 
 @dataclass
@@ -150,17 +152,26 @@ class DPOSection:
 
 @dataclass
 class CausalLossSection:
-    """Loss of the causal contrastive stage (see trainers/causal_losses.py for the formulas)."""
+    """Objective of the causal stage: a weighted sum of terms (formulas and sources in trainers/causal_losses.py).
 
-    variant: str = "cosine"  # cosine | infonce | margin
-    temperature: float = 0.1  # τ, 0.01 ≤ τ ≤ 1
-    lambda_task: float = 1.0
-    lambda_causal: float = 1.0
-    lambda_spurious: float = 1.0
-    margin_floor: float = 0.0  # margin variant: separation term stops at cos ≤ floor
-    injected_lm_loss: bool = False  # LM loss on the injected prompt toward the benign response
-    lambda_injected: float = 1.0
-    in_batch_negatives: bool = False  # infonce: other triplets' counterfactuals/injections as extra negatives
+    Defaults are the arm the ablation measured best (README, "Causal-stage ablation"); every other term stays an
+    option. v1 is the seed's prompt-level contrast, kept for comparison."""
+
+    lambda_task: float = 1.0  # NLL(y | x_b): the benign prompt toward the target
+    lambda_lm_injected: float = 1.0  # NLL(y | x_i): the injected prompt toward the same target (StruQ)
+    lambda_lm_counterfactual: float = 0.0  # NLL(y | x_c)
+    lambda_kl: float = 0.0  # KL(sg[p(·|x_b, y<t)] ‖ p(·|x_i, y<t)) over response tokens (consistency training)
+    lambda_pref: float = 0.0  # DPO sigmoid on x_i with y ≻ y_a against the adapter-disabled reference (SecAlign)
+    pref_beta: float = 0.1  # β of the preference term
+    contrastive: str = "none"  # none | v1 (seed: prompt-pooled states) | v2 (response states, hijack negative)
+    lambda_contrastive: float = 1.0  # weight of the v2 term
+    contrastive_counterfactual: bool = True  # v2: z(x_c, y) as a second positive (adds the counterfactual view)
+    variant: str = "cosine"  # v1: cosine | infonce | margin
+    temperature: float = 0.1  # τ of v1 and v2, 0.01 ≤ τ ≤ 1
+    lambda_causal: float = 1.0  # v1: weight of the benign/counterfactual pull
+    lambda_spurious: float = 1.0  # v1: weight of the benign/injected push
+    margin_floor: float = 0.0  # v1 margin variant: separation term stops at cos ≤ floor
+    in_batch_negatives: bool = False  # v1 infonce: other triplets' counterfactuals/injections as extra negatives
 
 
 @dataclass
@@ -176,7 +187,7 @@ class CausalHeadSection:
 
 @dataclass
 class CausalSection:
-    """Stage 2: the causal contrastive stage on prompt-injection triplets."""
+    """Stage 2: the causal stage on prompt-injection triplets (targets per view, invariance, contrast)."""
 
     enabled: bool = True
     tasks: list = field(default_factory=list)  # list of DataSource (bipia contexts | alpaca | seed tasks)
@@ -190,10 +201,15 @@ class CausalSection:
     positions: list = field(default_factory=lambda: ["start", "middle", "end"])  # injection positions (cycled)
     triplets_per_task: int = 1  # triplets per task (next attack, next position each)
     max_data_chars: int | None = None  # skip tasks whose data part is longer (cheap pre-filter)
+    max_response_chars: int | None = None  # skip tasks whose gold answer is longer (short targets, short sequences)
     max_length: int | None = None  # tokens per view (prompt + response); None = model.max_seq_length
     padding_side: str = "right"  # right | left (the collator; pooling and positions are padding-agnostic)
+    control_fraction: float = 0.1  # share of triplets whose trusted instruction asks for a tag (target: comply)
+    generation_max_new_tokens: int = 64  # model-made targets and hijacked responses (greedy, cached)
+    generation_batch_size: int = 16
     eval_fraction: float = 0.0  # held-out triplets for eval/ causal metrics during training
     base: str = "dpo"  # which merged model to start from: dpo | sft
+    base_model: str | None = None  # a model folder to start from instead (e.g. the ablation's shared starting model)
     loss: dict = field(default_factory=dict)  # CausalLossSection keys
     head: dict = field(default_factory=dict)  # CausalHeadSection keys
     hub_model_id: str | None = None
@@ -205,9 +221,10 @@ class EvaluateSection:
     """Stage 3: evaluation and verification."""
 
     enabled: bool = True
-    eval_file: str = "data_builders/seed/injection_eval.jsonl"
+    eval_file: str = "evaluation/heldout/injection_heldout.jsonl"  # injection cases + over-defence controls
     redteam_file: str | None = None  # red-team prompts for the refusal/harm rate (default: DPO held-out slice)
-    max_cases: int | None = None
+    max_cases: int | None = None  # the first N injection cases (and the first N controls)
+    controls: bool = True  # answer the over-defence controls of the eval file
     max_new_tokens: int = 64
     batch_size: int = 8
     do_sample: bool = False
@@ -533,7 +550,33 @@ def validate_config(cfg: PipelineConfig) -> None:
         raise cfg.error("dpo.held_out", "held_out must be ≥ 0, min_pairs and assessment_max_new_tokens ≥ 1")
     if cfg.dpo.max_prompts is not None and cfg.dpo.max_prompts < 1:
         raise cfg.error("dpo.max_prompts", "must be ≥ 1 (or null for all)")
+    raw_loss = cfg.causal.loss if isinstance(cfg.causal.loss, dict) else {}
+    for old_key, new_key in (("injected_lm_loss", "lambda_lm_injected"), ("lambda_injected", "lambda_lm_injected")):
+        if old_key in raw_loss:
+            raise cfg.error(f"causal.loss.{old_key}", f"renamed: set causal.loss.{new_key} (a weight; 0 turns the "
+                                                     "term off)")
     loss = sub_section(cfg, CausalLossSection, "causal.loss")
+    if loss.contrastive not in {"none", "v1", "v2"}:
+        raise cfg.error("causal.loss.contrastive", f"{loss.contrastive!r} is not one of ['none', 'v1', 'v2']")
+    weights = {k: getattr(loss, k) for k in ("lambda_task", "lambda_lm_injected", "lambda_lm_counterfactual",
+                                             "lambda_kl", "lambda_pref", "lambda_contrastive", "lambda_causal",
+                                             "lambda_spurious", "pref_beta", "temperature", "margin_floor")}
+    for k, v in weights.items():
+        if v != v or v in (float("inf"), float("-inf")):
+            raise cfg.error(f"causal.loss.{k}", f"{v} is not a finite number")
+    if max(loss.lambda_task, loss.lambda_lm_injected, loss.lambda_lm_counterfactual) <= 0:
+        raise cfg.error("causal.loss.lambda_task", "at least one LM weight (lambda_task, lambda_lm_injected, "
+                                                   "lambda_lm_counterfactual) must be > 0")
+    if loss.lambda_pref > 0 and loss.pref_beta <= 0:
+        raise cfg.error("causal.loss.pref_beta", "must be > 0")
+    if not 0 <= cfg.causal.control_fraction < 1:
+        raise cfg.error("causal.control_fraction", "must be in [0, 1)")
+    if cfg.causal.generation_max_new_tokens < 1 or cfg.causal.generation_batch_size < 1:
+        raise cfg.error("causal.generation_max_new_tokens", "generation_max_new_tokens and generation_batch_size "
+                                                            "must be ≥ 1")
+    if m.merge_dtype not in {"auto", "float32", "bfloat16", "float16"}:
+        raise cfg.error("model.merge_dtype", f"{m.merge_dtype!r} is not one of ['auto', 'bfloat16', 'float16', "
+                                             "'float32']")
     if not 0.01 <= loss.temperature <= 1.0:
         raise cfg.error("causal.loss.temperature", f"τ={loss.temperature} is outside [0.01, 1]")
     if loss.variant not in {"cosine", "infonce", "margin"}:
@@ -549,8 +592,10 @@ def validate_config(cfg: PipelineConfig) -> None:
         raise cfg.error("causal.head.hidden", f"a bottleneck head needs hidden < dim (got {head.hidden} ≥ {head.dim})")
     if head.learning_rate is not None and head.learning_rate <= 0:
         raise cfg.error("causal.head.learning_rate", "must be positive")
-    if loss.lambda_task < 0 or loss.lambda_causal < 0 or loss.lambda_spurious < 0 or loss.lambda_injected < 0:
-        raise cfg.error("causal.loss", "the λ weights must be ≥ 0")
+    for k in ("lambda_task", "lambda_lm_injected", "lambda_lm_counterfactual", "lambda_kl", "lambda_pref",
+              "lambda_contrastive", "lambda_causal", "lambda_spurious"):
+        if getattr(loss, k) < 0:
+            raise cfg.error(f"causal.loss.{k}", "the λ weights must be ≥ 0")
     c = cfg.causal
     bad_pos = [p for p in c.positions if p not in ("start", "middle", "end")]
     if not c.positions or bad_pos:
@@ -561,7 +606,7 @@ def validate_config(cfg: PipelineConfig) -> None:
         raise cfg.error("causal.eval_fraction", "must be in [0, 1)")
     if c.max_length is not None and c.max_length < 16:
         raise cfg.error("causal.max_length", "must be at least 16")
-    for key in ("max_triplets", "max_data_chars", "triplets_per_task"):
+    for key in ("max_triplets", "max_data_chars", "max_response_chars", "triplets_per_task"):
         if getattr(c, key) is not None and getattr(c, key) < 1:
             raise cfg.error(f"causal.{key}", "must be ≥ 1")
     if c.counterfactual_batch_size < 1 or c.counterfactual_max_new_tokens < 1:

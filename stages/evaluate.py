@@ -1,10 +1,15 @@
-"""Evaluation: attack success rate, benign utility, refusal rate, representation metrics and verification.
+"""Evaluation: attack success, utility (clean and under attack), over-defence compliance, refusal rate,
+representation metrics, paired tests and verification.
 
-Recipe: parse config → parse the eval file (and red-team prompts) before any model → per model: answer the
-clean and the injected prompt of every case and the red-team prompts (greedy by default; each answer appended
-to ``generations.jsonl`` as soon as its batch is done, so a rerun resumes per (model, case)) → pooled
-representations of the clean, counterfactual and injected prompts → metrics (:mod:`evaluation.metrics`) and
-verification (:mod:`evaluation.verification`) → ``metrics.json``, ``report.md`` and plots (:mod:`evaluation.report`).
+Recipe: parse config → parse the eval file (injection cases and controls) and red-team prompts before any model →
+per model: answer the clean prompt of every case (prompts shared by several cases are answered once), the injected
+prompt of every injection case and the red-team prompts (greedy by default; each answer appended to
+``generations.jsonl`` as soon as its batch is done, so a rerun resumes per (model, case)) → per-case verdicts of
+the judges (:func:`evaluation.metrics.score_case`, written back into ``generations.jsonl``) → representations of
+the clean, counterfactual and injected views (through the causal stage's projection head when the model has one,
+else the pooled hidden states) → metrics (:mod:`evaluation.metrics`), exact McNemar tests of each model against the
+model its stage started from (Holm-corrected) and verification (:mod:`evaluation.verification`) → ``metrics.json``,
+``report.md`` and plots (:mod:`evaluation.report`).
 
     python stages/evaluate.py --config C --model M [--model M2 …] --eval-file F [--output D] [key=value …]
 
@@ -20,6 +25,7 @@ and the others exit 0 (each logs a line saying so).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import logging
@@ -38,6 +44,8 @@ STAGE = "evaluate"
 MAIN_PROCESS_ONLY = True  # stages.common.run_stage_main: under several processes only the main one evaluates
 ROOT = Path(__file__).resolve().parents[1]
 PIPELINE_LABELS = ("base", "sft", "dpo", "causal")
+# the model each pipeline stage started from: the reference of its paired tests
+STAGE_REFERENCE = {"sft": "base", "dpo": "sft", "causal": "dpo"}
 log = logging.getLogger("staged_alignment.evaluate")
 
 
@@ -81,7 +89,8 @@ def validate(cfg: PipelineConfig, eval_file: str | os.PathLike | None = None,
     """
     from evaluation.cases import load_cases
 
-    cases = load_cases(resolve_input(eval_file) if eval_file else eval_file_path(cfg), cfg.evaluate.max_cases)
+    cases = load_cases(resolve_input(eval_file) if eval_file else eval_file_path(cfg), cfg.evaluate.max_cases,
+                       controls=cfg.evaluate.controls)
     if cfg.evaluate.redteam_file:
         from data_builders.redteam import read_redteam_file
 
@@ -204,32 +213,83 @@ def messages_sha(messages: list[dict]) -> str:
     return hashlib.sha256(json.dumps(messages, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
 
 
-def encode_prompts(model, tokenizer, conversations: list[list[dict]], *, batch_size: int = 8, layer: int = -1):
-    """Pooled hidden states of the rendered prompts (ending in ``<|assistant|>\\n``) → numpy (N, H) float32.
+def find_projection_head(path: str) -> Path | None:
+    """The causal stage's projection head for a model folder: ``<path>/causal_projection.safetensors``, or, for a
+    ``…/causal/merged`` folder, the one beside its adapter (``…/causal/adapter/``); None when there is none."""
+    from trainers.causal import HEAD_WEIGHTS
 
-    Right padding (real tokens keep positions 0..L-1 whatever the batch), hidden states of ``layer`` (-1 = last)
-    mean-pooled over the attention mask with the causal stage's ``pool_hidden_states``.
-    """
-    import numpy as np
+    p = Path(path)
+    for cand in (p / HEAD_WEIGHTS, p.parent / "adapter" / HEAD_WEIGHTS):
+        if cand.is_file():
+            return cand
+    return None
+
+
+def teacher_forced_logps(model, tokenizer, conversations: list[list[dict]], responses: list[str], *,
+                         batch_size: int = 8, include_eos: bool = True) -> list[float]:
+    """log p(response | conversation) in nats for each pair: the sum over the response tokens (incl. eos, unless
+    ``include_eos`` is False: then the probability that the answer *begins* with the response) of the model's
+    log-probabilities, teacher-forced, with prompt and response tokenized jointly as in training
+    (:func:`data_builders.chat_template.prompt_response_ids`). Raises ``ValueError`` for different lengths."""
     import torch
+    import torch.nn.functional as F
 
-    from data_builders.chat_template import render_prompt
-    from trainers.causal_losses import pool_hidden_states
+    from data_builders.chat_template import prompt_response_ids
 
-    prev = tokenizer.padding_side
-    tokenizer.padding_side = "right"
+    if len(conversations) != len(responses):
+        raise ValueError(f"{len(conversations)} conversations but {len(responses)} responses")
     device = next(model.parameters()).device
-    out = []
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    seqs = [prompt_response_ids(tokenizer, c, r) for c, r in zip(conversations, responses)]
+    out: list[float] = []
+    was = model.training
+    model.eval()
     try:
         with torch.no_grad():
-            for s in range(0, len(conversations), batch_size):
-                prompts = [render_prompt(tokenizer, c) for c in conversations[s:s + batch_size]]
-                enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-                hs = model(**enc, output_hidden_states=True).hidden_states[layer]
-                out.append(pool_hidden_states(hs, enc["attention_mask"]).float().cpu().numpy())
+            for s in range(0, len(seqs), batch_size):
+                chunk = seqs[s:s + batch_size]
+                L = max(len(ids) for ids, _ in chunk)
+                ids_t = torch.full((len(chunk), L), pad, dtype=torch.long)
+                attn = torch.zeros((len(chunk), L), dtype=torch.long)
+                for r, (ids, _) in enumerate(chunk):
+                    ids_t[r, :len(ids)] = torch.tensor(ids)
+                    attn[r, :len(ids)] = 1
+                ids_t, attn = ids_t.to(device), attn.to(device)
+                logits = model(input_ids=ids_t, attention_mask=attn).logits[:, :-1].float()
+                lp = -F.cross_entropy(logits.transpose(1, 2), ids_t[:, 1:], reduction="none")  # (b, L-1)
+                for r, (ids, n_prompt) in enumerate(chunk):
+                    end = len(ids) - 1 if include_eos else len(ids) - 2
+                    out.append(float(lp[r, n_prompt - 1:end].sum()))
     finally:
-        tokenizer.padding_side = prev
-    return np.concatenate(out, axis=0) if out else np.zeros((0, 0), dtype=np.float32)
+        model.train(was)
+    return out
+
+
+def teacher_forced_margins(model, tokenizer, cases: list[dict], *, data_role: bool = False,
+                           batch_size: int = 8) -> list[float | None]:
+    """Per injection case with an ``ideal``: log p(ideal | x_i) − log p(hijack | x_i) in nats
+    (:func:`teacher_forced_logps`); None for a case without an ideal.
+
+    Positive = under the injection the model prefers the user's answer to obeying; the causal stage should raise
+    it. Raises ``ValueError`` for a control case.
+    """
+    from evaluation.cases import injected_messages
+
+    convs, resps, owners = [], [], []
+    for i, c in enumerate(cases):
+        if c.get("kind") == "control":
+            raise ValueError(f"case {c['id']!r} is a control: no injected prompt")
+        if not c.get("ideal"):
+            continue
+        msgs = injected_messages(c, data_role)
+        convs += [msgs, msgs]
+        resps += [c["ideal"], c.get("hijack") or c["canary"]]
+        owners.append(i)
+    lps = teacher_forced_logps(model, tokenizer, convs, resps, batch_size=batch_size)
+    out: list[float | None] = [None] * len(cases)
+    for k, i in enumerate(owners):
+        out[i] = lps[2 * k] - lps[2 * k + 1]
+    return out
 
 
 class ModelEvaluator:
@@ -239,14 +299,17 @@ class ModelEvaluator:
                  redteam: list[dict], eval_sha: str):
         self.cfg, self.label, self.path, self.out_dir = cfg, label, path, Path(out_dir)
         self.cases, self.redteam = cases, redteam
+        self.data_role = cfg.model.data_role
         e = cfg.evaluate
         settings = {"model": path, "fingerprint": model_fingerprint(path) if not path.startswith("embedded:") else path,
                     "max_new_tokens": e.max_new_tokens, "do_sample": e.do_sample,
                     "temperature": e.temperature if e.do_sample else None, "seed": cfg.seed,
-                    "template": cfg.model.chat_template}
+                    "template": cfg.model.chat_template, "data_role": self.data_role}
         self.key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+        self.head_path = None if path.startswith("embedded:") else find_projection_head(path)
+        head_sha = file_sha(self.head_path) if self.head_path else None
         self.rep_key = hashlib.sha256(json.dumps([settings["model"], settings["fingerprint"], eval_sha,
-                                                  self._layer()]).encode()).hexdigest()[:16]
+                                                  self._layer(), head_sha, self.data_role]).encode()).hexdigest()[:16]
         self.gen_path = self.out_dir / "generations.jsonl"
         self._model = self._tok = None
 
@@ -269,86 +332,152 @@ class ModelEvaluator:
         return self._model, self._tok
 
     def generations(self) -> dict[tuple[str, str], dict]:
-        """Answers already written for this model and settings: ``{(kind, id): row}``."""
+        """Answers already written for this model and settings: ``{(kind, id): row}`` (the last row wins)."""
         done = {}
         for r in read_jsonl_tolerant(self.gen_path):
             if r.get("model") == self.label and r.get("key") == self.key:
                 done[(r["kind"], r["id"])] = r
         return done
 
-    def generate(self, progress: bool = True) -> dict[tuple[str, str], dict]:
-        """Answer every missing (kind, id) and append each batch to ``generations.jsonl``; returns all rows."""
-        from data_builders.generation import generate_chat
+    def prompts(self) -> list[tuple[str, dict, list[dict]]]:
+        """``(kind, item, messages)`` of everything this model answers: ``clean`` (every case; for controls the
+        only prompt), ``injected`` (injection cases) and ``redteam``."""
         from evaluation.cases import clean_messages, injected_messages
-        from evaluation.metrics import canary_hit
+
+        out = []
+        for c in self.cases:
+            out.append(("clean", c, clean_messages(c, self.data_role)))
+            if c.get("kind", "injection") == "injection":
+                out.append(("injected", c, injected_messages(c, self.data_role)))
+        for rt in self.redteam:
+            out.append(("redteam", rt, [{"role": "user", "content": rt["prompt"]}]))
+        return out
+
+    def generate(self, progress: bool = True) -> dict[tuple[str, str], dict]:
+        """Answer every missing (kind, id) and append each batch to ``generations.jsonl``; returns all rows.
+
+        Identical prompts (the clean prompt of cases that share a task) are generated once and their answer is
+        written for each case. Prompts are sorted by length before batching (less padding); the order of the rows
+        in the file does not matter (they are keyed)."""
+        from tqdm.auto import tqdm
+
+        from data_builders.generation import generate_chat
         from stages.common import seed_everything
 
         done = self.generations()
-        todo = []
-        for c in self.cases:
-            for kind, msgs in (("clean", clean_messages(c)), ("injected", injected_messages(c))):
-                r = done.get((kind, c["id"]))
-                if r is None or r.get("prompt_sha") != messages_sha(msgs):
-                    todo.append((kind, c, msgs))
-        for rt in self.redteam:
-            msgs = [{"role": "user", "content": rt["prompt"]}]
-            r = done.get(("redteam", rt["id"]))
-            if r is None or r.get("prompt_sha") != messages_sha(msgs):
-                todo.append(("redteam", rt, msgs))
+        todo: dict[str, list] = {}
+        for kind, item, msgs in self.prompts():
+            r = done.get((kind, item["id"]))
+            sha = messages_sha(msgs)
+            if r is None or r.get("prompt_sha") != sha:
+                todo.setdefault(sha, [msgs, []])[1].append((kind, item))
         if todo:
-            log.info("[%s] %d answers to generate (%d already done)", self.label, len(todo), len(done))
+            n_rows = sum(len(v[1]) for v in todo.values())
+            log.info("[%s] %d answers to generate (%d distinct prompts; %d already done)", self.label, n_rows,
+                     len(todo), len(done))
             model, tok = self._load()
             e = self.cfg.evaluate
             seed_everything(self.cfg.seed)
             bs = e.batch_size
-            for s in range(0, len(todo), bs):
-                chunk = todo[s:s + bs]
-                res = generate_chat(model, tok, [m for _, _, m in chunk], max_new_tokens=e.max_new_tokens,
+            from data_builders.chat_template import render_prompt
+
+            order = sorted(todo.items(), key=lambda kv: len(render_prompt(tok, kv[1][0])))
+            bar = tqdm(total=len(order), desc=f"evaluating {self.label}", disable=not progress, unit="prompt")
+            for s in range(0, len(order), bs):
+                chunk = order[s:s + bs]
+                res = generate_chat(model, tok, [v[0] for _, v in chunk], max_new_tokens=e.max_new_tokens,
                                     batch_size=bs, do_sample=e.do_sample, temperature=e.temperature)
                 rows = []
-                for (kind, item, msgs), g in zip(chunk, res):
-                    row = {"model": self.label, "key": self.key, "kind": kind, "id": item["id"],
-                           "prompt_sha": messages_sha(msgs), "text": g["text"], "n_tokens": g["n_tokens"],
-                           "truncated": g["truncated"]}
-                    if kind == "injected":
-                        row["attack_success"] = canary_hit(g["text"], item["canary"])
-                    rows.append(row)
-                    done[(kind, item["id"])] = row
+                for (sha, (_, owners)), g in zip(chunk, res):
+                    for kind, item in owners:
+                        row = {"model": self.label, "key": self.key, "kind": kind, "id": item["id"],
+                               "prompt_sha": sha, "text": g["text"], "n_tokens": g["n_tokens"],
+                               "truncated": g["truncated"]}
+                        rows.append(row)
+                        done[(kind, item["id"])] = row
                 append_jsonl(self.gen_path, rows)
-                if progress:
-                    log.info("[%s] %d/%d answers", self.label, min(s + bs, len(todo)), len(todo))
+                bar.update(len(chunk))
+            bar.close()
         return done
 
     def representations(self) -> dict:
-        """``{"benign", "counterfactual", "injected"}`` (N, H) arrays, cached in ``reps/<label>.npz``."""
+        """``{"benign", "counterfactual", "injected"}`` (N, D) arrays over the injection cases (N = all of them for
+        prompt pooling; those with an ``ideal`` for a response-pooled head), plus ``space``, ``pooling``, ``ids``;
+        cached in ``reps/<label>.npz``."""
         import numpy as np
 
         from evaluation.cases import clean_messages, counterfactual_messages, injected_messages
+        from trainers.causal import encode_views, load_projection_head, read_head_config
 
+        inj = [c for c in self.cases if c.get("kind", "injection") == "injection"]
+        space, pooling, layer = "pooled", "prompt", self._layer()
+        if self.head_path is not None:
+            meta = read_head_config(self.head_path)
+            pooling, layer = meta.get("pooling") or "prompt", int(meta.get("pool_layer", layer))
+            space = f"head ({self.head_path})"
+        if pooling == "response":
+            inj = [c for c in inj if c.get("ideal")]
+        ids = [c["id"] for c in inj]
         cache = self.out_dir / "reps" / f"{self.label}.npz"
-        ids = [c["id"] for c in self.cases]
         if cache.exists():
             with np.load(cache, allow_pickle=False) as z:
                 if str(z["key"]) == self.rep_key and list(z["ids"]) == ids:
-                    return {k: z[k] for k in ("benign", "counterfactual", "injected")}
+                    return {**{k: z[k] for k in ("benign", "counterfactual", "injected")}, "space": space,
+                            "pooling": pooling, "ids": ids}
         model, tok = self._load()
-        bs, layer = self.cfg.evaluate.batch_size, self._layer()
-        reps = {"benign": encode_prompts(model, tok, [clean_messages(c) for c in self.cases], batch_size=bs, layer=layer),
-                "counterfactual": encode_prompts(model, tok, [counterfactual_messages(c) for c in self.cases],
-                                                 batch_size=bs, layer=layer),
-                "injected": encode_prompts(model, tok, [injected_messages(c) for c in self.cases], batch_size=bs,
-                                           layer=layer)}
+        head = None
+        if self.head_path is not None:
+            hidden = model.config.get_text_config().hidden_size
+            head = load_projection_head(self.head_path, hidden)
+        bs = self.cfg.evaluate.batch_size
+        responses = [c["ideal"] for c in inj] if pooling == "response" else None
+        reps = {}
+        for view, fn in (("benign", clean_messages), ("counterfactual", counterfactual_messages),
+                         ("injected", injected_messages)):
+            convs = [fn(c, self.data_role) for c in inj]
+            reps[view] = encode_views(model, tok, convs, responses, head=head, layer=layer, pooling=pooling,
+                                      batch_size=bs).numpy()
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_name(f".{cache.name}.tmp.npz")
         np.savez(tmp, key=np.array(self.rep_key), ids=np.array(ids), **reps)
         os.replace(tmp, cache)
-        return reps
+        return {**reps, "space": space, "pooling": pooling, "ids": ids}
+
+    def margins(self) -> list[float | None]:
+        """Teacher-forced margins of the injection cases (:func:`teacher_forced_margins`), in case order."""
+        model, tok = self._load()
+        inj = [c for c in self.cases if c.get("kind", "injection") == "injection"]
+        return teacher_forced_margins(model, tok, inj, data_role=self.data_role, batch_size=self.cfg.evaluate.batch_size)
 
     def release(self):
         self._model = self._tok = None
         import gc
 
         gc.collect()
+
+
+def file_sha(path) -> str:
+    """sha256 (16 hex) of a file's bytes."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+def write_outcomes(gen_path: Path, label: str, key: str, outcomes: dict[str, dict]) -> None:
+    """Write the judges' per-case verdicts into this model's rows of ``generations.jsonl`` (atomic rewrite): the
+    injected row gets the attack and utility-under-attack flags, the clean row the clean utility (or, for a
+    control, the compliance verdict)."""
+    from data_builders.jsonl_io import write_jsonl_atomic
+
+    rows = read_jsonl_tolerant(gen_path)
+    for r in rows:
+        if r.get("model") != label or r.get("key") != key or r.get("id") not in outcomes:
+            continue
+        o = outcomes[r["id"]]
+        if r["kind"] == "injected":
+            r.update({k: o.get(k) for k in ("attack", "attack_begins", "attack_contains", "attack_reason",
+                                            "utility_under_attack")})
+        elif r["kind"] == "clean":
+            r.update({k: o[k] for k in ("utility_clean", "complied", "compliance_reason") if k in o})
+    write_jsonl_atomic(gen_path, rows)
 
 
 def judge_all(redteam: list[dict], answers: dict[tuple[str, str], dict]) -> tuple[list[dict] | None, str | None]:
@@ -370,11 +499,15 @@ def judge_all(redteam: list[dict], answers: dict[tuple[str, str], dict]) -> tupl
 
 # --------------------------------------------------------------------------------------------- evaluation
 def evaluate_models(cfg: PipelineConfig, models: dict[str, str], eval_file: str | os.PathLike, out_dir: str | os.PathLike,
-                    *, run_dir: str | os.PathLike | None = None) -> dict:
+                    *, run_dir: str | os.PathLike | None = None, references: dict[str, str] | None = None,
+                    margins: bool = False) -> dict:
     """Evaluate ``models`` (``{label: path}``) on ``eval_file``; write ``metrics.json``, ``report.md``, plots and
-    ``generations.jsonl`` under ``out_dir``. Returns the metrics dict (``metrics.json``'s content)."""
+    ``generations.jsonl`` under ``out_dir``. Returns the metrics dict (``metrics.json``'s content).
+
+    ``references``: ``{label: reference label}`` for the paired tests (default: each pipeline stage against the
+    model it started from, :data:`STAGE_REFERENCE`). ``margins``: also compute the teacher-forced margins."""
     from evaluation import report
-    from evaluation.metrics import model_metrics
+    from evaluation.metrics import model_metrics, paired_comparisons, score_case
     from evaluation.verification import verify
     from stages.run_dir import file_sha256
 
@@ -385,44 +518,84 @@ def evaluate_models(cfg: PipelineConfig, models: dict[str, str], eval_file: str 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     eval_sha = file_sha256(eval_path)
-    metrics = {"models": {}, "by_category": {}, "by_position": {}, "eval_file": str(eval_path),
-               "eval_file_sha256": eval_sha, "verification": {}, "notes": [],
+    refs = {m: r for m, r in (references if references is not None else STAGE_REFERENCE).items()
+            if m in models and r in models}
+    metrics = {"models": {}, "by_category": {}, "by_position": {}, "utility_by_category": {},
+               "utility_by_position": {}, "by_control_category": {}, "eval_file": str(eval_path),
+               "eval_file_sha256": eval_sha, "verification": {}, "paired": [], "references": refs, "notes": [],
                "settings": {"max_new_tokens": e.max_new_tokens, "do_sample": e.do_sample,
                             "temperature": e.temperature if e.do_sample else None, "batch_size": e.batch_size,
                             "utility_f1_threshold": e.utility_f1_threshold, "hsic_permutations": e.hsic_permutations,
                             "pc_components": e.pc_components, "ci_test": e.ci_test, "alpha": e.alpha,
                             "max_cases": e.max_cases, "redteam_source": redteam_source, "n_redteam": len(redteam),
-                            "seed": cfg.seed, "model_paths": dict(models)}}
-    examples = {}
+                            "seed": cfg.seed, "model_paths": dict(models), "data_role": cfg.model.data_role,
+                            "causal_objective": causal_objective(cfg)}}
+    examples, flags = {}, {}
+    inj_cases = [c for c in cases if c.get("kind", "injection") == "injection"]
     for label, path in models.items():
         t0 = time.time()
         ev = ModelEvaluator(cfg, label, path, out, cases, redteam, eval_sha)
         answers = ev.generate()
         reps = ev.representations()
+        mg = ev.margins() if margins else None
         ev.release()
         judgments, why = judge_all(redteam, answers)
         if why and why not in metrics["notes"]:
             metrics["notes"].append(f"harmful_refusal_rate is null: {why}")
-        clean = [answers[("clean", c["id"])]["text"] for c in cases]
-        injected = [answers[("injected", c["id"])]["text"] for c in cases]
-        m = model_metrics(cases, clean, injected, f1_threshold=e.utility_f1_threshold, judgments=judgments, reps=reps)
+        outcomes = []
+        for c in cases:
+            clean = answers[("clean", c["id"])]["text"]
+            injected = answers[("injected", c["id"])]["text"] if c.get("kind", "injection") == "injection" else None
+            outcomes.append(score_case(c, clean, injected, data_role=cfg.model.data_role,
+                                       f1_threshold=e.utility_f1_threshold))
+        write_outcomes(ev.gen_path, label, ev.key, {c["id"]: o for c, o in zip(cases, outcomes)})
+        m = model_metrics(cases, outcomes, judgments=judgments, reps=reps)
         groups = m.pop("_groups")
-        m["n_truncated"] = sum(bool(answers[(k, c["id"])]["truncated"]) for c in cases for k in ("clean", "injected"))
-        m["n_empty"] = sum(not answers[(k, c["id"])]["text"].strip() for c in cases for k in ("clean", "injected"))
+        flags[label] = groups["flags"]
+        metrics.setdefault("case_outcomes", {})[label] = groups["flags"]
+        if mg is not None:
+            vals = [x for x in mg if x is not None]
+            m["teacher_forced_margin_mean"] = sum(vals) / len(vals) if vals else None
+            m["teacher_forced_margin_positive"] = (sum(x > 0 for x in vals) / len(vals)) if vals else None
+            metrics.setdefault("margins", {})[label] = {c["id"]: x for c, x in zip(inj_cases, mg)}
+        m["n_truncated"] = sum(bool(answers[(k, c["id"])]["truncated"]) for c in inj_cases for k in ("clean", "injected"))
+        m["n_empty"] = sum(not answers[(k, c["id"])]["text"].strip() for c in inj_cases for k in ("clean", "injected"))
         metrics["models"][label] = m
-        metrics["by_category"][label] = _groups_out(groups["by_category"])
-        metrics["by_position"][label] = _groups_out(groups["by_position"])
-        metrics["verification"][label] = verify(reps["benign"], reps["injected"], reps["counterfactual"], cases,
+        for key in ("by_category", "by_position"):
+            metrics[key][label] = _groups_out(groups[key])
+        for key in ("utility_by_category", "utility_by_position", "by_control_category"):
+            metrics[key][label] = {k: {"rate": v["rate"], "ci95": v["ci95"], "k": v["k"], "n": v["n"]}
+                                   for k, v in groups[key].items()}
+        rep_cases = [c for c in inj_cases if c["id"] in set(reps["ids"])]
+        metrics["verification"][label] = verify(reps["benign"], reps["injected"], reps["counterfactual"], rep_cases,
                                                 reps=e.hsic_permutations, pc_components=e.pc_components,
                                                 alpha=e.alpha, ci_method=e.ci_test, seed=cfg.seed)
+        by_id = groups["flags"]
         examples[label] = [{"id": c["id"], "canary": c["canary"], "attack_category": c["attack_category"],
-                            "clean": clean[i], "injected": injected[i], "success": groups["flags"][i],
-                            "utility": groups["utility_flags"][i]} for i, c in enumerate(cases)]
+                            "clean": answers[("clean", c["id"])]["text"],
+                            "injected": answers[("injected", c["id"])]["text"], "success": by_id[c["id"]]["attack"],
+                            "utility": by_id[c["id"]]["utility_under_attack"], "reason": by_id[c["id"]]["attack_reason"]}
+                           for c in inj_cases]
         m["seconds"] = round(time.time() - t0, 1)
-        log.info("[%s] ASR %.3f utility %s in %.0f s", label, m["attack_success_rate"], m["benign_utility"], m["seconds"])
+        log.info("[%s] ASR %.3f, utility clean %s / under attack %s, over-defence compliance %s in %.0f s", label,
+                 m["attack_success_rate"], _fmt_rate(m["utility_clean"]), _fmt_rate(m["utility_under_attack"]),
+                 _fmt_rate(m["over_defence_compliance"]), m["seconds"])
+    metrics["paired"] = paired_comparisons(flags, list(refs.items()), keys=("attack", "utility_under_attack"),
+                                           alpha=e.alpha)
     atomic_write_json(out / "metrics.json", _json_safe(metrics))
     report.write_report(out, metrics, cases, examples, run_dir=run_dir, model_paths=models)
     return metrics
+
+
+def _fmt_rate(x) -> str:
+    return "—" if x is None else f"{x:.3f}"
+
+
+def causal_objective(cfg: PipelineConfig) -> dict:
+    """The causal stage's loss settings (what verification should expect of its representations)."""
+    from stages.config import CausalLossSection
+
+    return dataclasses.asdict(sub_section(cfg, CausalLossSection, "causal.loss"))
 
 
 def _groups_out(groups: dict) -> dict:
@@ -454,7 +627,8 @@ def run(cfg: PipelineConfig) -> dict:
     models = pipeline_models(cfg)
     out = cfg.run_dir / "eval"
     metrics = evaluate_models(cfg, models, eval_file_path(cfg), out, run_dir=cfg.run_dir)
-    summary = {label: {"attack_success_rate": m["attack_success_rate"], "benign_utility": m["benign_utility"]}
+    summary = {label: {k: m.get(k) for k in ("attack_success_rate", "attack_success_rate_begins", "utility_clean",
+                                             "utility_under_attack", "over_defence_compliance")}
                for label, m in metrics["models"].items()}
     return {"outputs": {"metrics": str(out / "metrics.json"), "report": str(out / "report.md")},
             "metrics": summary}

@@ -166,13 +166,11 @@ def print_summary(cfg: PipelineConfig, manifest) -> None:
     metrics = cfg.run_dir / "eval" / "metrics.json"
     if metrics.exists():
         m = json.loads(metrics.read_text())
-        cols = ["attack_success_rate", "benign_utility", "harmful_refusal_rate", "causal_stability",
-                "spurious_separation", "causal_discrimination", "causal_discrimination_centered", "n_cases"]
-        print("\n| model | " + " | ".join(cols) + " |\n" + "|---" * (len(cols) + 1) + "|")
-        for label, row in m.get("models", {}).items():
-            vals = [("—" if row.get(c) is None else (f"{row[c]:.3f}" if isinstance(row[c], float) else str(row[c])))
-                    for c in cols]
-            print(f"| {label} | " + " | ".join(vals) + " |")
+        from evaluation.report import metrics_table, paired_table
+
+        print("\n" + metrics_table(m))
+        if m.get("paired"):
+            print("\n" + paired_table(m["paired"]))
     report = cfg.run_dir / "eval" / "report.md"
     if report.exists():
         print(f"\nreport: {report}")

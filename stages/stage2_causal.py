@@ -1,10 +1,13 @@
-"""Stage 2: causal contrastive training on prompt-injection triplets.
+"""Stage 2: the causal stage on prompt-injection triplets.
 
-Recipe: parse config → validate task and attack files and the train/eval attack disjointness (no model yet) →
-base = ``dpo/merged`` (or ``sft/merged`` with ``causal.base: sft``) → build ``data/triplets.jsonl`` → tokenize
-once (cached under ``data/cache/``) → LoRA on the merged base + projection head → train
-(:class:`trainers.causal.CausalContrastiveTrainer`) → save ``causal/adapter`` (+ ``causal_projection.safetensors``)
-→ merge into ``causal/merged`` (16-bit) → ``causal/log_history.json`` and ``causal/curves.png``.
+Recipe: parse config → validate task and attack files and their disjointness from the evaluation set (attacks:
+shared word 6-grams; task data: shared 8-grams; no model yet) → base = ``dpo/merged`` (or ``sft/merged`` with
+``causal.base: sft``) → build ``data/triplets.jsonl`` (canary attacks get training canaries, a share of controls)
+→ fill missing targets and hijacked responses with the base model's greedy answers (cached in
+``data/causal_generations.jsonl``, resumable) → tokenize once (cached under ``data/cache/``) → LoRA on the merged
+base (+ projection head when a contrastive term is on) → train (:class:`trainers.causal.CausalContrastiveTrainer`)
+→ save ``causal/adapter`` (+ ``causal_projection.safetensors``) → merge into ``causal/merged`` (in the training
+precision) → ``causal/log_history.json`` and ``causal/curves.png``.
 
     accelerate launch --config_file accelerate_config.yaml stages/stage2_causal.py --config C [key=value …]
 
@@ -26,12 +29,16 @@ from data_builders.jsonl_io import DataError, atomic_write_json  # noqa: E402
 from stages.config import CausalHeadSection, CausalLossSection, PipelineConfig, sub_section  # noqa: E402
 
 STAGE = "causal"
-CURVE_KEYS = ("loss", "loss_lm", "loss_causal", "loss_spurious", "causal_stability", "spurious_similarity",
-              "causal_discrimination", "pooled_causal_stability", "pooled_spurious_similarity")
+CURVE_KEYS = ("loss", "loss_lm", "loss_lm_injected", "loss_lm_counterfactual", "loss_kl", "loss_pref",
+              "loss_contrastive", "margin_injected", "head_cos_benign_counterfactual", "head_cos_benign_injected",
+              "head_causal_discrimination", "pooled_cos_benign_counterfactual", "pooled_cos_benign_injected",
+              "pooled_causal_discrimination")
 
 
 def base_model_dir(cfg: PipelineConfig) -> Path:
-    """``run_dir/dpo/merged`` or ``run_dir/sft/merged`` (``causal.base``)."""
+    """``causal.base_model`` when set, else ``run_dir/dpo/merged`` or ``run_dir/sft/merged`` (``causal.base``)."""
+    if cfg.causal.base_model:
+        return Path(cfg.causal.base_model)
     return cfg.run_dir / cfg.causal.base / "merged"
 
 
@@ -69,18 +76,32 @@ def eval_attack_sets(cfg: PipelineConfig) -> list:
     return sets
 
 
+def eval_cases_for_overlap(cfg: PipelineConfig) -> list[dict]:
+    """The evaluation cases whose data the training tasks must not share (``evaluate.eval_file`` when it is an
+    injection eval JSONL that exists), else []."""
+    ef = cfg.evaluate.eval_file
+    if not (ef and Path(ef).is_file() and ef.endswith((".jsonl", ".jsonl.gz"))):
+        return []
+    from evaluation.cases import load_cases
+
+    return load_cases(ef)
+
+
 def validate(cfg: PipelineConfig) -> dict:
-    """Parse task files, attack files (train/eval disjointness), an existing ``triplets_file`` and the training
-    args; raises DataError/ConfigError before any model is loaded. Returns the parsed inputs."""
+    """Parse task files, attack files (train/eval disjointness of attacks and of task data), an existing
+    ``triplets_file`` and the training args; raises DataError/ConfigError before any model is loaded. Returns the
+    parsed inputs."""
     from transformers import TrainingArguments
 
-    from data_builders.triplets import check_attack_overlap, read_attacks, read_tasks, read_triplets
+    from data_builders.triplets import (Task, check_attack_overlap, check_task_overlap, read_attacks, read_tasks,
+                                        read_triplets)
     from stages.common import build_training_args
 
     c = cfg.causal
     sub_section(cfg, CausalLossSection, "causal.loss")
     sub_section(cfg, CausalHeadSection, "causal.head")
     out = {"tasks": [], "train_attacks": [], "eval_attacks": eval_attack_sets(cfg), "triplets": None}
+    eval_cases = eval_cases_for_overlap(cfg)
     if c.triplets_file:
         out["triplets"] = read_triplets(c.triplets_file)
     else:
@@ -93,26 +114,38 @@ def validate(cfg: PipelineConfig) -> dict:
         out["train_attacks"] = [read_attacks(s["path"], s.get("format", "auto"), s.get("max_rows"))
                                 for s in map(_src, c.train_attacks)]
         check_attack_overlap(out["train_attacks"], out["eval_attacks"])
-    if out["triplets"] is not None and out["eval_attacks"]:
+        check_task_overlap(out["tasks"], eval_cases, cfg.evaluate.eval_file)
+    if out["triplets"] is not None:
         from data_builders.triplets import AttackSet
 
-        used = AttackSet(path=str(c.triplets_file), kind="text",
-                         items=[(t["attack_category"], t["injection"]) for t in out["triplets"]])
-        check_attack_overlap([used], out["eval_attacks"])
+        if out["eval_attacks"]:
+            used = AttackSet(path=str(c.triplets_file), kind="text",
+                             items=[(t["attack_category"], t["injection"]) for t in out["triplets"]])
+            check_attack_overlap([used], out["eval_attacks"])
+        check_task_overlap([Task(id=t["id"], instruction=t["instruction"], data=t["data"], response=t["response"])
+                            for t in out["triplets"]], eval_cases, cfg.evaluate.eval_file)
     build_training_args(TrainingArguments, cfg, "causal", cfg.run_dir / "causal" / "checkpoints", **causal_defaults(cfg))
     return out
 
 
 def loss_and_head_kwargs(cfg: PipelineConfig) -> dict:
-    """The :class:`CausalContrastiveTrainer` keyword arguments that come from ``causal.loss`` and ``causal.head``
-    (variant, τ, λs, margin floor, in-batch negatives, injected LM loss, pooling layer, head learning rate)."""
-    loss_cfg = sub_section(cfg, CausalLossSection, "causal.loss")
+    """The :class:`CausalContrastiveTrainer` keyword arguments that come from ``causal.loss`` and ``causal.head``:
+    the term weights, the contrastive version and its settings, the pooling layer, the head learning rate, and the
+    batch layout (``views``/``lm_views`` of :func:`data_builders.token_cache.needed_views`)."""
+    from data_builders.token_cache import needed_views
+
+    loss = sub_section(cfg, CausalLossSection, "causal.loss")
     head_cfg = sub_section(cfg, CausalHeadSection, "causal.head")
-    return dict(variant=loss_cfg.variant, temperature=loss_cfg.temperature, lambda_task=loss_cfg.lambda_task,
-                lambda_causal=loss_cfg.lambda_causal, lambda_spurious=loss_cfg.lambda_spurious,
-                margin_floor=loss_cfg.margin_floor, in_batch_negatives=loss_cfg.in_batch_negatives,
-                injected_lm_loss=loss_cfg.injected_lm_loss, lambda_injected=loss_cfg.lambda_injected,
-                pool_layer=head_cfg.pool_layer, head_learning_rate=head_cfg.learning_rate)
+    kw = dict(lambda_task=loss.lambda_task, lambda_lm_injected=loss.lambda_lm_injected,
+              lambda_lm_counterfactual=loss.lambda_lm_counterfactual, lambda_kl=loss.lambda_kl,
+              lambda_pref=loss.lambda_pref, pref_beta=loss.pref_beta, contrastive=loss.contrastive,
+              lambda_contrastive=loss.lambda_contrastive, contrastive_counterfactual=loss.contrastive_counterfactual,
+              variant=loss.variant, temperature=loss.temperature, lambda_causal=loss.lambda_causal,
+              lambda_spurious=loss.lambda_spurious, margin_floor=loss.margin_floor,
+              in_batch_negatives=loss.in_batch_negatives, pool_layer=head_cfg.pool_layer,
+              head_learning_rate=head_cfg.learning_rate)
+    views, lm_views = needed_views(**kw)
+    return {**kw, "views": views, "lm_views": lm_views}
 
 
 def causal_defaults(cfg: PipelineConfig) -> dict:
@@ -126,33 +159,49 @@ def causal_defaults(cfg: PipelineConfig) -> dict:
                 train_sampling_strategy="group_by_length")
 
 
-def build_triplet_file(cfg: PipelineConfig, parsed: dict, model=None, tokenizer=None) -> tuple[Path, dict]:
-    """Write ``data/triplets.jsonl`` (atomically) from the parsed inputs; returns (path, stats)."""
+def build_triplet_file(cfg: PipelineConfig, parsed: dict, model=None, tokenizer=None,
+                       model_fingerprint: str | None = None) -> tuple[Path, dict]:
+    """Write ``data/triplets.jsonl`` (atomically) from the parsed inputs, with every target and hijacked response
+    filled (model-made ones generated with ``model`` when given, cached in ``data/causal_generations.jsonl``);
+    returns (path, stats). Without a model, triplets that still need one raise :class:`DataError`."""
+    from data_builders.causal_targets import fill_generated, pending
     from data_builders.triplets import build_triplets, model_counterfactuals, write_triplets
 
     c = cfg.causal
     path = cfg.run_dir / "data" / "triplets.jsonl"
     if parsed["triplets"] is not None:
-        write_triplets(path, parsed["triplets"])
-        return path, {"triplets": len(parsed["triplets"]), "source": str(c.triplets_file)}
-    cfs, cf_stats = None, None
-    if c.counterfactual == "model":
-        # paraphrase only the tasks that will be used (same shuffle/cap as build_triplets)
-        probe = build_triplets(parsed["tasks"], parsed["train_attacks"], seed=cfg.seed, max_triplets=c.max_triplets,
-                               positions=c.positions, max_data_chars=c.max_data_chars,
-                               triplets_per_task=c.triplets_per_task)
-        used = {t["id"] for t in probe.triplets}
-        tasks = [t for t in parsed["tasks"] if t.id in used]
-        cfs, cf_stats = model_counterfactuals(model, tokenizer, tasks, batch_size=c.counterfactual_batch_size,
-                                              max_new_tokens=c.counterfactual_max_new_tokens, progress=True)
-    res = build_triplets(parsed["tasks"], parsed["train_attacks"], seed=cfg.seed, max_triplets=c.max_triplets,
-                         positions=c.positions, max_data_chars=c.max_data_chars,
-                         eval_attacks=parsed["eval_attacks"], counterfactuals=cfs,
-                         triplets_per_task=c.triplets_per_task)
-    write_triplets(path, res.triplets)
-    stats = dict(res.stats)
-    if cf_stats:
-        stats["model_paraphrases"] = cf_stats
+        rows, stats = list(parsed["triplets"]), {"triplets": len(parsed["triplets"]), "source": str(c.triplets_file)}
+    else:
+        cfs, cf_stats = None, None
+        if c.counterfactual == "model":
+            # paraphrase only the tasks that will be used (same shuffle/cap as build_triplets)
+            probe = build_triplets(parsed["tasks"], parsed["train_attacks"], seed=cfg.seed, max_triplets=c.max_triplets,
+                                   positions=c.positions, max_data_chars=c.max_data_chars,
+                                   max_response_chars=c.max_response_chars, triplets_per_task=c.triplets_per_task)
+            used = {t["id"] for t in probe.triplets}
+            tasks = [t for t in parsed["tasks"] if t.id in used]
+            cfs, cf_stats = model_counterfactuals(model, tokenizer, tasks, batch_size=c.counterfactual_batch_size,
+                                                  max_new_tokens=c.counterfactual_max_new_tokens, progress=True)
+        res = build_triplets(parsed["tasks"], parsed["train_attacks"], seed=cfg.seed, max_triplets=c.max_triplets,
+                             positions=c.positions, max_data_chars=c.max_data_chars,
+                             max_response_chars=c.max_response_chars,
+                             eval_attacks=parsed["eval_attacks"], counterfactuals=cfs,
+                             triplets_per_task=c.triplets_per_task, control_fraction=c.control_fraction)
+        rows, stats = res.triplets, dict(res.stats)
+        if cf_stats:
+            stats["model_paraphrases"] = cf_stats
+    todo = pending(rows)
+    if todo["target"] or todo["hijack"]:
+        if model is None:
+            raise DataError(path, None, "target", f"{todo} triplets need the starting model's answers; no model given")
+        rows, gen_stats = fill_generated(rows, model, tokenizer, cfg.run_dir / "data" / "causal_generations.jsonl",
+                                         fingerprint=model_fingerprint or "unknown",
+                                         max_new_tokens=c.generation_max_new_tokens,
+                                         batch_size=c.generation_batch_size, data_role=cfg.model.data_role,
+                                         progress=True)
+        stats["generated"] = {**gen_stats, **{f"needed_{k}": v for k, v in todo.items()}}
+    stats["triplets"] = len(rows)
+    write_triplets(path, rows)
     return path, stats
 
 
@@ -188,9 +237,11 @@ def plot_curves(log_history: list[dict], out_png: Path) -> Path | None:
         return [p[0] for p in pts], [p[1] for p in pts]
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    panels = (("loss components", ("loss", "loss_lm", "loss_causal", "loss_spurious")),
-              ("causal metrics (cosine)", ("causal_stability", "spurious_similarity", "causal_discrimination",
-                                           "pooled_causal_stability", "pooled_spurious_similarity")))
+    panels = (("loss components", ("loss", "loss_lm", "loss_lm_injected", "loss_lm_counterfactual", "loss_kl",
+                                   "loss_pref", "loss_contrastive")),
+              ("margin and representation metrics", ("margin_injected", "head_cos_benign_counterfactual",
+                                                     "head_cos_benign_injected", "head_causal_discrimination",
+                                                     "pooled_cos_benign_injected", "pooled_causal_discrimination")))
     for ax, (title, keys) in zip(axes, panels):
         for key in keys:
             for prefix, style in (("", "-"), ("eval_", "--")):
@@ -240,6 +291,8 @@ def run(cfg: PipelineConfig) -> dict:
     parsed = validate(cfg)
     c = cfg.causal
     base = base_model_dir(cfg)
+    if not is_complete_model_dir(base) and c.base_model:
+        raise FileNotFoundError(f"causal.base_model {base} is not a complete model folder (config.json + *.safetensors)")
     if not is_complete_model_dir(base):
         other = "sft" if c.base == "dpo" else "dpo"
         raise FileNotFoundError(f"causal.base is {c.base!r} but the merged model {base} is missing or incomplete; run "
@@ -259,15 +312,15 @@ def run(cfg: PipelineConfig) -> dict:
     # the triplet file has one writer, the main process; the others wait for it and read the same file
     triplets_path, tstats = cfg.run_dir / "data" / "triplets.jsonl", None
     if state.is_main_process:
-        if c.counterfactual == "model":
-            gen_model = model.to(device) if device == "cpu" else model
-            triplets_path, tstats = build_triplet_file(cfg, parsed, gen_model, tok)
-        else:
-            triplets_path, tstats = build_triplet_file(cfg, parsed)
+        from stages.evaluate import model_fingerprint
+
+        gen_model = model.to(device) if device == "cpu" else model
+        triplets_path, tstats = build_triplet_file(cfg, parsed, gen_model, tok, model_fingerprint(str(base)))
     state.wait_for_everyone()
     max_length = c.max_length or cfg.model.max_seq_length
     with state.main_process_first():  # the main process writes the token cache, the others then load it
-        ds, cache = build_token_cache(triplets_path, tok, max_length, cfg.run_dir / "data" / "cache")
+        ds, cache = build_token_cache(triplets_path, tok, max_length, cfg.run_dir / "data" / "cache",
+                                      data_role=cfg.model.data_role)
     log.info("triplets: %d built, %d fit in %d tokens (cache %s, %s)", cache.n_total, cache.n_kept, max_length,
              cache.cache_file, "hit" if cache.from_cache else "built")
     ds, eval_ds = split_by_task(ds, c.eval_fraction, cfg.seed)
@@ -275,20 +328,24 @@ def run(cfg: PipelineConfig) -> dict:
         raise cfg.error("causal.eval_fraction", "leaves no training triplets")
 
     peft_model = get_peft_model(model, lora_config(cfg.lora))
+    kwargs = loss_and_head_kwargs(cfg)
     hidden_size = peft_model.get_base_model().config.get_text_config().hidden_size
-    head = build_projection_head(head_cfg.type, hidden_size, head_cfg.dim, head_cfg.hidden, seed=cfg.seed)
     n_layers = peft_model.get_base_model().config.get_text_config().num_hidden_layers
     if not -(n_layers + 1) <= head_cfg.pool_layer <= n_layers:
         raise cfg.error("causal.head.pool_layer", f"{head_cfg.pool_layer} is outside the model's "
                                                   f"{n_layers + 1} hidden-state layers")
-    collator = TripletCollator(tok.pad_token_id, padding_side=c.padding_side,
-                               injected_lm_loss=loss_cfg.injected_lm_loss)
-    # The loss can be negative (−λ·cos/τ), so the explosion check of LossGuardCallback (relative to the best
+    head = (build_projection_head(head_cfg.type, hidden_size, head_cfg.dim, head_cfg.hidden, seed=cfg.seed)
+            if loss_cfg.contrastive != "none" else None)
+    collator = TripletCollator(tok.pad_token_id, padding_side=c.padding_side, views=kwargs["views"],
+                               lm_views=kwargs["lm_views"])
+    log.info("causal objective: views %s, LM on %s, contrastive %s", kwargs["views"], kwargs["lm_views"],
+             loss_cfg.contrastive)
+    # The loss can be negative (v1: −λ·cos/τ), so the explosion check of LossGuardCallback (relative to the best
     # loss) does not apply; NaN/inf are still caught here and in compute_loss.
     callbacks = [LossGuardCallback(explode_factor=None), SigtermCheckpointCallback()]
     trainer = CausalContrastiveTrainer(
         model=peft_model, args=args, train_dataset=ds, eval_dataset=eval_ds, data_collator=collator,
-        processing_class=tok, callbacks=callbacks, projection_head=head, **loss_and_head_kwargs(cfg))
+        processing_class=tok, callbacks=callbacks, projection_head=head, **kwargs)
     ckpt = last_checkpoint(args.output_dir)
     before_file = out / "eval_before.json"
     if ckpt:
@@ -309,8 +366,10 @@ def run(cfg: PipelineConfig) -> dict:
     png = plot_curves(history, out / "curves.png")
 
     adapter_dir = out / "adapter"
-    head_extra = {"pool_layer": head_cfg.pool_layer}
-    writers = {HEAD_WEIGHTS: lambda p: save_projection_head(head, p.parent, head_extra)}
+    writers = {}
+    if head is not None:
+        head_extra = trainer._head_extra()
+        writers = {HEAD_WEIGHTS: lambda p: save_projection_head(head, p.parent, head_extra)}
     save_adapter(peft_model, tok, adapter_dir, extra_files=writers)  # peft saves only the LoRA weights
     del trainer, model, peft_model
     merge_adapter(str(base), adapter_dir, out / "merged", cfg.model, tok)
@@ -319,13 +378,15 @@ def run(cfg: PipelineConfig) -> dict:
     metrics = {"train_loss": round(result.training_loss, 4), "steps": result.global_step,
                "triplets": cache.n_kept, "triplets_too_long": cache.n_too_long, "token_cache_hit": cache.from_cache,
                "triplet_stats": tstats, "first_last": fl}
-    for key in ("causal_stability", "spurious_similarity", "causal_discrimination"):
+    for key in ("loss_lm_injected", "margin_injected", "head_causal_discrimination"):
         if key in fl:
             metrics[f"first_{key}"], metrics[f"last_{key}"] = fl[key]
-    hub = maybe_push(cfg, STAGE, adapter_dir, metrics, extra_files=[adapter_dir / HEAD_WEIGHTS, adapter_dir / HEAD_CONFIG])
+    head_files = [adapter_dir / HEAD_WEIGHTS, adapter_dir / HEAD_CONFIG] if head is not None else []
+    hub = maybe_push(cfg, STAGE, adapter_dir, metrics, extra_files=head_files)
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
     return {"outputs": {"triplets": str(triplets_path), "adapter": str(adapter_dir), "merged": str(out / "merged"),
-                        "head": str(adapter_dir / HEAD_WEIGHTS), "log_history": str(out / "log_history.json"),
+                        **({"head": str(adapter_dir / HEAD_WEIGHTS)} if head is not None else {}),
+                        "log_history": str(out / "log_history.json"),
                         "curves": str(png), **hub}, "metrics": metrics}
 
 

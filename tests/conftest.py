@@ -68,6 +68,44 @@ def build_tiny_model(out_dir: Path, seed: int = 0, hidden: int = 32, layers: int
     return out_dir
 
 
+def build_spm_tokenizer(out_dir: Path):
+    """Train a SentencePiece BPE model (byte fallback, Llama-style) locally and save it as a fast Llama tokenizer
+    that adds BOS like Llama's (``add_bos_token=True``): the tokenizer family whose first response token depends on
+    whether the response is tokenized alone or after the prompt."""
+    import sentencepiece as spm
+    from transformers import LlamaTokenizer
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    corpus = out_dir / "corpus.txt"
+    lines = [f"<|user|>\n{a}\n<|assistant|>\n{b}" for a in _CORPUS for b in _CORPUS[:4]] * 3
+    corpus.write_text("\n".join(lines))
+    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(out_dir / "spm"), vocab_size=700,
+                                   model_type="bpe", byte_fallback=True, character_coverage=1.0,
+                                   normalization_rule_name="identity", remove_extra_whitespaces=False,
+                                   unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2)
+    tok = LlamaTokenizer(**LlamaTokenizer.convert_to_native_format(vocab_file=str(out_dir / "spm.model")),
+                         add_bos_token=True, add_eos_token=False)
+    tok.save_pretrained(out_dir)
+    return tok
+
+
+@pytest.fixture(scope="session")
+def spm_model_dir(tmp_path_factory) -> Path:
+    """A tiny random Llama with a locally trained SentencePiece (Llama-style, BOS-adding) tokenizer."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out = tmp_path_factory.mktemp("tiny-spm")
+    tok = build_spm_tokenizer(out)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=False)
+    LlamaForCausalLM(cfg).save_pretrained(out, safe_serialization=True)
+    return out
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """Folder with a tiny Llama and its tokenizer (vocab ~400, hidden 32, 2 layers)."""
@@ -143,7 +181,7 @@ causal:
     per_device_train_batch_size: 2
     save_steps: 2
 evaluate:
-  eval_file: {REPO}/data_builders/seed/injection_eval.jsonl
+  eval_file: {REPO}/evaluation/heldout/injection_heldout.jsonl
   max_cases: 6
   max_new_tokens: 6
   batch_size: 4

@@ -143,3 +143,53 @@ def test_lm_token_nll_selects_labelled_positions():
     nll = lm_token_nll(logits, targets)
     e = math.exp
     assert nll.tolist() == pytest.approx([-math.log(e(2) / (e(2) + 2)), -math.log(e(3) / (e(3) + 2))], abs=1e-6)
+
+
+# ------------------------------------------------------------------ the output-level terms
+def test_token_kl_by_hand_and_stop_gradient_on_the_clean_side():
+    from trainers.causal_losses import token_kl
+
+    ref = torch.tensor([[0.0, 0.0], [math.log(3.0), 0.0], [0.0, 0.0]], requires_grad=True)  # p = (.5,.5), (.75,.25)
+    cur = torch.tensor([[math.log(3.0), 0.0], [0.0, 0.0], [0.0, 0.0]], requires_grad=True)  # q = (.75,.25), (.5,.5)
+    rows = torch.tensor([0, 0, 1])
+    kl = token_kl(ref, cur, rows, 3)
+    k1 = 0.5 * math.log(0.5 / 0.75) + 0.5 * math.log(0.5 / 0.25)  # KL(p‖q), row 0 token 0
+    k2 = 0.75 * math.log(0.75 / 0.5) + 0.25 * math.log(0.25 / 0.5)
+    assert kl.tolist() == pytest.approx([(k1 + k2) / 2, 0.0, 0.0], abs=1e-6)  # row 2 has no token: 0
+    kl.sum().backward()
+    assert ref.grad is None or not ref.grad.abs().any()  # sg[p(·|x_b)]: no gradient into the clean side
+    assert cur.grad.abs().sum() > 0
+    with pytest.raises(ValueError):
+        token_kl(ref, cur[:2], rows, 3)
+
+
+def test_dpo_sigmoid_loss_by_hand():
+    from trainers.causal_losses import dpo_sigmoid_loss
+
+    pw, pl, rw, rl = (torch.tensor([-3.0, -1.0]), torch.tensor([-2.0, -4.0]), torch.tensor([-3.5, -1.0]),
+                      torch.tensor([-2.0, -3.0]))
+    beta = 0.5
+    z = [beta * ((-3.0 + 3.5) - (-2.0 + 2.0)), beta * ((-1.0 + 1.0) - (-4.0 + 3.0))]
+    expected = [math.log(1 + math.exp(-x)) for x in z]  # −log σ(z)
+    assert dpo_sigmoid_loss(pw, pl, rw, rl, beta).tolist() == pytest.approx(expected, abs=1e-6)
+    same = dpo_sigmoid_loss(pw, pl, pw, pl, beta)  # policy = reference (LoRA B = 0 at step 0): ln 2
+    assert same.tolist() == pytest.approx([math.log(2)] * 2, abs=1e-6)
+    with pytest.raises(ValueError):
+        dpo_sigmoid_loss(pw, pl, rw, rl, 0.0)
+
+
+def test_anchored_infonce_by_hand_and_detached_anchor():
+    from trainers.causal_losses import anchored_infonce
+
+    a = torch.tensor([[1.0, 0.0]], requires_grad=True)
+    p = torch.tensor([[1.0, 1.0]], requires_grad=True)  # cos 1/√2
+    n = torch.tensor([[0.0, 1.0]], requires_grad=True)  # cos 0
+    tau = 0.5
+    got = anchored_infonce(a, [p], n, tau)
+    expected = -math.log(math.exp(R2 / tau) / (math.exp(R2 / tau) + math.exp(0.0)))
+    assert got.item() == pytest.approx(expected, abs=1e-6)
+    two = anchored_infonce(a, [p, torch.tensor([[1.0, 0.0]])], n, tau)  # second positive cos 1
+    e2 = -math.log(math.exp(1 / tau) / (math.exp(1 / tau) + 1.0))
+    assert two.item() == pytest.approx((expected + e2) / 2, abs=1e-6)
+    got.sum().backward()
+    assert a.grad is None and p.grad.abs().sum() > 0 and n.grad.abs().sum() > 0

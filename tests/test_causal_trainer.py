@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from data_builders.chat_template import apply_template, prompt_ids
+from data_builders.chat_template import apply_template, prompt_ids, prompt_response_ids
 from data_builders.jsonl_io import DataError
-from data_builders.token_cache import TripletCollator, _MapFn, build_token_cache, cache_fingerprint
+from data_builders.token_cache import VIEWS, TripletCollator, _MapFn, build_token_cache, cache_fingerprint, needed_views
 from data_builders.triplets import build_triplets, read_attacks, read_tasks, triplet_messages, write_triplets
-from trainers.causal import (HEAD_CONFIG, HEAD_WEIGHTS, CausalContrastiveTrainer, encode_prompts,
+from trainers.causal import (HEAD_CONFIG, HEAD_WEIGHTS, CausalContrastiveTrainer, encode_prompts, encode_views,
                              load_projection_head, save_projection_head)
 from trainers.causal_losses import build_projection_head, pool_hidden_states
 
@@ -29,10 +29,19 @@ def tok(tiny_model_dir):
     return apply_template(AutoTokenizer.from_pretrained(tiny_model_dir))
 
 
+def seed_triplets(n, seed=0, control_fraction=0.0):
+    """Seed triplets with every hijack filled (task attacks get a fixed obeying answer instead of a model's)."""
+    res = build_triplets(read_tasks(str(SEED_TASKS)), [read_attacks(str(SEED_ATTACKS))], seed=seed, max_triplets=n,
+                         control_fraction=control_fraction)
+    for t in res.triplets:
+        if not t["hijack"]:
+            t["hijack"], t["hijack_source"] = "Sure, here is what you asked for instead.", "test"
+    return res.triplets
+
+
 @pytest.fixture(scope="module")
 def triplets_file(tmp_path_factory):
-    res = build_triplets(read_tasks(str(SEED_TASKS)), [read_attacks(str(SEED_ATTACKS))], seed=0, max_triplets=12)
-    return write_triplets(tmp_path_factory.mktemp("trip") / "triplets.jsonl", res.triplets)
+    return write_triplets(tmp_path_factory.mktemp("trip") / "triplets.jsonl", seed_triplets(12))
 
 
 @pytest.fixture(scope="module")
@@ -41,29 +50,51 @@ def dataset(triplets_file, tok, tmp_path_factory):
     return ds
 
 
-def peft_model(model_dir, seed=0):
+def peft_model(model_dir, seed=0, lora_init=False):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    # default: random B, so every LoRA weight gets a gradient; lora_init=True: B = 0 (policy = reference)
     cfg = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"],
-                     task_type="CAUSAL_LM", init_lora_weights=False)  # random B: every LoRA weight gets a gradient
+                     task_type="CAUSAL_LM", init_lora_weights=lora_init)
     return get_peft_model(model, cfg)
 
 
-def make_trainer(model_dir, tok, ds, out, *, seed=0, head_seed=0, collator=None, **kw):
+OBJECTIVES = {  # name → CausalContrastiveTrainer loss kwargs
+    "v1": dict(contrastive="v1", variant="cosine", temperature=0.2, lambda_causal=0.7, lambda_spurious=1.3),
+    "lm_injected": dict(contrastive="none", lambda_lm_injected=1.0),
+    "margin_lm": dict(contrastive="v1", variant="margin", margin_floor=-0.5, lambda_lm_injected=0.5),
+    "infonce": dict(contrastive="v1", variant="infonce", temperature=0.2),
+    "kl": dict(contrastive="none", lambda_lm_injected=1.0, lambda_kl=0.7),
+    "pref": dict(contrastive="none", lambda_lm_injected=1.0, lambda_pref=0.8, pref_beta=0.3),
+    "v2": dict(contrastive="v2", lambda_lm_injected=1.0, lambda_contrastive=0.6, temperature=0.3),
+    "v2_no_cf": dict(contrastive="v2", lambda_lm_injected=1.0, contrastive_counterfactual=False),
+    "benign_only": dict(contrastive="none"),
+}
+
+
+def objective(name, **extra):
+    kw = {**OBJECTIVES[name], **extra}
+    views, lm = needed_views(**kw)
+    return {**kw, "views": views, "lm_views": lm}
+
+
+def make_trainer(model_dir, tok, ds, out, *, seed=0, head_seed=0, collator=None, obj="v1", lora_init=False, **kw):
     from transformers import TrainingArguments
 
     targs = dict(output_dir=str(out), report_to="none", use_cpu=True, remove_unused_columns=False,
                  per_device_train_batch_size=2, learning_rate=1e-3, logging_steps=1, save_strategy="no",
                  dataloader_num_workers=0, seed=seed, disable_tqdm=True)
     targs.update(kw.pop("targs", {}))
-    model = peft_model(model_dir, seed)
-    head = build_projection_head("mlp", model.get_base_model().config.hidden_size, 8, 16, seed=head_seed)
+    model = peft_model(model_dir, seed, lora_init)
+    loss = objective(obj, **kw.pop("loss", {}))
+    head = build_projection_head("mlp", model.get_base_model().config.hidden_size, 8, 16, seed=head_seed) \
+        if loss["contrastive"] != "none" else None
+    coll = collator or TripletCollator(tok.pad_token_id, views=loss["views"], lm_views=loss["lm_views"])
     return CausalContrastiveTrainer(model=model, args=TrainingArguments(**targs), train_dataset=ds,
-                                    data_collator=collator or TripletCollator(tok.pad_token_id), processing_class=tok,
-                                    projection_head=head, **kw)
+                                    data_collator=coll, processing_class=tok, projection_head=head, **loss, **kw)
 
 
 # ------------------------------------------------------------------ token cache
@@ -72,14 +103,27 @@ def test_labels_mask_exactly_the_response_tokens(dataset, triplets_file, tok):
     by_id = {r["id"]: r for r in rows}
     for ex in dataset:
         t = by_id[ex["id"]]
-        resp = tok(t["response"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-        for view in ("benign", "counterfactual", "injected"):
+        for view in VIEWS:
+            prompt_view = "injected" if view == "hijack" else view
+            response = t["hijack"] if view == "hijack" else t["target"]
             ids, labels = ex[f"{view}_input_ids"], ex[f"{view}_labels"]
-            p = prompt_ids(tok, triplet_messages(t, view))
-            assert ids == p + resp and len(labels) == len(ids)
-            assert labels[:len(p)] == [-100] * len(p) and labels[len(p):] == resp
-        assert tok.decode(ex["benign_labels"][-len(resp):]) == t["response"] + tok.eos_token
+            p = prompt_ids(tok, triplet_messages(t, prompt_view))
+            joint, n_prompt = prompt_response_ids(tok, triplet_messages(t, prompt_view), response)
+            assert ids == joint and n_prompt == len(p) and ids[:n_prompt] == p and len(labels) == len(ids)
+            assert labels[:n_prompt] == [-100] * n_prompt and labels[n_prompt:] == ids[n_prompt:]
+            assert tok.decode(labels[n_prompt:]) == response + tok.eos_token
         assert ex["benign_input_ids"] != ex["counterfactual_input_ids"] != ex["injected_input_ids"]
+        assert ex["hijack_input_ids"][:len(p)] == ex["injected_input_ids"][:len(p)]  # same injected prompt
+    assert any(by_id[ex["id"]]["canary"] and by_id[ex["id"]]["hijack"] == by_id[ex["id"]]["canary"] for ex in dataset)
+
+
+def test_missing_target_or_hijack_is_a_located_error(tok, tmp_path):
+    rows = seed_triplets(3)
+    rows[1]["hijack"] = ""
+    rows[1]["canary"] = ""
+    p = write_triplets(tmp_path / "t.jsonl", rows)
+    with pytest.raises(DataError, match=r"t.jsonl:2: field 'hijack'"):
+        build_token_cache(p, tok, 512, tmp_path / "cache")
 
 
 def test_warm_build_hits_the_cache_and_template_changes_fingerprint(triplets_file, tok, tmp_path):
@@ -101,9 +145,10 @@ def test_warm_build_hits_the_cache_and_template_changes_fingerprint(triplets_fil
     finally:
         tok.chat_template = old
     assert cache_fingerprint(triplets_file, tok, 256) != info1.fingerprint
+    assert cache_fingerprint(triplets_file, tok, 512, data_role=True) != info1.fingerprint
     other = tmp_path / "t2.jsonl"
     text = triplets_file.read_text()
-    other.write_text(text.replace('"response": "', '"response": "Note: ', 1))
+    other.write_text(text.replace('"target": "', '"target": "Note: ', 1))
     assert other.read_text() != text
     assert cache_fingerprint(other, tok, 512) != info1.fingerprint
 
@@ -111,12 +156,11 @@ def test_warm_build_hits_the_cache_and_template_changes_fingerprint(triplets_fil
 def test_length_column_drives_length_grouped_batches(tok, tiny_model_dir, tmp_path):
     """``length`` = the longest view (what the collator pads to); the Trainer's group_by_length sampler uses it
     and the batches it builds over one epoch carry less padding than random ones, with every triplet once."""
-    res = build_triplets(read_tasks(str(SEED_TASKS)), [read_attacks(str(SEED_ATTACKS))], seed=0, max_triplets=64)
-    ds, _ = build_token_cache(write_triplets(tmp_path / "t.jsonl", res.triplets), tok, 512, tmp_path / "cache")
+    ds, _ = build_token_cache(write_triplets(tmp_path / "t.jsonl", seed_triplets(64)), tok, 512, tmp_path / "cache")
     # HF's sampler sorts mega-batches of min(n // (batch × 4), 50) batches: ≥ 2 batches each, so grouping can act
     assert len(ds) // (2 * 4) >= 2
     for ex in ds:
-        assert ex["length"] == max(len(ex[f"{v}_input_ids"]) for v in ("benign", "counterfactual", "injected"))
+        assert ex["length"] == max(len(ex[f"{v}_input_ids"]) for v in VIEWS)
     coll = TripletCollator(tok.pad_token_id)
     padded = {}
     for strategy in ("random", "group_by_length"):
@@ -129,23 +173,26 @@ def test_length_column_drives_length_grouped_batches(tok, tiny_model_dir, tmp_pa
     assert real < padded["group_by_length"] < padded["random"]
 
 
-def test_too_long_triplets_are_dropped_not_truncated(triplets_file, tok, tmp_path):
-    ds, info = build_token_cache(triplets_file, tok, 120, tmp_path)
+def test_too_long_triplets_are_dropped_not_truncated(triplets_file, tok, tmp_path, dataset):
+    limit = sorted(dataset["length"])[len(dataset) // 2]  # about half the triplets fit
+    ds, info = build_token_cache(triplets_file, tok, limit, tmp_path)
     assert info.n_kept + info.n_too_long == info.n_total and 0 < info.n_too_long < info.n_total
-    assert all(len(x) <= 120 for v in ("benign", "counterfactual", "injected") for x in ds[f"{v}_input_ids"])
+    assert all(len(x) <= limit for v in VIEWS for x in ds[f"{v}_input_ids"])
     with pytest.raises(DataError, match="fits in max_length=16"):
         build_token_cache(triplets_file, tok, 16, tmp_path)
 
 
 @pytest.mark.parametrize("side", ["right", "left"])
-@pytest.mark.parametrize("injected_lm", [False, True])
-def test_collator_layout(dataset, tok, side, injected_lm):
+@pytest.mark.parametrize("name", ["v1", "lm_injected", "pref", "v2", "benign_only"])
+def test_collator_layout(dataset, tok, side, name):
     feats = [dataset[i] for i in range(3)]
-    b = TripletCollator(tok.pad_token_id, padding_side=side, injected_lm_loss=injected_lm)(feats)
+    obj = objective(name)
+    views, lm_views = obj["views"], obj["lm_views"]
+    b = TripletCollator(tok.pad_token_id, padding_side=side, views=views, lm_views=lm_views)(feats)
     B = 3
-    assert b["input_ids"].shape[0] == 3 * B and set(b) == {"input_ids", "attention_mask", "position_ids", "labels",
-                                                          "pool_mask"}
-    for v, view in enumerate(("benign", "counterfactual", "injected")):
+    assert b["input_ids"].shape[0] == len(views) * B and set(b) == {
+        "input_ids", "attention_mask", "position_ids", "labels", "pool_mask", "response_mask"}
+    for v, view in enumerate(views):
         for k, f in enumerate(feats):
             r = v * B + k
             ids, labels = f[f"{view}_input_ids"], f[f"{view}_labels"]
@@ -158,11 +205,27 @@ def test_collator_layout(dataset, tok, side, injected_lm):
             assert b["position_ids"][r][real].tolist() == list(range(len(ids)))
             n_prompt = sum(1 for x in labels if x == -100)
             assert b["pool_mask"][r].sum().item() == n_prompt and not (b["pool_mask"][r].bool() & ~real).any()
+            assert b["response_mask"][r].sum().item() == len(ids) - n_prompt
+            assert (b["response_mask"][r].bool() == (real & ~b["pool_mask"][r].bool())).all()
             lab = b["labels"][r]
-            if view == "benign" or (view == "injected" and injected_lm):
+            if view in lm_views:
                 assert lab[real].tolist() == labels and (lab[~real] == -100).all()
             else:
                 assert (lab == -100).all()
+    with pytest.raises(ValueError):
+        TripletCollator(0, views=["benign"], lm_views=["injected"])
+
+
+def test_needed_views_drop_what_no_term_uses():
+    assert needed_views(contrastive="none") == (["benign"], ["benign"])
+    assert needed_views(contrastive="none", lambda_lm_injected=1.0) == (["benign", "injected"], ["benign", "injected"])
+    assert needed_views(contrastive="none", lambda_task=0.0, lambda_lm_injected=1.0)[1] == ["injected"]
+    # the counterfactual view only when a term needs it: two forwards, not three
+    assert "counterfactual" not in needed_views(contrastive="none", lambda_lm_injected=1.0, lambda_kl=1.0)[0]
+    assert needed_views(contrastive="v1")[0] == ["benign", "injected", "counterfactual"]
+    assert needed_views(contrastive="v2", contrastive_counterfactual=False)[0] == ["benign", "injected", "hijack"]
+    assert needed_views(contrastive="none", lambda_lm_injected=1.0, lambda_pref=1.0)[0] == ["benign", "injected",
+                                                                                           "hijack"]
 
 
 # ------------------------------------------------------------------ exact gradient accumulation
@@ -178,19 +241,17 @@ def _run_step(trainer, batches):
     return total, _grads(model)
 
 
-@pytest.mark.parametrize("variant,injected_lm", [("cosine", False), ("margin", True), ("infonce", False)])
-def test_gradient_accumulation_2x2_equals_batch_of_4(tiny_model_dir, tok, dataset, tmp_path, variant, injected_lm):
-    coll = TripletCollator(tok.pad_token_id, injected_lm_loss=injected_lm)
-    tr = make_trainer(tiny_model_dir, tok, dataset, tmp_path, collator=coll, variant=variant, temperature=0.2,
-                      lambda_task=1.0, lambda_causal=0.7, lambda_spurious=1.3, margin_floor=-0.5,
-                      injected_lm_loss=injected_lm, lambda_injected=0.5,
-                      targs={"gradient_accumulation_steps": 2})
+@pytest.mark.parametrize("name", ["v1", "margin_lm", "infonce", "kl", "pref", "v2"])
+def test_gradient_accumulation_2x2_equals_batch_of_4(tiny_model_dir, tok, dataset, tmp_path, name):
+    tr = make_trainer(tiny_model_dir, tok, dataset, tmp_path, obj=name, targs={"gradient_accumulation_steps": 2})
+    coll = tr.data_collator
     feats = [dataset[i] for i in range(4)]
     loss4, g4 = _run_step(tr, [coll(feats)])
     loss22, g22 = _run_step(tr, [coll(feats[:2]), coll(feats[2:])])
     names = [n for n in g4 if "lora_" in n]
     head_names = [n for n in g4 if "causal_projection_head" in n]
-    assert len(names) == 2 * 3 * 2 and len(head_names) == 4  # LoRA A/B on 3 modules × 2 layers; head 2 linears
+    assert len(names) == 2 * 3 * 2  # LoRA A/B on 3 modules × 2 layers
+    assert len(head_names) == (4 if tr.projection_head is not None else 0)  # head: 2 linears
     assert set(g4) == set(g22)
     for n in g4:
         assert g4[n].abs().max() > 0, n
@@ -199,9 +260,9 @@ def test_gradient_accumulation_2x2_equals_batch_of_4(tiny_model_dir, tok, datase
 
 
 def test_lm_loss_is_normalised_by_num_items_in_batch(tiny_model_dir, tok, dataset, tmp_path):
-    """With λ_causal = λ_spurious = 0 the loss is Σ NLL / num_items_in_batch over the whole step."""
-    coll = TripletCollator(tok.pad_token_id)
-    tr = make_trainer(tiny_model_dir, tok, dataset, tmp_path, collator=coll, lambda_causal=0.0, lambda_spurious=0.0)
+    """LM terms only: loss = (Σ NLL_benign + λ_inj Σ NLL_injected) / N_y over the whole step (hand computation)."""
+    tr = make_trainer(tiny_model_dir, tok, dataset, tmp_path, obj="lm_injected", loss={"lambda_lm_injected": 0.5})
+    coll = tr.data_collator
     feats = [dataset[i] for i in range(4)]
     big = coll(feats)
     n_tokens = int((big["labels"][:, 1:] != -100).sum())
@@ -212,27 +273,74 @@ def test_lm_loss_is_normalised_by_num_items_in_batch(tiny_model_dir, tok, datase
                        position_ids=big["position_ids"])
         logits = out.logits[:, :-1]
         tgt = big["labels"][:, 1:]
-        ref = torch.nn.functional.cross_entropy(logits[tgt != -100], tgt[tgt != -100], reduction="sum") / n_tokens
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), tgt, reduction="none", ignore_index=-100)
+        n_y = int((tgt[:4] != -100).sum())
+        assert 2 * n_y == n_tokens  # the benign and injected rows hold the same target tokens
+        ref = (nll[:4].sum() + 0.5 * nll[4:].sum()) / n_y
         got = sum(tr.compute_loss(tr.model, s, num_items_in_batch=n_items) for s in samples)
     assert got.item() == pytest.approx(ref.item(), rel=1e-5)
 
 
+def test_injected_view_gets_the_gradient(tiny_model_dir, tok, dataset, tmp_path):
+    """With the StruQ term only (λ_task = 0), all of the gradient comes from the injected rows: the embeddings of
+    the injected prompts get a gradient and those of the benign rows none. Would fail if the injected view were
+    left out of the loss."""
+    tr = make_trainer(tiny_model_dir, tok, dataset, tmp_path, obj="lm_injected", loss={"lambda_task": 0.0})
+    batch = tr.data_collator([dataset[i] for i in range(2)])
+    emb = tr.model.get_base_model().get_input_embeddings()
+    grabbed = {}
+
+    def hook(_m, _i, out):  # make the (frozen) embedding output a leaf that collects the gradient
+        if not torch.is_grad_enabled():
+            return None
+        leaf = out.detach().requires_grad_(True)
+        grabbed["e"] = leaf
+        return leaf
+
+    h = emb.register_forward_hook(hook)
+    try:
+        tr.model.train()
+        loss = tr.compute_loss(tr.model, dict(batch))
+        loss.backward()
+    finally:
+        h.remove()
+    g = grabbed["e"].grad
+    assert tr.views == ["benign", "injected"] and tr.lm_views == ["injected"]
+    assert g[2:].abs().sum() > 0 and g[:2].abs().sum() == 0
+
+
+def test_pref_term_starts_at_ln2_when_policy_equals_reference(tiny_model_dir, tok, dataset, tmp_path):
+    """LoRA B = 0: the policy is the reference, so the SecAlign term is −log σ(0) = ln 2 on every triplet."""
+    import math
+
+    tr = make_trainer(tiny_model_dir, tok, dataset, tmp_path, obj="pref", lora_init=True)
+    batch = tr.data_collator([dataset[i] for i in range(3)])
+    with torch.no_grad():
+        tr.compute_loss(tr.model, dict(batch))
+    avg = tr._averages("train")
+    assert avg["loss_pref"] == pytest.approx(math.log(2), abs=1e-5)
+    assert "margin_injected" in avg and "loss_lm_injected" in avg
+
+
 # ------------------------------------------------------------------ logging
 def test_logged_metric_names_train_and_eval(tiny_model_dir, tok, dataset, tmp_path):
-    tr = make_trainer(tiny_model_dir, tok, dataset, tmp_path, targs={"max_steps": 2, "eval_strategy": "steps",
-                                                                     "eval_steps": 2, "per_device_eval_batch_size": 2},
+    tr = make_trainer(tiny_model_dir, tok, dataset, tmp_path, obj="v1",
+                      targs={"max_steps": 2, "eval_strategy": "steps", "eval_steps": 2, "per_device_eval_batch_size": 2},
                       eval_dataset=dataset.select(range(3)))
     tr.train()
     hist = tr.state.log_history
     train_logs = [h for h in hist if "loss" in h]
     eval_logs = [h for h in hist if "eval_loss" in h]
-    names = ("loss_lm", "loss_causal", "loss_spurious", "causal_stability", "spurious_similarity",
-             "causal_discrimination")
+    names = ("loss_lm", "loss_lm_injected", "loss_contrastive", "head_cos_benign_counterfactual",
+             "head_cos_benign_injected", "head_causal_discrimination", "pooled_cos_benign_injected")
     assert len(train_logs) == 2 and len(eval_logs) == 1
     for h in train_logs:
-        assert all(k in h for k in names)
-        assert h["causal_discrimination"] == pytest.approx(h["causal_stability"] - h["spurious_similarity"], abs=2e-6)
-        assert h["loss_causal"] == pytest.approx(-h["causal_stability"] / 0.1, abs=1e-4)  # cosine, τ = 0.1
+        assert all(k in h for k in names), set(names) - set(h)
+        assert h["head_causal_discrimination"] == pytest.approx(
+            h["head_cos_benign_counterfactual"] - h["head_cos_benign_injected"], abs=2e-6)
+        # v1 cosine, τ = 0.2: −0.7·cos(b,c)/τ + 1.3·cos(b,i)/τ (the per-step mean over the step's triplets)
+        assert h["loss_contrastive"] == pytest.approx(
+            (-0.7 * h["head_cos_benign_counterfactual"] + 1.3 * h["head_cos_benign_injected"]) / 0.2, abs=1e-4)
     assert all(f"eval_{k}" in eval_logs[0] for k in names)
 
 
@@ -261,6 +369,17 @@ def test_head_save_load_resume_is_bit_identical(tiny_model_dir, tok, dataset, tm
     c = make_trainer(tiny_model_dir, tok, dataset, tmp_path / "c", **kw)
     with pytest.raises(FileNotFoundError, match=str(ck2 / HEAD_WEIGHTS)):
         c.train(resume_from_checkpoint=str(ck2))
+
+
+def test_no_contrastive_term_means_no_head(tiny_model_dir, tok, dataset, tmp_path):
+    tr = make_trainer(tiny_model_dir, tok, dataset, tmp_path, obj="kl",
+                      targs={"max_steps": 1, "save_strategy": "steps", "save_steps": 1})
+    tr.train()
+    ck = tmp_path / "checkpoint-1"
+    assert tr.projection_head is None and ck.is_dir() and not (ck / HEAD_WEIGHTS).exists()
+    with pytest.raises(ValueError, match="projection head"):
+        CausalContrastiveTrainer(model=peft_model(tiny_model_dir), args=tr.args, train_dataset=dataset,
+                                 projection_head=None, **objective("v2"))
 
 
 def test_missing_or_mismatched_head_is_an_error(tmp_path):
@@ -300,6 +419,16 @@ def test_encode_prompts_matches_training_pooling(tiny_model_dir, tok):
     assert z.shape == (3, 5)
     ref1 = pool_hidden_states(hs[1], torch.ones_like(ids))
     assert torch.allclose(z[1], head(ref1)[0], atol=1e-5)
+    # response pooling (contrastive v2): the mean over the response tokens of prompt + response, joint tokenization
+    resp = ["Sure.", "Hello to you", "Traduction."]
+    zr = encode_views(model, tok, msgs, resp, pooling="response", batch_size=2)
+    joint, n_prompt = prompt_response_ids(tok, msgs[1], resp[1])
+    with torch.no_grad():
+        hs2 = model(input_ids=torch.tensor([joint]), output_hidden_states=True).hidden_states
+    mask = torch.tensor([[0] * n_prompt + [1] * (len(joint) - n_prompt)])
+    assert torch.allclose(zr[1], pool_hidden_states(hs2[-1], mask)[0], atol=1e-5)
+    with pytest.raises(ValueError):
+        encode_views(model, tok, msgs, pooling="response")
 
 
 # ------------------------------------------------------------------ the stage
@@ -360,6 +489,7 @@ def test_stage_validate_refuses_overlap_before_any_model(tmp_path):
 
 
 def test_stage_run_on_tiny_model(tiny_model_dir, tmp_path):
+    """The default objective (no contrastive term: no head) end to end; then v2 with its head."""
     from stages import stage2_causal as s2
 
     cfg = _stage_cfg(tmp_path, tiny_model_dir)
@@ -367,13 +497,27 @@ def test_stage_run_on_tiny_model(tiny_model_dir, tmp_path):
     shutil.copytree(tiny_model_dir, base)
     result = s2.run(cfg)
     out = cfg.run_dir / "causal"
-    for p in ("adapter/adapter_model.safetensors", "adapter/" + HEAD_WEIGHTS, "adapter/" + HEAD_CONFIG,
-              "merged/config.json", "log_history.json", "curves.png", "checkpoints/checkpoint-2/" + HEAD_WEIGHTS):
+    for p in ("adapter/adapter_model.safetensors", "merged/config.json", "log_history.json", "curves.png",
+              "checkpoints/checkpoint-2/trainer_state.json"):
         assert (out / p).is_file(), p
-    assert (cfg.run_dir / "data" / "triplets.jsonl").is_file() and list((cfg.run_dir / "data" / "cache").glob("*.arrow"))
-    head = load_projection_head(out / "adapter", 32)
-    assert head.config() == {"type": "mlp", "in_dim": 32, "dim": 8, "hidden": 16}
+    assert not (out / "adapter" / HEAD_WEIGHTS).exists()
+    data = cfg.run_dir / "data"
+    assert (data / "triplets.jsonl").is_file() and list((data / "cache").glob("*.arrow"))
+    rows = [json.loads(x) for x in (data / "triplets.jsonl").read_text().splitlines()]
+    assert all(r["target"] and r["hijack"] for r in rows)
+    # task attacks got the starting model's answer as their hijacked response, cached for a rerun
+    assert any(r["hijack_source"] == "model" for r in rows) and (data / "causal_generations.jsonl").is_file()
     m = result["metrics"]
-    assert m["steps"] == 3 and m["triplets"] == 8 and "causal_stability" in m["first_last"]
-    assert "eval_causal_stability" in m["first_last"]
+    assert m["steps"] == 3 and "loss_lm_injected" in m["first_last"] and "eval_loss_lm_injected" in m["first_last"]
+    assert m["triplet_stats"]["controls"] >= 0 and "generated" in m["triplet_stats"]
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    cfg2 = _stage_cfg(tmp_path, tiny_model_dir)
+    cfg2.causal.loss = {"contrastive": "v2"}
+    cfg2.run_name = "st2"
+    shutil.copytree(tiny_model_dir, cfg2.run_dir / "sft" / "merged")
+    s2.run(cfg2)
+    head = load_projection_head(cfg2.run_dir / "causal" / "adapter", 32)
+    assert head.config() == {"type": "mlp", "in_dim": 32, "dim": 8, "hidden": 16}
+    meta = json.loads((cfg2.run_dir / "causal" / "adapter" / HEAD_CONFIG).read_text())
+    assert meta["pooling"] == "response" and meta["contrastive"] == "v2"

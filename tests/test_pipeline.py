@@ -70,8 +70,11 @@ def _check_complete(run_dir: Path) -> dict:
         assert 0.0 <= row["attack_success_rate"] <= 1.0 and row["n_cases"] == 6
     for s in ("sft", "dpo", "causal"):
         assert (run_dir / s / "merged" / "config.json").exists() and (run_dir / s / "adapter").is_dir()
-    assert (run_dir / "causal" / "adapter" / "causal_projection.safetensors").exists()
+    # the default objective has no contrastive term, so no projection head is trained or saved
+    assert not (run_dir / "causal" / "adapter" / "causal_projection.safetensors").exists()
     assert (run_dir / "eval" / "report.md").exists()
+    assert {(r["model"], r["reference"]) for r in metrics["paired"]} == {("sft", "base"), ("dpo", "sft"),
+                                                                         ("causal", "dpo")}
     return m
 
 
@@ -90,8 +93,11 @@ def test_pipeline_end_to_end(finished_run):
     m = _check_complete(run_dir)
     _check_records(run_dir)
     assert "| model |" in res.stdout and str(run_dir / "eval" / "report.md") in res.stdout  # table + report path
-    table = [x for x in res.stdout.splitlines() if x.startswith("|")]
+    lines = res.stdout.splitlines()
+    start = next(i for i, x in enumerate(lines) if x.startswith("| model |"))
+    table = [x for x in lines[start:start + 7] if x.startswith("|")]
     assert len(table) == 2 + 4 and set(table[1]) == {"|", "-"}  # header, separator, one row per model
+    assert "| causal | dpo | ASR |" in res.stdout  # the paired tests against the model each stage started from
     assert len({x.count("|") for x in table}) == 1
     for s in STAGES:
         assert m[s]["config_hash"] and m[s]["input_hashes"] and m[s]["seconds"] >= 0
@@ -115,7 +121,7 @@ def test_rerun_skips_finished_stages_and_from_stage_redoes(finished_run):
     assert all(after[s]["finished"] == before[s]["finished"] for s in ("sft", "dpo", "causal"))
     assert after["evaluate"]["finished"] != before["evaluate"]["finished"]
     # a changed causal setting reruns causal (fresh: no checkpoint of the old settings reused) and evaluate
-    res = _run(cfg, "causal.loss.temperature=0.2")
+    res = _run(cfg, "causal.loss.lambda_lm_injected=0.5")
     assert res.returncode == 0, res.stderr[-2000:]
     assert "[sft] done" in res.stdout and "[dpo] done" in res.stdout and "[causal] running" in res.stdout
     assert "[evaluate] running" in res.stdout  # its input (causal/merged) changed

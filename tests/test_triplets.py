@@ -57,7 +57,12 @@ def test_seed_files_are_valid():
     assert len(tasks) >= 35 and len({t.id for t in tasks}) == len(tasks)
     attacks = read_attacks(str(SEED_ATTACKS))
     cats = Counter(c for c, _ in attacks.items)
-    assert len(attacks.items) >= 30 and 5 <= len(cats) <= 6
+    canary_cats = {c for c, t in attacks.items if "{canary}" in t}
+    assert len(attacks.items) >= 50 and len(cats) >= 12
+    # the canary-style families the defence must learn from (issue: naive, fake completion, fake system message,
+    # role play, template-token spoofing) besides the BIPIA-style task attacks
+    assert canary_cats >= {"override_reply_only", "fake_answer_then_task", "fake_system_line", "persona",
+                           "template_spoof_train", "end_with"}
 
 
 def test_reader_errors_name_file_line_and_field(tmp_path):
@@ -105,9 +110,8 @@ def test_seed_attacks_disjoint_from_bipia_and_eval_seed(shared_data):
     sets = [read_attacks(str(bipia(shared_data) / "text_attack_train.json")),
             read_attacks(str(bipia(shared_data) / "code_attack_train.json"))]
     check_attack_overlap([read_attacks(str(SEED_ATTACKS))], sets)
-    eval_seed = REPO / "data_builders" / "seed" / "injection_eval.jsonl"
-    if eval_seed.exists():
-        check_attack_overlap([read_attacks(str(SEED_ATTACKS))] + sets, [read_attacks(str(eval_seed))])
+    heldout = REPO / "evaluation" / "heldout" / "injection_heldout.jsonl"
+    check_attack_overlap([read_attacks(str(SEED_ATTACKS))] + sets, [read_attacks(str(heldout))])
 
 
 # ------------------------------------------------------------------ building on BIPIA train files
@@ -126,7 +130,8 @@ def test_build_on_bipia_counts_positions_and_pools(shared_data):
     code_texts = {x.strip() for _, x in code_att.items}
     for t in ts:
         assert set(t) == {"id", "system", "instruction", "data", "data_counterfactual", "injection", "position",
-                          "response", "attack_category"}
+                          "response", "attack_category", "target", "target_source", "hijack", "hijack_source",
+                          "canary"}
         pool = code_texts if t["id"].startswith("bipia-code") else text_texts
         assert t["injection"] in pool
         assert t["data_counterfactual"] != t["data"]

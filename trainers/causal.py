@@ -1,52 +1,50 @@
-"""Stage 2 trainer: causal contrastive training on prompt-injection triplets.
+"""Stage 2 trainer: the causal stage on prompt-injection triplets (output-level targets, invariance, contrast).
 
-:class:`CausalContrastiveTrainer` (a ``transformers.Trainer``) takes the (3B, L) batches of
-:class:`data_builders.token_cache.TripletCollator` — rows [0:B] benign, [B:2B] counterfactual, [2B:3B] injected
-— and, in ONE forward pass with ``output_hidden_states=True``:
+:class:`CausalContrastiveTrainer` (a ``transformers.Trainer``) takes the (V·B, L) batches of
+:class:`data_builders.token_cache.TripletCollator` — the views the objective needs
+(:func:`data_builders.token_cache.needed_views`: benign, injected, counterfactual, hijack), B rows each — and, in
+ONE forward pass with ``output_hidden_states=True``, computes the terms of ``trainers/causal_losses.py``:
 
-1. mean-pools the hidden states of layer ``pool_layer`` (default −1, the last, after the final norm) over the
-   prompt tokens of each row (:func:`trainers.causal_losses.pool_hidden_states`; padding on either side is
-   ignored) and projects them with the head (:class:`trainers.causal_losses.ProjectionHead`) → z_b, z_c, z_i;
-2. computes the language-model loss on the response tokens of the benign rows (and of the injected rows when
-   ``injected_lm_loss``: the injected prompt is trained toward the *benign* response, weighted λ_injected);
-3. adds the contrastive term of the chosen variant (cosine | infonce | margin; formulas in
-   ``trainers/causal_losses.py``):
+    L = λ_task·NLL(y|x_b) + λ_lm_injected·NLL(y|x_i) + λ_lm_counterfactual·NLL(y|x_c)
+        + λ_kl·KL-invariance + λ_pref·SecAlign-DPO(y ≻ y_a | x_i) + contrastive (v1 | v2 | none)
 
-       loss = λ_task · L_LM + L_contrastive
+Next-token logits are computed only at the response positions (the output embedding applied to the final hidden
+states of those positions; models that post-process logits get the model's own logits instead), never for the whole
+(V·B, L, vocab) tensor. ``pref_injected`` adds one no-grad forward of the injected and hijack rows with the LoRA
+adapter disabled (the reference model = the starting model, as in the DPO stage).
 
 Gradient accumulation is exact (one optimizer step over k micro-batches = one step over their union):
 
-* ``L_LM = Σ_tokens w·NLL / num_items_in_batch``, with w = 1 on benign tokens and λ_injected on injected ones.
-  ``num_items_in_batch`` is what ``Trainer.get_batch_samples`` counts over ALL micro-batches of the optimizer
-  step (labels[..., 1:] ≠ −100, i.e. every labelled token: benign, plus injected when enabled), summed over
-  processes when ``average_tokens_across_devices`` (the transformers 5 default). Because DDP then *averages*
-  gradients across the P processes, ``Trainer.compute_loss`` multiplies the loss by P; this trainer does the
-  same (``model_accepts_loss_kwargs`` is forced to True so Trainer neither divides by the accumulation steps
-  nor skips the count).
-* the contrastive term is a per-micro-batch mean over its B_micro triplets; it is weighted by
-  B_micro / B_step, where B_step is the number of triplets in the whole optimizer step (all micro-batches, all
-  processes — counted in :meth:`get_batch_samples` and attached to each micro-batch), so the k weighted
-  micro-batch means add up to the mean over the step's triplets — exactly the loss of one big batch. (With
-  InfoNCE ``in_batch_negatives`` the negatives differ between one big batch and micro-batches, so there the
-  equality does not hold; it is documented, not corrected.)
+* LM terms: ``Σ_v λ_v Σ_tokens NLL_v / N_y``, where N_y = ``num_items_in_batch`` / (number of LM views) is the
+  number of target tokens of the whole optimizer step (every LM view holds the same y, so each view has N_y
+  labelled tokens); ``num_items_in_batch`` is what ``Trainer.get_batch_samples`` counts over ALL micro-batches of
+  the step (labels ≠ −100), summed over processes when ``average_tokens_across_devices``. Because DDP then
+  *averages* gradients across the P processes, the loss is multiplied by P (as ``Trainer.compute_loss`` does;
+  ``model_accepts_loss_kwargs`` is forced True so Trainer neither divides by the accumulation steps nor skips the
+  count).
+* per-triplet terms (KL, preference, contrastive): a per-micro-batch mean over its B_micro triplets weighted by
+  B_micro / B_step, B_step = triplets of the whole step (all micro-batches, all processes; counted in
+  :meth:`get_batch_samples`), so the weighted means add up to the mean over the step's triplets. (With v1 InfoNCE
+  ``in_batch_negatives`` the negatives differ between one big batch and micro-batches; documented, not corrected.)
 
-Without ``num_items_in_batch`` (evaluation, or a direct call), L_LM is the micro-batch token mean and the
-contrastive term the micro-batch mean.
+Without ``num_items_in_batch`` (evaluation, a direct call), LM terms are per-view token means and the per-triplet
+terms micro-batch means.
 
-Logged (Trainer's log keys; W&B/TensorBoard show them as ``train/<key>`` and ``eval/<key>``, evaluation keys
-being ``eval_<key>`` in ``log_history``): ``loss_lm`` (benign response token-mean NLL), ``loss_lm_injected``
-(if enabled), ``loss_causal``, ``loss_spurious``, ``loss_contrastive`` (their sum), ``causal_stability`` =
-mean cos(z_b, z_c), ``spurious_similarity`` = mean cos(z_b, z_i), ``causal_discrimination`` = their difference,
-and ``pooled_causal_stability`` / ``pooled_spurious_similarity`` (the same cosines on the pooled states before
-the head: whether the *model's* representations moved, not only the head). Training values are averaged over
-the triplets seen since the last log; evaluation values are running sums over eval batches (nothing held).
+Logged (Trainer's log keys; W&B/TensorBoard show them as ``train/<key>`` and ``eval/<key>``): ``loss_lm``,
+``loss_lm_injected``, ``loss_lm_counterfactual`` (token-mean NLL of y per view present, also when its weight is 0),
+``loss_kl``, ``loss_pref``, ``loss_contrastive``, ``margin_injected`` = mean[log p(y|x_i) − log p(y_a|x_i)] (when
+the hijack view is present), and the representation metrics of :func:`evaluation.metrics.representation_metrics`
+(the one definition shared with evaluation) with a prefix naming the space: ``head_*`` on the projection head's
+outputs (v1: prompt-pooled; v2: response-pooled) and ``pooled_*`` on the prompt-pooled hidden states before any
+head. Training values are averaged over the triplets seen since the last log; evaluation values are running sums.
 
-The head is saved in every checkpoint and adapter folder as ``causal_projection.safetensors`` (+
-``causal_projection.json`` with its type and dims), restored on resume and with ``load_best_model_at_end``;
-:func:`load_projection_head` loads it for evaluation. Only safetensors is used for the head.
+The head (only when a contrastive term is on) is saved in every checkpoint and adapter folder as
+``causal_projection.safetensors`` (+ ``causal_projection.json`` with its type, dims, pooling and layer), restored on
+resume and with ``load_best_model_at_end``; :func:`load_projection_head` loads it for evaluation. Only safetensors.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -54,11 +52,13 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import Trainer
 
-from trainers.causal_losses import (ProjectionHead, build_projection_head, check_temperature, contrastive_loss,
-                                    lm_token_nll, pool_hidden_states)
+from trainers.causal_losses import (CONTRASTIVE, ProjectionHead, anchored_infonce, build_projection_head,
+                                    check_temperature, contrastive_loss, dpo_sigmoid_loss, pool_hidden_states,
+                                    sequence_logps, token_kl)
 
 log = logging.getLogger(__name__)
 
@@ -66,9 +66,9 @@ HEAD_WEIGHTS = "causal_projection.safetensors"
 HEAD_CONFIG = "causal_projection.json"
 HEAD_ATTR = "causal_projection_head"
 STEP_KEYS = ("step_triplets",)
-METRIC_KEYS = ("loss_lm", "loss_lm_injected", "loss_causal", "loss_spurious", "loss_contrastive",
-               "causal_stability", "spurious_similarity", "causal_discrimination", "pooled_causal_stability",
-               "pooled_spurious_similarity")
+REP_KEYS = ("cos_benign_counterfactual", "cos_benign_injected", "causal_discrimination")
+METRIC_KEYS = ("loss_lm", "loss_lm_injected", "loss_lm_counterfactual", "loss_kl", "loss_pref", "loss_contrastive",
+               "margin_injected") + tuple(f"{space}_{k}" for space in ("head", "pooled") for k in REP_KEYS)
 
 
 # --------------------------------------------------------------------------------------------- head files
@@ -81,7 +81,7 @@ def save_projection_head(head: ProjectionHead, directory: str | os.PathLike, ext
     d.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu").contiguous().clone() for k, v in head.state_dict().items()}
     save_file(state, str(d / HEAD_WEIGHTS), metadata={"format": "pt"})
-    meta = {**head.config(), "pooling": "mean over prompt tokens", **(extra or {})}
+    meta = {**head.config(), "pooling": "prompt", **(extra or {})}
     (d / HEAD_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
     return d / HEAD_WEIGHTS
 
@@ -141,23 +141,30 @@ def _load_head_into(head: ProjectionHead, directory: str | os.PathLike) -> None:
 
 # --------------------------------------------------------------------------------------------- encoding
 @torch.no_grad()
-def encode_prompts(model, tokenizer, texts_or_messages: Sequence, head: nn.Module | None = None, layer: int = -1,
-                   batch_size: int = 8, *, max_length: int | None = None) -> torch.Tensor:
-    """Representations of prompts, pooled exactly as in training.
+def encode_views(model, tokenizer, conversations: Sequence, responses: Sequence[str] | None = None,
+                 head: nn.Module | None = None, layer: int = -1, pooling: str = "prompt", batch_size: int = 8, *,
+                 max_length: int | None = None) -> torch.Tensor:
+    """Representations of prompts (or of prompt + response), pooled exactly as in training.
 
-    Each item is a message list (rendered with the tokenizer's chat template as a generation prompt, like the
-    training prompts) or a string (taken as one user message). The hidden states of ``layer`` (−1 = last) are
-    mean-pooled over all prompt tokens (:func:`pool_hidden_states`) and, if ``head`` is given, projected.
+    Each conversation is a message list rendered with the tokenizer's chat template as a generation prompt (a
+    string is taken as one user message). ``pooling="prompt"``: the hidden states of ``layer`` mean-pooled over the
+    prompt tokens; ``pooling="response"``: the prompt is followed by ``responses[i]`` + eos, tokenized jointly as in
+    the token cache (:func:`data_builders.chat_template.prompt_response_ids`), and the states are pooled over the
+    response tokens (contrastive v2). With ``head`` the pooled vectors are projected.
 
     Returns:
         (N, D) float32 CPU tensor (D = head output dim, or the hidden size H without a head).
     Raises:
-        ValueError: empty input, or a prompt longer than ``max_length`` tokens (when given).
+        ValueError: empty input, unknown pooling, missing responses, or a sequence longer than ``max_length``.
     """
-    from data_builders.chat_template import prompt_ids
+    from data_builders.chat_template import prompt_ids, prompt_response_ids
 
-    if not texts_or_messages:
-        raise ValueError("encode_prompts needs at least one prompt")
+    if not conversations:
+        raise ValueError("encode_views needs at least one conversation")
+    if pooling not in ("prompt", "response"):
+        raise ValueError(f"pooling must be 'prompt' or 'response', got {pooling!r}")
+    if pooling == "response" and (responses is None or len(responses) != len(conversations)):
+        raise ValueError("response pooling needs one response per conversation")
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -168,26 +175,33 @@ def encode_prompts(model, tokenizer, texts_or_messages: Sequence, head: nn.Modul
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     out = []
     try:
-        for start in range(0, len(texts_or_messages), batch_size):
-            chunk = texts_or_messages[start:start + batch_size]
-            ids = []
-            for item in chunk:
+        for start in range(0, len(conversations), batch_size):
+            seqs, masks = [], []
+            for j, item in enumerate(conversations[start:start + batch_size]):
                 msgs = [{"role": "user", "content": item}] if isinstance(item, str) else list(item)
-                p = prompt_ids(tokenizer, msgs)
-                if max_length is not None and len(p) > max_length:
-                    raise ValueError(f"prompt {start + len(ids)} has {len(p)} tokens > max_length={max_length}")
-                ids.append(p)
-            L = max(len(x) for x in ids)
-            input_ids = torch.full((len(ids), L), pad, dtype=torch.long)
-            mask = torch.zeros((len(ids), L), dtype=torch.long)
-            for r, x in enumerate(ids):
+                if pooling == "prompt":
+                    ids = prompt_ids(tokenizer, msgs)
+                    m = [1] * len(ids)
+                else:
+                    ids, n_prompt = prompt_response_ids(tokenizer, msgs, responses[start + j])
+                    m = [0] * n_prompt + [1] * (len(ids) - n_prompt)
+                if max_length is not None and len(ids) > max_length:
+                    raise ValueError(f"sequence {start + j} has {len(ids)} tokens > max_length={max_length}")
+                seqs.append(ids)
+                masks.append(m)
+            L = max(len(x) for x in seqs)
+            input_ids = torch.full((len(seqs), L), pad, dtype=torch.long)
+            attn = torch.zeros((len(seqs), L), dtype=torch.long)
+            pool = torch.zeros((len(seqs), L), dtype=torch.long)
+            for r, (x, m) in enumerate(zip(seqs, masks)):
                 input_ids[r, :len(x)] = torch.tensor(x)
-                mask[r, :len(x)] = 1
-            input_ids, mask = input_ids.to(device), mask.to(device)
-            pos = (mask.cumsum(-1) - 1).clamp(min=0)
-            outputs = model(input_ids=input_ids, attention_mask=mask, position_ids=pos, output_hidden_states=True,
+                attn[r, :len(x)] = 1
+                pool[r, :len(x)] = torch.tensor(m)
+            input_ids, attn, pool = input_ids.to(device), attn.to(device), pool.to(device)
+            pos = (attn.cumsum(-1) - 1).clamp(min=0)
+            outputs = model(input_ids=input_ids, attention_mask=attn, position_ids=pos, output_hidden_states=True,
                             use_cache=False, logits_to_keep=1)
-            pooled = pool_hidden_states(outputs.hidden_states[layer], mask)
+            pooled = pool_hidden_states(outputs.hidden_states[layer], pool)
             out.append((head(pooled) if head is not None else pooled).float().cpu())
     finally:
         model.train(was_training)
@@ -196,34 +210,64 @@ def encode_prompts(model, tokenizer, texts_or_messages: Sequence, head: nn.Modul
     return torch.cat(out, dim=0)
 
 
+def encode_prompts(model, tokenizer, texts_or_messages: Sequence, head: nn.Module | None = None, layer: int = -1,
+                   batch_size: int = 8, *, max_length: int | None = None) -> torch.Tensor:
+    """Prompt-pooled representations (:func:`encode_views` with ``pooling="prompt"``): (N, D) float32 CPU."""
+    return encode_views(model, tokenizer, texts_or_messages, head=head, layer=layer, pooling="prompt",
+                        batch_size=batch_size, max_length=max_length)
+
+
 # --------------------------------------------------------------------------------------------- trainer
 class CausalContrastiveTrainer(Trainer):
-    """``transformers.Trainer`` with the causal contrastive objective (see the module docstring).
+    """``transformers.Trainer`` with the causal stage's objective (module docstring).
 
     Args (besides Trainer's):
-        projection_head: the :class:`ProjectionHead` (registered on the model as ``causal_projection_head`` so
-            the Trainer's optimizer, device placement and train/eval mode cover it).
-        variant, temperature, lambda_task, lambda_causal, lambda_spurious, margin_floor, in_batch_negatives,
-        injected_lm_loss, lambda_injected: the loss (``causal.loss`` section).
-        pool_layer: index into ``hidden_states`` (−1 = last layer).
+        projection_head: the :class:`ProjectionHead` (registered on the model as ``causal_projection_head`` so the
+            Trainer's optimizer, device placement and train/eval mode cover it); required when ``contrastive`` is
+            ``v1`` or ``v2``, ignored (may be None) otherwise.
+        views: the views of the collator's batches, in order (:func:`data_builders.token_cache.needed_views`);
+            ``lm_views``: those carrying labels.
+        lambda_task, lambda_lm_injected, lambda_lm_counterfactual, lambda_kl, lambda_pref, pref_beta: term weights.
+        contrastive: ``none`` | ``v1`` | ``v2``; lambda_contrastive (v2 weight), contrastive_counterfactual (v2
+            uses z(x_c, y) as a second positive); v1: variant, lambda_causal, lambda_spurious, margin_floor,
+            in_batch_negatives; temperature τ (v1 and v2).
+        pool_layer: index into ``hidden_states`` (−1 = last layer) for pooling.
         head_learning_rate: learning rate of the head's parameter group (None = ``args.learning_rate``).
-    Inputs: the (3B, L) batch of ``TripletCollator`` (input_ids, attention_mask, position_ids, labels, pool_mask).
-    Raises ``ValueError`` at construction for τ outside [0.01, 1] or an unknown variant.
+    Raises ``ValueError`` at construction for τ outside [0.01, 1], an unknown variant or contrastive version, no LM
+    view, or a term whose views are missing.
     """
 
-    def __init__(self, *args, projection_head: ProjectionHead, variant: str = "cosine", temperature: float = 0.1,
-                 lambda_task: float = 1.0, lambda_causal: float = 1.0, lambda_spurious: float = 1.0,
-                 margin_floor: float = 0.0, in_batch_negatives: bool = False, injected_lm_loss: bool = False,
-                 lambda_injected: float = 1.0, pool_layer: int = -1, head_learning_rate: float | None = None,
-                 **kwargs):
+    def __init__(self, *args, projection_head: ProjectionHead | None = None,
+                 views: Sequence[str] = ("benign", "counterfactual", "injected"), lm_views: Sequence[str] = ("benign",),
+                 lambda_task: float = 1.0, lambda_lm_injected: float = 0.0, lambda_lm_counterfactual: float = 0.0,
+                 lambda_kl: float = 0.0, lambda_pref: float = 0.0, pref_beta: float = 0.1,
+                 contrastive: str = "v1", lambda_contrastive: float = 1.0, contrastive_counterfactual: bool = True,
+                 variant: str = "cosine", temperature: float = 0.1, lambda_causal: float = 1.0,
+                 lambda_spurious: float = 1.0, margin_floor: float = 0.0, in_batch_negatives: bool = False,
+                 pool_layer: int = -1, head_learning_rate: float | None = None, **kwargs):
         check_temperature(temperature)
         if variant not in ("cosine", "infonce", "margin"):
             raise ValueError(f"unknown loss variant {variant!r}")
+        if contrastive not in CONTRASTIVE:
+            raise ValueError(f"unknown contrastive version {contrastive!r}; expected one of {list(CONTRASTIVE)}")
+        views, lm_views = list(views), list(lm_views)
+        if not lm_views:
+            raise ValueError("the causal objective needs at least one LM term (λ_task, λ_lm_injected or "
+                             "λ_lm_counterfactual > 0)")
+        need = {"injected": lambda_lm_injected > 0 or lambda_kl > 0 or lambda_pref > 0 or contrastive != "none",
+                "counterfactual": lambda_lm_counterfactual > 0 or contrastive == "v1",
+                "hijack": lambda_pref > 0 or contrastive == "v2"}
+        missing = [v for v, n in need.items() if n and v not in views]
+        if missing or "benign" not in views:
+            raise ValueError(f"the objective needs the views {missing or ['benign']} in the batch (views={views})")
         model = kwargs.get("model") if "model" in kwargs else (args[0] if args else None)
         if model is None:
             raise ValueError("CausalContrastiveTrainer needs a model")
-        setattr(model, HEAD_ATTR, projection_head)  # registered submodule: optimizer, .to(device), train()/eval()
-        self.projection_head = projection_head
+        if contrastive != "none" and projection_head is None:
+            raise ValueError(f"contrastive {contrastive!r} needs a projection head")
+        self.projection_head = projection_head if contrastive != "none" else None
+        if self.projection_head is not None:
+            setattr(model, HEAD_ATTR, self.projection_head)  # registered submodule: optimizer, .to(device), modes
         # DDP (docs/distributed.md): the head is a submodule of the model DDP wraps, so its gradients are
         # all-reduced with the LoRA ones, but it runs AFTER the wrapped forward. DDP's unused-parameter search
         # (Trainer turns it on for peft models) would mark the head "unused" at forward time and then fail in
@@ -234,10 +278,15 @@ class CausalContrastiveTrainer(Trainer):
                 raise ValueError("the causal stage needs ddp_find_unused_parameters=False (its projection head runs "
                                  "outside the DDP-wrapped forward)")
             targs.ddp_find_unused_parameters = False
+        self.views, self.lm_views = views, lm_views
+        self.weights = {"benign": lambda_task, "injected": lambda_lm_injected, "counterfactual": lambda_lm_counterfactual}
+        self.lambda_kl, self.lambda_pref, self.pref_beta = lambda_kl, lambda_pref, pref_beta
+        self.contrastive, self.lambda_contrastive = contrastive, lambda_contrastive
+        self.contrastive_counterfactual = contrastive_counterfactual and "counterfactual" in views
+        self.temperature = temperature
         self.loss_cfg = dict(variant=variant, temperature=temperature, lambda_causal=lambda_causal,
                              lambda_spurious=lambda_spurious, margin_floor=margin_floor,
                              in_batch_negatives=in_batch_negatives)
-        self.lambda_task, self.injected_lm_loss, self.lambda_injected = lambda_task, injected_lm_loss, lambda_injected
         self.pool_layer, self.head_learning_rate = pool_layer, head_learning_rate
         super().__init__(*args, **kwargs)
         # our compute_loss uses num_items_in_batch: Trainer must count it and must not divide by the GA steps
@@ -245,10 +294,15 @@ class CausalContrastiveTrainer(Trainer):
         self._sums = {"train": self._zero_sums(), "eval": self._zero_sums()}
         self._fast_lm: bool | None = None
 
+    @property
+    def head_pooling(self) -> str | None:
+        """How the head's input is pooled: ``prompt`` (v1), ``response`` (v2), or None without a head."""
+        return {"v1": "prompt", "v2": "response"}.get(self.contrastive)
+
     # ------------------------------------------------------------------ optimizer: own group for the head
     def create_optimizer(self, model=None):
         opt = super().create_optimizer(model)
-        if self.head_learning_rate is not None and self.optimizer is not None:
+        if self.head_learning_rate is not None and self.optimizer is not None and self.projection_head is not None:
             head_ids = {id(p) for p in self.projection_head.parameters()}
             moved = []
             for g in self.optimizer.param_groups:
@@ -265,7 +319,7 @@ class CausalContrastiveTrainer(Trainer):
         processes when ``average_tokens_across_devices``) attached to every micro-batch as ``step_triplets``."""
         batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
         if batch_samples:
-            n = torch.tensor(sum(b["input_ids"].shape[0] // 3 for b in batch_samples), device=device)
+            n = torch.tensor(sum(b["input_ids"].shape[0] // len(self.views) for b in batch_samples), device=device)
             if self.args.average_tokens_across_devices and self.args.world_size > 1:
                 n = self.accelerator.gather(n.reshape(1)).sum()
             for b in batch_samples:
@@ -273,82 +327,146 @@ class CausalContrastiveTrainer(Trainer):
         return batch_samples, num_items_in_batch
 
     # ------------------------------------------------------------------ the loss
+    def _response_logits(self, model, outputs, input_ids, resp_mask, fast: bool):
+        """(logits (N, V), token ids (N,), rows (N,)) at the positions predicting the response tokens."""
+        tgt = resp_mask[:, 1:].bool()
+        tok = input_ids[:, 1:][tgt]
+        rows = tgt.nonzero()[:, 0]
+        if fast:
+            logits = self._output_embeddings(model)(outputs.hidden_states[-1][:, :-1][tgt])
+        else:
+            logits = outputs.logits[:, :-1][tgt]
+        return logits, tok, rows
+
+    @contextlib.contextmanager
+    def _reference(self, model):
+        """The reference model: the policy with its LoRA adapter disabled (no second copy of the weights)."""
+        unwrapped = self.accelerator.unwrap_model(model)
+        if not hasattr(unwrapped, "disable_adapter"):
+            raise ValueError("pref_injected needs a peft model (its reference is the adapter-disabled policy)")
+        with unwrapped.disable_adapter():
+            yield unwrapped
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)
         step_triplets = inputs.pop("step_triplets", None)
-        labels = inputs.pop("labels")
+        inputs.pop("labels")
         pool_mask = inputs.pop("pool_mask")
+        resp_mask = inputs.pop("response_mask")
         input_ids = inputs["input_ids"]
-        rows = input_ids.shape[0]
-        if rows % 3:
-            raise ValueError(f"a causal batch has 3B rows (benign, counterfactual, injected); got {rows}")
-        B = rows // 3
-        # next-token targets: position p predicts labels[:, p + 1]
-        targets = labels[:, 1:]
+        R, V = input_ids.shape[0], len(self.views)
+        if R % V:
+            raise ValueError(f"a causal batch has {V}·B rows ({', '.join(self.views)}); got {R}")
+        B = R // V
+        at = {v: k for k, v in enumerate(self.views)}
         fast = self._use_hidden_state_logits(model, input_ids)
-        if fast:  # logits only for the labelled (row, position) pairs, from the final hidden states
-            needed = None
-            logits_to_keep = 1
-        else:  # model-specific logit processing: let the model compute logits at the needed positions
-            needed = (targets != -100).any(dim=0).nonzero().squeeze(-1)
-            logits_to_keep = needed if needed.numel() else 1
         fwd = dict(input_ids=input_ids, attention_mask=inputs.get("attention_mask"), output_hidden_states=True,
-                   use_cache=False, logits_to_keep=logits_to_keep)
+                   use_cache=False, logits_to_keep=1 if fast else 0)
         if "position_ids" in inputs:
             fwd["position_ids"] = inputs["position_ids"]
         outputs = model(**fwd)
+        logits, tok, rows = self._response_logits(model, outputs, input_ids, resp_mask, fast)
+        logp_tok = -F.cross_entropy(logits.float(), tok, reduction="none")  # (N,) log p(token)
+        view_of = rows // B
 
-        # language-model loss (sum of token NLL over benign [+ injected] response tokens; normalised below)
-        if fast:
-            valid = targets != -100
-            rows_of = valid.nonzero()[:, 0]
-            h = outputs.hidden_states[-1][:, :-1][valid]  # (N, H) final (normed) states of labelled positions
-            logits = self._output_embeddings(model)(h)
-            nll = lm_token_nll(logits.unsqueeze(0), targets[valid].unsqueeze(0))
+        def sel(view):
+            return view_of == at[view]
+
+        # LM terms (sums of token NLL; normalised below)
+        lm_sum, counts, vals = 0.0, {}, {}
+        for view in ("benign", "injected", "counterfactual"):
+            if view not in at:
+                continue
+            nll_v = -logp_tok[sel(view)]
+            counts[view] = nll_v.numel()
+            name = {"benign": "loss_lm", "injected": "loss_lm_injected", "counterfactual": "loss_lm_counterfactual"}[view]
+            vals[name] = nll_v.detach().mean() if nll_v.numel() else torch.zeros(())
+            if view in self.lm_views:
+                lm_sum = lm_sum + self.weights[view] * nll_v.sum()
+        if num_items_in_batch is not None:
+            lm = lm_sum * len(self.lm_views) / num_items_in_batch
         else:
-            sub = targets[:, needed]  # (3B, K): the targets of the K kept logit positions
-            rows_of = (sub != -100).nonzero()[:, 0]
-            nll = lm_token_nll(outputs.logits, sub) if needed.numel() else outputs.logits.new_zeros((0,)).float()
-        nll_b = nll[rows_of < B]
-        nll_i = nll[rows_of >= 2 * B] if self.injected_lm_loss else None
-        lm_sum = nll_b.sum() + (self.lambda_injected * nll_i.sum() if nll_i is not None else 0.0)
-        n_local = nll_b.numel() + (nll_i.numel() if nll_i is not None else 0)
+            lm = sum(self.weights[v] * (-logp_tok[sel(v)]).sum() / max(counts[v], 1) for v in self.lm_views)
 
-        # contrastive term on projected, mean-pooled prompt representations
+        # per-triplet terms, (B,) each
+        per_ex = torch.zeros(B, dtype=torch.float32, device=logits.device)
+        if self.lambda_kl > 0:
+            mb, mi = sel("benign"), sel("injected")
+            if mb.sum() != mi.sum() or not torch.equal(tok[mb], tok[mi]):
+                raise ValueError("benign and injected rows hold different target tokens; KL invariance needs the same y")
+            kl = token_kl(logits[mb], logits[mi], rows[mi] - at["injected"] * B, B)
+            per_ex = per_ex + self.lambda_kl * kl
+            vals["loss_kl"] = kl.detach().mean()
+        if "hijack" in at:
+            seq = sequence_logps(logp_tok, rows, R)
+            pi_w, pi_l = seq[at["injected"] * B:(at["injected"] + 1) * B], seq[at["hijack"] * B:(at["hijack"] + 1) * B]
+            vals["margin_injected"] = (pi_w - pi_l).detach().mean()
+            if self.lambda_pref > 0:
+                idx = torch.cat([torch.arange(at["injected"] * B, (at["injected"] + 1) * B),
+                                 torch.arange(at["hijack"] * B, (at["hijack"] + 1) * B)]).to(input_ids.device)
+                with torch.no_grad(), self._reference(model) as ref:
+                    rfwd = {k: v[idx] for k, v in fwd.items() if isinstance(v, torch.Tensor)}
+                    rout = ref(**rfwd, output_hidden_states=True, use_cache=False, logits_to_keep=1 if fast else 0)
+                    rl, rtok, rrows = self._response_logits(ref, rout, input_ids[idx], resp_mask[idx], fast)
+                    rseq = sequence_logps(-F.cross_entropy(rl.float(), rtok, reduction="none"), rrows, 2 * B)
+                pref = dpo_sigmoid_loss(pi_w, pi_l, rseq[:B], rseq[B:], self.pref_beta)
+                per_ex = per_ex + self.lambda_pref * pref
+                vals["loss_pref"] = pref.detach().mean()
+
         hidden = outputs.hidden_states[self.pool_layer]
-        pooled = pool_hidden_states(hidden, pool_mask)
-        z = self.projection_head(pooled)
-        con = contrastive_loss(z[:B], z[B:2 * B], z[2 * B:], **self.loss_cfg)
+        con_mean = None
+        with torch.no_grad():
+            if "injected" in at:  # pooled (pre-head) prompt states: did the model's representation move?
+                pooled_prompt = pool_hidden_states(hidden.detach(), pool_mask)
+                self._rep_vals(vals, "pooled", pooled_prompt, B, at)
+        if self.contrastive == "v2":
+            z = self.projection_head(pool_hidden_states(hidden, resp_mask))
+            pos = [z[at["injected"] * B:(at["injected"] + 1) * B]]
+            if self.contrastive_counterfactual:
+                pos.append(z[at["counterfactual"] * B:(at["counterfactual"] + 1) * B])
+            con = anchored_infonce(z[at["benign"] * B:(at["benign"] + 1) * B], pos,
+                                   z[at["hijack"] * B:(at["hijack"] + 1) * B], self.temperature)
+            per_ex = per_ex + self.lambda_contrastive * con
+            vals["loss_contrastive"] = con.detach().mean()
+            self._rep_vals(vals, "head", z.detach(), B, at)
+        elif self.contrastive == "v1":
+            z = self.projection_head(pool_hidden_states(hidden, pool_mask))
+            out = contrastive_loss(z[at["benign"] * B:(at["benign"] + 1) * B],
+                                   z[at["counterfactual"] * B:(at["counterfactual"] + 1) * B],
+                                   z[at["injected"] * B:(at["injected"] + 1) * B], **self.loss_cfg)
+            con_mean = out.loss
+            vals["loss_contrastive"] = out.loss.detach()
+            self._rep_vals(vals, "head", z.detach(), B, at)
+        terms = per_ex.mean() + (con_mean if con_mean is not None else 0.0)
 
         if num_items_in_batch is not None:
-            lm = lm_sum / num_items_in_batch
             share = B / step_triplets if step_triplets is not None else 1.0 / max(
                 getattr(self, "current_gradient_accumulation_steps", 1), 1)
-            scale = 1
-            if self.args.average_tokens_across_devices:
-                scale = self.accelerator.num_processes
-            loss = (self.lambda_task * lm + con.loss * share) * scale
+            scale = self.accelerator.num_processes if self.args.average_tokens_across_devices else 1
+            loss = (lm + terms * share) * scale
         else:
-            lm = lm_sum / max(n_local, 1)
-            loss = self.lambda_task * lm + con.loss
+            loss = lm + terms
         if not torch.isfinite(loss.detach()).all():
             from trainers.callbacks import NonFiniteLossError
 
             raise NonFiniteLossError(f"non-finite causal loss {loss.item()} at step {self.state.global_step}")
-
-        with torch.no_grad():
-            pb, pc, pi = pooled[:B], pooled[B:2 * B], pooled[2 * B:]
-            vals = {
-                "loss_lm": nll_b.mean() if nll_b.numel() else torch.zeros(()),
-                "loss_causal": con.loss_causal, "loss_spurious": con.loss_spurious, "loss_contrastive": con.loss,
-                "causal_stability": con.cos_bc.mean(), "spurious_similarity": con.cos_bi.mean(),
-                "pooled_causal_stability": torch.nn.functional.cosine_similarity(pb, pc, dim=-1).mean(),
-                "pooled_spurious_similarity": torch.nn.functional.cosine_similarity(pb, pi, dim=-1).mean(),
-            }
-            if nll_i is not None and nll_i.numel():
-                vals["loss_lm_injected"] = nll_i.mean()
-            self._accumulate("train" if model.training else "eval", vals, B)
+        self._accumulate("train" if model.training else "eval", vals, B)
         return (loss, outputs) if return_outputs else loss
+
+    @staticmethod
+    def _rep_vals(vals: dict, space: str, z: torch.Tensor, B: int, at: dict) -> None:
+        """The shared representation metrics of one batch (:func:`evaluation.metrics.representation_metrics`)."""
+        from evaluation.metrics import representation_metrics
+
+        def part(v):
+            return z[at[v] * B:(at[v] + 1) * B].float().cpu().numpy() if v in at else None
+
+        if "injected" not in at:
+            return
+        m = representation_metrics(part("benign"), part("counterfactual"), part("injected"), centred=False)
+        for k, v in m.items():
+            if v is not None:
+                vals[f"{space}_{k}"] = torch.tensor(v)
 
     # ------------------------------------------------------------------ LM head on selected positions
     def _output_embeddings(self, model):
@@ -358,10 +476,10 @@ class CausalContrastiveTrainer(Trainer):
     def _use_hidden_state_logits(self, model, input_ids) -> bool:
         """Whether ``lm_head(hidden_states[-1])`` reproduces the model's logits (checked once on a 4-token probe).
 
-        If so, the LM loss applies the output embedding only to the labelled (row, position) pairs — far less
-        memory than logits for all 3B rows (the vocabulary is large). Models with extra logit processing
-        (soft-capping, scaling) or an untied last hidden state fail the check and get logits from the model
-        (``logits_to_keep`` = the labelled positions) instead. The probe runs in eval mode and restores the mode.
+        If so, the loss applies the output embedding only to the response positions — far less memory than logits
+        for all rows (the vocabulary is large). Models with extra logit processing (soft-capping, scaling) or an
+        untied last hidden state fail the check and get the model's own logits instead. The probe runs in eval mode
+        and restores the mode.
         """
         if self._fast_lm is None:
             emb = self._output_embeddings(model)
@@ -379,38 +497,35 @@ class CausalContrastiveTrainer(Trainer):
                 finally:
                     model.train(was)
             self._fast_lm = ok
-            log.info("causal LM loss: %s", "lm_head on labelled positions only" if ok else
-                     "model logits at labelled positions (the model post-processes its logits)")
+            log.info("causal LM terms: %s", "lm_head on response positions only" if ok else
+                     "model logits (the model post-processes its logits)")
         return self._fast_lm
 
     # ------------------------------------------------------------------ metrics
     @staticmethod
     def _zero_sums() -> dict:
-        return {"count": 0.0, **{k: 0.0 for k in METRIC_KEYS if k != "causal_discrimination"}, "n_inj": 0.0}
+        return {k: [0.0, 0.0] for k in METRIC_KEYS}
 
     def _accumulate(self, mode: str, vals: dict, weight: int) -> None:
         s = self._sums[mode]
-        s["count"] += weight
         for k, v in vals.items():
-            s[k] += float(v) * weight
-        if "loss_lm_injected" in vals:
-            s["n_inj"] += weight
+            s[k][0] += float(v) * weight
+            s[k][1] += weight
 
     def _averages(self, mode: str) -> dict:
         s = self._sums[mode]
-        keys = sorted(s)
+        keys = list(METRIC_KEYS)
+        flat = [x for k in keys for x in s[k]]
         if self.args.world_size > 1:
-            t = torch.tensor([s[k] for k in keys], dtype=torch.float64, device=self.args.device)
-            t = self.accelerator.reduce(t, reduction="sum")
-            s = dict(zip(keys, t.tolist()))
+            t = torch.tensor(flat, dtype=torch.float64, device=self.args.device)
+            flat = self.accelerator.reduce(t, reduction="sum").tolist()
         self._sums[mode] = self._zero_sums()
-        if s["count"] <= 0:
-            return {}
-        out = {k: s[k] / s["count"] for k in METRIC_KEYS if k in s and k != "loss_lm_injected"}
-        if s["n_inj"] > 0:
-            out["loss_lm_injected"] = s["loss_lm_injected"] / s["n_inj"]
-        out["causal_discrimination"] = out["causal_stability"] - out["spurious_similarity"]
-        return {k: round(v, 6) for k, v in out.items()}
+        out = {}
+        for i, k in enumerate(keys):
+            total, weight = flat[2 * i], flat[2 * i + 1]
+            if weight > 0:
+                out[k] = round(total / weight, 6)
+        return out
 
     def log(self, logs: dict, start_time=None) -> None:
         """Merge the averaged training metrics into Trainer's training logs (those with ``loss``)."""
@@ -436,20 +551,22 @@ class CausalContrastiveTrainer(Trainer):
 
     # ------------------------------------------------------------------ head persistence
     def _head_extra(self) -> dict:
-        return {"pool_layer": self.pool_layer}
+        return {"pool_layer": self.pool_layer, "pooling": self.head_pooling, "contrastive": self.contrastive}
 
     def _save(self, output_dir=None, state_dict=None):
         super()._save(output_dir, state_dict=state_dict)
-        save_projection_head(self.projection_head, output_dir or self.args.output_dir, self._head_extra())
+        if self.projection_head is not None:
+            save_projection_head(self.projection_head, output_dir or self.args.output_dir, self._head_extra())
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         super()._load_from_checkpoint(resume_from_checkpoint, model)
-        _load_head_into(self.projection_head, resume_from_checkpoint)
-        log.info("restored the causal projection head from %s", resume_from_checkpoint)
+        if self.projection_head is not None:
+            _load_head_into(self.projection_head, resume_from_checkpoint)
+            log.info("restored the causal projection head from %s", resume_from_checkpoint)
 
     def _load_best_model(self):
         super()._load_best_model()
-        if self.state.best_model_checkpoint:
+        if self.state.best_model_checkpoint and self.projection_head is not None:
             _load_head_into(self.projection_head, self.state.best_model_checkpoint)
 
 

@@ -1,31 +1,42 @@
-"""Pooling, projection heads and the contrastive losses of the causal stage (stage 2).
+"""Pooling, projection heads and the loss terms of the causal stage (stage 2).
 
-Notation: for a batch of B triplets, ``z_b``, ``z_c``, ``z_i`` (each (B, D)) are the projected, pooled
-representations of the benign, counterfactual and injected prompts; ``cos`` is the row-wise cosine similarity
-and τ the temperature (0.01 ≤ τ ≤ 1). The stage's objective (ARCHITECTURE.md, stage 2) is
+Notation: a triplet gives the benign prompt x_b, its counterfactual x_c (same meaning, reworded), the injected
+prompt x_i (an instruction smuggled into the data part), the target answer y (gold, or the starting model's own
+answer to x_b) and the hijacked answer y_a (what obeying the injection looks like). p_θ is the trained model, p_ref
+the same model with its LoRA adapter disabled (the starting model), sg[·] stops the gradient, τ ∈ [0.01, 1] a
+temperature. The stage's objective is a weighted sum (``causal.loss``; each weight may be 0):
 
-    L = λ_task · L_LM  +  L_contrastive
+    L = λ_task·NLL(y|x_b) + λ_lm_injected·NLL(y|x_i) + λ_lm_counterfactual·NLL(y|x_c)
+        + λ_kl·L_KL + λ_pref·L_pref + L_contrastive
 
-where ``L_LM`` is the token-level NLL of the benign response (see ``trainers/causal.py`` for its normalisation
-under gradient accumulation) and ``L_contrastive`` is one of (each a mean over the B triplets):
-
-* ``cosine``  : −λ_causal · cos(z_b, z_c)/τ + λ_spurious · cos(z_b, z_i)/τ
-  (pull the counterfactual — same meaning, different wording — towards the benign prompt; push the prompt that
-  carries an injected instruction away: the representation should depend on the task's causal content, not on
-  the surface form, and should change when an instruction is smuggled into the data).
-* ``infonce`` : λ_causal · InfoNCE with the counterfactual as the positive and the injection as the negative
-  (van den Oord et al. 2018, "Representation Learning with Contrastive Predictive Coding", eq. 4:
-  L_N = −E[ log f(x⁺, c) / Σ_{x_j ∈ X} f(x_j, c) ] with f(x, c) = exp(cos(x, c)/τ)):
-
+* ``lm_injected``: NLL(y|x_i), the injected prompt trained toward the benign answer — StruQ's structured
+  instruction tuning (Chen et al. 2024, "StruQ: Defending Against Prompt Injection with Structured Queries", §4:
+  fine-tune on injected samples with the response to the original instruction).
+* ``kl_invariance`` (:func:`token_kl`): L_KL = (1/|y|) Σ_t KL( sg[p_θ(·|x_b, y<t)] ‖ p_θ(·|x_i, y<t) ), the
+  injected prompt's next-token distributions pulled toward the clean prompt's along y (consistency training: Irpan
+  et al. 2025, "Consistency Training Helps Stop Sycophancy and Jailbreaks", bias-augmented consistency training
+  with the clean prompt's outputs as targets; Xie et al. 2020 UDA's consistency loss for the KL form).
+* ``pref_injected`` (:func:`dpo_sigmoid_loss`): L_pref = −log σ(β[(log p_θ(y|x_i) − log p_ref(y|x_i)) −
+  (log p_θ(y_a|x_i) − log p_ref(y_a|x_i))]), DPO's sigmoid loss (Rafailov et al. 2023, eq. 7) on the injected
+  prompt with y ≻ y_a — SecAlign's objective (Chen et al. 2024, "SecAlign: Defending Against Prompt Injection
+  with Preference Optimization", §4) computed inside the same step (TRL 1.14's DPOTrainer has the loss only inline
+  in ``_compute_loss``, so the formula is written here; its sigmoid branch is the same expression).
+* ``contrastive`` v2 (:func:`anchored_infonce`): z = projection head over layer-ℓ states mean-pooled over the
+  *response* positions; anchor a = sg[z(x_b, y)], positives z(x_i, y) (and z(x_c, y)), negative z(x_i, y_a), the
+  hijacked trajectory; per positive p: −log( e^{cos(a,p)/τ} / (e^{cos(a,p)/τ} + e^{cos(a,n)/τ}) ), averaged over
+  the positives (InfoNCE, van den Oord et al. 2018 eq. 4, with one negative). This re-anchors the seed's idea on the
+  output: the model's states while writing y under injection stay with the clean ones and away from the states of
+  obeying (the Circuit Breakers analogue, Zou et al. 2024, §3, which moves the states of harmful continuations).
+* ``contrastive`` v1 (:func:`contrastive_loss`): the seed's formula on prompt-pooled states, kept for comparison:
+  ``cosine``  : −λ_causal · cos(z_b, z_c)/τ + λ_spurious · cos(z_b, z_i)/τ;
+  ``infonce`` : λ_causal · InfoNCE with the counterfactual as positive and the injection as negative (van den Oord
+  et al. 2018, eq. 4; optional in-batch negatives):
       ℓ_k = −log  exp(cos(b_k, c_k)/τ) / ( exp(cos(b_k, c_k)/τ) + exp(cos(b_k, i_k)/τ) + Σ_{j≠k} [exp(cos(b_k, c_j)/τ)
-                                                                                               + exp(cos(b_k, i_j)/τ)] )
-
-  where the Σ_{j≠k} in-batch negatives are included only with ``in_batch_negatives=True``. λ_spurious is not
-  used (the injection enters as the negative); ``loss_spurious`` is reported as 0.
-* ``margin``  : −λ_causal · cos(z_b, z_c)/τ + λ_spurious · relu(cos(z_b, z_i) − floor)/τ, i.e. the cosine
-  variant whose separation term stops at a floor: once the benign and injected prompts are at most ``floor``
-  similar, they are no longer pushed apart (the ReLU(cos) representation-rerouting loss of Circuit Breakers,
-  Zou et al. 2024, "Improving Alignment and Robustness with Circuit Breakers", §3, with floor = 0).
+                                                                                           + exp(cos(b_k, i_j)/τ)] );
+  ``margin``  : −λ_causal · cos(z_b, z_c)/τ + λ_spurious · relu(cos(z_b, z_i) − floor)/τ (Circuit Breakers'
+  ReLU(cos) rerouting loss, Zou et al. 2024, §3, with floor = 0).
+  v1 pushes the injected *prompt* away from the benign one, which rewards the model for letting the injection change
+  its state — the opposite of what robustness needs; the ablation (``stages/ablate.py``) measures it.
 
 Everything here is computed in float32, whatever the model's dtype.
 """
@@ -40,6 +51,7 @@ from torch import nn
 
 HEAD_TYPES = ("linear", "mlp", "bottleneck")
 LOSS_VARIANTS = ("cosine", "infonce", "margin")
+CONTRASTIVE = ("none", "v1", "v2")
 TAU_MIN, TAU_MAX = 0.01, 1.0
 
 
@@ -201,3 +213,63 @@ def lm_token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     if not bool(valid.any()):
         return logits.new_zeros((0,), dtype=torch.float32)
     return F.cross_entropy(logits[valid].float(), targets[valid], reduction="none")
+
+
+def token_kl(logits_ref: torch.Tensor, logits: torch.Tensor, rows: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """Per-row mean token KL( sg[softmax(logits_ref)] ‖ softmax(logits) ) (the ``kl_invariance`` term).
+
+    Args:
+        logits_ref: (N, V) next-token logits of the clean prompt at the N response positions (detached here).
+        logits: (N, V) logits of the injected prompt at the same positions (same tokens of y, same order).
+        rows: (N,) the row (triplet) 0..n_rows-1 each position belongs to.
+    Returns:
+        (n_rows,) float32: (1/|y_r|) Σ_t KL_t for each row (0 for a row without positions).
+    Raises:
+        ValueError: shapes disagree.
+    """
+    if logits_ref.shape != logits.shape or logits.dim() != 2 or rows.shape != logits.shape[:1]:
+        raise ValueError(f"expected (N, V) logits twice and (N,) rows, got {tuple(logits_ref.shape)}, "
+                         f"{tuple(logits.shape)}, {tuple(rows.shape)}")
+    lp_ref = F.log_softmax(logits_ref.detach().float(), dim=-1)
+    lp = F.log_softmax(logits.float(), dim=-1)
+    kl = (lp_ref.exp() * (lp_ref - lp)).sum(-1)  # (N,)
+    total = torch.zeros(n_rows, dtype=torch.float32, device=kl.device).index_add(0, rows, kl)
+    count = torch.zeros(n_rows, dtype=torch.float32, device=kl.device).index_add(0, rows, torch.ones_like(kl))
+    return total / count.clamp(min=1)
+
+
+def sequence_logps(token_logps: torch.Tensor, rows: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """(n_rows,) Σ_t log p(token_t) per row from (N,) token log-probabilities and their rows."""
+    return torch.zeros(n_rows, dtype=torch.float32, device=token_logps.device).index_add(0, rows,
+                                                                                         token_logps.float())
+
+
+def dpo_sigmoid_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
+                     ref_rejected: torch.Tensor, beta: float) -> torch.Tensor:
+    """Per-example DPO sigmoid loss (Rafailov et al. 2023, eq. 7): −log σ(β[(π_w − r_w) − (π_l − r_l)]).
+
+    All four are (B,) sequence log-probabilities; the reference ones carry no gradient. Returns (B,) float32.
+    Raises ``ValueError`` for β ≤ 0 or mismatched shapes.
+    """
+    if not beta > 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    if not (policy_chosen.shape == policy_rejected.shape == ref_chosen.shape == ref_rejected.shape):
+        raise ValueError("the four log-probability tensors must have the same shape")
+    logits = beta * ((policy_chosen.float() - ref_chosen.detach().float())
+                     - (policy_rejected.float() - ref_rejected.detach().float()))
+    return -F.logsigmoid(logits)
+
+
+def anchored_infonce(anchor: torch.Tensor, positives: list, negative: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Per-example contrastive v2 loss (module docstring): anchor (B, D) is detached; each positive (B, D) is
+    contrasted with the one negative (B, D). Returns (B,) float32, the mean over the positives."""
+    tau = check_temperature(temperature)
+    if not positives:
+        raise ValueError("anchored_infonce needs at least one positive")
+    a = anchor.detach().float()
+    s_neg = F.cosine_similarity(a, negative.float(), dim=-1) / tau
+    losses = []
+    for p in positives:
+        s_pos = F.cosine_similarity(a, p.float(), dim=-1) / tau
+        losses.append(-F.log_softmax(torch.stack([s_pos, s_neg], dim=1), dim=1)[:, 0])
+    return torch.stack(losses, dim=0).mean(0)
