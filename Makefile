@@ -3,13 +3,17 @@
 # make test    — setup + the default test suite (what .ci/run calls; < 20 min on a 2-core CPU)
 # make test-slow — the slow tests (real-model runs, subprocess kills per stage)
 # make bench   — benchmarks that print side-by-side ratios (bench/README.md)
+# make ablation — the causal-stage ablation on real data (SFT → DPO once, then every arm; about 2 h on 2 CPU cores)
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.setup-done
 SMOKE_CONFIG ?= configs/smollm2-135m_pipeline_cpu-smoke.yaml
+ABLATION_CONFIG ?= configs/smollm2-135m_pipeline-shared-data_cpu.yaml
+ABLATION_CASES ?= 200
+ABLATION_CONTROLS ?= 60
 
-.PHONY: setup smoke test test-slow bench dry-run clean
+.PHONY: setup smoke test test-slow bench ablation dry-run clean
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -33,6 +37,10 @@ test: setup
 
 test-slow: setup
 	WANDB_MODE=offline HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m slow
+
+ablation: setup
+	WANDB_MODE=offline HF_HUB_OFFLINE=1 $(BIN)/python stages/pipeline.py --config $(ABLATION_CONFIG) causal.enabled=false evaluate.enabled=false
+	WANDB_MODE=offline HF_HUB_OFFLINE=1 $(BIN)/python stages/ablate.py --config $(ABLATION_CONFIG) evaluate.max_cases=$(ABLATION_CASES) evaluate.max_controls=$(ABLATION_CONTROLS)
 
 bench: setup
 	$(BIN)/python bench/run_all.py

@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (ATTACKS_SEED, TASKS_SEED, interleave, median, report, setup, smoke_config,  # noqa: E402
+from common import (ATTACKS_SEED, ATTACKS_SEED_CANARY, TASKS_SEED, fill_hijacks, interleave, median, report, setup, smoke_config,  # noqa: E402
                     smollm2_path, step_timer)
 
 IDEAL = 3.0
@@ -55,8 +55,9 @@ def build_data(tmp: Path, tok, max_length: int, n: int):
     from data_builders.token_cache import build_token_cache
     from data_builders.triplets import build_triplets, read_attacks, read_tasks, write_triplets
 
-    res = build_triplets(read_tasks(str(TASKS_SEED)), [read_attacks(str(ATTACKS_SEED))], seed=42, max_triplets=n)
-    path = write_triplets(tmp / "triplets.jsonl", res.triplets)
+    res = build_triplets(read_tasks(str(TASKS_SEED)), [read_attacks(str(ATTACKS_SEED)),
+                                                       read_attacks(str(ATTACKS_SEED_CANARY))], seed=42, max_triplets=n)
+    path = write_triplets(tmp / "triplets.jsonl", fill_hijacks(res.triplets))
     ds, _ = build_token_cache(path, tok, max_length, tmp / "cache")
     return res.triplets, ds
 
@@ -78,15 +79,15 @@ def separate_loss(trainer, model, inputs: dict):
                     output_hidden_states=True, use_cache=False, logits_to_keep=1)
         targets = labels[:, 1:]
         valid = targets != -100
-        if v == 0 or (v == 2 and trainer.injected_lm_loss):
+        if trainer.views[v] in trainer.lm_views:
             h = out.hidden_states[-1][:, :-1][valid]
             nll = lm_token_nll(emb(h).unsqueeze(0), targets[valid].unsqueeze(0))
-            w = 1.0 if v == 0 else trainer.lambda_injected
-            lm_sum = lm_sum + w * nll.sum()
+            lm_sum = lm_sum + trainer.weights[trainer.views[v]] * nll.sum()
             n_lm += nll.numel()
         zs.append(trainer.projection_head(pool_hidden_states(out.hidden_states[trainer.pool_layer], pool)))
-    con = contrastive_loss(zs[0], zs[1], zs[2], **trainer.loss_cfg)
-    return trainer.lambda_task * lm_sum / max(n_lm, 1) + con.loss
+    at = {v: k for k, v in enumerate(trainer.views)}
+    con = contrastive_loss(zs[at["benign"]], zs[at["counterfactual"]], zs[at["injected"]], **trainer.loss_cfg)
+    return lm_sum / max(n_lm, 1) + con.loss
 
 
 def bench_fused(trainer, batches: list[dict], reps: int) -> dict:
@@ -159,8 +160,10 @@ def main(argv=None) -> int:
         # random order on both sides: step k of both trainers sees the same triplets (length grouping would sort
         # them by different lengths); bench_length_grouping.py measures grouping
         common = ["save_strategy='no'", "disable_tqdm=true", "logging_steps=1", "train_sampling_strategy=random"]
+        # the seed's three-view objective (benign LM + v1 contrast): what "fused vs separate" measures
         cfg = smoke_config(tmp, [f"causal.training.{x}" for x in common + [f"max_steps={a.steps}"]] +
-                           [f"sft.training.{x}" for x in common + [f"max_steps={a.steps}"]])
+                           [f"sft.training.{x}" for x in common + [f"max_steps={a.steps}"]] +
+                           ["causal.loss.contrastive=v1", "causal.loss.lambda_lm_injected=0.0"])
         path = smollm2_path()
         tok = load_tokenizer(path, cfg.model)
         B = cfg.causal.training["per_device_train_batch_size"]
@@ -177,16 +180,17 @@ def main(argv=None) -> int:
         peft_model = get_peft_model(load_model(path, cfg.model, device="cpu"), lora_config(cfg.lora))
         hidden = peft_model.get_base_model().config.get_text_config().hidden_size
         head = build_projection_head(head_cfg.type, hidden, head_cfg.dim, head_cfg.hidden, seed=cfg.seed)
+        kw = loss_and_head_kwargs(cfg)
         c_coll = RecordingCollator(TripletCollator(tok.pad_token_id, padding_side=cfg.causal.padding_side,
-                                                   injected_lm_loss=loss_cfg.injected_lm_loss))
+                                                   views=kw["views"], lm_views=kw["lm_views"]))
         c_timer = step_timer()
         causal = CausalContrastiveTrainer(
             model=peft_model, args=c_args, train_dataset=ds, data_collator=c_coll, processing_class=tok,
             callbacks=[LossGuardCallback(explode_factor=None), SigtermCheckpointCallback(), c_timer],
-            projection_head=head, **loss_and_head_kwargs(cfg))
+            projection_head=head, **kw)
 
         # --- 1. fused vs separate forwards on fixed batches
-        inner = TripletCollator(tok.pad_token_id, padding_side="right", injected_lm_loss=loss_cfg.injected_lm_loss)
+        inner = TripletCollator(tok.pad_token_id, padding_side="right", views=kw["views"], lm_views=kw["lm_views"])
         batches = [inner([ds[i] for i in range(k * B, (k + 1) * B)]) for k in range(a.batches)]
         figures.update(bench_fused(causal, batches, a.reps))
 

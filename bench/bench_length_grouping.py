@@ -83,13 +83,14 @@ def main(argv=None) -> int:
             args = build_training_args(TrainingArguments, c, "causal", tmp / s / "causal", **causal_defaults(c))
             model = get_peft_model(load_model(path, c.model, device="cpu"), lora_config(c.lora))
             hidden = model.get_base_model().config.get_text_config().hidden_size
+            kw = loss_and_head_kwargs(c)
             coll = RecordingCollator(TripletCollator(tok.pad_token_id, padding_side=c.causal.padding_side,
-                                                     injected_lm_loss=loss_cfg.injected_lm_loss))
+                                                     views=kw["views"], lm_views=kw["lm_views"]))
+            head = (build_projection_head(head_cfg.type, hidden, head_cfg.dim, head_cfg.hidden, seed=c.seed)
+                    if loss_cfg.contrastive != "none" else None)
             trainer = CausalContrastiveTrainer(
                 model=model, args=args, train_dataset=ds, data_collator=coll, processing_class=tok,
-                projection_head=build_projection_head(head_cfg.type, hidden, head_cfg.dim, head_cfg.hidden,
-                                                      seed=c.seed),
-                **loss_and_head_kwargs(c))
+                projection_head=head, **kw)
             return trainer, coll
 
         def sft_side(s):

@@ -2,12 +2,13 @@
 
 The triplets are built once with the project's ``data_builders.triplets.build_triplets`` and written to JSONL:
 
-* ``seed``: ``data_builders/seed/tasks.jsonl`` × ``attacks_train.json`` (the smoke run's causal data);
+* ``seed``: ``data_builders/seed/tasks.jsonl`` × ``attacks_train.json`` + ``attacks_train_canary.json`` (the smoke
+  run's causal data);
 * ``bipia``: every task of ``../shared/data/injection/bipia-train/{email,table,code}/train.jsonl`` × its
   ``text_attack_train.json`` / ``code_attack_train.json`` (larger, longer data; only when the folder exists).
 
 Cold = ``build_token_cache(triplets, tokenizer, max_length, <fresh empty dir>)``: read and validate the JSONL,
-fingerprint, tokenize the three views of every triplet through ``datasets.map`` and write the Arrow file.
+fingerprint, tokenize the four sequences of every triplet through ``datasets.map`` and write the Arrow file.
 Warm = the same call on the directory the previous build filled: everything but the tokenization (the JSONL is
 still read and validated, the fingerprint still hashes the file and the tokenizer) and the Arrow file is
 memory-mapped. Both return the same rows (checked). Runs alternate cold, warm after one warm-up of each; the
@@ -25,7 +26,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ATTACKS_SEED, ROOT, TASKS_SEED, interleave, median, report, setup, smollm2_path  # noqa: E402
+from common import ATTACKS_SEED, ATTACKS_SEED_CANARY, ROOT, TASKS_SEED, fill_hijacks, interleave, median, report, setup, smollm2_path  # noqa: E402
 
 GOAL = 20.0
 BIPIA = ROOT.parent / "shared" / "data" / "injection" / "bipia-train"
@@ -36,8 +37,9 @@ def write_sources(tmp: Path, names: list[str], max_bipia: int | None) -> dict[st
 
     out = {}
     if "seed" in names:
-        res = build_triplets(read_tasks(str(TASKS_SEED)), [read_attacks(str(ATTACKS_SEED))], seed=42)
-        out["seed"] = write_triplets(tmp / "seed.jsonl", res.triplets)
+        res = build_triplets(read_tasks(str(TASKS_SEED)), [read_attacks(str(ATTACKS_SEED)),
+                                                           read_attacks(str(ATTACKS_SEED_CANARY))], seed=42)
+        out["seed"] = write_triplets(tmp / "seed.jsonl", fill_hijacks(res.triplets))
     if "bipia" in names and BIPIA.is_dir():
         tasks = []
         for kind in ("email", "table", "code"):
@@ -48,7 +50,7 @@ def write_sources(tmp: Path, names: list[str], max_bipia: int | None) -> dict[st
                    if f.is_file()]
         if tasks and attacks:
             res = build_triplets(tasks, attacks, seed=42)
-            out["bipia"] = write_triplets(tmp / "bipia.jsonl", res.triplets)
+            out["bipia"] = write_triplets(tmp / "bipia.jsonl", fill_hijacks(res.triplets))
     return out
 
 

@@ -25,6 +25,17 @@ SFT_SEED = ROOT / "data_builders" / "seed" / "sft_seed.jsonl"
 REDTEAM_SEED = ROOT / "data_builders" / "seed" / "redteam_prompts.jsonl"
 TASKS_SEED = ROOT / "data_builders" / "seed" / "tasks.jsonl"
 ATTACKS_SEED = ROOT / "data_builders" / "seed" / "attacks_train.json"
+ATTACKS_SEED_CANARY = ROOT / "data_builders" / "seed" / "attacks_train_canary.json"
+FIXED_HIJACK = "Sure, I will do that instead."
+
+
+def fill_hijacks(triplets: list[dict]) -> list[dict]:
+    """Give task-attack triplets a fixed hijacked response (the stage would ask the starting model; benchmarks do
+    not need that generation)."""
+    for t in triplets:
+        if not t.get("hijack"):
+            t["hijack"], t["hijack_source"] = FIXED_HIJACK, "bench"
+    return triplets
 
 
 def setup(threads: int | None = None) -> None:

@@ -282,12 +282,6 @@ def read_attacks(path: str, fmt: str = "auto", max_rows: int | None = None) -> A
     return AttackSet(path=str(p), kind=kind, items=items)
 
 
-def normalise_attack(text: str) -> str:
-    """NFKC, case-folded, whitespace-collapsed form (kept for callers; the disjointness rule uses
-    :func:`data_builders.overlap.normalise`)."""
-    return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
-
-
 def check_attack_overlap(train: Sequence[AttackSet], evaluation: Sequence[AttackSet]) -> None:
     """Raise :class:`DataError` (naming the training file, its category/index, and the evaluation file) if a
     training attack shares a word ``ATTACK_NGRAM``-gram (6) with an evaluation attack after
@@ -631,6 +625,9 @@ def _slug(text: str) -> str:
 
 
 def _fresh_canary(rng: random.Random, used: set, forbidden: str) -> str:
+    if len(used) >= len(TRAIN_CANARY_WORDS) * 900:
+        raise ValueError(f"all {len(TRAIN_CANARY_WORDS) * 900} training canaries are used; add words to "
+                         "TRAIN_CANARY_WORDS")
     low = forbidden.casefold()
     while True:
         c = f"{rng.choice(TRAIN_CANARY_WORDS)}-{rng.randint(100, 999)}"
@@ -661,7 +658,7 @@ def build_triplets(tasks: Sequence[Task], train_attacks: Sequence[AttackSet], *,
     instruction alone, :mod:`data_builders.causal_targets`). ``target`` (the answer every view is trained toward)
     is the gold ``response``, or empty when the task has none (filled with the starting model's greedy answer).
 
-    ``control_fraction`` of the triplets (every k-th, deterministic) are *controls*: the trusted instruction itself
+    ``control_fraction`` of the triplets (evenly spread, deterministic: ⌊n·f⌋ among the first n) are *controls*: the trusted instruction itself
     asks for a tag (:data:`TRAIN_CONTROL_SUFFIXES`, tag from :data:`TRAIN_CONTROL_WORDS`) and the target complies
     (:func:`compose_control_target`), while the data still carries an injection — so the stage learns to follow
     requests in the instruction and ignore those in the data.
@@ -702,7 +699,6 @@ def build_triplets(tasks: Sequence[Task], train_attacks: Sequence[AttackSet], *,
         rng.shuffle(deck)
         decks[k] = deck
     cursor = {"text": 0, "code": 0}
-    every = round(1 / control_fraction) if control_fraction > 0 else 0
     crng = random.Random(seed + 1)  # canaries and control tags: their own stream (the attack deal stays as before)
     used_canaries: set = set()
     triplets, ids = [], set()
@@ -738,8 +734,8 @@ def build_triplets(tasks: Sequence[Task], train_attacks: Sequence[AttackSet], *,
                "response": task.response, "attack_category": cat, "target": task.response,
                "target_source": "gold" if task.response else "model", "hijack": canary,
                "hijack_source": "canary" if canary else "model", "canary": canary}
-        if every and i % every == every - 1:
-            suffix, mode = TRAIN_CONTROL_SUFFIXES[(i // every) % len(TRAIN_CONTROL_SUFFIXES)]
+        if int((i + 1) * control_fraction) > int(i * control_fraction):  # exactly ⌊n·f⌋ of the first n
+            suffix, mode = TRAIN_CONTROL_SUFFIXES[stats["controls"] % len(TRAIN_CONTROL_SUFFIXES)]
             tag = f"{crng.choice(TRAIN_CONTROL_WORDS)}-{crng.randint(100, 999)}"
             row["instruction"] = f"{task.instruction} {suffix.format(tag=tag)}"
             row["control_tag"], row["control_mode"] = tag, mode

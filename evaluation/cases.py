@@ -6,7 +6,7 @@ Schema (``docs/`` and ARCHITECTURE.md, "Injection eval case"), one JSON object a
      "position": "start"|"middle"|"end", "canary": str, "ideal": str (optional), "attack_category": str,
      "hijack": str (optional: what obeying the injection looks like; default the canary),
      "injected_data": str (optional: the data exactly as attacked, for converted sets whose attacks are not a
-                      plain insertion, e.g. StruQ's completion attacks; it must contain the canary)}
+                      plain insertion, e.g. StruQ's completion attacks; it must differ from ``data``)}
 
 An *over-defence control* (``"kind": "control"``) has no injection; its trusted instruction itself asks for a code
 word, a format or an action, or its data legitimately holds imperative sentences the user asks about::
@@ -64,6 +64,11 @@ def parse_case(obj: dict, path, line) -> dict:
         out[key] = require_str(obj, key, path, line)
     out["system"] = require_str(obj, "system", path, line, allow_empty=True) if "system" in obj else ""
     ideal = _optional_text(obj, "ideal", path, line)
+    if ideal is not None:
+        from evaluation.metrics import normalize_answer
+
+        if not normalize_answer(ideal):
+            raise DataError(path, line, "ideal", f"{ideal!r} is empty after normalisation: it cannot be scored")
     out["ideal"] = ideal
     if kind == "control":
         out["control_category"] = _optional_text(obj, "control_category", path, line) or "control"
@@ -88,15 +93,17 @@ def parse_case(obj: dict, path, line) -> dict:
     out["canary"] = canary
     out["hijack"] = _optional_text(obj, "hijack", path, line) or canary
     injected_data = _optional_text(obj, "injected_data", path, line)
-    if injected_data is not None and low not in injected_data.casefold():
-        raise DataError(path, line, "injected_data", f"does not contain the canary {canary!r}")
+    if injected_data is not None and injected_data.strip() == out["data"].strip():
+        raise DataError(path, line, "injected_data", "identical to 'data': the attack is missing")
     out["injected_data"] = injected_data
     return out
 
 
-def load_cases(path: str | Path, max_cases: int | None = None, *, controls: bool = True) -> list[dict]:
+def load_cases(path: str | Path, max_cases: int | None = None, *, controls: bool = True,
+               max_controls: int | None = None) -> list[dict]:
     """Parse every row of an eval file (all rows are checked, also beyond ``max_cases``); returns the first
-    ``max_cases`` injection cases (all if None) followed, with ``controls``, by the first ``max_cases`` controls.
+    ``max_cases`` injection cases (all if None) followed, with ``controls``, by the first ``max_controls`` controls
+    (all if None).
     Raises :class:`DataError` (file, line, field) on the first bad row or a duplicate id."""
     injection: list[dict] = []
     control: list[dict] = []
@@ -110,7 +117,7 @@ def load_cases(path: str | Path, max_cases: int | None = None, *, controls: bool
     if not injection:
         raise DataError(path, None, None, "no injection cases (only controls)")
     injection = injection[:max_cases] if max_cases else injection
-    control = (control[:max_cases] if max_cases else control) if controls else []
+    control = (control[:max_controls] if max_controls else control) if controls else []
     return injection + control
 
 
@@ -134,6 +141,14 @@ def _view(case: dict, view: str, data_role: bool = False) -> list[dict]:
     if view == "injected" and case.get("injected_data"):
         return triplet_messages({**t, "data": case["injected_data"]}, "benign", data_role=data_role)
     return triplet_messages(t, "benign" if view == "clean" else view, data_role=data_role)
+
+
+def injected_data(case: dict) -> str:
+    """The data part of the injected prompt: ``injected_data`` when the case has it, else the data with the injection
+    inserted at the case's position."""
+    if case.get("injected_data"):
+        return case["injected_data"]
+    return insert_injection(case["data"], case["injection"], case["position"])
 
 
 def clean_messages(case: dict, data_role: bool = False) -> list[dict]:

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import gc
 import json
 import logging
@@ -49,12 +50,14 @@ from stages.config import ConfigError, PipelineConfig, load_config  # noqa: E402
 
 log = logging.getLogger("staged_alignment.ablate")
 
-A3_LOSS = {"lambda_task": 1.0, "lambda_lm_injected": 1.0, "contrastive": "none"}
+# every arm states every weight, so the arms do not change when the config's defaults do
+ARM_BASE = {"lambda_task": 1.0, "lambda_lm_injected": 0.0, "lambda_lm_counterfactual": 0.0, "lambda_kl": 0.0,
+            "lambda_pref": 0.0, "contrastive": "none"}
+A3_LOSS = {**ARM_BASE, "lambda_lm_injected": 1.0}
 V1 = {"contrastive": "v1", "variant": "cosine", "temperature": 0.1, "lambda_causal": 1.0, "lambda_spurious": 1.0}
 ARMS: dict[str, dict] = {
-    "A1": {"loss": {"lambda_task": 1.0, "lambda_lm_injected": 0.0, "contrastive": "none"},
-           "label": "benign LM only"},
-    "A2": {"loss": {"lambda_task": 1.0, "lambda_lm_injected": 0.0, **V1}, "label": "seed v1 stage"},
+    "A1": {"loss": dict(ARM_BASE), "label": "benign LM only"},
+    "A2": {"loss": {**ARM_BASE, **V1}, "label": "seed v1 stage"},
     "A3": {"loss": dict(A3_LOSS), "label": "lm_injected"},
     "A4": {"loss": {**A3_LOSS, **V1}, "label": "A3 + v1"},
     "A5": {"loss": {**A3_LOSS, "lambda_kl": 1.0}, "label": "A3 + kl_invariance"},
@@ -64,6 +67,33 @@ ARMS: dict[str, dict] = {
 CANDIDATES = ("A3", "A4", "A5", "A6")
 ORDER = ("A0", "A1", "A2", "A3", "A4", "A5", "A6", "A7", "A8")
 UTILITY_TOLERANCE = 0.05
+STATE = "arm_state.json"
+
+
+def _sha(obj) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def triplet_state(cfg: PipelineConfig, base_fp: str) -> str:
+    """What the shared triplet file depends on: the starting model, the seed and the causal data settings."""
+    c = dataclasses.asdict(cfg.causal)
+    for k in ("loss", "head", "training", "hub_model_id", "enabled", "base", "base_model", "triplets_file",
+              "eval_fraction", "padding_side"):
+        c.pop(k, None)
+    return _sha({"base": base_fp, "seed": cfg.seed, "causal": c, "data_role": cfg.model.data_role,
+                 "template": cfg.model.chat_template})
+
+
+def arm_state(cfg: PipelineConfig, loss: dict, data_role: bool, base_fp: str, triplets: Path) -> str:
+    """What an arm's trained model depends on: its loss, the data role, the starting model, the triplets (bytes),
+    the training arguments, LoRA, head and seed."""
+    from stages.run_dir import file_sha256
+
+    return _sha({"loss": loss, "data_role": data_role, "base": base_fp, "triplets": file_sha256(triplets),
+                 "training": cfg.causal.training, "lora": dataclasses.asdict(cfg.lora), "head": cfg.causal.head,
+                 "max_length": cfg.causal.max_length, "seed": cfg.seed, "model": cfg.model.name_or_path})
 
 
 def arm_config(cfg: PipelineConfig, arm: str, loss: dict, data_role: bool, base: str, triplets: Path,
@@ -107,8 +137,15 @@ def wilcoxon_vs(margins: dict, ref: dict) -> dict:
     return {"n": len(ids), "p_value": float(res.pvalue), "median_difference": d[len(d) // 2]}
 
 
-def run_ablation(cfg: PipelineConfig, base: str, arms: list[str]) -> dict:
-    """Train and evaluate the arms (module docstring); returns the content of ``ablation.json``."""
+def run_ablation(cfg: PipelineConfig, base: str, arms: list[str], adopt: bool = False) -> dict:
+    """Train and evaluate the arms (module docstring); returns the content of ``ablation.json``.
+
+    Every output records what it was made from (``data/state.json``, ``<arm>/arm_state.json``: hashes of the
+    starting model, triplets, loss and training settings). On a rerun a finished arm is reused only when its
+    recorded state matches; otherwise its folder is removed and it is trained again (a changed base or data
+    rebuilds the triplets, which changes every arm's state). ``adopt``: reuse finished outputs that have no recorded
+    state yet (made before states were recorded), recording their state now."""
+    import shutil
     import torch
 
     from evaluation.metrics import paired_comparisons
@@ -123,6 +160,13 @@ def run_ablation(cfg: PipelineConfig, base: str, arms: list[str]) -> dict:
     triplets = root / "data" / "triplets.jsonl"
     data_cfg = copy.deepcopy(cfg)
     data_cfg.output_dir, data_cfg.run_name = str(root), "data-build"
+    base_fp = model_fingerprint(base)
+    t_state = triplet_state(cfg, base_fp)
+    state_file = root / "data" / "state.json"
+    recorded = json.loads(state_file.read_text()).get("state") if state_file.is_file() else None
+    if triplets.is_file() and recorded != t_state and not (adopt and recorded is None):
+        log.warning("the shared triplets were built from other settings or another base: rebuilding")
+        triplets.unlink()
     if not triplets.is_file():
         parsed = s2.validate(data_cfg)
         device = pick_device(cfg.device)
@@ -134,6 +178,7 @@ def run_ablation(cfg: PipelineConfig, base: str, arms: list[str]) -> dict:
         triplets.parent.mkdir(parents=True, exist_ok=True)
         path.replace(triplets)
         atomic_write_json(root / "data" / "triplet_stats.json", stats)
+    atomic_write_json(state_file, {"state": t_state, "base": base})
     timings = json.loads((root / "timings.json").read_text()) if (root / "timings.json").exists() else {}
     evals: dict[str, dict] = {}
 
@@ -149,6 +194,13 @@ def run_ablation(cfg: PipelineConfig, base: str, arms: list[str]) -> dict:
     def train(arm: str, loss: dict, data_role: bool) -> str:
         acfg = arm_config(cfg, arm, loss, data_role, base, triplets, root)
         merged = acfg.run_dir / "causal" / "merged"
+        want = arm_state(cfg, loss, data_role, base_fp, triplets)
+        sfile = acfg.run_dir / STATE
+        have = json.loads(sfile.read_text()).get("state") if sfile.is_file() else None
+        if acfg.run_dir.exists() and have != want and not (adopt and have is None and is_complete_model_dir(merged)):
+            log.warning("[%s] outputs from other settings (or unfinished): removed, training again", arm)
+            shutil.rmtree(acfg.run_dir)
+            shutil.rmtree(root / "eval" / arm, ignore_errors=True)
         if not is_complete_model_dir(merged):
             t0 = time.time()
             log.info("[%s] training: %s", arm, loss)
@@ -156,6 +208,7 @@ def run_ablation(cfg: PipelineConfig, base: str, arms: list[str]) -> dict:
             timings.setdefault(arm, {})["train_s"] = round(time.time() - t0)
             atomic_write_json(root / "timings.json", timings)
             gc.collect()
+        atomic_write_json(sfile, {"state": want, "loss": loss, "data_role": data_role})
         return str(merged)
 
     evals["A0"] = evaluate("A0", base, False)
@@ -239,9 +292,10 @@ def _r(v, ci=None) -> str:
 
 
 def _p(hit) -> str:
+    """``raw / Holm`` p-values of one paired test ("—" when absent)."""
     if not hit:
         return "—"
-    return f"{hit['p_holm']:.2g}"
+    return f"{hit['p_value']:.2g} / {hit['p_holm']:.2g}"
 
 
 def ablation_markdown(out: dict) -> str:
@@ -254,8 +308,8 @@ def ablation_markdown(out: dict) -> str:
              f"(n = {out['arms'][0]['n_cases']} injection cases, {out['arms'][0]['n_controls']} controls). "
              f"A7's base arm: **{out['best_candidate']}** ({md_escape(out['best_rule'] or '—')}).", "",
              "| arm | objective | ASR ↓ [95 % CI] | ASR, begins ↓ | utility, clean ↑ | utility under attack ↑ | "
-             "over-defence compliance ↑ | margin (nats) ↑ | Wilcoxon p vs A0 | McNemar p ASR vs A0 | vs A3 | "
-             "McNemar p utility-under-attack vs A0 | train / eval s |",
+             "over-defence compliance ↑ | margin (nats) ↑ | Wilcoxon p vs A0 | McNemar p ASR vs A0 (raw / Holm) | "
+             "vs A3 | McNemar p utility-under-attack vs A0 | train / eval s |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in out["arms"]:
         w = r["margin_wilcoxon_vs_A0"]
@@ -271,8 +325,9 @@ def ablation_markdown(out: dict) -> str:
             f"{_p(r['mcnemar_utility_under_attack_vs_A0'])} | {r['train_s'] or '—'} / {r['evaluate_s'] or '—'} |")
     lines += ["", "ASR: headline judge (the canary used outside copies, refusals and reports; clean answer without it). "
               "Margin: mean over cases of log p(ideal | x_i) − log p(hijack | x_i), teacher-forced. McNemar: exact, "
-              "Holm-corrected over every comparison in this table. Wilcoxon: paired signed-rank test of the per-case "
-              "margins against A0's.", ""]
+              "on the discordant cases; raw p, and Holm-corrected over every comparison in this table (ASR and "
+              "utility under attack, against A0 and A3). Wilcoxon: paired signed-rank test of the per-case margins "
+              "against A0's.", ""]
     return "\n".join(lines)
 
 
@@ -314,6 +369,8 @@ def main(argv=None) -> int:
     ap.add_argument("--config", required=True)
     ap.add_argument("--base", help="starting model folder (default: <run_dir>/dpo/merged)")
     ap.add_argument("--arms", default=",".join(a for a in ORDER if a != "A0"), help="comma-separated arms (A1…A8)")
+    ap.add_argument("--adopt", action="store_true", help="reuse finished arms that have no recorded state (made "
+                                                          "before states were recorded), recording it now")
     ap.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     args = ap.parse_args(argv)
     setup_logging()
@@ -323,6 +380,8 @@ def main(argv=None) -> int:
         bad = [a for a in arms if a not in ORDER or a == "A0"]
         if bad:
             raise ConfigError(None, None, "--arms", f"unknown arm(s) {bad}; choose from {list(ORDER[1:])}")
+        if {"A7", "A8"} & set(arms) and not set(CANDIDATES) & set(arms):
+            raise ConfigError(None, None, "--arms", f"A7/A8 build on the best of {list(CANDIDATES)}: include them")
         base = args.base or str(cfg.run_dir / "dpo" / "merged")
         from stages.models import is_complete_model_dir
 
@@ -336,7 +395,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     t0 = time.time()
-    out = run_ablation(cfg, base, arms)
+    out = run_ablation(cfg, base, arms, adopt=args.adopt)
     print(ablation_markdown(out))
     print(f"ablation: {cfg.run_dir / 'ablation' / 'ablation.md'} ({time.time() - t0:.0f} s)")
     return 0

@@ -154,13 +154,14 @@ class DPOSection:
 class CausalLossSection:
     """Objective of the causal stage: a weighted sum of terms (formulas and sources in trainers/causal_losses.py).
 
-    Defaults are the arm the ablation measured best (README, "Causal-stage ablation"); every other term stays an
-    option. v1 is the seed's prompt-level contrast, kept for comparison."""
+    Defaults are the arm the ablation measured best (A5: benign LM + injected LM + KL invariance; README,
+    "Causal-stage ablation", and docs/causal-stage.md); every other term stays an option. v1 is the seed's
+    prompt-level contrast, kept for comparison: it collapsed utility in the ablation."""
 
     lambda_task: float = 1.0  # NLL(y | x_b): the benign prompt toward the target
     lambda_lm_injected: float = 1.0  # NLL(y | x_i): the injected prompt toward the same target (StruQ)
     lambda_lm_counterfactual: float = 0.0  # NLL(y | x_c)
-    lambda_kl: float = 0.0  # KL(sg[p(·|x_b, y<t)] ‖ p(·|x_i, y<t)) over response tokens (consistency training)
+    lambda_kl: float = 1.0  # KL(sg[p(·|x_b, y<t)] ‖ p(·|x_i, y<t)) over response tokens (consistency training)
     lambda_pref: float = 0.0  # DPO sigmoid on x_i with y ≻ y_a against the adapter-disabled reference (SecAlign)
     pref_beta: float = 0.1  # β of the preference term
     contrastive: str = "none"  # none | v1 (seed: prompt-pooled states) | v2 (response states, hijack negative)
@@ -223,8 +224,9 @@ class EvaluateSection:
     enabled: bool = True
     eval_file: str = "evaluation/heldout/injection_heldout.jsonl"  # injection cases + over-defence controls
     redteam_file: str | None = None  # red-team prompts for the refusal/harm rate (default: DPO held-out slice)
-    max_cases: int | None = None  # the first N injection cases (and the first N controls)
+    max_cases: int | None = None  # the first N injection cases (the file's order keeps a prefix balanced)
     controls: bool = True  # answer the over-defence controls of the eval file
+    max_controls: int | None = None  # the first N controls (None = all)
     max_new_tokens: int = 64
     batch_size: int = 8
     do_sample: bool = False
@@ -622,7 +624,7 @@ def validate_config(cfg: PipelineConfig) -> None:
     for key in ("max_new_tokens", "batch_size", "pc_components"):
         if getattr(e, key) < 1:
             raise cfg.error(f"evaluate.{key}", "must be ≥ 1")
-    for key in ("max_cases", "max_redteam"):
+    for key in ("max_cases", "max_controls", "max_redteam"):
         if getattr(e, key) is not None and getattr(e, key) < 1:
             raise cfg.error(f"evaluate.{key}", "must be ≥ 1 (or null for all)")
     if e.hsic_permutations < 20:

@@ -44,8 +44,17 @@ STAGE = "evaluate"
 MAIN_PROCESS_ONLY = True  # stages.common.run_stage_main: under several processes only the main one evaluates
 ROOT = Path(__file__).resolve().parents[1]
 PIPELINE_LABELS = ("base", "sft", "dpo", "causal")
-# the model each pipeline stage started from: the reference of its paired tests
+# the model each pipeline stage started from: the reference of its paired tests (causal: see stage_references)
 STAGE_REFERENCE = {"sft": "base", "dpo": "sft", "causal": "dpo"}
+
+
+def stage_references(cfg: PipelineConfig) -> dict[str, str]:
+    """``{label: reference}`` for a pipeline run: sft ← base, dpo ← sft, causal ← the model it was configured to
+    start from (``causal.base``: dpo or sft; none when ``causal.base_model`` names another folder)."""
+    refs = {"sft": "base", "dpo": "sft"}
+    if not cfg.causal.base_model:
+        refs["causal"] = cfg.causal.base
+    return refs
 log = logging.getLogger("staged_alignment.evaluate")
 
 
@@ -90,7 +99,7 @@ def validate(cfg: PipelineConfig, eval_file: str | os.PathLike | None = None,
     from evaluation.cases import load_cases
 
     cases = load_cases(resolve_input(eval_file) if eval_file else eval_file_path(cfg), cfg.evaluate.max_cases,
-                       controls=cfg.evaluate.controls)
+                       controls=cfg.evaluate.controls, max_controls=cfg.evaluate.max_controls)
     if cfg.evaluate.redteam_file:
         from data_builders.redteam import read_redteam_file
 
@@ -255,14 +264,49 @@ def teacher_forced_logps(model, tokenizer, conversations: list[list[dict]], resp
                     ids_t[r, :len(ids)] = torch.tensor(ids)
                     attn[r, :len(ids)] = 1
                 ids_t, attn = ids_t.to(device), attn.to(device)
-                logits = model(input_ids=ids_t, attention_mask=attn).logits[:, :-1].float()
-                lp = -F.cross_entropy(logits.transpose(1, 2), ids_t[:, 1:], reduction="none")  # (b, L-1)
+                # logits only at the positions that predict response tokens (the LM head on the final hidden
+                # states there), not for the whole (b, L, vocab) tensor; models that post-process their logits
+                # (soft-capping) get the full logits
+                sel = torch.zeros_like(attn, dtype=torch.bool)
                 for r, (ids, n_prompt) in enumerate(chunk):
                     end = len(ids) - 1 if include_eos else len(ids) - 2
-                    out.append(float(lp[r, n_prompt - 1:end].sum()))
+                    sel[r, n_prompt - 1:end] = True
+                targets = ids_t[:, 1:][sel[:, :-1]]
+                if _plain_lm_head(model):
+                    h = model(input_ids=ids_t, attention_mask=attn, output_hidden_states=True,
+                              logits_to_keep=1).hidden_states[-1]
+                    logits = model.get_output_embeddings()(h[sel]).float()
+                else:
+                    logits = model(input_ids=ids_t, attention_mask=attn).logits[sel].float()
+                lp = -F.cross_entropy(logits, targets, reduction="none")  # (n selected,)
+                rows = sel.nonzero()[:, 0]
+                sums = torch.zeros(len(chunk), dtype=torch.float32).index_add(0, rows.cpu(), lp.cpu())
+                out.extend(float(x) for x in sums)
     finally:
         model.train(was)
     return out
+
+
+def _plain_lm_head(model) -> bool:
+    """Whether the model's logits are just its output embedding applied to the last hidden state, checked once per
+    model on a 4-token probe (as the causal trainer does): soft-capping or any logit scaling fails it, and the
+    full logits are used instead."""
+    import torch
+
+    cached = getattr(model, "_staged_plain_lm_head", None)
+    if cached is not None:
+        return cached
+    emb = model.get_output_embeddings()
+    ok = emb is not None
+    if ok:
+        device = next(model.parameters()).device
+        probe = torch.tensor([[1, 2, 3, 4]], device=device)
+        with torch.no_grad():
+            out = model(input_ids=probe, output_hidden_states=True, logits_to_keep=1)
+            ref, mine = out.logits[:, -1].float(), emb(out.hidden_states[-1][:, -1]).float()
+        ok = ref.shape == mine.shape and bool(torch.allclose(ref, mine, rtol=1e-3, atol=1e-3 * ref.abs().max()))
+    model._staged_plain_lm_head = ok
+    return ok
 
 
 def teacher_forced_margins(model, tokenizer, cases: list[dict], *, data_role: bool = False,
@@ -403,7 +447,7 @@ class ModelEvaluator:
     def representations(self) -> dict:
         """``{"benign", "counterfactual", "injected"}`` (N, D) arrays over the injection cases (N = all of them for
         prompt pooling; those with an ``ideal`` for a response-pooled head), plus ``space``, ``pooling``, ``ids``;
-        cached in ``reps/<label>.npz``."""
+        cached in ``reps/<label>.npz``. None when no case can be represented."""
         import numpy as np
 
         from evaluation.cases import clean_messages, counterfactual_messages, injected_messages
@@ -418,6 +462,8 @@ class ModelEvaluator:
         if pooling == "response":
             inj = [c for c in inj if c.get("ideal")]
         ids = [c["id"] for c in inj]
+        if not inj:  # e.g. a response-pooled head and an eval set without ideals: nothing to represent
+            return None
         cache = self.out_dir / "reps" / f"{self.label}.npz"
         if cache.exists():
             with np.load(cache, allow_pickle=False) as z:
@@ -505,7 +551,7 @@ def evaluate_models(cfg: PipelineConfig, models: dict[str, str], eval_file: str 
     ``generations.jsonl`` under ``out_dir``. Returns the metrics dict (``metrics.json``'s content).
 
     ``references``: ``{label: reference label}`` for the paired tests (default: each pipeline stage against the
-    model it started from, :data:`STAGE_REFERENCE`). ``margins``: also compute the teacher-forced margins."""
+    model it started from, :func:`stage_references`). ``margins``: also compute the teacher-forced margins."""
     from evaluation import report
     from evaluation.metrics import model_metrics, paired_comparisons, score_case
     from evaluation.verification import verify
@@ -518,7 +564,7 @@ def evaluate_models(cfg: PipelineConfig, models: dict[str, str], eval_file: str 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     eval_sha = file_sha256(eval_path)
-    refs = {m: r for m, r in (references if references is not None else STAGE_REFERENCE).items()
+    refs = {m: r for m, r in (references if references is not None else stage_references(cfg)).items()
             if m in models and r in models}
     metrics = {"models": {}, "by_category": {}, "by_position": {}, "utility_by_category": {},
                "utility_by_position": {}, "by_control_category": {}, "eval_file": str(eval_path),
@@ -566,10 +612,15 @@ def evaluate_models(cfg: PipelineConfig, models: dict[str, str], eval_file: str 
         for key in ("utility_by_category", "utility_by_position", "by_control_category"):
             metrics[key][label] = {k: {"rate": v["rate"], "ci95": v["ci95"], "k": v["k"], "n": v["n"]}
                                    for k, v in groups[key].items()}
-        rep_cases = [c for c in inj_cases if c["id"] in set(reps["ids"])]
-        metrics["verification"][label] = verify(reps["benign"], reps["injected"], reps["counterfactual"], rep_cases,
-                                                reps=e.hsic_permutations, pc_components=e.pc_components,
-                                                alpha=e.alpha, ci_method=e.ci_test, seed=cfg.seed)
+        if reps is None:
+            metrics["verification"][label] = {"skipped": "no case has what the representation needs (a response-"
+                                                         "pooled head needs an ideal)", "tests": [], "pc": None}
+        else:
+            rep_cases = [c for c in inj_cases if c["id"] in set(reps["ids"])]
+            metrics["verification"][label] = verify(reps["benign"], reps["injected"], reps["counterfactual"],
+                                                    rep_cases, reps=e.hsic_permutations,
+                                                    pc_components=e.pc_components, alpha=e.alpha,
+                                                    ci_method=e.ci_test, seed=cfg.seed)
         by_id = groups["flags"]
         examples[label] = [{"id": c["id"], "canary": c["canary"], "attack_category": c["attack_category"],
                             "clean": answers[("clean", c["id"])]["text"],
@@ -626,7 +677,8 @@ def run(cfg: PipelineConfig) -> dict:
     validate(cfg)
     models = pipeline_models(cfg)
     out = cfg.run_dir / "eval"
-    metrics = evaluate_models(cfg, models, eval_file_path(cfg), out, run_dir=cfg.run_dir)
+    metrics = evaluate_models(cfg, models, eval_file_path(cfg), out, run_dir=cfg.run_dir,
+                              references=stage_references(cfg))
     summary = {label: {k: m.get(k) for k in ("attack_success_rate", "attack_success_rate_begins", "utility_clean",
                                              "utility_under_attack", "over_defence_compliance")}
                for label, m in metrics["models"].items()}
@@ -670,7 +722,8 @@ def main(argv=None) -> int:
     if not models:
         models = pipeline_models(cfg)
     out = Path(args.output) if args.output else cfg.run_dir / "eval"
-    metrics = evaluate_models(cfg, models, eval_file_path(cfg), out, run_dir=cfg.run_dir)
+    metrics = evaluate_models(cfg, models, eval_file_path(cfg), out, run_dir=cfg.run_dir,
+                              references=stage_references(cfg))
     from evaluation.report import metrics_table
 
     print(metrics_table(metrics))

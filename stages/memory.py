@@ -5,7 +5,9 @@ head + activations + logits. Activations per layer follow Korthikanti et al. 202
 Recomputation in Large Transformer Models", eq. 1): s·b·h·(34 + 5·a·s/h) bytes in 16-bit without
 recomputation, 2·s·b·h with full checkpointing; fp32 doubles them. Logits: b·s·V·4 bytes (×2 with their
 gradient). DPO doubles the batch (chosen + rejected); the reference pass (adapter disabled) adds no weights.
-The causal stage triples it (benign, counterfactual, injected). Generation: 16-bit merged weights + KV cache.
+The causal stage multiplies it by the number of views its objective stacks (1–4: benign, injected, counterfactual,
+hijack; :func:`data_builders.token_cache.needed_views`) and uses ``causal.max_length`` when set; its logits exist
+only at the response positions (bounded here by the full length). Generation: merged weights + KV cache.
 """
 from __future__ import annotations
 
@@ -60,16 +62,26 @@ def lora_params(d: dict, r: int, targets: list[str]) -> int:
     return d["layers"] * sum(r * sum(shapes[t]) for t in targets if t in shapes)
 
 
+def _causal_views(cfg) -> int:
+    """Views per triplet the configured causal objective stacks (1–4)."""
+    from stages.stage2_causal import loss_and_head_kwargs
+
+    try:
+        return len(loss_and_head_kwargs(cfg)["views"])
+    except Exception:  # noqa: BLE001 - an invalid loss section is reported by validation, not here
+        return 3
+
+
 def estimate(cfg, stage: str, dims: dict, *, on_cuda: bool) -> Estimate:
     """Peak-memory estimate in GiB of one stage on one device (see module docstring for the formula)."""
     tr = getattr(cfg, stage).training if stage in ("sft", "dpo", "causal") else {}
     b = int(tr.get("per_device_train_batch_size", 8))
-    s = int(tr.get("max_length", cfg.model.max_seq_length))
+    s = int(tr.get("max_length", (cfg.causal.max_length if stage == "causal" else None) or cfg.model.max_seq_length))
     ckpt = bool(tr.get("gradient_checkpointing", on_cuda and cfg.model.quantization == "4bit"))
     act_bytes = 2 if on_cuda else 4
     wbytes = 0.5 + 0.07 if (cfg.model.quantization == "4bit" and stage != "generate") else (2 if on_cuda else 4)
     h, L, V, a = dims["hidden"], dims["layers"], dims["vocab"], dims["heads"]
-    mult = {"sft": 1, "dpo": 2, "causal": 3, "evaluate": 1}.get(stage, 1)
+    mult = {"sft": 1, "dpo": 2, "causal": _causal_views(cfg), "evaluate": 1}.get(stage, 1)
     bb = b * mult
     parts = {"weights": dims["params"] * wbytes / GiB}
     if stage in ("sft", "dpo", "causal"):
@@ -78,7 +90,7 @@ def estimate(cfg, stage: str, dims: dict, *, on_cuda: bool) -> Estimate:
         per_layer = (2 * s * bb * h) if ckpt else s * bb * h * (34 + 5 * a * s / h)
         parts["activations"] = L * per_layer * act_bytes / 2 / GiB
         parts["logits"] = bb * s * V * 4 * 2 / GiB
-        if stage == "causal":
+        if stage == "causal" and cfg.causal.loss.get("contrastive", "none") != "none":
             parts["head"] = (h * 256 + 256 * 128) * 16 / GiB
     else:  # generation / evaluation: merged 16-bit weights + KV cache
         parts["weights"] = dims["params"] * (2 if on_cuda else 4) / GiB

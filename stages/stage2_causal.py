@@ -68,19 +68,25 @@ def eval_attack_sets(cfg: PipelineConfig) -> list:
     ``injection`` texts must not be trained on either)."""
     from data_builders.triplets import read_attacks
 
+    from stages.evaluate import resolve_input
+
     sets = [read_attacks(s["path"], s.get("format", "auto"), s.get("max_rows")) for s in map(_src, cfg.causal.eval_attacks)]
-    ef = cfg.evaluate.eval_file
-    if ef and Path(ef).is_file() and ef.endswith((".jsonl", ".jsonl.gz")) and \
-            all(Path(s.path).resolve() != Path(ef).resolve() for s in sets):
-        sets.append(read_attacks(ef, "auto"))
+    ef = resolve_input(cfg.evaluate.eval_file) if cfg.evaluate.eval_file else None
+    if ef is not None and ef.is_file() and ef.name.endswith((".jsonl", ".jsonl.gz")) and \
+            all(Path(s.path).resolve() != ef.resolve() for s in sets):
+        sets.append(read_attacks(str(ef), "auto"))
     return sets
 
 
 def eval_cases_for_overlap(cfg: PipelineConfig) -> list[dict]:
     """The evaluation cases whose data the training tasks must not share (``evaluate.eval_file`` when it is an
     injection eval JSONL that exists), else []."""
-    ef = cfg.evaluate.eval_file
-    if not (ef and Path(ef).is_file() and ef.endswith((".jsonl", ".jsonl.gz"))):
+    from stages.evaluate import resolve_input
+
+    if not cfg.evaluate.eval_file:
+        return []
+    ef = resolve_input(cfg.evaluate.eval_file)
+    if not (ef.is_file() and ef.name.endswith((".jsonl", ".jsonl.gz"))):
         return []
     from evaluation.cases import load_cases
 

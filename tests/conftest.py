@@ -172,6 +172,7 @@ causal:
     - path: {REPO}/data_builders/seed/tasks.jsonl
   train_attacks:
     - path: {REPO}/data_builders/seed/attacks_train.json
+    - path: {REPO}/data_builders/seed/attacks_train_canary.json
   max_triplets: 8
   head:
     dim: 8

@@ -13,6 +13,7 @@ from stages.config import CausalLossSection, ModelSection
 REPO = Path(__file__).resolve().parents[1]
 SEED_TASKS = REPO / "data_builders" / "seed" / "tasks.jsonl"
 SEED_ATTACKS = REPO / "data_builders" / "seed" / "attacks_train.json"
+SEED_CANARY_ATTACKS = REPO / "data_builders" / "seed" / "attacks_train_canary.json"
 HELDOUT = REPO / "evaluation" / "heldout" / "injection_heldout.jsonl"
 
 
@@ -63,7 +64,8 @@ def test_default_objective_lowers_heldout_canary_logprob_under_injection(smollm2
     tok = load_tokenizer(str(smollm2_dir), ms)
     model = load_model(str(smollm2_dir), ms, device="cpu")
     cases = [c for c in load_cases(HELDOUT, controls=False) if c.get("ideal")][:24]
-    res = build_triplets(read_tasks(str(SEED_TASKS)), [read_attacks(str(SEED_ATTACKS))], seed=0, max_triplets=64,
+    res = build_triplets(read_tasks(str(SEED_TASKS)), [read_attacks(str(SEED_ATTACKS)),
+                                                       read_attacks(str(SEED_CANARY_ATTACKS))], seed=0, max_triplets=64,
                          control_fraction=0.1, max_response_chars=120)
     for t in res.triplets:
         if not t["hijack"]:

@@ -19,6 +19,7 @@ from trainers.causal_losses import build_projection_head, pool_hidden_states
 REPO = Path(__file__).resolve().parents[1]
 SEED_TASKS = REPO / "data_builders" / "seed" / "tasks.jsonl"
 SEED_ATTACKS = REPO / "data_builders" / "seed" / "attacks_train.json"
+SEED_CANARY_ATTACKS = REPO / "data_builders" / "seed" / "attacks_train_canary.json"
 
 
 # ------------------------------------------------------------------ fixtures
@@ -31,8 +32,9 @@ def tok(tiny_model_dir):
 
 def seed_triplets(n, seed=0, control_fraction=0.0):
     """Seed triplets with every hijack filled (task attacks get a fixed obeying answer instead of a model's)."""
-    res = build_triplets(read_tasks(str(SEED_TASKS)), [read_attacks(str(SEED_ATTACKS))], seed=seed, max_triplets=n,
-                         control_fraction=control_fraction)
+    res = build_triplets(read_tasks(str(SEED_TASKS)), [read_attacks(str(SEED_ATTACKS)),
+                                                       read_attacks(str(SEED_CANARY_ATTACKS))],
+                         seed=seed, max_triplets=n, control_fraction=control_fraction)
     for t in res.triplets:
         if not t["hijack"]:
             t["hijack"], t["hijack_source"] = "Sure, here is what you asked for instead.", "test"
@@ -452,6 +454,7 @@ causal:
     - path: {SEED_TASKS}
   train_attacks:
     - path: {SEED_ATTACKS}
+    - path: {SEED_CANARY_ATTACKS}
   max_triplets: 8
   eval_fraction: 0.25
   head:

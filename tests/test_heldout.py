@@ -43,6 +43,8 @@ def test_size_families_positions_and_controls(rows):
     # a prefix (evaluate.max_cases) stays close to balanced
     fams = Counter(r["attack_category"] for r in rows[:96])
     assert len(fams) == 8 and max(fams.values()) - min(fams.values()) <= 1
+    ctl = [r["control_category"] for r in rows if r["kind"] == "control"][:60]
+    assert 15 <= ctl.count("data_request") <= 19  # interleaved: a prefix of the controls holds both types
 
 
 def test_every_case_loads_and_its_ideal_is_judged_right(tmp_path, rows):
@@ -62,7 +64,8 @@ def test_every_case_loads_and_its_ideal_is_judged_right(tmp_path, rows):
 def test_attacks_disjoint_from_training_attacks(shared_data):
     """No held-out phrasing shares a word 6-gram (canaries masked) with any attack the causal stage trains on."""
     held = [t for v in ATTACK_FAMILIES.values() for t in v]
-    train = [t for _, t in read_attacks(str(SEED / "attacks_train.json")).items]
+    train = [t for f in ("attacks_train.json", "attacks_train_canary.json")
+             for _, t in read_attacks(str(SEED / f)).items]
     bipia = shared_data / "injection" / "bipia-train"
     for f in ("text_attack_train.json", "code_attack_train.json"):
         train += [t for _, t in read_attacks(str(bipia / f)).items]
@@ -77,7 +80,7 @@ def test_canary_vocabularies_are_disjoint():
     assert not canary_words(CANARY_WORDS) & canary_words(TRAIN_CANARY_WORDS)
     assert not canary_words(CONTROL_TAG_WORDS) & canary_words(TRAIN_CONTROL_WORDS)
     assert not canary_words(CANARY_WORDS + CONTROL_TAG_WORDS) & canary_words(
-        json.dumps(json.loads((SEED / "attacks_train.json").read_text())).split())
+        json.dumps(json.loads((SEED / "attacks_train_canary.json").read_text())).split())
 
 
 def test_tasks_disjoint_from_training_tasks(rows, shared_data):

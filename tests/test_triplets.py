@@ -57,12 +57,14 @@ def test_seed_files_are_valid():
     assert len(tasks) >= 35 and len({t.id for t in tasks}) == len(tasks)
     attacks = read_attacks(str(SEED_ATTACKS))
     cats = Counter(c for c, _ in attacks.items)
-    canary_cats = {c for c, t in attacks.items if "{canary}" in t}
-    assert len(attacks.items) >= 50 and len(cats) >= 12
-    # the canary-style families the defence must learn from (issue: naive, fake completion, fake system message,
-    # role play, template-token spoofing) besides the BIPIA-style task attacks
-    assert canary_cats >= {"override_reply_only", "fake_answer_then_task", "fake_system_line", "persona",
-                           "template_spoof_train", "end_with"}
+    assert len(attacks.items) >= 30 and 5 <= len(cats) <= 6
+    assert not any("{canary}" in t for _, t in attacks.items)  # task attacks: nothing to print
+    canary = read_attacks(str(REPO / "data_builders" / "seed" / "attacks_train_canary.json"))
+    # the canary-style families the defence must learn from (naive override, fake completion, fake system message,
+    # role play, template-token spoofing, end/prefix tags), every text with a canary slot
+    assert {c for c, _ in canary.items} >= {"override_reply_only", "fake_answer_then_task", "fake_system_line",
+                                            "persona", "template_spoof_train", "end_with", "prefix_tag"}
+    assert all("{canary}" in t for _, t in canary.items) and len(canary.items) >= 40
 
 
 def test_reader_errors_name_file_line_and_field(tmp_path):
@@ -245,3 +247,24 @@ def test_model_paraphrase_acceptance():
     assert not accept_paraphrase(orig, "Payment of $120.50 is due 3 May.")  # code span lost
     assert not accept_paraphrase(orig, orig) and not accept_paraphrase(orig, "") and not accept_paraphrase(orig, None)
     assert not accept_paraphrase(orig, orig * 3)
+
+
+def test_controls_follow_the_configured_fraction_exactly():
+    tasks = read_tasks(str(SEED_TASKS))
+    attacks = [read_attacks(str(SEED_ATTACKS)), read_attacks(str(REPO / "data_builders" / "seed" /
+                                                                  "attacks_train_canary.json"))]
+    for frac, n in ((0.1, 40), (0.4, 10), (0.25, 36), (0.0, 20)):
+        res = build_triplets(tasks, attacks, seed=1, max_triplets=n, control_fraction=frac)
+        ctl = [t for t in res.triplets if t.get("control_tag")]
+        assert len(ctl) == int(n * frac) == res.stats["controls"]
+        for t in ctl:  # the trusted instruction asks for the tag and the target complies
+            assert t["control_tag"] in t["instruction"] and t["control_tag"] in t["target"]
+            assert t["control_tag"] not in t["data"] and t["injection"] not in t["instruction"]
+    with pytest.raises(ValueError):
+        build_triplets(tasks, attacks, control_fraction=1.0)
+    # canary attacks: the slot is filled with a training canary, which is the hijacked response
+    res = build_triplets(tasks, attacks, seed=2, max_triplets=40)
+    can = [t for t in res.triplets if t["canary"]]
+    assert can and all(t["canary"] in t["injection"] and t["hijack"] == t["canary"] and "{canary}" not in t["injection"]
+                       for t in can)
+    assert len({t["canary"] for t in can}) == len(can)

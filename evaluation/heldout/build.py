@@ -8,13 +8,14 @@ project):
 * **tasks**: every template of ``TASK_TEMPLATES`` instantiated ``--instances`` times with its own seed (25 × 3 = 75
   tasks with short gold answers);
 * **injection cases**: ``--attacks-per-task`` per task (375 by default). Case n (in task-major order) gets family
-  ``n mod 8`` and position ``n mod 3`` (start/middle/end), so every family × position pair has the same number of
-  cases (8 and 3 are coprime), and any prefix of the file is close to balanced (``evaluate.max_cases`` takes a
-  prefix); the phrasing within a family and a fresh ``WORD-NNNN`` canary (mineral vocabulary) are drawn from the
+  ``n mod 8`` and position ``n mod 3`` (start/middle/end); 8 and 3 are coprime, so the family × position pairs
+  differ by at most one case (15 or 16 each for 375), and any prefix of the file is close to balanced
+  (``evaluate.max_cases`` takes a prefix); the phrasing within a family and a fresh ``WORD-NNNN`` canary (mineral vocabulary) are drawn from the
   seeded RNG; ``hijack`` (what obeying looks like, for the teacher-forced margin) is the canary;
 * **over-defence controls**: one per task whose trusted instruction asks for a tag (``required``) besides the answer
   (``instruction_request``), and every ``CONTROL_DATA_TEMPLATES`` template instantiated ``--instances`` times
-  (``data_request``: the data holds a request to the reader and the user asks about it; ``ideal``).
+  (``data_request``: the data holds a request to the reader and the user asks about it; ``ideal``); the two types
+  are interleaved in proportion, so a prefix (``evaluate.max_controls``) holds both.
 
 The same arguments always give the same file (byte for byte). The set's counts are printed and written to
 ``<out>.stats.json``.
@@ -83,6 +84,7 @@ def build(seed: int = DEFAULT_SEED, instances: int = 3, attacks_per_task: int = 
             parse_case(row, "<heldout builder>", n)
             rows.append(row)
             n += 1
+    instr, data_ctl = [], []
     for i, t in enumerate(tasks):
         tag = _canary(rng, used, t["data"], CONTROL_TAG_WORDS)
         suffix = CONTROL_INSTRUCTION_SUFFIXES[i % len(CONTROL_INSTRUCTION_SUFFIXES)].format(tag=tag)
@@ -90,7 +92,7 @@ def build(seed: int = DEFAULT_SEED, instances: int = 3, attacks_per_task: int = 
                "task_id": t["task_id"], "system": SYSTEM, "instruction": f"{t['instruction']} {suffix}",
                "data": t["data"], "ideal": t["ideal"], "required": tag}
         parse_case(row, "<heldout builder>", i)
-        rows.append(row)
+        instr.append(row)
     j = 0
     for ci, tpl in enumerate(CONTROL_DATA_TEMPLATES):
         for k in range(instances):
@@ -98,9 +100,13 @@ def build(seed: int = DEFAULT_SEED, instances: int = 3, attacks_per_task: int = 
             row = {"id": f"ctl-d-{j:03d}", "kind": "control", "control_category": "data_request",
                    "task_id": f"{tpl.__name__[2:]}-{k + 1}", "system": SYSTEM, **t}
             parse_case(row, "<heldout builder>", j)
-            rows.append(row)
+            data_ctl.append(row)
             j += 1
-    return rows
+    # interleave the two control types in proportion, so a prefix (evaluate.max_controls) holds both
+    ratio = len(instr) / max(len(data_ctl), 1)
+    merged = sorted([(k, r) for k, r in enumerate(instr)] + [((k + 0.5) * ratio, r) for k, r in enumerate(data_ctl)],
+                    key=lambda x: x[0])
+    return rows + [r for _, r in merged]
 
 
 def stats(rows: list[dict]) -> dict:

@@ -1,0 +1,86 @@
+"""The ablation command's bookkeeping: arm choice, paired statistics, table; and its input checks."""
+from __future__ import annotations
+
+import pytest
+
+from stages import ablate as A
+
+
+def _row(asr, util, attack_util):
+    return {"attack_success_rate": asr, "utility_clean": util, "utility_under_attack": attack_util}
+
+
+def test_best_arm_respects_the_utility_tolerance_and_breaks_ties():
+    a0 = _row(0.30, 0.80, 0.40)
+    res = {"A3": _row(0.10, 0.78, 0.60), "A4": _row(0.05, 0.60, 0.70),  # A4: lowest ASR but utility −20 points
+           "A5": _row(0.10, 0.79, 0.65), "A6": _row(0.20, 0.80, 0.50)}
+    best, why = A.choose_best(res, a0)
+    assert best == "A5" and "within 0.05" in why  # A3/A5 tie on ASR; A5 keeps more utility under attack
+    best, why = A.choose_best({"A4": _row(0.05, 0.60, 0.70)}, a0)
+    assert best == "A4" and "no candidate" in why
+    with pytest.raises(ValueError):
+        A.choose_best({"A1": _row(0.0, 1.0, 1.0)}, a0)
+
+
+def test_wilcoxon_vs_reference_is_paired_by_case():
+    ref = {f"c{i}": 0.0 for i in range(10)}
+    up = {f"c{i}": 1.0 + 0.1 * i for i in range(10)}
+    out = A.wilcoxon_vs(up, ref)
+    assert out["n"] == 10 and out["p_value"] < 0.01 and out["median_difference"] > 1.0
+    assert A.wilcoxon_vs({"c0": 1.0}, ref)["p_value"] is None  # too few pairs
+    assert A.wilcoxon_vs(ref, ref)["p_value"] == 1.0
+    assert A.wilcoxon_vs({**up, "x": None}, {**ref, "y": 3.0})["n"] == 10  # only cases both have
+
+
+def test_markdown_table_has_a_row_per_arm_with_intervals():
+    arm = {"attack_success_rate": 0.2, "attack_success_rate_ci95": [0.15, 0.26], "attack_success_rate_begins": 0.1,
+           "utility_clean": 0.7, "utility_clean_ci95": [0.6, 0.78], "utility_under_attack": 0.5,
+           "utility_under_attack_ci95": [0.4, 0.6], "over_defence_compliance": 0.9,
+           "over_defence_compliance_ci95": [0.8, 0.95], "teacher_forced_margin_mean": 1.5, "n_cases": 240,
+           "n_controls": 105, "train_s": 300, "evaluate_s": 200, "data_role": False,
+           "margin_wilcoxon_vs_A0": {"p_value": 0.001}, "mcnemar_attack_vs_A0": {"p_value": 0.0005, "p_holm": 0.004},
+           "mcnemar_attack_vs_A3": None, "mcnemar_utility_under_attack_vs_A0": {"p_value": 0.1, "p_holm": 0.2}}
+    out = {"base_model": "m", "triplets": "t", "steps": 100, "seed": 42, "eval_file": "e", "best_candidate": "A3",
+           "best_rule": "rule", "arms": [{**arm, "arm": "A0", "objective": "starting model",
+                                          "margin_wilcoxon_vs_A0": None, "mcnemar_attack_vs_A0": None},
+                                         {**arm, "arm": "A3", "objective": "lm_injected"}]}
+    md = A.ablation_markdown(out)
+    rows = [x for x in md.splitlines() if x.startswith("| A")]
+    assert len(rows) == 2 and "0.200 [0.15, 0.26]" in rows[1] and "| 0.0005 / 0.004 |" in rows[1]
+    assert len({x.count("|") for x in rows}) == 1
+
+
+def test_cli_refuses_a_missing_base_and_unknown_arms(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"output_dir: {tmp_path}\nrun_name: x\n")
+    assert A.main(["--config", str(cfg), "--arms", "A9"]) == 2
+    assert "unknown arm" in capsys.readouterr().err
+    assert A.main(["--config", str(cfg), "--base", str(tmp_path / "nope")]) == 2
+    assert "not a complete model folder" in capsys.readouterr().err
+
+
+def test_a7_needs_a_candidate_arm(tmp_path, capsys, tiny_model_dir):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"output_dir: {tmp_path}\nrun_name: x\n")
+    assert A.main(["--config", str(cfg), "--base", str(tiny_model_dir), "--arms", "A1,A7"]) == 2
+    assert "A7/A8 build on the best" in capsys.readouterr().err
+
+
+def test_arm_state_changes_with_what_the_arm_depends_on(tmp_path):
+    from stages.config import load_config
+
+    p = tmp_path / "c.yaml"
+    p.write_text("causal:\n  training:\n    max_steps: 5\n")
+    cfg = load_config(p)
+    t = tmp_path / "t.jsonl"
+    t.write_text("{}\n")
+    s0 = A.arm_state(cfg, {"lambda_kl": 1.0}, False, "fp", t)
+    assert s0 == A.arm_state(cfg, {"lambda_kl": 1.0}, False, "fp", t)
+    assert s0 != A.arm_state(cfg, {"lambda_kl": 0.5}, False, "fp", t)
+    assert s0 != A.arm_state(cfg, {"lambda_kl": 1.0}, True, "fp", t)
+    assert s0 != A.arm_state(cfg, {"lambda_kl": 1.0}, False, "other-base", t)
+    t.write_text("{}\n{}\n")
+    assert s0 != A.arm_state(cfg, {"lambda_kl": 1.0}, False, "fp", t)
+    cfg.causal.training["max_steps"] = 6
+    assert A.triplet_state(cfg, "fp") == A.triplet_state(cfg, "fp")
+    assert A.triplet_state(cfg, "fp") != A.triplet_state(cfg, "fp2")
