@@ -84,3 +84,41 @@ def test_arm_state_changes_with_what_the_arm_depends_on(tmp_path):
     cfg.causal.training["max_steps"] = 6
     assert A.triplet_state(cfg, "fp") == A.triplet_state(cfg, "fp")
     assert A.triplet_state(cfg, "fp") != A.triplet_state(cfg, "fp2")
+
+
+def test_ablation_end_to_end_on_the_tiny_model(tiny_model_dir, tmp_path, monkeypatch):
+    """Arms A1, A3, A5 and A7 (A7 = the rule's pick + the data role) from one starting model: one shared triplet
+    file, one folder per arm with its recorded state, the table with paired tests, and a rerun that trains
+    nothing."""
+    import json
+
+    from conftest import write_tiny_pipeline_config
+    from stages import stage2_causal as s2
+
+    cfg_path = write_tiny_pipeline_config(tmp_path, tiny_model_dir, name="abl")
+    args = ["--config", str(cfg_path), "--base", str(tiny_model_dir), "--arms", "A1,A3,A5,A7",
+            "causal.training.max_steps=2", "evaluate.max_cases=4", "evaluate.max_controls=2",
+            "evaluate.max_new_tokens=4", "evaluate.hsic_permutations=20", "causal.generation_max_new_tokens=4"]
+    assert A.main(args) == 0
+    root = tmp_path / "runs" / "abl" / "ablation"
+    out = json.loads((root / "ablation.json").read_text())
+    assert [r["arm"] for r in out["arms"]] == ["A0", "A1", "A3", "A5", "A7"]
+    assert out["best_candidate"] in ("A3", "A5") and out["arms"][-1]["data_role"] is True
+    a5 = next(r for r in out["arms"] if r["arm"] == "A5")
+    assert a5["loss"]["lambda_kl"] == 1.0 and a5["loss"]["lambda_pref"] == 0.0  # explicit, not the defaults
+    assert a5["mcnemar_attack_vs_A0"]["n"] == 4 and "p_holm" in a5["mcnemar_attack_vs_A3"]
+    for arm in ("A1", "A3", "A5", "A7"):
+        assert (root / arm / "causal" / "merged" / "config.json").is_file() and (root / arm / A.STATE).is_file()
+    rows = [x for x in (root / "ablation.md").read_text().splitlines() if x.startswith("| A") and x[3].isdigit()]
+    assert [r.split(" | ")[0] for r in rows] == ["| A0", "| A1", "| A3", "| A5", "| A7"]
+    assert (root / "ablation.png").stat().st_size > 0
+    calls = []
+    real_run = s2.run
+    monkeypatch.setattr(s2, "run", lambda cfg: calls.append(cfg.run_name) or real_run(cfg))
+    assert A.main(args) == 0 and calls == []  # every arm's recorded state matches: nothing is trained again
+    # the config's own loss section does not reach the arms (each states its loss in full)
+    assert A.main(args + ["causal.loss.lambda_kl=0.0", "causal.loss.contrastive=v1"]) == 0 and calls == []
+    # more steps: every arm is stale and trained again
+    before = (root / "A5" / A.STATE).read_text()
+    assert A.main([a if a != "causal.training.max_steps=2" else "causal.training.max_steps=3" for a in args]) == 0
+    assert sorted(calls) == ["A1", "A3", "A5", "A7"] and (root / "A5" / A.STATE).read_text() != before
