@@ -49,6 +49,27 @@ def _open_text(path: Path):
     return open(path, "rb")
 
 
+def _bounded_lines(fh, p: Path) -> Iterator[tuple[int, bytes]]:
+    """``(line_number, bytes)`` of a binary file, reading at most ``MAX_LINE_BYTES + 1`` bytes per line (a
+    decompressed single-line bomb never fills memory). A ``.gz`` that is not gzip or is cut short raises
+    :class:`DataError` at the line where reading failed."""
+    import zlib
+
+    lineno = 0
+    while True:
+        try:
+            raw = fh.readline(MAX_LINE_BYTES + 1)
+        except (OSError, EOFError, zlib.error) as e:
+            what = "not a gzip file" if "gzip" in str(e).lower() or "magic" in str(e).lower() else "cut short or corrupt"
+            raise DataError(p, lineno + 1, None, f"cannot decompress ({what}: {type(e).__name__}: {e})") from None
+        if not raw:
+            return
+        lineno += 1
+        if len(raw) > MAX_LINE_BYTES:
+            raise DataError(p, lineno, None, f"line is over the {MAX_LINE_BYTES}-byte limit")
+        yield lineno, raw
+
+
 def iter_jsonl(path: str | os.PathLike, *, allow_empty: bool = False) -> Iterator[tuple[int, dict]]:
     """Yield ``(line_number, object)`` for each non-blank line of a JSONL file (``.gz`` accepted).
 
@@ -59,9 +80,7 @@ def iter_jsonl(path: str | os.PathLike, *, allow_empty: bool = False) -> Iterato
     p = require_file(path)
     n = 0
     with _open_text(p) as fh:
-        for lineno, raw in enumerate(fh, start=1):
-            if len(raw) > MAX_LINE_BYTES:
-                raise DataError(p, lineno, None, f"line is {len(raw)} bytes, above the {MAX_LINE_BYTES}-byte limit")
+        for lineno, raw in _bounded_lines(fh, p):
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as e:

@@ -32,7 +32,6 @@ against A3 (Holm over the table), and the wall time of each arm. Finished arms a
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import gc
@@ -365,16 +364,18 @@ def plot_ablation(out: dict, path: Path) -> Path:
 def main(argv=None) -> int:
     from stages.common import setup_logging
 
-    ap = argparse.ArgumentParser(description="Ablation of the causal stage's objective (same model, data, steps, seed)")
+    from stages.config import CliParser
+
+    ap = CliParser(description="Ablation of the causal stage's objective (same model, data, steps, seed)")
     ap.add_argument("--config", required=True)
     ap.add_argument("--base", help="starting model folder (default: <run_dir>/dpo/merged)")
     ap.add_argument("--arms", default=",".join(a for a in ORDER if a != "A0"), help="comma-separated arms (A1…A8)")
     ap.add_argument("--adopt", action="store_true", help="reuse finished arms that have no recorded state (made "
                                                           "before states were recorded), recording it now")
     ap.add_argument("overrides", nargs="*", help="dotted key=value overrides")
-    args = ap.parse_args(argv)
     setup_logging()
     try:
+        args = ap.parse(argv)
         cfg = load_config(args.config, args.overrides)
         arms = [a.strip() for a in args.arms.split(",") if a.strip()]
         bad = [a for a in arms if a not in ORDER or a == "A0"]

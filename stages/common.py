@@ -4,25 +4,29 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import errno
+import json
 import logging
+import math
 import os
 import random
 import sys
+import types
+import typing
 from pathlib import Path
 
-from stages.config import ConfigError, PipelineConfig, load_config
+from stages.config import CliParser, ConfigError, PipelineConfig, load_config
 
 log = logging.getLogger("staged_alignment")
 
 
 def stage_cli(description: str, argv=None) -> tuple[argparse.Namespace, PipelineConfig]:
     """Parse ``--config C [key=value …]`` and load/validate the config. Exits with code 2 on a bad config."""
-    ap = argparse.ArgumentParser(description=description)
+    ap = CliParser(description=description)
     ap.add_argument("--config", required=True, help="pipeline YAML (configs/*.yaml)")
     ap.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. sft.training.max_steps=5")
-    args = ap.parse_args(argv)
     setup_logging()
     try:
+        args = ap.parse(argv)
         cfg = load_config(args.config, args.overrides)
     except (ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -71,20 +75,126 @@ def build_training_args(cls, cfg: PipelineConfig, section: str, output_dir: str 
                 use_cpu=not cuda, dataloader_num_workers=0, disable_tqdm=False,
                 logging_first_step=True)
     base.update(defaults)
-    user = dict(getattr(cfg, section).training)
+    user = check_training_section(cls, cfg, section)
     base.update(user)
     field_names = {f.name for f in dataclasses.fields(cls)}
     base = {k: v for k, v in base.items() if k in field_names or k in user}
-    for key in user:
-        if key not in field_names:
-            dotted = f"{section}.training.{key}"
-            raise ConfigError(cfg.source_path, cfg.line_of(dotted), dotted,
-                              f"unknown key for {cls.__name__}")
     try:
         (args,) = HfArgumentParser(cls).parse_dict(base, allow_extra_keys=False)
     except (ValueError, TypeError) as e:
         raise ConfigError(cfg.source_path, cfg.line_of(f"{section}.training"), f"{section}.training", str(e)) from None
     return args
+
+
+# range rules for training keys: (lowest, highest, lowest included); values of other keys are only type-checked
+TRAINING_RANGES = {
+    "learning_rate": (0.0, 1.0, False), "num_train_epochs": (0.0, 10 ** 5, False),
+    "per_device_train_batch_size": (1, 1 << 16, True), "per_device_eval_batch_size": (1, 1 << 16, True),
+    "gradient_accumulation_steps": (1, 1 << 16, True), "max_steps": (-1, 10 ** 9, True), "seed": (0, 2 ** 32 - 1, True), "data_seed": (0, 2 ** 32 - 1, True),
+    "warmup_ratio": (0.0, 1.0, True), "warmup_steps": (0.0, None, True), "weight_decay": (0.0, None, True),
+    "max_grad_norm": (0.0, None, True), "adam_beta1": (0.0, 1.0, True), "adam_beta2": (0.0, 1.0, True),
+    "adam_epsilon": (0.0, None, False), "logging_steps": (0.0, None, False), "save_steps": (0.0, None, False),
+    "eval_steps": (0.0, None, False), "save_total_limit": (1, None, True), "dataloader_num_workers": (0, None, True),
+    "beta": (0.0, None, False), "label_smoothing": (0.0, 0.5, True), "rpo_alpha": (0.0, None, True),
+    "max_length": (1, None, True), "max_prompt_length": (1, None, True), "max_completion_length": (1, None, True),
+    "eval_accumulation_steps": (1, None, True),
+}
+LENGTH_KEYS = ("max_length", "max_prompt_length", "max_completion_length")
+
+
+def _coerce(value, ann, where):
+    """``value`` converted to the type ``ann`` declares, or ``where(message)`` raised.
+
+    YAML reads ``3e-4`` (no dot) and quoted numbers as strings: a string that parses as the declared number is
+    converted; ``"abc"`` is refused. An integral float becomes an int where an int is declared (``16.0``); ``1.5``
+    does not. NaN and ±inf are refused. Types with no rule here (enums, lists, dicts) are left to TRL.
+    """
+    args = typing.get_args(ann) if typing.get_origin(ann) in (typing.Union, types.UnionType) else (ann,)
+    if value is None:
+        if type(None) in args:
+            return None
+        raise where("null is not allowed here")
+    numeric = [t for t in (int, float) if t in args]
+    if isinstance(value, list):
+        elem = [typing.get_args(a)[0] for a in args if typing.get_origin(a) is list and typing.get_args(a)]
+        if elem and elem[0] in (str, int, float, bool) and not all(isinstance(v, elem[0]) for v in value):
+            raise where(f"expected a list of {elem[0].__name__}, got {value!r}")
+        if not elem and list not in args and typing.get_origin(ann) is not list and (numeric or str in args):
+            raise where(f"expected {'a number' if numeric else 'a string'}, got a list ({value!r})")
+        return value
+    if isinstance(value, bool):
+        if numeric and bool not in args:
+            raise where(f"expected a number, got {value!r}")
+        return value
+    if args == (bool,):
+        raise where(f"expected true or false, got {value!r}")
+    if not numeric or str in args:
+        return value
+    if isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            raise where(f"expected {'an integer' if numeric == [int] else 'a number'}, got the string "
+                        f"{value!r}") from None
+    if not isinstance(value, (int, float)):
+        raise where(f"expected a number, got {type(value).__name__} ({value!r})")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise where(f"{value} is not a finite number")
+    if numeric == [int] and isinstance(value, float):
+        if not value.is_integer():
+            raise where(f"expected an integer, got {value!r}")
+        value = int(value)
+    if numeric == [float]:
+        value = float(value)
+    return value
+
+
+def check_training_section(cls, cfg: PipelineConfig, section: str) -> dict:
+    """``cfg.<section>.training`` with every value converted to the type ``cls`` declares and range-checked.
+
+    ``cls`` is ``trl.SFTConfig``, ``trl.DPOConfig`` or ``transformers.TrainingArguments``; the types come from its
+    dataclass fields. Ranges: :data:`TRAINING_RANGES`; ``max_steps`` is ≥ 1 or exactly -1 (train by epochs:
+    transformers' own default; 0 or -5 would silently fall back to 3 epochs); lengths are at most the model's
+    position limit (from its ``config.json``). Raises :class:`ConfigError` naming the file, line and field.
+    """
+    user = getattr(cfg, section).training
+    if not isinstance(user, dict):
+        raise cfg.error(f"{section}.training", f"expected a mapping, got {type(user).__name__}")
+    hints = typing.get_type_hints(cls)
+    limit = None
+    out = {}
+    for key, value in user.items():
+        dotted = f"{section}.training.{key}"
+
+        def where(msg, dotted=dotted):
+            return ConfigError(cfg.source_path, cfg.line_of(dotted), dotted, msg)
+
+        if key not in hints or key.startswith("_"):
+            raise where(f"unknown key for {cls.__name__}")
+        value = _coerce(value, hints[key], where)
+        if key == "max_steps" and not (value >= 1 or value == -1):
+            raise where(f"{value}: use ≥ 1, or -1 to train for num_train_epochs")
+        rule = TRAINING_RANGES.get(key)
+        if rule and isinstance(value, (int, float)) and not isinstance(value, bool):
+            lo, hi, closed = rule
+            if (value < lo if closed else value <= lo) or (hi is not None and value > hi):
+                span = f"{'[' if closed else '('}{lo}, {hi if hi is not None else '∞'}{']' if hi is not None else ')'}"
+                raise where(f"{value} is outside {span}")
+        if key in LENGTH_KEYS and isinstance(value, int):
+            if limit is None:
+                from stages.models import model_folder, position_limit
+
+                folder = model_folder(cfg)
+                conf = folder / "config.json" if folder else None
+                try:
+                    limit = position_limit(json.loads(conf.read_text())) if conf and conf.is_file() else 0
+                except (OSError, ValueError):
+                    limit = 0
+            if limit and value > limit:
+                raise where(f"{value} is above the model's maximum of {limit} positions")
+        out[key] = value
+    user.update(out)  # every later reader (memory estimate, resolved config) sees the typed values
+    return out
 
 
 def process_state(cfg: PipelineConfig):
@@ -245,9 +355,9 @@ def run_stage_main(stage_module, description: str, argv=None) -> int:
 
     args, cfg = stage_cli(description, argv)
     try:
-        from stages.models import check_model_limits
+        from stages.models import check_model
 
-        check_model_limits(cfg)
+        check_model(cfg)
         stage_module.validate(cfg)
     except (DataError, ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -8,14 +8,16 @@ The ``training`` sub-sections are passed to TRL's ``SFTConfig``/``DPOConfig`` an
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import hashlib
 import json
 import os
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -41,6 +43,22 @@ class ConfigError(ValueError):
             where = f"{path}:{line}" if (path and line) else (path or "<config>")
         what = f"field '{field_name}': " if field_name else ""
         super().__init__(f"{where}: {what}{message}")
+
+
+class CliParser(argparse.ArgumentParser):
+    """``argparse`` with the project's error format, for every stage script.
+
+    A bad command line raises :class:`ConfigError` (``error: command line: <prog>: <message>``; the scripts print it
+    as their one ``error:`` line and exit 2) instead of argparse's usage block; :meth:`parse` accepts the dotted
+    ``key=value`` overrides before, between and after the flags (``parse_intermixed_args``).
+    """
+
+    def error(self, message):  # argparse's hook for every usage error
+        raise ConfigError("command line", None, None, f"{self.prog}: {message} (see --help)")
+
+    def parse(self, argv=None) -> argparse.Namespace:
+        """Parse ``argv`` (``sys.argv[1:]`` when None); raises :class:`ConfigError` on a usage error."""
+        return self.parse_intermixed_args(argv)
 
 
 # --------------------------------------------------------------------------------------------- sections
@@ -70,7 +88,7 @@ class LoraSection:
     r: int = 16
     alpha: int = 32
     dropout: float = 0.05
-    target_modules: list = field(default_factory=lambda: list(ALL_PROJECTIONS))
+    target_modules: list[str] = field(default_factory=lambda: list(ALL_PROJECTIONS))
 
 
 @dataclass
@@ -87,7 +105,7 @@ class HubSection:
 class LoggingSection:
     """Experiment tracking: W&B (works with WANDB_MODE=offline) or TensorBoard."""
 
-    report_to: list = field(default_factory=lambda: ["none"])
+    report_to: list[str] = field(default_factory=lambda: ["none"])
     wandb_project: str = "staged-alignment"
     wandb_group: str | None = None  # default: the run name
     logging_steps: int = 1
@@ -110,7 +128,7 @@ class SFTSection:
     enabled: bool = True
     data: list = field(default_factory=list)  # list of DataSource
     eval_fraction: float = 0.0
-    sample_prompts: list = field(default_factory=lambda: ["Give three tips for writing clear emails."])
+    sample_prompts: list[str] = field(default_factory=lambda: ["Give three tips for writing clear emails."])
     hub_model_id: str | None = None
     training: dict = field(default_factory=dict)  # trl.SFTConfig keys
 
@@ -199,7 +217,7 @@ class CausalSection:
     counterfactual: str = "rule"  # rule | model
     counterfactual_batch_size: int = 8  # model paraphrases: generation batch size
     counterfactual_max_new_tokens: int = 256
-    positions: list = field(default_factory=lambda: ["start", "middle", "end"])  # injection positions (cycled)
+    positions: list[str] = field(default_factory=lambda: ["start", "middle", "end"])  # injection positions (cycled)
     triplets_per_task: int = 1  # triplets per task (next attack, next position each)
     max_data_chars: int | None = None  # skip tasks whose data part is longer (cheap pre-filter)
     max_response_chars: int | None = None  # skip tasks whose gold answer is longer (short targets, short sequences)
@@ -231,7 +249,7 @@ class EvaluateSection:
     batch_size: int = 8
     do_sample: bool = False
     temperature: float = 1.0
-    models: list = field(default_factory=lambda: ["base", "sft", "dpo", "causal"])
+    models: list[str] = field(default_factory=lambda: ["base", "sft", "dpo", "causal"])
     hsic_permutations: int = 200
     pc_components: int = 3
     alpha: float = 0.05
@@ -309,29 +327,93 @@ class PipelineConfig:
 
 
 # --------------------------------------------------------------------------------------------- parsing
-def _yaml_line_map(text: str) -> dict[str, int]:
-    """Map dotted key paths (``sft.training.learning_rate``; list items as ``sft.data.0``) to 1-based lines."""
-    out: dict[str, int] = {}
+MAX_CONFIG_BYTES = 1 << 20  # a pipeline YAML is a few KiB; anything above 1 MiB is not a config
+MAX_YAML_NODES = 20_000  # entries after alias expansion (the shipped configs have < 400)
+MAX_YAML_DEPTH = 64
+
+
+def load_yaml_bounded(text: str, path: str | None) -> tuple[Any, dict[str, int]]:
+    """Parse YAML ``text`` safely; return ``(data, line_map)``.
+
+    ``line_map`` maps dotted key paths (``sft.training.learning_rate``; list items as ``sft.data.0``) to 1-based
+    lines. Aliases are allowed, but the document must stay small once they are expanded: more than
+    :data:`MAX_YAML_NODES` entries (a "billion laughs" file), nesting deeper than :data:`MAX_YAML_DEPTH`, a
+    recursive alias or a key given twice in one mapping (YAML lets the second silently win) raise
+    :class:`ConfigError` naming the file and line. Only ``yaml.SafeLoader`` constructors are used.
+    """
+    loader = yaml.SafeLoader(text)
     try:
-        root = yaml.compose(text)
-    except yaml.YAMLError:
-        return out
+        try:
+            root = loader.get_single_node()
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            raise ConfigError(path, mark.line + 1 if mark else None, None,
+                              f"malformed YAML: {getattr(e, 'problem', None) or e}") from None
+        lines: dict[str, int] = {}
+        count = 0
 
-    def walk(node, prefix):
-        if isinstance(node, yaml.MappingNode):
-            for k, v in node.value:
-                key = f"{prefix}.{k.value}" if prefix else str(k.value)
-                out[key] = k.start_mark.line + 1
-                walk(v, key)
-        elif isinstance(node, yaml.SequenceNode):
-            for i, v in enumerate(node.value):
-                key = f"{prefix}.{i}"
-                out[key] = v.start_mark.line + 1
-                walk(v, key)
+        def walk(node, prefix, depth, on_path):
+            nonlocal count
+            count += 1
+            line = node.start_mark.line + 1
+            if count > MAX_YAML_NODES:
+                raise ConfigError(path, line, prefix or None, f"the YAML expands to more than {MAX_YAML_NODES} "
+                                  "entries (nested aliases?); a pipeline config is far smaller")
+            if depth > MAX_YAML_DEPTH:
+                raise ConfigError(path, line, prefix or None, f"nested deeper than {MAX_YAML_DEPTH} levels")
+            if id(node) in on_path:
+                raise ConfigError(path, line, prefix or None, "recursive alias (a node that contains itself)")
+            if isinstance(node, yaml.MappingNode):
+                seen: dict[str, int] = {}
+                for k, v in node.value:
+                    if not isinstance(k, yaml.ScalarNode):
+                        raise ConfigError(path, k.start_mark.line + 1, prefix or None, "keys must be plain scalars")
+                    if k.tag == "tag:yaml.org,2002:merge":
+                        walk(v, prefix, depth + 1, on_path | {id(node)})
+                        continue
+                    key = f"{prefix}.{k.value}" if prefix else str(k.value)
+                    if k.value in seen:
+                        raise ConfigError(path, k.start_mark.line + 1, key,
+                                          f"duplicate key (first given on line {seen[k.value]}); YAML would keep "
+                                          "only the last one")
+                    seen[k.value] = k.start_mark.line + 1
+                    lines.setdefault(key, k.start_mark.line + 1)
+                    walk(v, key, depth + 1, on_path | {id(node)})
+            elif isinstance(node, yaml.SequenceNode):
+                for i, v in enumerate(node.value):
+                    key = f"{prefix}.{i}"
+                    lines.setdefault(key, v.start_mark.line + 1)
+                    walk(v, key, depth + 1, on_path | {id(node)})
 
-    if root is not None:
-        walk(root, "")
-    return out
+        if root is None:
+            return None, lines
+        walk(root, "", 0, frozenset())
+        try:
+            data = loader.construct_document(root)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            raise ConfigError(path, mark.line + 1 if mark else None, None,
+                              f"malformed YAML: {getattr(e, 'problem', None) or e}") from None
+        return _unshare(data), lines
+    finally:
+        loader.dispose()
+
+
+def _unshare(value):
+    """Copy of ``value`` in which no two places share a dict or list (an alias must not make an override of one
+    key change another; ``copy.deepcopy`` would keep the sharing)."""
+    if isinstance(value, dict):
+        return {k: _unshare(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_unshare(v) for v in value]
+    return value
+
+
+def finite_or_error(value: float, where: Callable[[str], ConfigError]) -> float:
+    """Return ``value`` if it is a finite number, else raise ``where(message)`` (NaN and ±inf are never config values)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise where(f"{value} is not a finite number")
+    return value
 
 
 def _type_ok(value, annotation) -> bool:
@@ -352,7 +434,7 @@ def _type_ok(value, annotation) -> bool:
     if annotation is str:
         return isinstance(value, str)
     if annotation is list or origin is list:
-        return isinstance(value, list)
+        return isinstance(value, list) and (not args or all(_type_ok(v, args[0]) for v in value))
     if annotation is dict or origin is dict:
         return isinstance(value, dict)
     if dataclasses.is_dataclass(annotation):
@@ -379,10 +461,12 @@ def build_dataclass(cls, data: dict | None, prefix: str, path: str | None, lines
             kwargs[key] = build_dataclass(ann, value, dotted, path, lines)
             continue
         if not _type_ok(value, ann):
-            raise ConfigError(path, lines.get(dotted), dotted,
-                              f"expected {getattr(ann, '__name__', str(ann))}, got {type(value).__name__} ({value!r})")
+            want = str(ann) if typing.get_args(ann) else getattr(ann, "__name__", str(ann))
+            raise ConfigError(path, lines.get(dotted), dotted, f"expected {want}, got {type(value).__name__} "
+                                                               f"({value!r})")
         if ann is float or (typing.get_args(ann) and float in typing.get_args(ann) and isinstance(value, int)):
             value = float(value) if value is not None else None
+        finite_or_error(value, lambda msg: ConfigError(path, lines.get(dotted), dotted, msg))
         kwargs[key] = value
     return cls(**kwargs)
 
@@ -390,30 +474,48 @@ def build_dataclass(cls, data: dict | None, prefix: str, path: str | None, lines
 def parse_override(item: str) -> tuple[str, Any]:
     """Parse ``a.b.c=value`` (value as YAML) into ``("a.b.c", value)``; raises :class:`ConfigError`."""
     if "=" not in item:
-        raise ConfigError(None, None, item, "override must look like key=value (e.g. sft.training.max_steps=5)")
+        raise ConfigError("command line", None, item, "override must look like key=value (e.g. sft.training.max_steps=5)")
     key, raw = item.split("=", 1)
     key = key.strip().removeprefix("--")
-    if not key:
-        raise ConfigError(None, None, item, "override has an empty key")
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError("command line", None, item, "override key is empty or has an empty part (a.b.c=value)")
     try:
         value = yaml.safe_load(raw) if raw != "" else ""
     except yaml.YAMLError as e:
-        raise ConfigError(None, None, key, f"override value is not valid YAML: {e}") from None
+        raise ConfigError("command line", None, key, f"override value is not valid YAML: {e}") from None
     return key, value
 
 
-def apply_overrides(data: dict, overrides: list[str]) -> list[str]:
-    """Apply dotted ``key=value`` overrides to the raw YAML dict in place; returns the dotted keys set."""
+def apply_overrides(data: dict, overrides: list[str], path: str | None = None) -> list[str]:
+    """Apply dotted ``key=value`` overrides to the raw YAML dict in place; returns the dotted keys set.
+
+    A numeric part indexes an existing list item (``sft.data.0.path=x``); a missing section is created. Raises
+    :class:`ConfigError` located as a command-line override of ``path``.
+    """
     keys = []
     for item in overrides or []:
         key, value = parse_override(item)
         node = data
         parts = key.split(".")
-        for p in parts[:-1]:
-            if not isinstance(node.get(p, {}), dict):
-                raise ConfigError(None, None, key, f"'{p}' is not a section")
-            node = node.setdefault(p, {})
-        node[parts[-1]] = value
+        for i, p in enumerate(parts):
+            last = i == len(parts) - 1
+            if isinstance(node, list):
+                if not (p.isdigit() and int(p) < len(node)):
+                    raise ConfigError(path, OVERRIDE, key, f"'{'.'.join(parts[:i])}' is a list of {len(node)} "
+                                                           f"item(s); {p!r} is not one of its indices")
+                if last:
+                    node[int(p)] = value
+                else:
+                    node = node[int(p)]
+            elif isinstance(node, dict):
+                if last:
+                    node[p] = value
+                else:
+                    if node.get(p) is None:
+                        node[p] = {}
+                    node = node[p]
+            else:
+                raise ConfigError(path, OVERRIDE, key, f"'{'.'.join(parts[:i])}' is a value, not a section")
         keys.append(key)
     return keys
 
@@ -423,24 +525,22 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
     p = Path(path)
     if not p.is_file():
         raise ConfigError(str(p), None, None, "config file does not exist")
+    size = p.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise ConfigError(str(p), None, None, f"{size} bytes; a config file may hold at most {MAX_CONFIG_BYTES}")
     try:
         text = p.read_bytes().decode("utf-8")
     except UnicodeDecodeError as e:
         raise ConfigError(str(p), None, None, f"not valid UTF-8 (byte {e.start})") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        raise ConfigError(str(p), mark.line + 1 if mark else None, None, f"malformed YAML: {getattr(e, 'problem', e)}") from None
+    data, lines = load_yaml_bounded(text, str(p))
     if data is None:
         raise ConfigError(str(p), None, None, "config file is empty")
     if not isinstance(data, dict):
         raise ConfigError(str(p), 1, None, "the config must be a YAML mapping")
-    lines = _yaml_line_map(text)
     for key in _find_secret_keys(data):
         raise ConfigError(str(p), lines.get(key), key,
                           "secrets do not belong in configs; set HF_TOKEN / WANDB_API_KEY in the environment")
-    for key in apply_overrides(data, overrides or []):
+    for key in apply_overrides(data, overrides or [], str(p)):
         parts = key.split(".")  # errors in an overridden value (or a section it created) point at the command line
         for i in range(1, len(parts) + 1):
             if i == len(parts) or ".".join(parts[:i]) not in lines:
@@ -495,8 +595,27 @@ def sub_section(cfg: PipelineConfig, cls, dotted: str):
     return build_dataclass(cls, obj, dotted, cfg.source_path, cfg.line_map)
 
 
+def _check_strings(cfg: PipelineConfig, obj, prefix: str = "") -> None:
+    """Every string field of every section: not empty or blank (a blank path would resolve to the working folder),
+    no NUL or other control character (the OS refuses such paths with a traceback)."""
+    for f in dataclasses.fields(obj):
+        if f.metadata.get("internal"):
+            continue
+        value, dotted = getattr(obj, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            _check_strings(cfg, value, dotted + ".")
+        elif isinstance(value, str):
+            if not value.strip():
+                raise cfg.error(dotted, "is empty; give a value or leave the key out for the default")
+            if any(ord(ch) < 32 and ch not in "\t" for ch in value):
+                raise cfg.error(dotted, f"contains a control character ({value!r})")
+
+
 def validate_config(cfg: PipelineConfig) -> None:
     """Range and consistency checks that need no model and no data. Raises :class:`ConfigError`."""
+    _check_strings(cfg, cfg)
+    if not 0 <= cfg.seed < 2 ** 32:
+        raise cfg.error("seed", "must be in [0, 2**32)")
     m = cfg.model
     choices = {
         "model.dtype": (m.dtype, {"auto", "float32", "bfloat16", "float16"}),
@@ -532,6 +651,8 @@ def validate_config(cfg: PipelineConfig) -> None:
         for i, s in enumerate(srcs):
             if isinstance(s, str):
                 srcs[i] = s = {"path": s}
+            if not isinstance(s, dict):
+                raise cfg.error(f"{name}.{i}", f"expected a path or a mapping with 'path', got {s!r}")
             build_dataclass(DataSource, s, f"{name}.{i}", cfg.source_path, cfg.line_map)
             if not s.get("path"):
                 raise cfg.error(f"{name}.{i}.path", "missing or empty")

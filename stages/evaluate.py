@@ -24,7 +24,6 @@ and the others exit 0 (each logs a line saying so).
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json
@@ -690,13 +689,19 @@ def run(cfg: PipelineConfig) -> dict:
 def main(argv=None) -> int:
     from stages.common import run_stage_main, setup_logging
 
-    ap = argparse.ArgumentParser(description="Evaluate models on an injection eval set (ASR, utility, verification)")
+    from stages.config import CliParser
+
+    ap = CliParser(description="Evaluate models on an injection eval set (ASR, utility, verification)")
     ap.add_argument("--config", required=True)
     ap.add_argument("--model", action="append", default=[], help="label=path or path (repeatable)")
     ap.add_argument("--eval-file", help="injection eval JSONL (default: evaluate.eval_file)")
     ap.add_argument("--output", help="output folder (default: <run_dir>/eval)")
     ap.add_argument("overrides", nargs="*", help="dotted key=value overrides")
-    args = ap.parse_args(argv)
+    try:
+        args = ap.parse(argv)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     overrides = list(args.overrides) + ([f"evaluate.eval_file={args.eval_file}"] if args.eval_file else [])
     if not args.model and not args.output:  # the pipeline stage (manifest, run_dir/eval)
         return run_stage_main(sys.modules[__name__], "Evaluation stage", ["--config", args.config, *overrides])

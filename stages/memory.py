@@ -75,8 +75,8 @@ def _causal_views(cfg) -> int:
 def estimate(cfg, stage: str, dims: dict, *, on_cuda: bool) -> Estimate:
     """Peak-memory estimate in GiB of one stage on one device (see module docstring for the formula)."""
     tr = getattr(cfg, stage).training if stage in ("sft", "dpo", "causal") else {}
-    b = int(tr.get("per_device_train_batch_size", 8))
-    s = int(tr.get("max_length", (cfg.causal.max_length if stage == "causal" else None) or cfg.model.max_seq_length))
+    b = int(tr.get("per_device_train_batch_size") or 8)
+    s = int(tr.get("max_length") or (cfg.causal.max_length if stage == "causal" else None) or cfg.model.max_seq_length)
     ckpt = bool(tr.get("gradient_checkpointing", on_cuda and cfg.model.quantization == "4bit"))
     act_bytes = 2 if on_cuda else 4
     wbytes = 0.5 + 0.07 if (cfg.model.quantization == "4bit" and stage != "generate") else (2 if on_cuda else 4)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -247,21 +248,143 @@ def is_complete_adapter_dir(path: str | os.PathLike) -> bool:
     return (p / "adapter_config.json").exists() and (p / "adapter_model.safetensors").exists()
 
 
-def check_model_limits(cfg) -> None:
-    """Compare ``model.max_seq_length`` with the model's ``max_position_embeddings`` (from config.json only).
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.pth", "tf_model.h5",
+                  "flax_model.msgpack")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "sentencepiece.bpe.model")
 
-    Reads the local or cached config; never loads weights and never downloads. Raises ``ConfigError``.
-    """
+
+def model_folder(cfg) -> Path | None:
+    """The local folder ``model.name_or_path`` names: the embedded model's cache folder, a local path, or a Hub id
+    already in the Hugging Face cache (snapshot folder); None for a Hub id that would have to be downloaded or an
+    embedded model not yet converted."""
     name = cfg.model.name_or_path
     if name.startswith("embedded:"):
         folder = Path(cfg.model.cache_dir or default_cache_dir()) / "models" / name.split(":", 1)[1]
-    else:
-        folder = Path(name)
-    conf = folder / "config.json"
-    if not conf.exists():
-        return
-    c = json.loads(conf.read_text())
-    limit = c.get("max_position_embeddings") or c.get("n_positions")
-    if limit and cfg.model.max_seq_length > limit:
-        raise cfg.error("model.max_seq_length",
-                        f"{cfg.model.max_seq_length} is above the model's maximum of {limit} positions ({conf})")
+        return folder if folder.exists() else None
+    p = Path(name).expanduser()
+    if p.exists() or not HUB_ID.match(name):
+        return p
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        hit = try_to_load_from_cache(name, "config.json", revision=getattr(cfg.model, "revision", None))
+    except Exception:  # noqa: BLE001 - a cache lookup never decides a run
+        return None
+    return Path(hit).parent if isinstance(hit, str) else None
+
+
+def check_model_folder(folder: str | os.PathLike, error) -> dict:
+    """Check that ``folder`` holds a model this project can load, without loading it; return its ``config.json``.
+
+    Checked: the folder exists; ``config.json`` is a JSON object with ``model_type`` and readable dimensions
+    (``hidden_size``/``num_hidden_layers``, also under ``text_config``); weights are safetensors (``*.safetensors``,
+    or an index whose every shard is present; a folder with only PyTorch pickles is refused: safetensors only);
+    a tokenizer file is present. ``error(message)`` builds the exception to raise (a :class:`ConfigError` naming
+    the config field).
+    """
+    p = Path(folder)
+    if not p.exists():
+        raise error(f"{p} does not exist (a model folder, an embedded: name or a Hub id)")
+    if not p.is_dir():
+        raise error(f"{p} is not a folder")
+    conf = p / "config.json"
+    if not conf.is_file():
+        raise error(f"{p} has no config.json: not a model folder")
+    try:
+        c = json.loads(conf.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise error(f"{conf} is not valid JSON ({e})") from None
+    if not isinstance(c, dict) or not c:
+        raise error(f"{conf} is not a JSON object with the model's settings")
+    if not isinstance(c.get("model_type"), str):
+        raise error(f"{conf} has no model_type")
+    dims = c.get("text_config") if isinstance(c.get("text_config"), dict) else c
+    for key in ("hidden_size", "num_hidden_layers"):
+        v = dims.get(key, c.get(key))
+        if not (isinstance(v, int) and not isinstance(v, bool) and v > 0):
+            raise error(f"{conf}: {key} is missing or not a positive integer ({v!r})")
+    index = p / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise error(f"{index} is not a safetensors index ({type(e).__name__}: {e})") from None
+        missing = sorted(s for s in shards if not (p / s).is_file())
+        if missing:
+            raise error(f"{p}: {len(missing)} weight shard(s) named in {index.name} are missing ({missing[:3]})")
+    elif not any(p.glob("*.safetensors")):
+        pickles = [n for n in PICKLE_WEIGHTS if (p / n).exists()]
+        if pickles:
+            raise error(f"{p} has only PyTorch/pickle weights ({pickles[0]}); this project loads safetensors only "
+                        "(convert with transformers: from_pretrained then save_pretrained(safe_serialization=True))")
+        raise error(f"{p} has no *.safetensors weights")
+    if not any((p / n).is_file() for n in TOKENIZER_FILES):
+        raise error(f"{p} has no tokenizer (one of {list(TOKENIZER_FILES)})")
+    return c
+
+
+def position_limit(model_config: dict) -> int | None:
+    """The model's maximum number of positions from its ``config.json`` dict (None when it does not say)."""
+    for d in (model_config, model_config.get("text_config") or {}):
+        for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+            if isinstance(d.get(key), int) and d[key] > 0:
+                return d[key]
+    return None
+
+
+def module_names_from_config(folder: str | os.PathLike, trust_remote_code: bool = False) -> dict[str, bool] | None:
+    """Every module name of the model in ``folder`` → whether it is a ``torch.nn.Linear``, from the architecture
+    built on the meta device from its config (no weights, no memory); None when it cannot be built that way
+    (remote code not trusted, an architecture transformers does not know)."""
+    try:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        conf = AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(conf, trust_remote_code=trust_remote_code)
+    except Exception:  # noqa: BLE001 - an architecture we cannot build here is checked at load instead
+        return None
+    return {n: isinstance(m, torch.nn.Linear) for n, m in model.named_modules() if n}
+
+
+def check_model(cfg) -> dict | None:
+    """Everything about the configured model that can be checked without loading it. Raises ``ConfigError``.
+
+    The folder (:func:`check_model_folder`; also ``causal.base_model`` when set), ``model.max_seq_length`` and
+    ``causal.max_length`` against the model's position limit, and every LoRA ``target_modules`` entry against the
+    module names of the architecture (built on the meta device). A Hub id not in the local cache and an embedded
+    model not yet converted are checked when they are fetched. Returns the model's ``config.json`` (None if
+    unchecked). Never loads weights and never downloads.
+    """
+    folder = model_folder(cfg)
+    extra = getattr(cfg.causal, "base_model", None)
+    if extra:
+        check_model_folder(extra, lambda m: cfg.error("causal.base_model", m))
+    if folder is None:
+        return None
+    conf = check_model_folder(folder, lambda m: cfg.error("model.name_or_path", m))
+    hidden = (conf.get("text_config") or conf).get("hidden_size", conf.get("hidden_size"))
+    if cfg.lora.r > hidden:
+        raise cfg.error("lora.r", f"{cfg.lora.r} is above the model's hidden size {hidden}: a LoRA rank cannot exceed "
+                                  "the layer width")
+    limit = position_limit(conf)
+    if limit:
+        if cfg.model.max_seq_length > limit:
+            raise cfg.error("model.max_seq_length",
+                            f"{cfg.model.max_seq_length} is above the model's maximum of {limit} positions "
+                            f"({folder / 'config.json'})")
+        if cfg.causal.max_length is not None and cfg.causal.max_length > limit:
+            raise cfg.error("causal.max_length", f"{cfg.causal.max_length} is above the model's maximum of {limit} "
+                                                 "positions")
+    targets = cfg.lora.target_modules
+    if isinstance(targets, list) and targets and targets != ["all-linear"]:
+        names = module_names_from_config(folder, cfg.model.trust_remote_code)
+        if names is not None:
+            leaves = {n.rsplit(".", 1)[-1] for n in names}
+            unknown = [t for t in targets if t not in leaves and t not in names]
+            if unknown:
+                linear = sorted({n.rsplit(".", 1)[-1] for n, lin in names.items() if lin} - {"lm_head"})
+                raise cfg.error("lora.target_modules", f"{unknown} name no module of {conf.get('model_type')} "
+                                                       f"(its linear layers: {linear})")
+    return conf

@@ -13,7 +13,6 @@ redoes everything.
 """
 from __future__ import annotations
 
-import argparse
 import importlib
 import os
 import shlex
@@ -74,9 +73,9 @@ def validate_plan(cfg: PipelineConfig, stages: list[str]) -> list[str]:
 
     lines = [f"run: {cfg.run_dir}", f"model: {cfg.model.name_or_path} (template {cfg.model.chat_template}, "
              f"quantization {cfg.model.quantization}, loader {cfg.model.loader})", "stages: " + " → ".join(stages)]
-    from stages.models import check_model_limits
+    from stages.models import check_model
 
-    check_model_limits(cfg)
+    check_model(cfg)
     for s in stages:
         stage_module(s).validate(cfg)
         lines.append(f"  {s}: inputs valid")
@@ -94,7 +93,12 @@ def validate_plan(cfg: PipelineConfig, stages: list[str]) -> list[str]:
             lines.append("  " + est.line(dev))
             if dev and est.gib > 0.9 * dev:
                 lines.append(f"  WARNING: {s} needs ~{est.gib:.1f} GiB, above 90% of the configured {dev:g} GiB")
-        need = 3 * dims["params"] * 2 / GiB + 1.0
+        import torch
+
+        from stages.models import merged_dtype
+
+        merged_bytes = 4 if merged_dtype(cfg.model, "cuda" if cuda else "cpu") == torch.float32 else 2
+        need = 3 * dims["params"] * merged_bytes / GiB + 1.0  # three merged models in the merge precision
     lines.append("disk: " + check_output_dir(cfg, need))
     return lines
 
@@ -177,7 +181,9 @@ def print_summary(cfg: PipelineConfig, manifest) -> None:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    from stages.config import CliParser, ConfigError
+
+    ap = CliParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", required=True)
     ap.add_argument("--dry-run", action="store_true", help="validate the plan, print estimates, exit")
     ap.add_argument("--from-stage", choices=ORDER, help="redo this stage and every later one")
@@ -185,7 +191,12 @@ def main(argv=None) -> int:
     ap.add_argument("--launcher", help='command that runs a stage script, e.g. "accelerate launch --config_file '
                                        'accelerate_config.yaml" (default: this python)')
     ap.add_argument("overrides", nargs="*", help="dotted key=value overrides")
-    return run_pipeline(ap.parse_args(argv))
+    try:
+        args = ap.parse(argv)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return run_pipeline(args)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ fail the test) and leave the run directory byte-for-byte as it was.
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import shutil
 from pathlib import Path
@@ -105,6 +106,28 @@ CONFIG_CASES = [
     ("config_wrong_type", "lora.r", "eight", "lora.r"),
     ("config_4bit_on_cpu", "model.quantization", "4bit", "model.quantization"),
     ("config_secret_in_file", "hub.token", "hf_notarealtoken", "token"),
+    # training sections: typed and ranged like the rest of the config
+    ("training_lr_not_a_number", "sft.training.learning_rate", "abc", "sft.training.learning_rate"),
+    ("training_max_steps_zero", "sft.training.max_steps", 0, "sft.training.max_steps"),
+    ("training_max_steps_negative", "causal.training.max_steps", -5, "causal.training.max_steps"),
+    ("training_max_steps_fractional", "dpo.training.max_steps", 1.5, "dpo.training.max_steps"),
+    ("training_batch_size_zero", "dpo.training.per_device_train_batch_size", 0, "per_device_train_batch_size"),
+    ("training_lr_negative", "sft.training.learning_rate", -1e-4, "sft.training.learning_rate"),
+    ("training_lr_infinite", "causal.training.learning_rate", float("inf"), "causal.training.learning_rate"),
+    ("dpo_beta_negative", "dpo.training.beta", -0.1, "dpo.training.beta"),
+    ("training_max_length_above_model", "dpo.training.max_length", 100000, "dpo.training.max_length"),
+    ("training_seed_is_a_list", "sft.training.seed", [1, 2], "sft.training.seed"),
+    # NaN/inf everywhere a float is read
+    ("loss_weight_nan", "causal.loss.lambda_task", float("nan"), "causal.loss.lambda_task"),
+    ("loss_kl_weight_inf", "causal.loss.lambda_kl", float("inf"), "causal.loss.lambda_kl"),
+    ("eval_alpha_nan", "evaluate.alpha", float("nan"), "evaluate.alpha"),
+    # nonsense that used to pass silently
+    ("lora_target_names_no_module", "lora.target_modules", ["bogus_proj"], "lora.target_modules"),
+    ("causal_max_length_above_model", "causal.max_length", 100000, "causal.max_length"),
+    ("eval_file_empty_string", "evaluate.eval_file", "", "evaluate.eval_file"),
+    ("constitution_blank", "dpo.constitution", "   ", "dpo.constitution"),
+    ("path_with_nul_byte", "causal.triplets_file", "trip\x00lets.jsonl", "causal.triplets_file"),
+    ("seed_negative", "seed", -1, "seed"),
 ]
 
 
@@ -194,6 +217,137 @@ def test_bad_config_value(case, tiny_model_dir, tmp_path, capsys, no_model_load)
     assert "hf_notarealtoken" not in msg  # a secret is named, never echoed
 
 
+def _model_folder_variant(kind: str, tiny: Path, tmp: Path) -> Path:
+    """A broken copy of the tiny model folder."""
+    d = tmp / f"model_{kind}"
+    if kind == "missing":
+        return d
+    d.mkdir()
+    if kind == "empty":
+        return d
+    keep = {"config_only": ["config.json"], "no_tokenizer": ["config.json", "model.safetensors"],
+            "pickle_only": ["config.json", "tokenizer.json", "tokenizer_config.json"],
+            "malformed_config": [p.name for p in tiny.iterdir()], "empty_config": [p.name for p in tiny.iterdir()],
+            "config_without_dims": [p.name for p in tiny.iterdir()],
+            "index_missing_shard": [p.name for p in tiny.iterdir() if p.suffix != ".safetensors"]}[kind]
+    for name in keep:
+        shutil.copy(tiny / name, d / name)
+    if kind == "pickle_only":
+        (d / "pytorch_model.bin").write_bytes(b"PK\x03\x04 a pickle, never unpickled")
+    elif kind == "malformed_config":
+        (d / "config.json").write_text('{"model_type": "llama", "hidden_size": 32,')
+    elif kind == "empty_config":
+        (d / "config.json").write_text("{}")
+    elif kind == "config_without_dims":
+        c = json.loads((tiny / "config.json").read_text())
+        c.pop("hidden_size")
+        (d / "config.json").write_text(json.dumps(c))
+    elif kind == "index_missing_shard":
+        (d / "model.safetensors.index.json").write_text(json.dumps(
+            {"metadata": {}, "weight_map": {"lm_head.weight": "model-00001-of-00002.safetensors"}}))
+    return d
+
+
+MODEL_CASES = [("missing", "does not exist"), ("empty", "no config.json"), ("config_only", "no *.safetensors"),
+               ("no_tokenizer", "no tokenizer"), ("pickle_only", "safetensors only"),
+               ("malformed_config", "not valid JSON"), ("empty_config", "not a JSON object"),
+               ("config_without_dims", "hidden_size"), ("index_missing_shard", "missing")]
+
+
+@pytest.mark.parametrize("case", MODEL_CASES, ids=[c[0] for c in MODEL_CASES])
+def test_bad_model_folder(case, tiny_model_dir, tmp_path, capsys, no_model_load):
+    """Model folders are checked before any load: config, dimensions, safetensors weights, tokenizer."""
+    kind, words = case
+    data, run_dir = _base_config(tmp_path, tiny_model_dir)
+    _set(data, "model.name_or_path", str(_model_folder_variant(kind, tiny_model_dir, tmp_path)))
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(yaml.safe_dump(data, sort_keys=False))
+    msg = _run_expect_error(cfg, run_dir, capsys)
+    assert re.search(r"bad\.yaml:\d+: field 'model\.name_or_path'", msg) and words in msg, msg
+
+
+def test_numeric_string_in_a_training_section_is_converted(tiny_model_dir, tmp_path, capsys, no_model_load):
+    """``learning_rate: 3e-4`` (PyYAML reads it as a string) and ``max_steps: "16"`` become numbers in the plan and
+    in what the stage builds."""
+    from trl import SFTConfig
+
+    from stages.common import build_training_args
+    from stages.config import load_config
+    from stages.pipeline import main
+
+    data, run_dir = _base_config(tmp_path, tiny_model_dir)
+    cfg_path = tmp_path / "ok.yaml"
+    text = yaml.safe_dump(data, sort_keys=False).replace("learning_rate: 0.001", "learning_rate: 3e-4")
+    cfg_path.write_text(text.replace("max_steps: 4", "max_steps: '16'"))
+    assert yaml.safe_load(cfg_path.read_text())["sft"]["training"]["learning_rate"] == "3e-4"
+    assert main(["--config", str(cfg_path), "--dry-run"]) == 0, capsys.readouterr().err
+    args = build_training_args(SFTConfig, load_config(cfg_path), "sft", tmp_path / "ck")
+    assert args.learning_rate == 3e-4 and args.max_steps == 16
+
+
+YAML_CASES = [
+    ("duplicate_key", lambda t: t.replace("seed: 0\n", "seed: 0\nseed: 1\n"), "duplicate key"),
+    ("recursive_alias", lambda t: t + "loop: &loop [*loop]\n", "recursive alias"),
+    ("billion_laughs", lambda t: t + "\n".join(
+        ["l0: &l0 [x, x, x, x, x, x, x, x, x]"]
+        + [f"l{i}: &l{i} [" + ", ".join([f"*l{i - 1}"] * 9) + "]" for i in range(1, 10)]) + "\n", "expands to more"),
+    ("too_large", lambda t: t + "# " + "x" * (1 << 20) + "\n", "at most"),
+]
+
+
+@pytest.mark.parametrize("case", YAML_CASES, ids=[c[0] for c in YAML_CASES])
+def test_hostile_yaml_is_bounded(case, tiny_model_dir, tmp_path, capsys, no_model_load):
+    """Duplicate keys, recursive aliases, alias bombs and oversized files: one located error, quickly."""
+    import time
+
+    _, mutate, words = case
+    data, run_dir = _base_config(tmp_path, tiny_model_dir)
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(mutate(yaml.safe_dump(data, sort_keys=False)))
+    t0 = time.time()
+    msg = _run_expect_error(cfg, run_dir, capsys)
+    assert time.time() - t0 < 10 and words in msg and "bad.yaml" in msg, msg
+
+
+@pytest.mark.parametrize("kind", ["not_gzip", "truncated"])
+def test_broken_gzip_data_file(kind, tiny_model_dir, tmp_path, capsys, no_model_load):
+    import gzip
+
+    data, run_dir = _base_config(tmp_path, tiny_model_dir)
+    gz = tmp_path / "sft.jsonl.gz"
+    rows = (REPO / "data_builders" / "seed" / "sft_seed.jsonl").read_bytes()
+    gz.write_bytes(b"plain text, not gzip\n" if kind == "not_gzip" else gzip.compress(rows)[:200])
+    _set(data, "sft.data", [{"path": str(gz)}])
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(yaml.safe_dump(data, sort_keys=False))
+    msg = _run_expect_error(cfg, run_dir, capsys)
+    assert re.search(r"sft\.jsonl\.gz:\d+: cannot decompress", msg), msg
+
+
+@pytest.mark.parametrize("argv,words", [(["--from-stage", "bogus"], "invalid choice"),
+                                        (["--dryrun"], "unrecognized arguments"),
+                                        (["--launcher"], "expected one argument")])
+def test_command_line_errors_use_the_project_format(argv, words, tiny_model_dir, tmp_path, capsys, no_model_load):
+    data, run_dir = _base_config(tmp_path, tiny_model_dir)
+    cfg = tmp_path / "ok.yaml"
+    cfg.write_text(yaml.safe_dump(data, sort_keys=False))
+    msg = _run_expect_error(cfg, run_dir, capsys, argv)
+    assert msg.startswith("error: command line: ") and words in msg and "usage:" not in capsys.readouterr().err
+
+
+def test_overrides_are_accepted_on_both_sides_of_a_flag(tiny_model_dir, tmp_path, capsys, no_model_load):
+    from stages.pipeline import main
+
+    data, _ = _base_config(tmp_path, tiny_model_dir)
+    cfg = tmp_path / "ok.yaml"
+    cfg.write_text(yaml.safe_dump(data, sort_keys=False))
+    rc = main(["--config", str(cfg), "run_name=x", "--from-stage", "causal", "causal.training.max_steps=40",
+               "--dry-run"])
+    assert rc == 0, capsys.readouterr().err
+    rc = main(["--config", str(cfg), "causal.training.max_steps=0", "--dry-run", "run_name=x"])
+    assert rc == 2 and "causal.training.max_steps" in capsys.readouterr().err
+
+
 def test_device_memory_contradicted_by_comment(tiny_model_dir, tmp_path, capsys, no_model_load):
     data, run_dir = _base_config(tmp_path, tiny_model_dir)
     text = yaml.safe_dump(data, sort_keys=False).replace(
@@ -243,7 +397,7 @@ def test_corpus_covers_every_input_kind():
     kinds = {c[1].split(".")[0] + ":" + c[1].split(".")[-1] for c in DATA_CASES}
     assert {"sft:data", "dpo:prompts", "dpo:constitution", "causal:triplets_file", "causal:tasks",
             "causal:train_attacks", "causal:eval_attacks", "evaluate:eval_file"} <= kinds
-    assert len(DATA_CASES) + len(CONFIG_CASES) + 3 >= 30
+    assert len(DATA_CASES) + len(CONFIG_CASES) + len(MODEL_CASES) + len(YAML_CASES) + 3 >= 60
     shipped = {p.name for p in BAD.iterdir()}
     used = {Path(c[2] if isinstance(c[2], str) else c[2][0]["path"]).name for c in DATA_CASES if not callable(c[2])}
     assert shipped <= used, f"corpus files no case uses: {shipped - used}"

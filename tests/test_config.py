@@ -127,3 +127,23 @@ def test_shipped_configs_load():
             assert cfg.model.chat_template == "zephyr", p
     finally:
         sc.cuda_available = real
+
+
+def test_override_indexes_lists_and_aliases_are_not_shared(tmp_path):
+    """``sft.data.0.path=…`` sets the list item; an override of an aliased section changes that section only; a
+    key given twice is refused with both lines."""
+    from stages.config import ConfigError, apply_overrides, load_yaml_bounded
+
+    data = {"sft": {"data": [{"path": "a.jsonl"}, {"path": "b.jsonl"}]}}
+    assert apply_overrides(data, ["sft.data.1.path=c.jsonl"]) == ["sft.data.1.path"]
+    assert data["sft"]["data"] == [{"path": "a.jsonl"}, {"path": "c.jsonl"}]
+    with pytest.raises(ConfigError, match="list of 2 item"):
+        apply_overrides(data, ["sft.data.2.path=x"])
+    with pytest.raises(ConfigError, match="empty part"):
+        apply_overrides(data, ["sft..path=x"])
+    loaded, lines = load_yaml_bounded("sft:\n  training: &t {max_steps: 4}\ndpo:\n  training: *t\n", "c.yaml")
+    apply_overrides(loaded, ["sft.training.max_steps=9"])
+    assert loaded["sft"]["training"]["max_steps"] == 9 and loaded["dpo"]["training"]["max_steps"] == 4
+    assert lines["dpo.training"] == 4
+    with pytest.raises(ConfigError, match=r"c\.yaml:3: field 'a\.b': duplicate key \(first given on line 2\)"):
+        load_yaml_bounded("a:\n  b: 1\n  b: 2\n", "c.yaml")
