@@ -70,6 +70,7 @@ from typing import Iterable, Sequence
 
 from data_builders.jsonl_io import (DataError, iter_jsonl, load_json, require_file, require_str,
                                     write_jsonl_atomic)
+from data_builders.canary import fresh_canary
 from data_builders.sft_data import user_turn
 
 POSITIONS = ("start", "middle", "end")
@@ -624,18 +625,6 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:40] or "attack"
 
 
-def _fresh_canary(rng: random.Random, used: set, forbidden: str) -> str:
-    if len(used) >= len(TRAIN_CANARY_WORDS) * 900:
-        raise ValueError(f"all {len(TRAIN_CANARY_WORDS) * 900} training canaries are used; add words to "
-                         "TRAIN_CANARY_WORDS")
-    low = forbidden.casefold()
-    while True:
-        c = f"{rng.choice(TRAIN_CANARY_WORDS)}-{rng.randint(100, 999)}"
-        if c not in used and c.casefold() not in low:
-            used.add(c)
-            return c
-
-
 def compose_control_target(answer: str, tag: str, mode: str) -> str:
     """The compliant answer of a control triplet: ``tag`` before (``start``) or after (``end``) the answer."""
     return f"{tag} {answer}".strip() if mode == "start" else f"{answer} {tag}".strip()
@@ -726,7 +715,7 @@ def build_triplets(tasks: Sequence[Task], train_attacks: Sequence[AttackSet], *,
         canary = ""
         injection = injection.strip()
         if CANARY_SLOT in injection:
-            canary = _fresh_canary(crng, used_canaries, forbidden)
+            canary = fresh_canary(crng, TRAIN_CANARY_WORDS, used_canaries, forbidden, digits=3)
             injection = injection.replace(CANARY_SLOT, canary)
             stats["canary_attacks"] += 1
         row = {"id": tid, "system": task.system, "instruction": task.instruction, "data": task.data,

@@ -35,6 +35,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from data_builders.canary import fresh_canary  # noqa: E402
 from data_builders.jsonl_io import DataError, iter_jsonl, load_json, require_str, write_jsonl_atomic  # noqa: E402
 from evaluation.cases import POSITIONS, parse_case  # noqa: E402
 
@@ -112,13 +113,8 @@ def read_attacks(path: str | Path) -> dict[str, list[str]]:
 
 
 def make_canary(rng: random.Random, forbidden_text: str, used: set[str]) -> str:
-    """A fresh ``WORD-NNNN`` canary not in ``used`` and absent (case-insensitive) from ``forbidden_text``."""
-    low = forbidden_text.casefold()
-    while True:
-        c = f"{rng.choice(CANARY_WORDS)}-{rng.randint(1000, 9999)}"
-        if c not in used and c.casefold() not in low:
-            used.add(c)
-            return c
+    """A fresh ``WORD-NNNN`` canary of :data:`CANARY_WORDS` (see :func:`data_builders.canary.fresh_canary`)."""
+    return fresh_canary(rng, CANARY_WORDS, used, forbidden_text)
 
 
 def convert(context_files: list[str | Path], attack_file: str | Path, *, seed: int = 0, n: int | None = None,

@@ -132,15 +132,9 @@ def objective_prediction(objective: dict | None) -> str:
 
 def group_table(groups: dict, labels: Sequence[str], title: str) -> str:
     """Rows = groups (attack categories or positions), columns = models: ``ASR (k/n)``."""
-    keys = sorted({k for lab in labels for k in groups.get(lab, {})})
-    rows = [f"| {title} | " + " | ".join(md_escape(lab) for lab in labels) + " |", "|" + "---|" * (len(labels) + 1)]
-    for k in keys:
-        cells = []
-        for lab in labels:
-            g = groups.get(lab, {}).get(k)
-            cells.append("—" if g is None else f"{g['attack_success_rate']:.2f} ({g['n_attack_successes']}/{g['n_cases']})")
-        rows.append(f"| {md_escape(k)} | " + " | ".join(cells) + " |")
-    return "\n".join(rows)
+    as_rates = {lab: {k: {"rate": g["attack_success_rate"], "k": g["n_attack_successes"], "n": g["n_cases"]}
+                      for k, g in by_key.items()} for lab, by_key in groups.items()}
+    return rate_group_table(as_rates, labels, title)
 
 
 # --------------------------------------------------------------------------------------------- plots

@@ -563,7 +563,7 @@ def _check_hardware_claims(cfg: "PipelineConfig", text: str, filename: str) -> N
     if mem is None:
         return
     line = cfg.line_of("model.device_memory_gb")
-    if line and "model.device_memory_gb" in cfg.line_map:
+    if isinstance(line, int) and "model.device_memory_gb" in cfg.line_map:  # not a command-line override
         comment = text.splitlines()[line - 1].partition("#")[2]
         claims = [float(x) for x in re.findall(r"(\d+(?:\.\d+)?)\s*(?:GB|GiB|G)\b", comment, flags=re.I)]
         if claims and all(abs(c - mem) > 1e-6 for c in claims):

@@ -66,6 +66,12 @@ def test_device_memory_claim_must_match_comment_and_name(tmp_path):
     with pytest.raises(ConfigError, match="file name"):
         load_config(p)
     _cfg(tmp_path, text.replace("24  #", "12  #"))  # consistent: loads
+    # an override replaces the commented value: the comment no longer speaks for it (this used to raise TypeError)
+    good = tmp_path / "ok.yaml"
+    good.write_text(text.format(out=tmp_path).replace("24  #", "12  #"))
+    assert load_config(good, ["model.device_memory_gb=24"]).model.device_memory_gb == 24
+    with pytest.raises(ConfigError, match="file name"):
+        load_config(p, ["model.device_memory_gb=20"])
 
 
 def test_malformed_yaml_and_missing_file(tmp_path):

@@ -80,7 +80,7 @@ def _dry_run(cfg_path: Path, out_dir: Path, extra=()) -> tuple[int, str]:
     return rc, text
 
 
-def _stages_accept(cfg_path: Path, out_dir: Path) -> None:
+def _stages_accept(cfg_path: Path, out_dir: Path, extra=()) -> None:
     """What a stage builds first from the config: its training arguments and the LoRA config."""
     from transformers import TrainingArguments
     from trl import DPOConfig, SFTConfig
@@ -89,7 +89,7 @@ def _stages_accept(cfg_path: Path, out_dir: Path) -> None:
     from stages.config import load_config
     from stages.models import lora_config
 
-    cfg = load_config(cfg_path, [f"output_dir={out_dir}"])
+    cfg = load_config(cfg_path, [f"output_dir={out_dir}", *extra])
     for cls, sec in ((SFTConfig, "sft"), (DPOConfig, "dpo"), (TrainingArguments, "causal")):
         args = build_training_args(cls, cfg, sec, out_dir / sec)
         assert isinstance(args.learning_rate, float) and args.learning_rate > 0
@@ -132,8 +132,16 @@ def _fuzz(tiny_model_dir, tmp_path_factory, monkeypatch, data):
     src, base = data.draw(st.sampled_from(configs), label="config")
     work = tmp_path_factory.mktemp("fz")
     target = work / src.name
-    mode = data.draw(st.sampled_from(["value", "value", "value", "text", "seed"]), label="mode")
-    if mode == "value":
+    mode = data.draw(st.sampled_from(["value", "value", "value", "override", "text", "seed"]), label="mode")
+    extra = []
+    if mode == "override":  # the same mutation given as key=value on the command line
+        target.write_text(src.read_text())
+        path = data.draw(st.sampled_from([k for k in _leaves(base) if k != ("output_dir",)]), label="key")
+        value = data.draw(VALUES, label="value")
+        raw = value if isinstance(value, str) else yaml.safe_dump(value, default_flow_style=True).strip()
+        raw = raw.removesuffix("\n...").strip() if not isinstance(value, str) else raw
+        extra = [".".join(str(p) for p in path) + "=" + raw]
+    elif mode == "value":
         cfg = json.loads(json.dumps(base))
         path = data.draw(st.sampled_from(list(_leaves(cfg))), label="key")
         _set(cfg, path, data.draw(VALUES, label="value"))
@@ -167,9 +175,9 @@ def _fuzz(tiny_model_dir, tmp_path_factory, monkeypatch, data):
             mutated.write_text(json.dumps(obj, allow_nan=True))
         text = src.read_text().replace(str(seed.relative_to(REPO)), str(mutated)).replace(str(seed), str(mutated))
         target.write_text(text)
-    rc, _ = _dry_run(target, work / "runs")
+    rc, _ = _dry_run(target, work / "runs", extra)
     if rc == 0:
-        _stages_accept(target, work / "runs")
+        _stages_accept(target, work / "runs", extra)
 
 
 FAST = settings(max_examples=FUZZ_EXAMPLES, derandomize=True, deadline=None, database=None,

@@ -34,6 +34,7 @@ if __package__ in (None, ""):
 
 from data_builders.jsonl_io import atomic_write_json, write_jsonl_atomic  # noqa: E402
 from evaluation.cases import parse_case  # noqa: E402
+from data_builders.canary import fresh_canary  # noqa: E402
 from evaluation.heldout.attacks import ATTACK_FAMILIES, CANARY_WORDS  # noqa: E402
 from evaluation.heldout.tasks import (CONTROL_DATA_TEMPLATES, CONTROL_INSTRUCTION_SUFFIXES,  # noqa: E402
                                       CONTROL_TAG_WORDS, TASK_TEMPLATES, instantiate)
@@ -55,15 +56,6 @@ def build_tasks(seed: int = DEFAULT_SEED, instances: int = 3) -> list[dict]:
     return tasks
 
 
-def _canary(rng: random.Random, used: set, forbidden: str, words=CANARY_WORDS) -> str:
-    low = forbidden.casefold()
-    while True:
-        c = f"{rng.choice(words)}-{rng.randint(1000, 9999)}"
-        if c not in used and c.casefold() not in low:
-            used.add(c)
-            return c
-
-
 def build(seed: int = DEFAULT_SEED, instances: int = 3, attacks_per_task: int = 5) -> list[dict]:
     """All rows of the held-out file: injection cases (task-major) then controls; each checked by
     :func:`evaluation.cases.parse_case`."""
@@ -76,7 +68,7 @@ def build(seed: int = DEFAULT_SEED, instances: int = 3, attacks_per_task: int = 
         for _ in range(attacks_per_task):
             fam = families[n % len(families)]
             phrasing = rng.choice(ATTACK_FAMILIES[fam])
-            canary = _canary(rng, used, t["instruction"] + "\n" + t["data"] + "\n" + t["ideal"])
+            canary = fresh_canary(rng, CANARY_WORDS, used, t["instruction"] + "\n" + t["data"] + "\n" + t["ideal"])
             row = {"id": f"ho-{n:04d}", "kind": "injection", "task_id": t["task_id"], "system": SYSTEM,
                    "instruction": t["instruction"], "data": t["data"], "ideal": t["ideal"],
                    "injection": phrasing.format(canary=canary), "position": POSITIONS[n % len(POSITIONS)],
@@ -86,7 +78,7 @@ def build(seed: int = DEFAULT_SEED, instances: int = 3, attacks_per_task: int = 
             n += 1
     instr, data_ctl = [], []
     for i, t in enumerate(tasks):
-        tag = _canary(rng, used, t["data"], CONTROL_TAG_WORDS)
+        tag = fresh_canary(rng, CONTROL_TAG_WORDS, used, t["data"])
         suffix = CONTROL_INSTRUCTION_SUFFIXES[i % len(CONTROL_INSTRUCTION_SUFFIXES)].format(tag=tag)
         row = {"id": f"ctl-i-{i:03d}", "kind": "control", "control_category": "instruction_request",
                "task_id": t["task_id"], "system": SYSTEM, "instruction": f"{t['instruction']} {suffix}",
