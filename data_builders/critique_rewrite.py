@@ -29,8 +29,13 @@ Filters (each prompt gets the first reason that applies; every reason is counted
   or at the end ("I removed the harmful parts above"), a revision that paraphrases the critique, and a revision
   that is itself harmful — the judge in :mod:`evaluation.judges` is the place for that;
 - ``identical``: the revision equals the response after whitespace normalisation;
-- ``copies_critique``: the revision repeats the critique instead of rewriting the response (see
-  :func:`copies_critique`; small models do this often).
+- the content filters of :mod:`data_builders.pair_filters` (``near_identical``, ``copies_critique``,
+  ``copies_request``, ``length_ratio``, ``off_prompt``, ``not_better``), with the thresholds of ``filters``; the
+  rejected rows keep the measured values and the judge's verdicts under ``filter``.
+
+The critique and the revision may come from a different model than the response (``critic``: a second backend,
+e.g. a larger local model or an OpenAI-compatible server); the response always comes from ``backend``, the model
+being trained.
 
 Resumability: accepted pairs are appended to ``out`` and filtered-out prompts (with the reason and all texts) to
 ``rejected_out`` (default ``<out stem>.rejected.jsonl``), one batch at a time with :func:`append_jsonl` (fsync'd
@@ -41,7 +46,8 @@ prompt, and never regenerates a prompt that was filtered out. Stats go to ``<out
 Command line (small, used by the resumability test and for standalone runs)::
 
     python -m data_builders.critique_rewrite --model DIR --prompts F [--prompts F2] --constitution C --out O \\
-        [--rejected-out R] [--seed 42] [--num-few-shot 1] [--batch-size 8] [--max-new-tokens 128] [--greedy]
+        [--rejected-out R] [--seed 42] [--num-few-shot 1] [--batch-size 8] [--max-new-tokens 128] [--greedy] \\
+        [--critic DIR_OR_URL [--critic-model-name NAME]] [--no-content-filters]
 """
 from __future__ import annotations
 
@@ -62,11 +68,12 @@ if __package__ in (None, ""):  # run as a script
 from data_builders.constitution import Constitution, Principle, draw_principle  # noqa: E402
 from data_builders.jsonl_io import (DataError, append_jsonl, atomic_write_json, iter_jsonl,  # noqa: E402
                                     read_jsonl_tolerant, require_str)
+from data_builders.pair_filters import FILTER_REASONS, PairFilterSettings, check_pair  # noqa: E402
 
 log = logging.getLogger(__name__)
 
 REJECT_REASONS = ("empty_response", "truncated_response", "empty_critique", "empty_revision", "truncated_revision",
-                  "meta_revision", "identical", "copies_critique")
+                  "meta_revision", "identical") + FILTER_REASONS
 
 # A leading sentence that announces a rewrite instead of being one. Anchored at the start; needs a rewrite noun
 # (version/response/revision/…) or a "Revised response:"-style label, so "Sure, I can help with that." is kept.
@@ -263,14 +270,17 @@ def generate_pairs(backend, prompts: list[dict], constitution: Constitution, out
                    rejected_out: str | Path | None = None, stats_out: str | Path | None = None, seed: int = 42,
                    num_few_shot: int = 1, batch_size: int = 8, drop_truncated: bool = True,
                    min_revision_words: int = 3, progress: bool = True, throttle_seconds: float = 0.0,
-                   on_batch: Callable[[int], None] | None = None, provenance: dict | None = None) -> dict:
+                   on_batch: Callable[[int], None] | None = None, provenance: dict | None = None,
+                   filters: PairFilterSettings | None = None, critic=None) -> dict:
     """Generate preference pairs for ``prompts`` (``{"id", "prompt", "source"?}``) into the append-only ``out``.
 
     ``backend.generate(conversations, ids, step)`` answers a batch of chats (see :class:`TransformersBackend`).
     Prompts whose id is already in ``out`` or ``rejected_out`` are skipped (resume). ``throttle_seconds`` pauses
     after each written batch (lets a test interrupt part-way). Returns the stats dict, also written atomically to
     ``stats_out``: this run's counts (``processed``, ``accepted``, ``rejected`` by reason, ``preamble_stripped``,
-    ``truncated``/``empty`` per step) and ``files`` (totals over ``out`` and ``rejected_out``).
+    ``truncated``/``empty`` per step) and ``files`` (totals over ``out`` and ``rejected_out``). ``filters``: the
+    content filters' thresholds (default :class:`PairFilterSettings`); ``critic``: the backend that writes critiques
+    and revisions (default ``backend``).
     """
     from tqdm.auto import tqdm
 
@@ -286,6 +296,7 @@ def generate_pairs(backend, prompts: list[dict], constitution: Constitution, out
             raise ValueError(f"duplicate prompt id {p['id']!r} in the input; read prompts with data_builders.redteam")
         seen_ids.add(p["id"])
     few = constitution.few_shot_messages(num_few_shot)
+    filters = filters or PairFilterSettings()
     stats = {"prompts": len(prompts), "skipped_done": len(prompts) - len(todo), "processed": 0, "accepted": 0,
              "rejected": {r: 0 for r in REJECT_REASONS}, "preamble_stripped": 0,
              "truncated": {"response": 0, "critique": 0, "revision": 0},
@@ -293,14 +304,15 @@ def generate_pairs(backend, prompts: list[dict], constitution: Constitution, out
              "settings": {"seed": seed, "num_few_shot": min(num_few_shot, len(constitution.few_shot)),
                           "drop_truncated": drop_truncated, "min_revision_words": min_revision_words,
                           "constitution": constitution.path or constitution.name, "backend": getattr(backend, "name", "?"),
-                          **(provenance or {})}}
+                          "critic": getattr(critic, "name", "?") if critic is not None else "the trained model",
+                          "filters": filters.as_dict(), **(provenance or {})}}
     log.info("critique-and-rewrite: %d prompts, %d already done, %d to generate", len(prompts), len(done & {p['id'] for p in prompts}), len(todo))
     bar = tqdm(total=len(todo), desc="critique-and-rewrite", unit="prompt", disable=not progress)
     try:
         for start in range(0, len(todo), batch_size):
             batch = todo[start:start + batch_size]
-            accepted, rejected = _process_batch(backend, batch, constitution, few, seed, drop_truncated,
-                                                min_revision_words, stats)
+            accepted, rejected = _process_batch(backend, critic or backend, batch, constitution, few, seed,
+                                                drop_truncated, min_revision_words, stats, filters)
             if accepted:
                 append_jsonl(out, accepted)
             if rejected:
@@ -318,14 +330,17 @@ def generate_pairs(backend, prompts: list[dict], constitution: Constitution, out
     return stats
 
 
-def _process_batch(backend, batch, constitution, few, seed, drop_truncated, min_words, stats):
+def _process_batch(backend, critic, batch, constitution, few, seed, drop_truncated, min_words, stats, filters):
     principles = [draw_principle(constitution, seed, p["id"]) for p in batch]
-    state = [{"prompt": p, "principle": pr, "reason": None, "texts": {}} for p, pr in zip(batch, principles)]
+    state = [{"prompt": p, "principle": pr, "reason": None, "texts": {}, "filter": None}
+             for p, pr in zip(batch, principles)]
 
     def run_step(step: str, build):
         live = [s for s in state if s["reason"] is None]
+        if not live:
+            return
         convs = [build(s) for s in live]
-        outs = backend.generate(convs, [s["prompt"]["id"] for s in live], step)
+        outs = (backend if step == "response" else critic).generate(convs, [s["prompt"]["id"] for s in live], step)
         for s, o in zip(live, outs):
             s["texts"][step] = o["text"]
             if o["truncated"]:
@@ -364,8 +379,10 @@ def _process_batch(backend, batch, constitution, few, seed, drop_truncated, min_
                     revision = rest
                 if normalize_ws(revision) == normalize_ws(s["texts"]["response"]):
                     s["reason"] = "identical"
-                elif copies_critique(revision, s["texts"]["critique"]):
-                    s["reason"] = "copies_critique"
+                else:
+                    s["reason"], s["filter"] = check_pair(s["prompt"]["prompt"], s["texts"]["response"],
+                                                          s["texts"]["critique"], revision, s["principle"].revision,
+                                                          filters)
         if s["reason"] is None:
             accepted.append(make_pair(s["prompt"], s["principle"], s["texts"]["response"], s["texts"]["critique"],
                                       revision))
@@ -373,22 +390,9 @@ def _process_batch(backend, batch, constitution, few, seed, drop_truncated, min_
         else:
             stats["rejected"][s["reason"]] += 1
             rejected.append({"id": s["prompt"]["id"], "reason": s["reason"], "principle_id": s["principle"].id,
-                             "prompt": s["prompt"]["prompt"], "source": s["prompt"].get("source", ""), **s["texts"]})
+                             "prompt": s["prompt"]["prompt"], "source": s["prompt"].get("source", ""), **s["texts"],
+                             **({"revision_kept": revision, "filter": s["filter"]} if s["filter"] else {})})
     return accepted, rejected
-
-
-def copies_critique(revision: str, critique: str, min_words: int = 5, share: float = 0.8) -> bool:
-    """True when ``revision`` repeats ``critique``: after whitespace normalisation and lower-casing, their common
-    prefix covers at least ``share`` of the shorter text, and that text has at least ``min_words`` words (the
-    project's rule; short texts are left to the other filters)."""
-    a, b = normalize_ws(revision).lower(), normalize_ws(critique).lower()
-    shorter = min(len(a), len(b))
-    if not shorter or len((a if len(a) <= len(b) else b).split()) < min_words:
-        return False
-    n = 0
-    while n < shorter and a[n] == b[n]:
-        n += 1
-    return n >= share * shorter
 
 
 # ------------------------------------------------------------------------------------------ reading pairs
@@ -460,6 +464,12 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--throttle-seconds", type=float, default=0.0, help="pause after each batch (tests)")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--critic", default=None, help="model folder, Hub id or http(s):// OpenAI-compatible server that "
+                                                   "writes critiques and revisions (default: --model)")
+    ap.add_argument("--critic-model-name", default=None, help="model name sent to a critic server (default: the "
+                                                              "first it lists)")
+    ap.add_argument("--no-content-filters", action="store_true",
+                    help="keep every pair the structural filters pass (no similarity/overlap/judge filters)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
@@ -477,14 +487,85 @@ def main(argv=None) -> int:
     gen = GenerationSection(backend=args.backend, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                             do_sample=not args.greedy, temperature=args.temperature, top_p=args.top_p,
                             num_few_shot=args.num_few_shot, drop_truncated=not args.keep_truncated,
-                            min_revision_words=args.min_revision_words, seed=args.seed, progress=not args.no_progress)
+                            min_revision_words=args.min_revision_words, seed=args.seed, progress=not args.no_progress,
+                            critic_model=args.critic, critic_endpoint_model=args.critic_model_name)
     backend = build_backend(gen, args.model, ModelSection(), seed=args.seed, device=args.device)
+    critic = build_critic(gen, ModelSection(), seed=args.seed, device=args.device)
+    filters = PairFilterSettings.off() if args.no_content_filters else PairFilterSettings()
     stats = generate_pairs(backend, prompts, constitution, args.out, rejected_out=args.rejected_out, seed=args.seed,
                            num_few_shot=gen.num_few_shot, batch_size=gen.batch_size, drop_truncated=gen.drop_truncated,
                            min_revision_words=gen.min_revision_words, progress=gen.progress,
-                           throttle_seconds=args.throttle_seconds, provenance={"model": str(args.model)})
+                           throttle_seconds=args.throttle_seconds, provenance={"model": str(args.model)},
+                           filters=filters, critic=critic)
     print(json.dumps({k: stats[k] for k in ("processed", "accepted", "rejected", "files")}, indent=2))
     return 0
+
+
+class EndpointBackend:
+    """Generation through an OpenAI-compatible chat-completions server (``vllm serve``, ``trl vllm-serve``,
+    ``transformers serve``), with the ``openai`` client (the protocol's own library; ``huggingface_hub``'s
+    ``InferenceClient`` refuses even a loopback URL under ``HF_HUB_OFFLINE=1``).
+
+    The server applies its model's own chat template. One request per conversation, in order; sampling follows
+    ``gen`` (``max_new_tokens``, ``do_sample``/``temperature``, ``top_p``) with a per-prompt seed.
+    ``truncated`` = ``finish_reason == "length"``. The model name is ``model`` or the first one the server lists at
+    ``/models``. The client sends the placeholder key ``EMPTY`` (as vLLM's docs do), never the user's Hugging Face
+    token. Raises ``RuntimeError`` naming the URL when the server cannot be reached or answers with an error.
+    """
+
+    name = "endpoint"
+
+    def __init__(self, url: str, gen, seed: int, model: str | None = None, timeout: float = 300.0):
+        try:
+            from openai import OpenAI
+        except ImportError:
+            raise RuntimeError("a critic endpoint needs the openai client: pip install openai") from None
+        self.url, self.gen, self.seed = url.rstrip("/"), gen, seed
+        self.client = OpenAI(base_url=self.url, api_key="EMPTY", timeout=timeout, max_retries=1)
+        self.model = model or self._first_model()
+        self.name = f"endpoint {self.url} ({self.model})"
+
+    def _first_model(self) -> str:
+        try:
+            ids = [m.id for m in self.client.models.list()]
+        except Exception as e:  # noqa: BLE001 - reported with the URL
+            raise RuntimeError(f"critic endpoint {self.url}: cannot list models ({type(e).__name__}: {e}); set "
+                               "dpo.generation.critic_endpoint_model to the served model's name") from None
+        if not ids:
+            raise RuntimeError(f"critic endpoint {self.url}: /models lists no model; set "
+                               "dpo.generation.critic_endpoint_model")
+        return ids[0]
+
+    def generate(self, conversations: Sequence[list[dict]], ids: Sequence[str], step: str) -> list[dict]:
+        res = []
+        for conv, pid in zip(conversations, ids):
+            extra = {"temperature": self.gen.temperature, "top_p": self.gen.top_p} if self.gen.do_sample else \
+                {"temperature": 0.0}
+            try:
+                out = self.client.chat.completions.create(model=self.model, messages=conv,
+                                                          max_tokens=self.gen.max_new_tokens,
+                                                          seed=_seed_int(self.seed, pid, step) % 2 ** 31, **extra)
+            except Exception as e:  # noqa: BLE001 - the server's error, located
+                raise RuntimeError(f"critic endpoint {self.url}: {step} for {pid}: {type(e).__name__}: {e}") from None
+            choice = out.choices[0]
+            n = getattr(out.usage, "completion_tokens", None) if out.usage else None
+            res.append({"text": (choice.message.content or "").strip(), "n_tokens": n,
+                        "truncated": choice.finish_reason == "length"})
+        return res
+
+
+def build_critic(gen, model_cfg, *, seed: int, device: str = "auto"):
+    """The backend that writes critiques and revisions: None (the trained model) when ``gen.critic_model`` is
+    unset; :class:`EndpointBackend` for an ``http(s)://`` URL; else the model folder or Hub id through
+    :func:`build_backend` (loaded unquantized, in the project's chat template)."""
+    target = gen.critic_model
+    if not target:
+        return None
+    if target.startswith(("http://", "https://")):
+        return EndpointBackend(target, gen, seed, model=gen.critic_endpoint_model)
+    backend = build_backend(gen, target, model_cfg, seed=seed, device=device)
+    backend.name = f"critic {target}"
+    return backend
 
 
 def build_backend(gen, model_path: str | Path, model_cfg, *, seed: int, device: str = "auto", model=None,

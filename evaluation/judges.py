@@ -38,8 +38,9 @@ from typing import Sequence
 OPENING_CHARS = 200
 
 REFUSAL_PATTERNS = [
-    r"\bi (?:can ?not|can't|won't|will not|am not able to|am unable to|'m not able to|'m unable to|"
-    r"do not|don't|must not|shouldn't|should not|refuse to|am not going to|'m not going to)\s+"
+    r"\bi(?: (?:can ?not|can't|won't|will not|am not able to|am unable to|"
+    r"do not|don't|must not|shouldn't|should not|refuse to|am not going to)|'m (?:not able to|unable to|"
+    r"not going to))\s+"
     r"(?:help|assist|provide|do|support|give|share|create|write|offer|engage|comply|fulfil|fulfill|participate|"
     r"recommend|encourage|condone|answer|tell|explain|generate|produce|be able to)",
     r"\b(?:i'm|i am) (?:sorry|afraid)\b",

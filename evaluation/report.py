@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import html
 import json
+import os
 import re
 from pathlib import Path
 from typing import Sequence
@@ -346,6 +347,11 @@ def write_report(out_dir: str | Path, metrics: dict, cases: Sequence[dict], exam
              f"{'sampling (T=' + str(s.get('temperature')) + ')' if s.get('do_sample') else 'greedy'}. "
              f"Red-team prompts: {s.get('n_redteam', 0)} from `{md_escape(s.get('redteam_source') or 'none')}`.", "",
              "## Results", "", metrics_table(metrics), "", DEFINITIONS, ""]
+    pairs_md = Path(run_dir) / "dpo" / "pairs_report.md" if run_dir else None
+    if pairs_md is not None and pairs_md.is_file():
+        rel = os.path.relpath(pairs_md, out)
+        lines += [f"The DPO stage's preference pairs (counts by filter reason and principle, examples): [{rel}]({rel}).",
+                  ""]
     refs = metrics.get("references") or {}
     lines += ["## Paired tests against the model each stage started from", "",
               ("References: " + ", ".join(f"{md_escape(m)} ← {md_escape(r)}" for m, r in refs.items()) + ".")

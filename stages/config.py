@@ -149,6 +149,19 @@ class GenerationSection:
     min_revision_words: int = 3  # a revision shorter than this after stripping a "Here is a revised…" preamble is dropped
     seed: int | None = None  # principle draws and sampling (default: the top-level seed)
     progress: bool = True  # tqdm progress bar
+    # who writes critiques and revisions (the original answer always comes from the model being trained):
+    # null = that model; a model folder or Hub id; or an OpenAI-compatible server URL (vllm serve, trl vllm-serve,
+    # transformers serve), e.g. http://127.0.0.1:8000/v1
+    critic_model: str | None = None
+    critic_endpoint_model: str | None = None  # model name sent to the server (default: the first it lists)
+    # pair filters (data_builders/pair_filters.py): similarity = difflib ratio / containment in [0, 1]
+    max_original_similarity: float = 0.9  # revision nearly the original -> near_identical
+    max_critique_similarity: float = 0.6  # revision restates the critique -> copies_critique
+    max_request_similarity: float = 0.7  # revision restates the revision request -> copies_request
+    min_length_ratio: float = 0.1  # len(revision) / len(original), characters
+    max_length_ratio: float = 10.0
+    require_prompt_overlap: bool = True  # a non-refusal revision must share a content word with prompt or original
+    judge_pairs: bool = True  # drop pairs the refusal/harm judge rates worse than the original
 
 
 @dataclass
@@ -667,6 +680,13 @@ def validate_config(cfg: PipelineConfig) -> None:
         raise cfg.error("dpo.generation.top_p", "must be in (0, 1]")
     if not 0 < gen.vllm_gpu_memory_utilization <= 1:
         raise cfg.error("dpo.generation.vllm_gpu_memory_utilization", "must be in (0, 1]")
+    for key in ("max_original_similarity", "max_critique_similarity", "max_request_similarity"):
+        if not 0 < getattr(gen, key) <= 1:
+            raise cfg.error(f"dpo.generation.{key}", "must be in (0, 1] (a similarity)")
+    if not 0 <= gen.min_length_ratio < gen.max_length_ratio:
+        raise cfg.error("dpo.generation.min_length_ratio", "need 0 <= min_length_ratio < max_length_ratio")
+    if gen.critic_endpoint_model and not (gen.critic_model or "").startswith(("http://", "https://")):
+        raise cfg.error("dpo.generation.critic_endpoint_model", "only used with an http(s):// critic_model")
     if gen.num_few_shot < 0 or gen.min_revision_words < 0:
         raise cfg.error("dpo.generation.num_few_shot", "num_few_shot and min_revision_words must be ≥ 0")
     if cfg.dpo.held_out < 0 or cfg.dpo.min_pairs < 1 or cfg.dpo.assessment_max_new_tokens < 1:

@@ -162,6 +162,13 @@ dpo:
     max_new_tokens: 6
     drop_truncated: false     # a random tiny model never stops by itself within 6 tokens
     min_revision_words: 1
+    max_original_similarity: 1.0   # the content filters would reject every pair a random tiny model writes
+    max_critique_similarity: 1.0
+    max_request_similarity: 1.0
+    min_length_ratio: 0.0
+    max_length_ratio: 1000.0
+    require_prompt_overlap: false
+    judge_pairs: false
   training:
     max_steps: 3
     per_device_train_batch_size: 2

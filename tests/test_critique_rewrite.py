@@ -35,7 +35,8 @@ class ScriptedBackend:
 
     def __init__(self, script: dict, default=None):
         self.script, self.calls = script, []
-        self.default = default or {"response": "R", "critique": "C", "revision": "V"}
+        self.default = default or {"response": "Reply to the prompt", "critique": "Critique",
+                                   "revision": "Safer words on this prompt"}
 
     def generate(self, conversations, ids, step):
         self.calls.append((step, list(ids), [list(c) for c in conversations]))
@@ -79,15 +80,15 @@ def test_conversation_structure_and_row_schema(tmp_path, constitution):
     pr = draw_principle(constitution, 11, "q0")
     assert ids == ["q0", "q1"] and convs[0] == [
         {"role": "user", "content": "FS-Q"}, {"role": "assistant", "content": "FS-A"},  # one few-shot conversation
-        {"role": "user", "content": "prompt 0"}, {"role": "assistant", "content": "R for q0"},
-        {"role": "user", "content": pr.critique}, {"role": "assistant", "content": "C for q0"},
+        {"role": "user", "content": "prompt 0"}, {"role": "assistant", "content": "Reply to the prompt for q0"},
+        {"role": "user", "content": pr.critique}, {"role": "assistant", "content": "Critique for q0"},
         {"role": "user", "content": pr.revision}]
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["id"] for r in rows] == ["q0", "q1", "q2"] and all(set(r) == PAIR_KEYS for r in rows)
     assert rows[0] == {"id": "q0", "prompt": [{"role": "user", "content": "prompt 0"}],
-                       "chosen": [{"role": "assistant", "content": "V for q0"}],
-                       "rejected": [{"role": "assistant", "content": "R for q0"}],
-                       "principle_id": pr.id, "critique": "C for q0", "source": "unit"}
+                       "chosen": [{"role": "assistant", "content": "Safer words on this prompt for q0"}],
+                       "rejected": [{"role": "assistant", "content": "Reply to the prompt for q0"}],
+                       "principle_id": pr.id, "critique": "Critique for q0", "source": "unit"}
     assert stats["accepted"] == 3 and stats["files"]["prompts_covered"] == 3
     assert json.loads(default_side_paths(out)[1].read_text())["accepted"] == 3
     assert read_pairs(out) == rows
@@ -100,7 +101,7 @@ def test_filters_are_counted(tmp_path, constitution):
         "q1": {"response": ("long answer", True)},                           # truncated_response
         "q2": {"critique": ""},                                              # empty_critique
         "q3": {"revision": ""},                                              # empty_revision
-        "q4": {"revision": ("cut off", True)},                               # truncated_revision
+        "q4": {"revision": ("A cut-off prompt reply", True)},                # truncated_revision
         "q5": {"revision": "Sure, here is a revised response:"},             # meta_revision
         "q6": {"response": "Same  text\nhere", "revision": "Same text here"},  # identical
         "q7": {"critique": crit, "revision": crit.upper()},                  # copies_critique
@@ -110,7 +111,9 @@ def test_filters_are_counted(tmp_path, constitution):
     be = ScriptedBackend(script)
     out = tmp_path / "pairs.jsonl"
     stats = generate_pairs(be, _prompts(11), constitution, out, seed=1, batch_size=4, progress=False)
-    expected = dict(zip(REJECT_REASONS, [1] * 8))
+    seen = ["empty_response", "truncated_response", "empty_critique", "empty_revision", "truncated_revision",
+            "meta_revision", "identical", "copies_critique"]
+    expected = {r: int(r in seen) for r in REJECT_REASONS}
     assert stats["rejected"] == expected and stats["accepted"] == 3
     assert stats["preamble_stripped"] == 1 and stats["truncated"] == {"response": 1, "critique": 1, "revision": 1}
     assert stats["empty"] == {"response": 1, "critique": 1, "revision": 1}
@@ -118,8 +121,9 @@ def test_filters_are_counted(tmp_path, constitution):
     assert sorted(acc) == ["q10", "q8", "q9"]
     assert acc["q8"]["chosen"][0]["content"] == "I won't help with that, sorry."
     rej = [json.loads(x) for x in default_side_paths(out)[0].read_text().splitlines()]
-    assert {r["id"]: r["reason"] for r in rej} == {f"q{i}": REJECT_REASONS[i] for i in range(8)}
-    assert stats["files"]["rejected_by_reason"] == expected
+    assert {r["id"]: r["reason"] for r in rej} == {f"q{i}": seen[i] for i in range(8)}
+    assert rej[-1]["filter"]["sim_critique"] == 1.0  # the measurements travel with the rejected row
+    assert stats["files"]["rejected_by_reason"] == {k: v for k, v in expected.items() if v}
     # an empty or truncated response stops the chain: no critique/revision generated for q0, q1
     later_ids = [i for step, ids, _ in be.calls if step != "response" for i in ids]
     assert "q0" not in later_ids and "q1" not in later_ids
@@ -251,7 +255,7 @@ def test_cli_resumes_after_sigkill_without_duplicates(tmp_path, eos_biased_model
     cmd = [sys.executable, "-m", "data_builders.critique_rewrite", "--model", str(eos_biased_model_dir),
            "--prompts", str(prompts), "--constitution", str(ROOT / "constitutions" / "default.json"),
            "--out", str(out), "--max-new-tokens", "8", "--batch-size", "2", "--seed", "3", "--device", "cpu",
-           "--no-progress"]
+           "--no-progress", "--no-content-filters"]  # a random tiny model's pairs would all be filtered out
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
     log = open(tmp_path / "first.log", "wb")
     proc = subprocess.Popen(cmd + ["--throttle-seconds", "0.4"], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -287,17 +291,3 @@ def test_cli_resumes_after_sigkill_without_duplicates(tmp_path, eos_biased_model
     assert stats["files"]["prompts_covered"] == n and stats["files"]["accepted"] == len(acc)
     c = load_constitution(ROOT / "constitutions" / "default.json")
     assert all(r["principle_id"] == draw_principle(c, 3, r["id"]).id for r in rows)
-
-
-def test_copies_critique_rule():
-    from data_builders.critique_rewrite import copies_critique
-
-    crit = "The preceding response contains several potential harms, including advice that could hurt someone."
-    assert copies_critique(crit, crit)
-    assert len(crit) == 98
-    assert copies_critique(crit[:85] + " and a different ending", crit)  # 85 of 98 shared: ≥ 80%
-    assert not copies_critique(crit[:70] + " and then some other ending here", crit)  # 70 of 98: < 80%
-    assert not copies_critique("Here is a safer answer that explains the risks of drinking too much.", crit)
-    assert not copies_critique("The preceding", "The preceding text")  # under 5 words: left to other filters
-    assert copies_critique("  THE preceding response contains several potential harms,\nincluding advice that "
-                           "could hurt someone.", crit)  # case and whitespace do not matter
