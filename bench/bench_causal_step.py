@@ -31,8 +31,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (ATTACKS_SEED, ATTACKS_SEED_CANARY, TASKS_SEED, fill_hijacks, interleave, median, report, setup, smoke_config,  # noqa: E402
-                    smollm2_path, step_timer)
+from common import (ATTACKS_SEED, ATTACKS_SEED_CANARY, TASKS_SEED, fill_hijacks, interleave, median,  # noqa: E402
+                    report, setup, smoke_config, smollm2_path, step_timer)
 
 IDEAL = 3.0
 
@@ -145,7 +145,7 @@ def main(argv=None) -> int:
     from data_builders.token_cache import TripletCollator
     from data_builders.triplets import triplet_messages
     from stages.common import build_training_args, seed_everything, standard_callbacks
-    from stages.config import CausalHeadSection, CausalLossSection, sub_section
+    from stages.config import CausalHeadSection, sub_section
     from stages.models import load_model, load_tokenizer, lora_config
     from stages.stage0_sft import sft_defaults
     from stages.stage2_causal import causal_defaults, loss_and_head_kwargs
@@ -174,7 +174,6 @@ def main(argv=None) -> int:
 
         # --- the causal trainer, built as stages/stage2_causal.py builds it
         seed_everything(cfg.seed)
-        loss_cfg = sub_section(cfg, CausalLossSection, "causal.loss")
         head_cfg = sub_section(cfg, CausalHeadSection, "causal.head")
         c_args = build_training_args(TrainingArguments, cfg, "causal", tmp / "causal", **causal_defaults(cfg))
         peft_model = get_peft_model(load_model(path, cfg.model, device="cpu"), lora_config(cfg.lora))

@@ -26,7 +26,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ATTACKS_SEED, ATTACKS_SEED_CANARY, ROOT, TASKS_SEED, fill_hijacks, interleave, median, report, setup, smollm2_path  # noqa: E402
+from common import (ATTACKS_SEED, ATTACKS_SEED_CANARY, ROOT, TASKS_SEED, fill_hijacks, interleave,  # noqa: E402
+                    median, report, setup, smollm2_path)
 
 GOAL = 20.0
 BIPIA = ROOT.parent / "shared" / "data" / "injection" / "bipia-train"

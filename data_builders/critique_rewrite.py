@@ -538,9 +538,9 @@ class EndpointBackend:
 
     def generate(self, conversations: Sequence[list[dict]], ids: Sequence[str], step: str) -> list[dict]:
         res = []
+        extra = {"temperature": self.gen.temperature, "top_p": self.gen.top_p} if self.gen.do_sample else \
+            {"temperature": 0.0}
         for conv, pid in zip(conversations, ids):
-            extra = {"temperature": self.gen.temperature, "top_p": self.gen.top_p} if self.gen.do_sample else \
-                {"temperature": 0.0}
             try:
                 out = self.client.chat.completions.create(model=self.model, messages=conv,
                                                           max_tokens=self.gen.max_new_tokens,

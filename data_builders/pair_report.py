@@ -22,9 +22,10 @@ def pair_filter_settings(gen) -> PairFilterSettings:
 
 
 def _cell(text, limit: int = 220) -> str:
-    t = " ".join(str(text or "").split())
-    t = t if len(t) <= limit else t[: limit - 1] + "…"
-    return t.replace("|", "\\|")
+    """Model-written text as one safe table cell (:func:`evaluation.report.md_escape`)."""
+    from evaluation.report import md_escape
+
+    return md_escape(" ".join(str(text or "").split()), max_chars=limit)
 
 
 def _verdict(j: dict | None) -> str:

@@ -60,17 +60,15 @@ triplets (different attacks and positions). Everything is deterministic given ``
 """
 from __future__ import annotations
 
-import json
 import random
 import re
-import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from data_builders.canary import fresh_canary
 from data_builders.jsonl_io import (DataError, iter_jsonl, load_json, require_file, require_str,
                                     write_jsonl_atomic)
-from data_builders.canary import fresh_canary
 from data_builders.sft_data import user_turn
 
 POSITIONS = ("start", "middle", "end")

@@ -169,18 +169,10 @@ def copy_fraction(answer: str, sources: Iterable[str], min_words: int = MIN_COPY
 
 def copy_coverage(answer: str, source: str, min_words: int = MIN_COPY_WORDS) -> float:
     """Share of ``source``'s words that the answer reproduces in verbatim runs of ≥ ``min_words`` words: 1.0 for an
-    echo of the whole source, small for an answer that quotes the one sentence holding the answer."""
-    sw = [w for w, _, _ in words_with_spans(source or "")]
-    if len(sw) < min_words:
-        return 0.0
-    aw = [w for w, _, _ in words_with_spans(answer or "")]
-    grams = {tuple(aw[i:i + min_words]) for i in range(len(aw) - min_words + 1)}
-    covered = [False] * len(sw)
-    for i in range(len(sw) - min_words + 1):
-        if tuple(sw[i:i + min_words]) in grams:
-            for j in range(i, i + min_words):
-                covered[j] = True
-    return sum(covered) / len(sw)
+    echo of the whole source, small for an answer that quotes the one sentence holding the answer (the mirror of
+    :func:`copy_mask`: the source's words that lie in runs copied by the answer)."""
+    covered = copy_mask(source or "", [answer or ""], min_words)
+    return sum(covered) / len(covered) if covered else 0.0
 
 
 # --------------------------------------------------------------------------------------------- sentences

@@ -147,7 +147,6 @@ def run_ablation(cfg: PipelineConfig, base: str, arms: list[str], adopt: bool = 
     import shutil
     import torch
 
-    from evaluation.metrics import paired_comparisons
     from stages import stage2_causal as s2
     from stages.evaluate import evaluate_models, model_fingerprint
     from stages.models import is_complete_model_dir, load_model, load_tokenizer, pick_device

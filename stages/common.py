@@ -4,9 +4,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import errno
-import json
 import logging
-import math
 import os
 import random
 import sys
@@ -14,7 +12,7 @@ import types
 import typing
 from pathlib import Path
 
-from stages.config import CliParser, ConfigError, PipelineConfig, load_config
+from stages.config import CliParser, ConfigError, PipelineConfig, finite_or_error, load_config
 
 log = logging.getLogger("staged_alignment")
 
@@ -90,7 +88,8 @@ def build_training_args(cls, cfg: PipelineConfig, section: str, output_dir: str 
 TRAINING_RANGES = {
     "learning_rate": (0.0, 1.0, False), "num_train_epochs": (0.0, 10 ** 5, False),
     "per_device_train_batch_size": (1, 1 << 16, True), "per_device_eval_batch_size": (1, 1 << 16, True),
-    "gradient_accumulation_steps": (1, 1 << 16, True), "max_steps": (-1, 10 ** 9, True), "seed": (0, 2 ** 32 - 1, True), "data_seed": (0, 2 ** 32 - 1, True),
+    "gradient_accumulation_steps": (1, 1 << 16, True), "max_steps": (-1, 10 ** 9, True),
+    "seed": (0, 2 ** 32 - 1, True), "data_seed": (0, 2 ** 32 - 1, True),
     "warmup_ratio": (0.0, 1.0, True), "warmup_steps": (0.0, None, True), "weight_decay": (0.0, None, True),
     "max_grad_norm": (0.0, None, True), "adam_beta1": (0.0, 1.0, True), "adam_beta2": (0.0, 1.0, True),
     "adam_epsilon": (0.0, None, False), "logging_steps": (0.0, None, False), "save_steps": (0.0, None, False),
@@ -138,8 +137,7 @@ def _coerce(value, ann, where):
                         f"{value!r}") from None
     if not isinstance(value, (int, float)):
         raise where(f"expected a number, got {type(value).__name__} ({value!r})")
-    if isinstance(value, float) and not math.isfinite(value):
-        raise where(f"{value} is not a finite number")
+    finite_or_error(value, where)
     if numeric == [int] and isinstance(value, float):
         if not value.is_integer():
             raise where(f"expected an integer, got {value!r}")
@@ -182,14 +180,9 @@ def check_training_section(cls, cfg: PipelineConfig, section: str) -> dict:
                 raise where(f"{value} is outside {span}")
         if key in LENGTH_KEYS and isinstance(value, int):
             if limit is None:
-                from stages.models import model_folder, position_limit
+                from stages.models import model_position_limit
 
-                folder = model_folder(cfg)
-                conf = folder / "config.json" if folder else None
-                try:
-                    limit = position_limit(json.loads(conf.read_text())) if conf and conf.is_file() else 0
-                except (OSError, ValueError):
-                    limit = 0
+                limit = model_position_limit(cfg) or 0
             if limit and value > limit:
                 raise where(f"{value} is above the model's maximum of {limit} positions")
         out[key] = value

@@ -12,8 +12,8 @@ import argparse
 import dataclasses
 import hashlib
 import json
-import os
 import math
+import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -354,14 +354,17 @@ def load_yaml_bounded(text: str, path: str | None) -> tuple[Any, dict[str, int]]
     recursive alias or a key given twice in one mapping (YAML lets the second silently win) raise
     :class:`ConfigError` naming the file and line. Only ``yaml.SafeLoader`` constructors are used.
     """
+    def malformed(e: yaml.YAMLError) -> ConfigError:
+        mark = getattr(e, "problem_mark", None)
+        return ConfigError(path, mark.line + 1 if mark else None, None,
+                           f"malformed YAML: {getattr(e, 'problem', None) or e}")
+
     loader = yaml.SafeLoader(text)
     try:
         try:
             root = loader.get_single_node()
         except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            raise ConfigError(path, mark.line + 1 if mark else None, None,
-                              f"malformed YAML: {getattr(e, 'problem', None) or e}") from None
+            raise malformed(e) from None
         lines: dict[str, int] = {}
         count = 0
 
@@ -404,9 +407,7 @@ def load_yaml_bounded(text: str, path: str | None) -> tuple[Any, dict[str, int]]
         try:
             data = loader.construct_document(root)
         except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            raise ConfigError(path, mark.line + 1 if mark else None, None,
-                              f"malformed YAML: {getattr(e, 'problem', None) or e}") from None
+            raise malformed(e) from None
         return _unshare(data), lines
     finally:
         loader.dispose()
@@ -701,12 +702,6 @@ def validate_config(cfg: PipelineConfig) -> None:
     loss = sub_section(cfg, CausalLossSection, "causal.loss")
     if loss.contrastive not in {"none", "v1", "v2"}:
         raise cfg.error("causal.loss.contrastive", f"{loss.contrastive!r} is not one of ['none', 'v1', 'v2']")
-    weights = {k: getattr(loss, k) for k in ("lambda_task", "lambda_lm_injected", "lambda_lm_counterfactual",
-                                             "lambda_kl", "lambda_pref", "lambda_contrastive", "lambda_causal",
-                                             "lambda_spurious", "pref_beta", "temperature", "margin_floor")}
-    for k, v in weights.items():
-        if v != v or v in (float("inf"), float("-inf")):
-            raise cfg.error(f"causal.loss.{k}", f"{v} is not a finite number")
     if max(loss.lambda_task, loss.lambda_lm_injected, loss.lambda_lm_counterfactual) <= 0:
         raise cfg.error("causal.loss.lambda_task", "at least one LM weight (lambda_task, lambda_lm_injected, "
                                                    "lambda_lm_counterfactual) must be > 0")

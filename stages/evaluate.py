@@ -43,8 +43,6 @@ STAGE = "evaluate"
 MAIN_PROCESS_ONLY = True  # stages.common.run_stage_main: under several processes only the main one evaluates
 ROOT = Path(__file__).resolve().parents[1]
 PIPELINE_LABELS = ("base", "sft", "dpo", "causal")
-# the model each pipeline stage started from: the reference of its paired tests (causal: see stage_references)
-STAGE_REFERENCE = {"sft": "base", "dpo": "sft", "causal": "dpo"}
 
 
 def stage_references(cfg: PipelineConfig) -> dict[str, str]:
@@ -54,6 +52,8 @@ def stage_references(cfg: PipelineConfig) -> dict[str, str]:
     if not cfg.causal.base_model:
         refs["causal"] = cfg.causal.base
     return refs
+
+
 log = logging.getLogger("staged_alignment.evaluate")
 
 
@@ -287,25 +287,20 @@ def teacher_forced_logps(model, tokenizer, conversations: list[list[dict]], resp
 
 
 def _plain_lm_head(model) -> bool:
-    """Whether the model's logits are just its output embedding applied to the last hidden state, checked once per
-    model on a 4-token probe (as the causal trainer does): soft-capping or any logit scaling fails it, and the
-    full logits are used instead."""
+    """Whether the model's logits are just its output embedding applied to the last hidden state
+    (:func:`trainers.causal_losses.lm_head_reproduces_logits` on a 4-token probe, once per model): soft-capping or
+    any logit scaling fails it, and the full logits are used instead."""
     import torch
 
+    from trainers.causal_losses import lm_head_reproduces_logits
+
     cached = getattr(model, "_staged_plain_lm_head", None)
-    if cached is not None:
-        return cached
-    emb = model.get_output_embeddings()
-    ok = emb is not None
-    if ok:
-        device = next(model.parameters()).device
-        probe = torch.tensor([[1, 2, 3, 4]], device=device)
-        with torch.no_grad():
-            out = model(input_ids=probe, output_hidden_states=True, logits_to_keep=1)
-            ref, mine = out.logits[:, -1].float(), emb(out.hidden_states[-1][:, -1]).float()
-        ok = ref.shape == mine.shape and bool(torch.allclose(ref, mine, rtol=1e-3, atol=1e-3 * ref.abs().max()))
-    model._staged_plain_lm_head = ok
-    return ok
+    if cached is None:
+        emb = model.get_output_embeddings()
+        probe = torch.tensor([[1, 2, 3, 4]], device=next(model.parameters()).device)
+        cached = emb is not None and lm_head_reproduces_logits(model, emb, probe)
+        model._staged_plain_lm_head = cached
+    return cached
 
 
 def teacher_forced_margins(model, tokenizer, cases: list[dict], *, data_role: bool = False,
@@ -676,8 +671,7 @@ def run(cfg: PipelineConfig) -> dict:
     validate(cfg)
     models = pipeline_models(cfg)
     out = cfg.run_dir / "eval"
-    metrics = evaluate_models(cfg, models, eval_file_path(cfg), out, run_dir=cfg.run_dir,
-                              references=stage_references(cfg))
+    metrics = evaluate_models(cfg, models, eval_file_path(cfg), out, run_dir=cfg.run_dir)
     summary = {label: {k: m.get(k) for k in ("attack_success_rate", "attack_success_rate_begins", "utility_clean",
                                              "utility_under_attack", "over_defence_compliance")}
                for label, m in metrics["models"].items()}
@@ -727,8 +721,7 @@ def main(argv=None) -> int:
     if not models:
         models = pipeline_models(cfg)
     out = Path(args.output) if args.output else cfg.run_dir / "eval"
-    metrics = evaluate_models(cfg, models, eval_file_path(cfg), out, run_dir=cfg.run_dir,
-                              references=stage_references(cfg))
+    metrics = evaluate_models(cfg, models, eval_file_path(cfg), out, run_dir=cfg.run_dir)
     from evaluation.report import metrics_table
 
     print(metrics_table(metrics))

@@ -299,11 +299,9 @@ def check_model_folder(folder: str | os.PathLike, error) -> dict:
         raise error(f"{conf} is not a JSON object with the model's settings")
     if not isinstance(c.get("model_type"), str):
         raise error(f"{conf} has no model_type")
-    dims = c.get("text_config") if isinstance(c.get("text_config"), dict) else c
     for key in ("hidden_size", "num_hidden_layers"):
-        v = dims.get(key, c.get(key))
-        if not (isinstance(v, int) and not isinstance(v, bool) and v > 0):
-            raise error(f"{conf}: {key} is missing or not a positive integer ({v!r})")
+        if config_int(c, key) is None:
+            raise error(f"{conf}: {key} is missing or not a positive integer ({c.get(key)!r})")
     index = p / "model.safetensors.index.json"
     if index.is_file():
         try:
@@ -324,13 +322,32 @@ def check_model_folder(folder: str | os.PathLike, error) -> dict:
     return c
 
 
+def config_int(model_config: dict, *keys: str) -> int | None:
+    """The first positive integer among ``keys`` in a ``config.json`` dict, looked up in its ``text_config`` (the
+    language model of a multimodal config) and then at the top level; None when neither has one."""
+    text = model_config.get("text_config")
+    for d in ((text,) if isinstance(text, dict) else ()) + (model_config,):
+        for key in keys:
+            v = d.get(key)
+            if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+                return v
+    return None
+
+
 def position_limit(model_config: dict) -> int | None:
     """The model's maximum number of positions from its ``config.json`` dict (None when it does not say)."""
-    for d in (model_config, model_config.get("text_config") or {}):
-        for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
-            if isinstance(d.get(key), int) and d[key] > 0:
-                return d[key]
-    return None
+    return config_int(model_config, "max_position_embeddings", "n_positions", "max_sequence_length")
+
+
+def model_position_limit(cfg) -> int | None:
+    """:func:`position_limit` of the configured model's local ``config.json`` (None when there is none to read or it
+    does not parse: :func:`check_model` reports that)."""
+    folder = model_folder(cfg)
+    conf = folder / "config.json" if folder else None
+    try:
+        return position_limit(json.loads(conf.read_text())) if conf and conf.is_file() else None
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def module_names_from_config(folder: str | os.PathLike, trust_remote_code: bool = False) -> dict[str, bool] | None:
@@ -364,7 +381,7 @@ def check_model(cfg) -> dict | None:
     if folder is None:
         return None
     conf = check_model_folder(folder, lambda m: cfg.error("model.name_or_path", m))
-    hidden = (conf.get("text_config") or conf).get("hidden_size", conf.get("hidden_size"))
+    hidden = config_int(conf, "hidden_size")
     if cfg.lora.r > hidden:
         raise cfg.error("lora.r", f"{cfg.lora.r} is above the model's hidden size {hidden}: a LoRA rank cannot exceed "
                                   "the layer width")

@@ -183,7 +183,7 @@ def run(cfg: PipelineConfig) -> dict:
     from data_builders.critique_rewrite import (build_backend, build_critic, default_side_paths, generate_pairs,
                                                read_pairs, summarize_files)
     from data_builders.pair_report import pair_filter_settings, write_pairs_report
-    from stages.common import (build_training_args, last_checkpoint, maybe_push, process_state, raise_if_terminated,
+    from stages.common import (last_checkpoint, maybe_push, process_state, raise_if_terminated,
                                report_to_env, save_adapter, seed_everything, standard_callbacks)
     from stages.models import (is_complete_model_dir, load_model, load_tokenizer, lora_config, merge_adapter,
                                pick_device)
@@ -218,6 +218,7 @@ def run(cfg: PipelineConfig) -> dict:
         pairs, pairs_path = v["pairs"], resolve_input(d.pairs_file)
     else:
         pairs_path = cfg.run_dir / "data" / "pairs.jsonl"
+        filters = pair_filter_settings(gen)
         if state.is_main_process:
             gen_seed = gen.seed if gen.seed is not None else cfg.seed
             backend = build_backend(gen, sft_dir, cfg.model, seed=gen_seed, device=device,
@@ -228,11 +229,11 @@ def run(cfg: PipelineConfig) -> dict:
                                        num_few_shot=gen.num_few_shot, batch_size=gen.batch_size,
                                        drop_truncated=gen.drop_truncated, min_revision_words=gen.min_revision_words,
                                        progress=gen.progress, provenance={"model": str(sft_dir)},
-                                       filters=pair_filter_settings(gen), critic=critic)
+                                       filters=filters, critic=critic)
             del backend, critic
             gc.collect()
         if state.is_main_process:
-            write_pairs_report(pairs_path, v["constitution"], out / "pairs_report.md", pair_filter_settings(gen))
+            write_pairs_report(pairs_path, v["constitution"], out / "pairs_report.md", filters)
         state.wait_for_everyone()
         train_ids = {p["id"] for p in v["train"]}
         pairs = [p for p in read_pairs(pairs_path) if p["id"] in train_ids] if pairs_path.exists() else []

@@ -12,7 +12,7 @@ import pytest
 
 from data_builders.jsonl_io import DataError
 from evaluation import report as R
-from evaluation.cases import counterfactual_messages, injected_messages, load_cases
+from evaluation.cases import injected_messages, load_cases
 from stages import evaluate as E
 from stages.config import load_config
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from data_builders.jsonl_io import DataError
-from data_builders.triplets import (POSITIONS, AttackSet, accept_paraphrase, build_triplets, check_attack_overlap,
+from data_builders.triplets import (AttackSet, accept_paraphrase, build_triplets, check_attack_overlap,
                                     insert_injection, protected_tokens, read_attacks, read_tasks, read_triplets,
                                     reword, task_group, triplet_messages, write_triplets)
 

@@ -57,8 +57,8 @@ from torch import nn
 from transformers import Trainer
 
 from trainers.causal_losses import (CONTRASTIVE, ProjectionHead, anchored_infonce, build_projection_head,
-                                    check_temperature, contrastive_loss, dpo_sigmoid_loss, pool_hidden_states,
-                                    sequence_logps, token_kl)
+                                    check_temperature, contrastive_loss, dpo_sigmoid_loss,
+                                    lm_head_reproduces_logits, pool_hidden_states, sequence_logps, token_kl)
 
 log = logging.getLogger(__name__)
 
@@ -472,32 +472,18 @@ class CausalContrastiveTrainer(Trainer):
     def _output_embeddings(self, model):
         return self.accelerator.unwrap_model(model).get_output_embeddings()
 
-    @torch.no_grad()
     def _use_hidden_state_logits(self, model, input_ids) -> bool:
-        """Whether ``lm_head(hidden_states[-1])`` reproduces the model's logits (checked once on a 4-token probe).
+        """Whether ``lm_head(hidden_states[-1])`` reproduces the model's logits (checked once, on the first 4 tokens
+        of the first row, by :func:`trainers.causal_losses.lm_head_reproduces_logits`).
 
         If so, the loss applies the output embedding only to the response positions — far less memory than logits
         for all rows (the vocabulary is large). Models with extra logit processing (soft-capping, scaling) or an
-        untied last hidden state fail the check and get the model's own logits instead. The probe runs in eval mode
-        and restores the mode.
+        untied last hidden state fail the check and get the model's own logits instead.
         """
         if self._fast_lm is None:
             emb = self._output_embeddings(model)
-            ok = emb is not None
-            if ok:
-                was = model.training
-                model.eval()
-                try:
-                    probe = input_ids[:1, :4]
-                    out = model(input_ids=probe, output_hidden_states=True, use_cache=False, logits_to_keep=1)
-                    ref = out.logits[:, -1].float()
-                    mine = emb(out.hidden_states[-1][:, -1]).float()
-                    tol = 1e-3 if ref.dtype == torch.float32 and mine.dtype == torch.float32 else 2e-2
-                    ok = ref.shape == mine.shape and bool(torch.allclose(ref, mine, rtol=tol, atol=tol * ref.abs().max()))
-                finally:
-                    model.train(was)
-            self._fast_lm = ok
-            log.info("causal LM terms: %s", "lm_head on response positions only" if ok else
+            self._fast_lm = emb is not None and lm_head_reproduces_logits(model, emb, input_ids[:1, :4])
+            log.info("causal LM terms: %s", "lm_head on response positions only" if self._fast_lm else
                      "model logits (the model post-processes its logits)")
         return self._fast_lm
 

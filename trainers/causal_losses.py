@@ -56,6 +56,26 @@ TAU_MIN, TAU_MAX = 0.01, 1.0
 
 
 # --------------------------------------------------------------------------------------------- pooling
+@torch.no_grad()
+def lm_head_reproduces_logits(model, output_embeddings: nn.Module, probe_ids: torch.Tensor) -> bool:
+    """Whether ``output_embeddings(hidden_states[-1])`` reproduces ``model``'s logits on ``probe_ids`` ((1, T)
+    token ids; a few tokens suffice), in eval mode (the mode is restored).
+
+    When it does, callers apply the output embedding to the positions they need only, instead of materialising
+    (B, L, V) logits. Models that post-process their logits (soft-capping, scaling) fail the check (rtol 1e-3,
+    atol 1e-3 · max |logit|, compared in fp32) and callers use the model's own logits.
+    """
+    was = model.training
+    model.eval()
+    try:
+        out = model(input_ids=probe_ids, output_hidden_states=True, use_cache=False, logits_to_keep=1)
+        ref = out.logits[:, -1].float()
+        mine = output_embeddings(out.hidden_states[-1][:, -1]).float()
+    finally:
+        model.train(was)
+    return ref.shape == mine.shape and bool(torch.allclose(ref, mine, rtol=1e-3, atol=1e-3 * ref.abs().max()))
+
+
 def pool_hidden_states(hidden_states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Mean of ``hidden_states`` over the positions where ``attention_mask`` is 1.
 

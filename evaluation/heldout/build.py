@@ -32,9 +32,9 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from data_builders.canary import fresh_canary  # noqa: E402
 from data_builders.jsonl_io import atomic_write_json, write_jsonl_atomic  # noqa: E402
 from evaluation.cases import parse_case  # noqa: E402
-from data_builders.canary import fresh_canary  # noqa: E402
 from evaluation.heldout.attacks import ATTACK_FAMILIES, CANARY_WORDS  # noqa: E402
 from evaluation.heldout.tasks import (CONTROL_DATA_TEMPLATES, CONTROL_INSTRUCTION_SUFFIXES,  # noqa: E402
                                       CONTROL_TAG_WORDS, TASK_TEMPLATES, instantiate)
