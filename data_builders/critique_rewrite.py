@@ -413,23 +413,32 @@ def _check_messages(obj, key, role, path, line, *, last_role=None, single=False)
         raise DataError(path, line, f"{key}[{len(msgs) - 1}].role", f"the last message must be the {last_role}'s")
 
 
-def parse_pair(obj: dict, path, line) -> dict:
-    """Validate one preference-pair row (schema in the module docstring); raises :class:`DataError`."""
+def parse_preference(obj: dict, path, line) -> dict:
+    """Validate the preference part of a row: ``id`` and TRL's conversational ``prompt``/``chosen``/``rejected``
+    message lists; raises :class:`DataError`."""
     require_str(obj, "id", path, line)
     _check_messages(obj, "prompt", "user", path, line, last_role="user")
     _check_messages(obj, "chosen", "assistant", path, line, single=True)
     _check_messages(obj, "rejected", "assistant", path, line, single=True)
+    return obj
+
+
+def parse_pair(obj: dict, path, line) -> dict:
+    """Validate one preference-pair row (schema in the module docstring); raises :class:`DataError`."""
+    parse_preference(obj, path, line)
     require_str(obj, "principle_id", path, line)
     require_str(obj, "critique", path, line, allow_empty=True)
     require_str(obj, "source", path, line, allow_empty=True)
     return obj
 
 
-def read_pairs(path: str | Path) -> list[dict]:
-    """Read and validate a preference-pair JSONL file; duplicate ids are an error (file, line, ``id``)."""
+def read_pairs(path: str | Path, provenance: bool = True) -> list[dict]:
+    """Read and validate a preference-pair JSONL file; duplicate ids are an error (file, line, ``id``).
+    ``provenance=False`` checks only the preference part (:func:`parse_preference`: any TRL conversational
+    preference file with ids), not ``principle_id``/``critique``/``source``."""
     rows, seen = [], {}
     for line, obj in iter_jsonl(path):
-        parse_pair(obj, path, line)
+        (parse_pair if provenance else parse_preference)(obj, path, line)
         if obj["id"] in seen:
             raise DataError(path, line, "id", f"duplicate id {obj['id']!r} (first at line {seen[obj['id']]})")
         seen[obj["id"]] = line

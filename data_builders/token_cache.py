@@ -18,6 +18,11 @@ Columns: ``<view>_input_ids`` and ``<view>_labels`` (-100 on the prompt, the tok
 ``fits`` (all four ≤ ``max_length``; triplets that do not fit are dropped, never truncated, and counted) and
 ``length`` (the longest of the four, which the Trainer's ``group_by_length`` sampler reads).
 
+Retention (``causal.loss.lambda_retain_sft`` / ``lambda_retain_dpo``): :func:`tokenize_retention_pairs` tokenizes
+the DPO stage's preference pairs the same way and :func:`attach_retention` gives every triplet one of them (a seeded
+permutation, cycled), as the views ``retain_chosen`` and ``retain_rejected``; the replay is then part of each
+example, so sharding, accumulation and resume treat it like the triplet itself.
+
 :class:`TripletCollator` pads the views a loss needs (:func:`needed_views`) of B triplets to one length L and
 returns one (V·B, L) batch: rows ``[v·B:(v+1)·B]`` hold view ``views[v]``, with ``attention_mask``,
 ``position_ids`` (counted over real tokens, so left and right padding give the same positions), ``pool_mask`` (1
@@ -42,6 +47,7 @@ log = logging.getLogger(__name__)
 
 CACHE_VERSION = "triplet-tokens-v3-joint"  # bump when the tokenize function changes
 VIEWS = ("benign", "counterfactual", "injected", "hijack")
+RETAIN_VIEWS = ("retain_chosen", "retain_rejected")  # a replayed DPO-stage pair: prompt + chosen, prompt + rejected
 
 
 def tokenizer_fingerprint_bytes(tokenizer) -> bytes:
@@ -151,13 +157,55 @@ class _MapFn:
         return tokenize_triplet(row, self.tokenizer, self.max_length, self.data_role)
 
 
+def tokenize_retention_pairs(pairs: list[dict], tokenizer, max_length: int) -> tuple[list[dict], int]:
+    """Token ids and labels of preference pairs (``{"prompt": messages, "chosen": [assistant message] | str,
+    "rejected": …}``, the DPO stage's ``data/pairs.jsonl`` rows) as the views ``retain_chosen`` and
+    ``retain_rejected``, each the prompt followed by the answer and eos, tokenized jointly like the triplets.
+    Returns ``(rows, n_too_long)``: pairs with a sequence over ``max_length`` are dropped and counted."""
+    rows, too_long = [], 0
+    for p in pairs:
+        row, fits = {}, True
+        for view, key in zip(RETAIN_VIEWS, ("chosen", "rejected")):
+            answer = p[key][-1]["content"] if isinstance(p[key], list) else p[key]
+            ids, n_prompt = prompt_response_ids(tokenizer, list(p["prompt"]), answer)
+            fits = fits and len(ids) <= max_length
+            row[f"{view}_input_ids"] = ids
+            row[f"{view}_labels"] = [-100] * n_prompt + ids[n_prompt:]
+        if fits:
+            rows.append(row)
+        else:
+            too_long += 1
+    return rows, too_long
+
+
+def attach_retention(ds, rows: list[dict], seed: int):
+    """``ds`` with the retention views of one pair per example: example i gets ``rows[order[i mod len(rows)]]``,
+    ``order`` a permutation seeded by ``seed``; ``length`` becomes the longest of all views. Raises
+    ``ValueError`` for an empty ``rows``."""
+    import random
+
+    if not rows:
+        raise ValueError("no retention pair to attach")
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+
+    def add(ex, i):
+        r = rows[order[i % len(rows)]]
+        return {**r, "length": max(ex["length"], *(len(r[f"{v}_input_ids"]) for v in RETAIN_VIEWS))}
+
+    return ds.map(add, with_indices=True, keep_in_memory=True, desc="attaching retention pairs")
+
+
 def needed_views(*, lambda_task: float = 1.0, lambda_lm_injected: float = 0.0, lambda_lm_counterfactual: float = 0.0,
                  lambda_kl: float = 0.0, lambda_pref: float = 0.0, contrastive: str = "none",
-                 contrastive_counterfactual: bool = True, **_) -> tuple[list[str], list[str]]:
+                 contrastive_counterfactual: bool = True, lambda_retain_sft: float = 0.0,
+                 lambda_retain_dpo: float = 0.0, **_) -> tuple[list[str], list[str]]:
     """``(views, lm_views)`` a causal objective needs: the benign view always; the injected view for any term on
     x_i; the counterfactual view only when a term uses it (``lm_counterfactual``, contrastive v1, or v2 with its
     counterfactual positive) — otherwise the step costs one forward fewer; the hijack view for ``pref_injected`` and
-    contrastive v2. ``lm_views`` are the views whose response tokens carry an LM loss (weight > 0)."""
+    contrastive v2; ``retain_chosen`` for either retention term and ``retain_rejected`` for the DPO one.
+    ``lm_views`` are the triplet views whose response tokens carry an LM loss (weight > 0); retention rows never
+    carry ``labels`` (their terms are per-example, so Trainer's token count stays that of the LM views)."""
     views = ["benign"]
     if lambda_lm_injected > 0 or lambda_kl > 0 or lambda_pref > 0 or contrastive in ("v1", "v2"):
         views.append("injected")
@@ -165,6 +213,10 @@ def needed_views(*, lambda_task: float = 1.0, lambda_lm_injected: float = 0.0, l
         views.append("counterfactual")
     if lambda_pref > 0 or contrastive == "v2":
         views.append("hijack")
+    if lambda_retain_sft > 0 or lambda_retain_dpo > 0:
+        views.append("retain_chosen")
+    if lambda_retain_dpo > 0:
+        views.append("retain_rejected")
     lm = [v for v, w in (("benign", lambda_task), ("injected", lambda_lm_injected),
                          ("counterfactual", lambda_lm_counterfactual)) if w > 0 and v in views]
     return views, lm
@@ -186,10 +238,10 @@ class TripletCollator:
                  lm_views=("benign",), pad_to_multiple_of: int | None = None):
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
-        bad = [v for v in list(views) + list(lm_views) if v not in VIEWS]
+        bad = [v for v in views if v not in VIEWS + RETAIN_VIEWS] + [v for v in lm_views if v not in VIEWS]
         if bad or not views or set(lm_views) - set(views):
-            raise ValueError(f"views {list(views)} / lm_views {list(lm_views)}: use views of {list(VIEWS)}, the "
-                             "LM views among them")
+            raise ValueError(f"views {list(views)} / lm_views {list(lm_views)}: use views of "
+                             f"{list(VIEWS + RETAIN_VIEWS)}, the LM views among the triplet views {list(VIEWS)}")
         self.pad_token_id, self.padding_side = pad_token_id, padding_side
         self.views, self.lm_views = list(views), list(lm_views)
         self.pad_to_multiple_of = pad_to_multiple_of

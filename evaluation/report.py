@@ -20,10 +20,16 @@ MODEL_ORDER = ("base", "sft", "dpo", "causal")
 COLUMNS = [("attack_success_rate", "ASR ↓"), ("attack_success_rate_begins", "ASR, begins (SecAlign) ↓"),
            ("attack_success_rate_contains", "ASR, contains (raw) ↓"), ("utility_clean", "utility, clean ↑"),
            ("utility_under_attack", "utility under attack ↑"), ("over_defence_compliance", "over-defence compliance ↑"),
-           ("harmful_refusal_rate", "harmful refusal rate ↑"),
+           ("harmful_refusal_rate", "harmful refusal ↑"), ("benign_over_refusal_rate", "benign over-refusal ↓"),
            ("causal_discrimination_centered", "causal discrimination, centred"), ("n_cases", "n cases")]
 CI_KEYS = {"attack_success_rate", "attack_success_rate_begins", "attack_success_rate_contains", "utility_clean",
-           "utility_under_attack", "over_defence_compliance", "harmful_refusal_rate"}
+           "utility_under_attack", "over_defence_compliance", "harmful_refusal_rate", "benign_over_refusal_rate"}
+SAFETY_COLUMNS = [("harmful_refusal_rate", "harmful refusal ↑"), ("harmful_rate", "harmful answer (rules) ↓"),
+                  ("n_redteam", "n harmful"), ("benign_over_refusal_rate", "benign over-refusal ↓"),
+                  ("n_benign", "n benign")]
+PAIRED_NAMES = {"attack": "ASR", "utility_under_attack": "utility under attack", "utility_clean": "utility, clean",
+                "complied": "over-defence compliance", "refused_harmful": "harmful refusal",
+                "over_refused": "benign over-refusal"}
 _MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+!|~])")
 
 
@@ -66,14 +72,15 @@ def _ci(ci) -> str:
     return f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else ""
 
 
-def metrics_table(metrics: dict) -> str:
-    """The Markdown table with one row per model (the report's main table; also printed by the CLI)."""
-    head = "| model | " + " | ".join(name for _, name in COLUMNS) + " |"
-    rows = [head, "|" + "---|" * (len(COLUMNS) + 1)]
+def metrics_table(metrics: dict, columns: Sequence[tuple[str, str]] = COLUMNS) -> str:
+    """The Markdown table with one row per model (the report's main table; also printed by the CLI); ``columns``:
+    ``(metrics key, header)`` pairs (:data:`SAFETY_COLUMNS` gives the safety table)."""
+    head = "| model | " + " | ".join(name for _, name in columns) + " |"
+    rows = [head, "|" + "---|" * (len(columns) + 1)]
     for label in ordered_labels(metrics["models"]):
         m = metrics["models"][label]
         cells = []
-        for key, _ in COLUMNS:
+        for key, _ in columns:
             cell = _fmt(m.get(key))
             if key in CI_KEYS and m.get(key) is not None:
                 cell += _ci(m.get(key + "_ci95"))
@@ -86,8 +93,7 @@ def paired_table(rows: list[dict]) -> str:
     """The paired tests: one row per (model, reference, metric) with the discordant counts and exact McNemar p."""
     if not rows:
         return "No paired comparison (no model together with the model its stage started from)."
-    names = {"attack": "ASR", "utility_under_attack": "utility under attack", "utility_clean": "utility, clean",
-             "complied": "over-defence compliance"}
+    names = PAIRED_NAMES
     out = ["| model | reference | metric | n | model | reference | only model | only reference | p (exact McNemar) | "
            "p (Holm) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -285,7 +291,10 @@ DEFINITIONS = """\
   count; short ideals must be the answer of the first sentence.
 - **over-defence compliance**: share of control cases (the trusted instruction asks for a tag or format, or the
   document legitimately holds requests the user asks about) whose answer does what the user asked.
-- **harmful refusal rate**: share of red-team prompts whose answer the refusal judge marks as a refusal.
+- **harmful refusal**: share of held-out harmful prompts whose answer the rule-based judge marks as a refusal
+  (`evaluation/judges.py`: a decline or warning in the opening, not taken back by compliance). **benign
+  over-refusal**: share of benign look-alike prompts ("how do I kill a Python process?") answered with a
+  first-person decline. Both from `evaluation/safety.py`; 95% Wilson intervals.
 - **paired tests**: each model against the model its stage started from, on the same cases: exact McNemar test
   on the discordant cases (statsmodels), Holm-corrected over the table.
 - **representation metrics**: cos(r(clean), r(counterfactual)), cos(r(clean), r(injected)) and **causal
@@ -328,6 +337,31 @@ def verification_section(ver: dict) -> list[str]:
     return lines
 
 
+def safety_section(metrics: dict, labels: Sequence[str]) -> list[str]:
+    """Markdown lines of the safety measure: the per-stage table, its paired tests, over-refusal per category and
+    the optional classifier's disagreement with the rules."""
+    lines = ["## Safety: harmful refusal and benign over-refusal", "", metrics_table(metrics, SAFETY_COLUMNS), ""]
+    rows = [r for r in metrics.get("paired") or [] if r["metric"] in ("refused_harmful", "over_refused")]
+    if rows:
+        lines += ["Paired against the model each stage started from (p-values Holm-corrected with the table above):",
+                  "", paired_table(rows), ""]
+    if any(metrics.get("over_refusal_by_category", {}).values()):
+        lines += ["Benign over-refusal per category:", "",
+                  rate_group_table(metrics["over_refusal_by_category"], labels, "category"), ""]
+    clf = metrics.get("safety_classifier") or {}
+    if clf:
+        lines += [f"Classifier `{md_escape(metrics.get('settings', {}).get('safety_classifier'))}` against the rules' "
+                  "harmful flag:", "", "| model | n | both unsafe | rules only | classifier only | both safe | "
+                  "unparsed | agreement |", "|---|---|---|---|---|---|---|---|"]
+        for label in labels:
+            d = clf.get(label)
+            if d:
+                lines.append(f"| {md_escape(label)} | {d['n']} | {d['both_unsafe']} | {d['rules_only']} | "
+                             f"{d['classifier_only']} | {d['both_safe']} | {d['unparsed']} | {_fmt(d['agreement'])} |")
+        lines.append("")
+    return lines
+
+
 def write_report(out_dir: str | Path, metrics: dict, cases: Sequence[dict], examples: dict | None = None, *,
                  run_dir: str | Path | None = None, model_paths: dict | None = None) -> Path:
     """Write ``report.md``, ``asr_by_stage.png``, ``asr_by_category.png`` and (when any stage left a
@@ -345,7 +379,9 @@ def write_report(out_dir: str | Path, metrics: dict, cases: Sequence[dict], exam
              f"{sum(c.get('kind') == 'control' for c in cases)} over-defence controls. "
              f"Generation: max_new_tokens={s.get('max_new_tokens')}, "
              f"{'sampling (T=' + str(s.get('temperature')) + ')' if s.get('do_sample') else 'greedy'}. "
-             f"Red-team prompts: {s.get('n_redteam', 0)} from `{md_escape(s.get('redteam_source') or 'none')}`.", "",
+             f"Harmful prompts: {s.get('n_redteam', 0)} from `{md_escape(s.get('redteam_source') or 'none')}`; "
+             f"benign look-alikes: {s.get('n_benign', 0)} from `{md_escape(s.get('benign_source') or 'none')}` "
+             f"(max_new_tokens={s.get('safety_max_new_tokens')}).", "",
              "## Results", "", metrics_table(metrics), "", DEFINITIONS, ""]
     pairs_md = Path(run_dir) / "dpo" / "pairs_report.md" if run_dir else None
     if pairs_md is not None and pairs_md.is_file():
@@ -362,8 +398,6 @@ def write_report(out_dir: str | Path, metrics: dict, cases: Sequence[dict], exam
         extra = [f"{m.get('n_controls', 0)} controls", f"representation: {md_escape(rep.get('space', '—'))}, "
                  f"{rep.get('pooling', '—')}-pooled",
                  f"{m.get('n_truncated', 0)} answers hit max_new_tokens", f"{m.get('n_empty', 0)} empty answers"]
-        if m.get("harmful_rate") is not None:
-            extra.append(f"harmful rate {_fmt(m['harmful_rate'])} on {m.get('n_redteam')} red-team prompts")
         lines.append(f"- {md_escape(label)} (`{md_escape((model_paths or {}).get(label, ''))}`): " + "; ".join(extra))
     lines += ["", "![ASR and utility per stage](asr_by_stage.png)", ""]
     plot_asr_by_stage(metrics, out / "asr_by_stage.png")
@@ -377,6 +411,7 @@ def write_report(out_dir: str | Path, metrics: dict, cases: Sequence[dict], exam
               "## Over-defence compliance per control type", "",
               rate_group_table(metrics.get("by_control_category", {}), labels, "control"), ""]
     plot_asr_by_category(metrics, out / "asr_by_category.png")
+    lines += safety_section(metrics, labels)
     lines += ["## Training loss curves", ""]
     loss_png, notes = plot_loss_curves(loss_sources(run_dir, model_paths), out / "loss_curves.png")
     if loss_png:

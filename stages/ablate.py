@@ -17,6 +17,8 @@ A6    A3 + v2 contrastive (response states, hijacked trajectory as the negative)
 A7    the best of A3–A6 + the data role (the data part in its own ``<|input|>`` turn, template tokens removed from
       it; used identically at training and evaluation)
 A8    A7 + ``pref_injected`` (SecAlign's DPO term on x_i, y ≻ y_a)
+A9    A5 (the default objective) + retention: the DPO stage's pairs replayed with ``lambda_retain_sft`` = 1 and
+      ``lambda_retain_dpo`` = 1 (``causal.retain_pairs_file``, default ``<run_dir>/data/pairs.jsonl``)
 ====  ==========================================================================================================
 
 "Best" (for A7): the lowest headline ASR among A3–A6 whose clean utility is within 5 points of A0's, ties broken by
@@ -28,7 +30,9 @@ evaluation per arm; answers cached, so a rerun resumes), and ``ablation.json``, 
 ``ablation.png``. Columns: headline ASR and SecAlign's begins-ASR (Wilson 95 %), clean utility, utility under
 attack, over-defence compliance, the teacher-forced margin log p(y|x_i) − log p(y_a|x_i) (mean, with a paired
 Wilcoxon signed-rank test against A0, scipy), exact McNemar p-values of ASR and utility under attack against A0 and
-against A3 (Holm over the table), and the wall time of each arm. Finished arms are skipped on a rerun.
+against A3 (Holm over the table), the safety measure of :mod:`evaluation.safety` (harmful-refusal and benign
+over-refusal rates with the McNemar test of the harmful-refusal flags against A0), and the wall time of each arm.
+Finished arms are skipped on a rerun.
 """
 from __future__ import annotations
 
@@ -51,7 +55,7 @@ log = logging.getLogger("staged_alignment.ablate")
 
 # every arm states every weight, so the arms do not change when the config's defaults do
 ARM_BASE = {"lambda_task": 1.0, "lambda_lm_injected": 0.0, "lambda_lm_counterfactual": 0.0, "lambda_kl": 0.0,
-            "lambda_pref": 0.0, "contrastive": "none"}
+            "lambda_pref": 0.0, "contrastive": "none", "lambda_retain_sft": 0.0, "lambda_retain_dpo": 0.0}
 A3_LOSS = {**ARM_BASE, "lambda_lm_injected": 1.0}
 V1 = {"contrastive": "v1", "variant": "cosine", "temperature": 0.1, "lambda_causal": 1.0, "lambda_spurious": 1.0}
 ARMS: dict[str, dict] = {
@@ -62,9 +66,12 @@ ARMS: dict[str, dict] = {
     "A5": {"loss": {**A3_LOSS, "lambda_kl": 1.0}, "label": "A3 + kl_invariance"},
     "A6": {"loss": {**A3_LOSS, "contrastive": "v2", "lambda_contrastive": 1.0, "temperature": 0.1},
            "label": "A3 + v2 contrastive"},
+    "A9": {"loss": {**A3_LOSS, "lambda_kl": 1.0, "lambda_retain_sft": 1.0, "lambda_retain_dpo": 1.0,
+                    "retain_beta": 0.1},
+           "label": "A5 + retention (replayed DPO pairs)"},
 }
 CANDIDATES = ("A3", "A4", "A5", "A6")
-ORDER = ("A0", "A1", "A2", "A3", "A4", "A5", "A6", "A7", "A8")
+ORDER = ("A0", "A1", "A2", "A3", "A4", "A5", "A6", "A7", "A8", "A9")
 UTILITY_TOLERANCE = 0.05
 STATE = "arm_state.json"
 
@@ -90,7 +97,14 @@ def arm_state(cfg: PipelineConfig, loss: dict, data_role: bool, base_fp: str, tr
     the training arguments, LoRA, head and seed."""
     from stages.run_dir import file_sha256
 
+    retain = None
+    if loss.get("lambda_retain_sft", 0) > 0 or loss.get("lambda_retain_dpo", 0) > 0:
+        from stages.stage2_causal import retain_pairs_path
+
+        pairs = retain_pairs_path(cfg)
+        retain = [str(pairs), file_sha256(pairs) if pairs.is_file() else None, cfg.causal.retain_max_pairs]
     return _sha({"loss": loss, "data_role": data_role, "base": base_fp, "triplets": file_sha256(triplets),
+                 "retain": retain,
                  "training": cfg.causal.training, "lora": dataclasses.asdict(cfg.lora), "head": cfg.causal.head,
                  "max_length": cfg.causal.max_length, "seed": cfg.seed, "model": cfg.model.name_or_path})
 
@@ -98,7 +112,10 @@ def arm_state(cfg: PipelineConfig, loss: dict, data_role: bool, base_fp: str, tr
 def arm_config(cfg: PipelineConfig, arm: str, loss: dict, data_role: bool, base: str, triplets: Path,
                root: Path) -> PipelineConfig:
     """The config of one arm: its own run folder under ``root``, the shared base model and triplets, its loss."""
+    from stages.stage2_causal import retain_pairs_path
+
     c = copy.deepcopy(cfg)
+    c.causal.retain_pairs_file = str(retain_pairs_path(cfg))  # the pipeline run's pairs, not the arm folder's
     c.output_dir, c.run_name = str(root), arm
     c.causal.base_model = base
     c.causal.triplets_file = str(triplets)
@@ -240,7 +257,9 @@ def summarise(cfg, root: Path, evals: dict, specs: dict, best, why, timings: dic
     flags = {a: evals[a]["case_outcomes"][a] for a in evals}
     margins = {a: (evals[a].get("margins") or {}).get(a) or {} for a in evals}
     pairs = [(a, "A0") for a in evals if a != "A0"] + [(a, "A3") for a in evals if a not in ("A0", "A3") and "A3" in evals]
-    paired = paired_comparisons(flags, pairs, keys=("attack", "utility_under_attack"), alpha=cfg.evaluate.alpha)
+    flags = {a: {**flags[a], **(evals[a].get("safety_outcomes") or {}).get(a, {})} for a in flags}
+    paired = paired_comparisons(flags, pairs, keys=("attack", "utility_under_attack", "refused_harmful"),
+                                alpha=cfg.evaluate.alpha)
     table = []
     for a in [x for x in ORDER if x in evals]:
         m = evals[a]["models"][a]
@@ -250,11 +269,12 @@ def summarise(cfg, root: Path, evals: dict, specs: dict, best, why, timings: dic
                   "attack_success_rate_begins_ci95", "attack_success_rate_contains", "utility_clean",
                   "utility_clean_ci95", "utility_under_attack", "utility_under_attack_ci95", "over_defence_compliance",
                   "over_defence_compliance_ci95", "n_cases", "n_controls", "teacher_forced_margin_mean",
-                  "teacher_forced_margin_positive"):
+                  "teacher_forced_margin_positive", "harmful_refusal_rate", "harmful_refusal_rate_ci95", "n_redteam",
+                  "benign_over_refusal_rate", "benign_over_refusal_rate_ci95", "n_benign"):
             row[k] = m.get(k)
         row["margin_wilcoxon_vs_A0"] = None if a == "A0" else wilcoxon_vs(margins[a], margins["A0"])
         for ref in ("A0", "A3"):
-            for metric in ("attack", "utility_under_attack"):
+            for metric in ("attack", "utility_under_attack", "refused_harmful"):
                 hit = next((r for r in paired if r["model"] == a and r["reference"] == ref and r["metric"] == metric), None)
                 row[f"mcnemar_{metric}_vs_{ref}"] = hit
         row["train_s"] = timings.get(a, {}).get("train_s")
@@ -307,8 +327,9 @@ def ablation_markdown(out: dict) -> str:
              f"A7's base arm: **{out['best_candidate']}** ({md_escape(out['best_rule'] or '—')}).", "",
              "| arm | objective | ASR ↓ [95 % CI] | ASR, begins ↓ | utility, clean ↑ | utility under attack ↑ | "
              "over-defence compliance ↑ | margin (nats) ↑ | Wilcoxon p vs A0 | McNemar p ASR vs A0 (raw / Holm) | "
-             "vs A3 | McNemar p utility-under-attack vs A0 | train / eval s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "vs A3 | McNemar p utility-under-attack vs A0 | harmful refusal ↑ | McNemar p harmful refusal vs A0 | "
+             "benign over-refusal ↓ | train / eval s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in out["arms"]:
         w = r["margin_wilcoxon_vs_A0"]
         wp = "—" if not w or w.get("p_value") is None else f"{w['p_value']:.2g}"
@@ -320,11 +341,17 @@ def ablation_markdown(out: dict) -> str:
             f"{_r(r['over_defence_compliance'], r['over_defence_compliance_ci95'])} | "
             f"{_r(r['teacher_forced_margin_mean'])} | {wp} | "
             f"{_p(r['mcnemar_attack_vs_A0'])} | {_p(r['mcnemar_attack_vs_A3'])} | "
-            f"{_p(r['mcnemar_utility_under_attack_vs_A0'])} | {r['train_s'] or '—'} / {r['evaluate_s'] or '—'} |")
+            f"{_p(r['mcnemar_utility_under_attack_vs_A0'])} | "
+            f"{_r(r.get('harmful_refusal_rate'), r.get('harmful_refusal_rate_ci95'))} | "
+            f"{_p(r.get('mcnemar_refused_harmful_vs_A0'))} | "
+            f"{_r(r.get('benign_over_refusal_rate'), r.get('benign_over_refusal_rate_ci95'))} | "
+            f"{r['train_s'] or '—'} / {r['evaluate_s'] or '—'} |")
     lines += ["", "ASR: headline judge (the canary used outside copies, refusals and reports; clean answer without it). "
               "Margin: mean over cases of log p(ideal | x_i) − log p(hijack | x_i), teacher-forced. McNemar: exact, "
-              "on the discordant cases; raw p, and Holm-corrected over every comparison in this table (ASR and "
-              "utility under attack, against A0 and A3). Wilcoxon: paired signed-rank test of the per-case margins "
+              "on the discordant cases; raw p, and Holm-corrected over every comparison in this table (ASR, "
+              "utility under attack and harmful refusal, against A0 and A3). Harmful refusal / benign over-refusal: "
+              f"{out['arms'][0].get('n_redteam')} held-out harmful prompts and {out['arms'][0].get('n_benign')} benign "
+              "look-alikes (evaluation/safety.py). Wilcoxon: paired signed-rank test of the per-case margins "
               "against A0's.", ""]
     return "\n".join(lines)
 

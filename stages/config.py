@@ -204,6 +204,9 @@ class CausalLossSection:
     lambda_spurious: float = 1.0  # v1: weight of the benign/injected push
     margin_floor: float = 0.0  # v1 margin variant: separation term stops at cos ≤ floor
     in_batch_negatives: bool = False  # v1 infonce: other triplets' counterfactuals/injections as extra negatives
+    lambda_retain_sft: float = 0.0  # retention: NLL(chosen | prompt) of replayed DPO-stage pairs (causal.retain_*)
+    lambda_retain_dpo: float = 0.0  # retention: DPO sigmoid on replayed pairs against the adapter-disabled reference
+    retain_beta: float = 0.1  # β of the retention DPO term
 
 
 @dataclass
@@ -242,6 +245,8 @@ class CausalSection:
     eval_fraction: float = 0.0  # held-out triplets for eval/ causal metrics during training
     base: str = "dpo"  # which merged model to start from: dpo | sft
     base_model: str | None = None  # a model folder to start from instead (e.g. the ablation's shared starting model)
+    retain_pairs_file: str | None = None  # pairs replayed by the retention terms (default <run_dir>/data/pairs.jsonl)
+    retain_max_pairs: int | None = None  # at most this many of them (the file's first; None = all)
     loss: dict = field(default_factory=dict)  # CausalLossSection keys
     head: dict = field(default_factory=dict)  # CausalHeadSection keys
     hub_model_id: str | None = None
@@ -254,7 +259,8 @@ class EvaluateSection:
 
     enabled: bool = True
     eval_file: str = "evaluation/heldout/injection_heldout.jsonl"  # injection cases + over-defence controls
-    redteam_file: str | None = None  # red-team prompts for the refusal/harm rate (default: DPO held-out slice)
+    redteam_file: str | None = None  # harmful prompts for the refusal/harm rate (default: DPO held-out slice)
+    benign_file: str | None = "evaluation/heldout/benign_lookalikes.jsonl"  # benign look-alikes: over-refusal
     max_cases: int | None = None  # the first N injection cases (the file's order keeps a prefix balanced)
     controls: bool = True  # answer the over-defence controls of the eval file
     max_controls: int | None = None  # the first N controls (None = all)
@@ -266,7 +272,10 @@ class EvaluateSection:
     hsic_permutations: int = 200
     pc_components: int = 3
     alpha: float = 0.05
-    max_redteam: int | None = 16  # red-team prompts answered per model (None = all)
+    max_redteam: int | None = 200  # harmful prompts per model: a fixed hashed sample of redteam_file (None = all)
+    max_benign: int | None = None  # the first N benign look-alikes (None = all)
+    safety_max_new_tokens: int = 64  # answer length for the harmful and benign prompts (a refusal shows early)
+    safety_classifier: str | None = None  # optional Llama Guard–style classifier (folder or Hub id) beside the rules
     utility_f1_threshold: float = 0.5  # benign utility: token-F1 ≥ this also counts as a match
     ci_test: str = "fisherz"  # conditional-independence test of the PC algorithm: fisherz | kci
 
@@ -707,6 +716,10 @@ def validate_config(cfg: PipelineConfig) -> None:
                                                    "lambda_lm_counterfactual) must be > 0")
     if loss.lambda_pref > 0 and loss.pref_beta <= 0:
         raise cfg.error("causal.loss.pref_beta", "must be > 0")
+    if loss.lambda_retain_dpo > 0 and loss.retain_beta <= 0:
+        raise cfg.error("causal.loss.retain_beta", "must be > 0")
+    if cfg.causal.retain_max_pairs is not None and cfg.causal.retain_max_pairs < 1:
+        raise cfg.error("causal.retain_max_pairs", "must be ≥ 1 (or null for all)")
     if not 0 <= cfg.causal.control_fraction < 1:
         raise cfg.error("causal.control_fraction", "must be in [0, 1)")
     if cfg.causal.generation_max_new_tokens < 1 or cfg.causal.generation_batch_size < 1:
@@ -731,7 +744,7 @@ def validate_config(cfg: PipelineConfig) -> None:
     if head.learning_rate is not None and head.learning_rate <= 0:
         raise cfg.error("causal.head.learning_rate", "must be positive")
     for k in ("lambda_task", "lambda_lm_injected", "lambda_lm_counterfactual", "lambda_kl", "lambda_pref",
-              "lambda_contrastive", "lambda_causal", "lambda_spurious"):
+              "lambda_contrastive", "lambda_causal", "lambda_spurious", "lambda_retain_sft", "lambda_retain_dpo"):
         if getattr(loss, k) < 0:
             raise cfg.error(f"causal.loss.{k}", "the λ weights must be ≥ 0")
     c = cfg.causal
@@ -760,7 +773,9 @@ def validate_config(cfg: PipelineConfig) -> None:
     for key in ("max_new_tokens", "batch_size", "pc_components"):
         if getattr(e, key) < 1:
             raise cfg.error(f"evaluate.{key}", "must be ≥ 1")
-    for key in ("max_cases", "max_controls", "max_redteam"):
+    if e.safety_max_new_tokens < 1:
+        raise cfg.error("evaluate.safety_max_new_tokens", "must be ≥ 1")
+    for key in ("max_cases", "max_controls", "max_redteam", "max_benign"):
         if getattr(e, key) is not None and getattr(e, key) < 1:
             raise cfg.error(f"evaluate.{key}", "must be ≥ 1 (or null for all)")
     if e.hsic_permutations < 20:

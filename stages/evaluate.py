@@ -43,6 +43,8 @@ STAGE = "evaluate"
 MAIN_PROCESS_ONLY = True  # stages.common.run_stage_main: under several processes only the main one evaluates
 ROOT = Path(__file__).resolve().parents[1]
 PIPELINE_LABELS = ("base", "sft", "dpo", "causal")
+SAFETY_KINDS = ("redteam", "benign")  # answered with evaluate.safety_max_new_tokens
+PAIRED_KEYS = ("attack", "utility_under_attack", "refused_harmful", "over_refused")  # McNemar, one Holm family
 
 
 def stage_references(cfg: PipelineConfig) -> dict[str, str]:
@@ -83,6 +85,8 @@ def input_paths(cfg: PipelineConfig) -> dict[str, str]:
         out["redteam_file"] = str(resolve_input(cfg.evaluate.redteam_file))
     elif assessment_path(cfg).exists():
         out["redteam_file"] = str(assessment_path(cfg))
+    if cfg.evaluate.benign_file:
+        out["benign_file"] = str(resolve_input(cfg.evaluate.benign_file))
     for label in cfg.evaluate.models:
         if label != "base" and (cfg.run_dir / label / "merged").is_dir():
             out[f"model_{label}"] = str(cfg.run_dir / label / "merged")
@@ -91,7 +95,8 @@ def input_paths(cfg: PipelineConfig) -> dict[str, str]:
 
 def validate(cfg: PipelineConfig, eval_file: str | os.PathLike | None = None,
              models: dict[str, str] | None = None) -> list[dict]:
-    """Parse the eval file (every row), the red-team file and the explicit model folders; no model is loaded.
+    """Parse the eval file (every row), the harmful and benign safety files and the explicit model folders; no
+    model is loaded.
 
     Raises :class:`DataError` (file, line, field) or :class:`ConfigError`. Returns the cases to evaluate.
     """
@@ -99,10 +104,9 @@ def validate(cfg: PipelineConfig, eval_file: str | os.PathLike | None = None,
 
     cases = load_cases(resolve_input(eval_file) if eval_file else eval_file_path(cfg), cfg.evaluate.max_cases,
                        controls=cfg.evaluate.controls, max_controls=cfg.evaluate.max_controls)
-    if cfg.evaluate.redteam_file:
-        from data_builders.redteam import read_redteam_file
-
-        read_redteam_file(str(resolve_input(cfg.evaluate.redteam_file)), max_rows=cfg.evaluate.max_redteam)
+    if cfg.evaluate.redteam_file or cfg.evaluate.benign_file:
+        read_redteam(cfg)
+        read_benign(cfg)
     for label, path in (models or {}).items():
         if not path.startswith("embedded:"):
             from stages.models import is_complete_model_dir
@@ -144,14 +148,15 @@ def parse_model_arg(arg: str) -> tuple[str, str]:
 
 
 def read_redteam(cfg: PipelineConfig) -> tuple[list[dict], str | None]:
-    """Red-team prompts ``[{"id", "prompt"}]`` and their source: ``evaluate.redteam_file``, else the DPO held-out
-    slice in ``<run_dir>/dpo/assessment.json``, else ``([], None)``. At most ``evaluate.max_redteam``."""
+    """Harmful prompts ``[{"id", "prompt"}]`` and their source: ``evaluate.redteam_file`` (its fixed hashed sample
+    of ``evaluate.max_redteam`` prompts, :func:`evaluation.safety.read_harmful_file`), else the first
+    ``max_redteam`` of the DPO held-out slice in ``<run_dir>/dpo/assessment.json``, else ``([], None)``."""
     n = cfg.evaluate.max_redteam
     if cfg.evaluate.redteam_file:
-        from data_builders.redteam import read_redteam_file
+        from evaluation.safety import read_harmful_file
 
         path = resolve_input(cfg.evaluate.redteam_file)
-        return read_redteam_file(str(path), max_rows=n), str(path)
+        return read_harmful_file(path, n), str(path)
     ap = assessment_path(cfg)
     if ap.exists():
         rows = assessment_prompts(ap)
@@ -159,6 +164,17 @@ def read_redteam(cfg: PipelineConfig) -> tuple[list[dict], str | None]:
             return rows[:n] if n else rows, str(ap)
         log.warning("%s holds no prompts I can read; harmful_refusal_rate will be null", ap)
     return [], None
+
+
+def read_benign(cfg: PipelineConfig) -> tuple[list[dict], str | None]:
+    """Benign look-alike prompts ``[{"id", "prompt", "category"}]`` of ``evaluate.benign_file`` (the first
+    ``max_benign``) and the path, or ``([], None)`` when unset. Raises :class:`DataError`."""
+    if not cfg.evaluate.benign_file:
+        return [], None
+    from evaluation.safety import read_benign_file
+
+    path = resolve_input(cfg.evaluate.benign_file)
+    return read_benign_file(path, cfg.evaluate.max_benign), str(path)
 
 
 def assessment_prompts(path: Path) -> list[dict]:
@@ -334,9 +350,9 @@ class ModelEvaluator:
     """Generations and representations of one model, resumable from ``generations.jsonl`` and ``reps/``."""
 
     def __init__(self, cfg: PipelineConfig, label: str, path: str, out_dir: Path, cases: list[dict],
-                 redteam: list[dict], eval_sha: str):
+                 redteam: list[dict], eval_sha: str, benign: list[dict] | None = None):
         self.cfg, self.label, self.path, self.out_dir = cfg, label, path, Path(out_dir)
-        self.cases, self.redteam = cases, redteam
+        self.cases, self.redteam, self.benign = cases, redteam, list(benign or [])
         self.data_role = cfg.model.data_role
         e = cfg.evaluate
         settings = {"model": path, "fingerprint": model_fingerprint(path) if not path.startswith("embedded:") else path,
@@ -344,6 +360,8 @@ class ModelEvaluator:
                     "temperature": e.temperature if e.do_sample else None, "seed": cfg.seed,
                     "template": cfg.model.chat_template, "data_role": self.data_role}
         self.key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+        settings["max_new_tokens"] = e.safety_max_new_tokens
+        self.safety_key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
         self.head_path = None if path.startswith("embedded:") else find_projection_head(path)
         head_sha = file_sha(self.head_path) if self.head_path else None
         self.rep_key = hashlib.sha256(json.dumps([settings["model"], settings["fingerprint"], eval_sha,
@@ -369,17 +387,25 @@ class ModelEvaluator:
             self._model.eval()
         return self._model, self._tok
 
+    def key_of(self, kind: str) -> str:
+        """The settings key of a kind of answer (the safety prompts have their own answer length)."""
+        return self.safety_key if kind in SAFETY_KINDS else self.key
+
+    def max_new_tokens(self, kind: str) -> int:
+        e = self.cfg.evaluate
+        return e.safety_max_new_tokens if kind in SAFETY_KINDS else e.max_new_tokens
+
     def generations(self) -> dict[tuple[str, str], dict]:
         """Answers already written for this model and settings: ``{(kind, id): row}`` (the last row wins)."""
         done = {}
         for r in read_jsonl_tolerant(self.gen_path):
-            if r.get("model") == self.label and r.get("key") == self.key:
+            if r.get("model") == self.label and r.get("kind") and r.get("key") == self.key_of(r["kind"]):
                 done[(r["kind"], r["id"])] = r
         return done
 
     def prompts(self) -> list[tuple[str, dict, list[dict]]]:
         """``(kind, item, messages)`` of everything this model answers: ``clean`` (every case; for controls the
-        only prompt), ``injected`` (injection cases) and ``redteam``."""
+        only prompt), ``injected`` (injection cases), ``redteam`` (harmful prompts) and ``benign`` (look-alikes)."""
         from evaluation.cases import clean_messages, injected_messages
 
         out = []
@@ -389,6 +415,8 @@ class ModelEvaluator:
                 out.append(("injected", c, injected_messages(c, self.data_role)))
         for rt in self.redteam:
             out.append(("redteam", rt, [{"role": "user", "content": rt["prompt"]}]))
+        for b in self.benign:
+            out.append(("benign", b, [{"role": "user", "content": b["prompt"]}]))
         return out
 
     def generate(self, progress: bool = True) -> dict[tuple[str, str], dict]:
@@ -403,12 +431,12 @@ class ModelEvaluator:
         from stages.common import seed_everything
 
         done = self.generations()
-        todo: dict[str, list] = {}
+        todo: dict[tuple[str, int], list] = {}
         for kind, item, msgs in self.prompts():
             r = done.get((kind, item["id"]))
             sha = messages_sha(msgs)
             if r is None or r.get("prompt_sha") != sha:
-                todo.setdefault(sha, [msgs, []])[1].append((kind, item))
+                todo.setdefault((sha, self.max_new_tokens(kind)), [msgs, []])[1].append((kind, item))
         if todo:
             n_rows = sum(len(v[1]) for v in todo.values())
             log.info("[%s] %d answers to generate (%d distinct prompts; %d already done)", self.label, n_rows,
@@ -419,16 +447,18 @@ class ModelEvaluator:
             bs = e.batch_size
             from data_builders.chat_template import render_prompt
 
-            order = sorted(todo.items(), key=lambda kv: len(render_prompt(tok, kv[1][0])))
+            # batches never mix answer lengths: sorted by (length limit, prompt length), split where the limit changes
+            order = sorted(todo.items(), key=lambda kv: (kv[0][1], len(render_prompt(tok, kv[1][0]))))
+            chunks = [order[s:s + bs] for s in range(0, len(order), bs)]
+            chunks = [[x for x in c if x[0][1] == m] for c in chunks for m in sorted({x[0][1] for x in c})]
             bar = tqdm(total=len(order), desc=f"evaluating {self.label}", disable=not progress, unit="prompt")
-            for s in range(0, len(order), bs):
-                chunk = order[s:s + bs]
-                res = generate_chat(model, tok, [v[0] for _, v in chunk], max_new_tokens=e.max_new_tokens,
+            for chunk in chunks:
+                res = generate_chat(model, tok, [v[0] for _, v in chunk], max_new_tokens=chunk[0][0][1],
                                     batch_size=bs, do_sample=e.do_sample, temperature=e.temperature)
                 rows = []
-                for (sha, (_, owners)), g in zip(chunk, res):
+                for ((sha, _), (_, owners)), g in zip(chunk, res):
                     for kind, item in owners:
-                        row = {"model": self.label, "key": self.key, "kind": kind, "id": item["id"],
+                        row = {"model": self.label, "key": self.key_of(kind), "kind": kind, "id": item["id"],
                                "prompt_sha": sha, "text": g["text"], "n_tokens": g["n_tokens"],
                                "truncated": g["truncated"]}
                         rows.append(row)
@@ -520,21 +550,39 @@ def write_outcomes(gen_path: Path, label: str, key: str, outcomes: dict[str, dic
     write_jsonl_atomic(gen_path, rows)
 
 
-def judge_all(redteam: list[dict], answers: dict[tuple[str, str], dict]) -> tuple[list[dict] | None, str | None]:
-    """Refusal/harm judgments of the red-team answers with ``evaluation.judges.judge_response``; ``(None, reason)``
-    when there are no prompts or no judge."""
+def safety_prompts(cfg: PipelineConfig, run_dir: str | os.PathLike | None, notes: list[str]) -> dict:
+    """The safety measure's prompts: ``{"redteam", "benign", "redteam_source", "benign_source", "left_out"}``.
+
+    Harmful prompts that overlap a prompt the run's DPO stage trained on (:func:`evaluation.safety.overlapping`
+    with the prompts of ``<run_dir>/data/pairs.jsonl``) are left out and counted in ``left_out``, with a line in
+    ``notes``."""
+    from evaluation.safety import overlapping, trained_prompts
+
+    redteam, rsrc = read_redteam(cfg)
+    benign, bsrc = read_benign(cfg)
+    left = 0
+    if run_dir is not None and redteam:
+        trained = trained_prompts(run_dir)
+        drop = overlapping([r["prompt"] for r in redteam], trained) if trained else set()
+        kept = [r for i, r in enumerate(redteam) if i not in drop]
+        left = len(redteam) - len(kept)
+        if left:
+            notes.append(f"{left} harmful prompt(s) left out of the refusal measure: the run's DPO stage trained on "
+                         "them (data/pairs.jsonl)")
+        redteam = kept
     if not redteam:
-        return None, "no red-team prompts (evaluate.redteam_file unset and no dpo/assessment.json)"
-    try:
-        from evaluation.judges import judge_response
-    except ImportError as e:
-        return None, f"refusal judge unavailable ({e})"
-    out = []
-    for rt in redteam:
-        j = dict(judge_response(rt["prompt"], answers[("redteam", rt["id"])]["text"]))
-        j["id"] = rt["id"]
-        out.append(j)
-    return out, None
+        notes.append("harmful_refusal_rate is null: no harmful prompts (evaluate.redteam_file unset and no "
+                     "dpo/assessment.json)")
+    return {"redteam": redteam, "benign": benign, "redteam_source": rsrc, "benign_source": bsrc, "left_out": left}
+
+
+def classify_answers(cfg: PipelineConfig, redteam: list[dict], answers: dict) -> dict[str, dict]:
+    """``{id: parse_guard_output(...)}`` of the harmful answers by ``evaluate.safety_classifier``."""
+    from evaluation.safety import ClassifierJudge
+    from stages.models import pick_device
+
+    clf = ClassifierJudge(cfg.evaluate.safety_classifier, cfg.model, device=pick_device(cfg.device))
+    return {r["id"]: clf(r["prompt"], answers[("redteam", r["id"])]["text"]) for r in redteam}
 
 
 # --------------------------------------------------------------------------------------------- evaluation
@@ -548,13 +596,16 @@ def evaluate_models(cfg: PipelineConfig, models: dict[str, str], eval_file: str 
     model it started from, :func:`stage_references`). ``margins``: also compute the teacher-forced margins."""
     from evaluation import report
     from evaluation.metrics import model_metrics, paired_comparisons, score_case
+    from evaluation.safety import disagreement, safety_metrics, safety_outcomes
     from evaluation.verification import verify
     from stages.run_dir import file_sha256
 
     e = cfg.evaluate
     eval_path = resolve_input(eval_file)
     cases = validate(cfg, eval_path, models)
-    redteam, redteam_source = read_redteam(cfg)
+    notes: list[str] = []
+    sp = safety_prompts(cfg, run_dir, notes)
+    redteam, benign = sp["redteam"], sp["benign"]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     eval_sha = file_sha256(eval_path)
@@ -562,26 +613,34 @@ def evaluate_models(cfg: PipelineConfig, models: dict[str, str], eval_file: str 
             if m in models and r in models}
     metrics = {"models": {}, "by_category": {}, "by_position": {}, "utility_by_category": {},
                "utility_by_position": {}, "by_control_category": {}, "eval_file": str(eval_path),
-               "eval_file_sha256": eval_sha, "verification": {}, "paired": [], "references": refs, "notes": [],
+               "eval_file_sha256": eval_sha, "verification": {}, "paired": [], "references": refs, "notes": notes,
+               "over_refusal_by_category": {}, "safety_classifier": {},
                "settings": {"max_new_tokens": e.max_new_tokens, "do_sample": e.do_sample,
                             "temperature": e.temperature if e.do_sample else None, "batch_size": e.batch_size,
                             "utility_f1_threshold": e.utility_f1_threshold, "hsic_permutations": e.hsic_permutations,
                             "pc_components": e.pc_components, "ci_test": e.ci_test, "alpha": e.alpha,
-                            "max_cases": e.max_cases, "redteam_source": redteam_source, "n_redteam": len(redteam),
+                            "max_cases": e.max_cases, "redteam_source": sp["redteam_source"],
+                            "n_redteam": len(redteam), "redteam_left_out": sp["left_out"],
+                            "benign_source": sp["benign_source"], "n_benign": len(benign),
+                            "safety_max_new_tokens": e.safety_max_new_tokens,
+                            "safety_classifier": e.safety_classifier,
                             "seed": cfg.seed, "model_paths": dict(models), "data_role": cfg.model.data_role,
                             "causal_objective": causal_objective(cfg)}}
     examples, flags = {}, {}
     inj_cases = [c for c in cases if c.get("kind", "injection") == "injection"]
     for label, path in models.items():
         t0 = time.time()
-        ev = ModelEvaluator(cfg, label, path, out, cases, redteam, eval_sha)
+        ev = ModelEvaluator(cfg, label, path, out, cases, redteam, eval_sha, benign)
         answers = ev.generate()
         reps = ev.representations()
         mg = ev.margins() if margins else None
         ev.release()
-        judgments, why = judge_all(redteam, answers)
-        if why and why not in metrics["notes"]:
-            metrics["notes"].append(f"harmful_refusal_rate is null: {why}")
+        safety = safety_outcomes(redteam, benign, answers)
+        if e.safety_classifier and redteam:
+            verdicts = classify_answers(cfg, redteam, answers)
+            metrics["safety_classifier"][label] = disagreement(safety, verdicts)
+            for i, v in verdicts.items():
+                safety[i]["classifier_unsafe"] = v["unsafe"]
         outcomes = []
         for c in cases:
             clean = answers[("clean", c["id"])]["text"]
@@ -589,10 +648,14 @@ def evaluate_models(cfg: PipelineConfig, models: dict[str, str], eval_file: str 
             outcomes.append(score_case(c, clean, injected, data_role=cfg.model.data_role,
                                        f1_threshold=e.utility_f1_threshold))
         write_outcomes(ev.gen_path, label, ev.key, {c["id"]: o for c, o in zip(cases, outcomes)})
-        m = model_metrics(cases, outcomes, judgments=judgments, reps=reps)
+        m = model_metrics(cases, outcomes, reps=reps)
+        sm = safety_metrics(safety)
+        metrics["over_refusal_by_category"][label] = sm.pop("over_refusal_by_category")
+        m.update(sm)
         groups = m.pop("_groups")
-        flags[label] = groups["flags"]
+        flags[label] = {**groups["flags"], **safety}
         metrics.setdefault("case_outcomes", {})[label] = groups["flags"]
+        metrics.setdefault("safety_outcomes", {})[label] = safety
         if mg is not None:
             vals = [x for x in mg if x is not None]
             m["teacher_forced_margin_mean"] = sum(vals) / len(vals) if vals else None
@@ -625,8 +688,7 @@ def evaluate_models(cfg: PipelineConfig, models: dict[str, str], eval_file: str 
         log.info("[%s] ASR %.3f, utility clean %s / under attack %s, over-defence compliance %s in %.0f s", label,
                  m["attack_success_rate"], _fmt_rate(m["utility_clean"]), _fmt_rate(m["utility_under_attack"]),
                  _fmt_rate(m["over_defence_compliance"]), m["seconds"])
-    metrics["paired"] = paired_comparisons(flags, list(refs.items()), keys=("attack", "utility_under_attack"),
-                                           alpha=e.alpha)
+    metrics["paired"] = paired_comparisons(flags, list(refs.items()), keys=PAIRED_KEYS, alpha=e.alpha)
     atomic_write_json(out / "metrics.json", _json_safe(metrics))
     report.write_report(out, metrics, cases, examples, run_dir=run_dir, model_paths=models)
     return metrics
@@ -673,7 +735,8 @@ def run(cfg: PipelineConfig) -> dict:
     out = cfg.run_dir / "eval"
     metrics = evaluate_models(cfg, models, eval_file_path(cfg), out, run_dir=cfg.run_dir)
     summary = {label: {k: m.get(k) for k in ("attack_success_rate", "attack_success_rate_begins", "utility_clean",
-                                             "utility_under_attack", "over_defence_compliance")}
+                                             "utility_under_attack", "over_defence_compliance",
+                                             "harmful_refusal_rate", "benign_over_refusal_rate")}
                for label, m in metrics["models"].items()}
     return {"outputs": {"metrics": str(out / "metrics.json"), "report": str(out / "report.md")},
             "metrics": summary}

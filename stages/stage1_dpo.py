@@ -86,6 +86,22 @@ def split_held_out(prompts: list[dict], n: int, seed: int) -> tuple[list[dict], 
     return [p for p in prompts if p["id"] not in held_ids], [p for p in prompts if p["id"] in held_ids]
 
 
+def without_safety_eval(cfg: PipelineConfig, prompts: list[dict], what: str = "dpo.prompts") -> list[dict]:
+    """``prompts`` (rows with a ``prompt``: red-team prompts or preference pairs) without those that overlap a
+    prompt the evaluation's safety measure holds out (:func:`evaluation.safety.held_out_prompts`, compared by
+    :func:`evaluation.safety.overlapping`), so no stage trains on a prompt its refusal rate is measured on. Logs
+    how many were left out."""
+    from evaluation.safety import held_out_prompts, overlapping
+
+    held = held_out_prompts(cfg)
+    drop = overlapping([p["prompt"] for p in prompts], held) if held and prompts else set()
+    kept = [p for i, p in enumerate(prompts) if i not in drop]
+    if len(kept) < len(prompts):
+        log.warning("%s: %d prompt(s) left out: the evaluation's safety measure holds them out", what,
+                    len(prompts) - len(kept))
+    return kept
+
+
 def dpo_defaults(cfg: PipelineConfig) -> dict:
     """Project defaults for ``trl.DPOConfig`` (the YAML's ``dpo.training`` overrides them)."""
     return dict(max_length=cfg.model.max_seq_length, precompute_ref_log_probs=False, beta=0.1, learning_rate=5e-6,
@@ -125,6 +141,7 @@ def validate(cfg: PipelineConfig) -> dict:
     if not d.prompts and not d.pairs_file:
         raise cfg.error("dpo.prompts", "no red-team prompt sources configured (and no dpo.pairs_file)")
     prompts = read_redteam_sources(_sources(cfg)) if d.prompts else []
+    prompts = without_safety_eval(cfg, prompts)
     if prompts and d.held_out >= len(prompts):
         raise cfg.error("dpo.held_out", f"holds out {d.held_out} of only {len(prompts)} prompts")
     train, held = split_held_out(prompts, d.held_out, cfg.seed)
@@ -139,6 +156,7 @@ def validate(cfg: PipelineConfig) -> dict:
             log.warning("dpo.pairs_file: %d pair(s) use held-out prompts and are left out of training: %s",
                         len(leaked), leaked[:5])
             pairs = [p for p in pairs if p["id"] not in held_ids]
+        pairs = without_safety_eval(cfg, pairs, "dpo.pairs_file")
         if len(pairs) < d.min_pairs:
             raise cfg.error("dpo.pairs_file", f"only {len(pairs)} usable pair(s), dpo.min_pairs is {d.min_pairs}")
     elif len(train) < d.min_pairs:

@@ -30,7 +30,8 @@ from stages.config import CausalHeadSection, CausalLossSection, PipelineConfig, 
 
 STAGE = "causal"
 CURVE_KEYS = ("loss", "loss_lm", "loss_lm_injected", "loss_lm_counterfactual", "loss_kl", "loss_pref",
-              "loss_contrastive", "margin_injected", "head_cos_benign_counterfactual", "head_cos_benign_injected",
+              "loss_contrastive", "margin_injected", "loss_retain_sft", "loss_retain_dpo", "retain_margin",
+              "head_cos_benign_counterfactual", "head_cos_benign_injected",
               "head_causal_discrimination", "pooled_cos_benign_counterfactual", "pooled_cos_benign_injected",
               "pooled_causal_discrimination")
 
@@ -130,6 +131,8 @@ def validate(cfg: PipelineConfig) -> dict:
             check_attack_overlap([used], out["eval_attacks"])
         check_task_overlap([Task(id=t["id"], instruction=t["instruction"], data=t["data"], response=t["response"])
                             for t in out["triplets"]], eval_cases, cfg.evaluate.eval_file)
+    if retention_on(cfg) and (cfg.causal.retain_pairs_file or retain_pairs_path(cfg).is_file()):
+        out["retain_pairs"] = read_retain_pairs(cfg)  # (the default file may not exist before the DPO stage runs)
     build_training_args(TrainingArguments, cfg, "causal", cfg.run_dir / "causal" / "checkpoints", **causal_defaults(cfg))
     return out
 
@@ -149,9 +152,40 @@ def loss_and_head_kwargs(cfg: PipelineConfig) -> dict:
               variant=loss.variant, temperature=loss.temperature, lambda_causal=loss.lambda_causal,
               lambda_spurious=loss.lambda_spurious, margin_floor=loss.margin_floor,
               in_batch_negatives=loss.in_batch_negatives, pool_layer=head_cfg.pool_layer,
-              head_learning_rate=head_cfg.learning_rate)
+              head_learning_rate=head_cfg.learning_rate, lambda_retain_sft=loss.lambda_retain_sft,
+              lambda_retain_dpo=loss.lambda_retain_dpo, retain_beta=loss.retain_beta)
     views, lm_views = needed_views(**kw)
     return {**kw, "views": views, "lm_views": lm_views}
+
+
+def retention_on(cfg: PipelineConfig) -> bool:
+    loss = sub_section(cfg, CausalLossSection, "causal.loss")
+    return loss.lambda_retain_sft > 0 or loss.lambda_retain_dpo > 0
+
+
+def retain_pairs_path(cfg: PipelineConfig) -> Path:
+    """``causal.retain_pairs_file``, else the DPO stage's ``<run_dir>/data/pairs.jsonl``."""
+    from stages.evaluate import resolve_input
+
+    return resolve_input(cfg.causal.retain_pairs_file) if cfg.causal.retain_pairs_file else \
+        cfg.run_dir / "data" / "pairs.jsonl"
+
+
+def read_retain_pairs(cfg: PipelineConfig) -> list[dict]:
+    """The preference pairs the retention terms replay (at most ``causal.retain_max_pairs``). Raises
+    :class:`ConfigError` naming ``causal.retain_pairs_file`` when the file is missing (e.g. no DPO run yet) and
+    :class:`DataError` (file, line, field) for a bad row."""
+    from data_builders.critique_rewrite import read_pairs
+
+    path = retain_pairs_path(cfg)
+    if not path.is_file():
+        raise cfg.error("causal.retain_pairs_file", f"the retention terms replay preference pairs, but {path} does "
+                                                    "not exist: run the DPO stage first, or point "
+                                                    "causal.retain_pairs_file at a pairs JSONL")
+    pairs = read_pairs(path, provenance=False)
+    if not pairs:
+        raise cfg.error("causal.retain_pairs_file", f"{path} holds no pair to replay")
+    return pairs[:cfg.causal.retain_max_pairs] if cfg.causal.retain_max_pairs else pairs
 
 
 def causal_defaults(cfg: PipelineConfig) -> dict:
@@ -332,6 +366,18 @@ def run(cfg: PipelineConfig) -> dict:
     ds, eval_ds = split_by_task(ds, c.eval_fraction, cfg.seed)
     if eval_ds is not None and len(ds) == 0:
         raise cfg.error("causal.eval_fraction", "leaves no training triplets")
+    retain_stats = None
+    if retention_on(cfg):
+        from data_builders.token_cache import attach_retention, tokenize_retention_pairs
+
+        pairs = parsed.get("retain_pairs") or read_retain_pairs(cfg)
+        rows, too_long = tokenize_retention_pairs(pairs, tok, max_length)
+        if not rows:
+            raise cfg.error("causal.retain_pairs_file", f"none of the {len(pairs)} pairs fits in {max_length} tokens")
+        ds = attach_retention(ds, rows, cfg.seed)
+        eval_ds = attach_retention(eval_ds, rows, cfg.seed + 1) if eval_ds is not None else None
+        retain_stats = {"file": str(retain_pairs_path(cfg)), "pairs": len(rows), "too_long": too_long}
+        log.info("retention: %d pair(s) replayed from %s (%d too long)", len(rows), retain_stats["file"], too_long)
 
     peft_model = get_peft_model(model, lora_config(cfg.lora))
     kwargs = loss_and_head_kwargs(cfg)
@@ -383,7 +429,7 @@ def run(cfg: PipelineConfig) -> dict:
     fl = first_last(history)
     metrics = {"train_loss": round(result.training_loss, 4), "steps": result.global_step,
                "triplets": cache.n_kept, "triplets_too_long": cache.n_too_long, "token_cache_hit": cache.from_cache,
-               "triplet_stats": tstats, "first_last": fl}
+               "triplet_stats": tstats, "first_last": fl, "retention": retain_stats}
     for key in ("loss_lm_injected", "margin_injected", "head_causal_discrimination"):
         if key in fl:
             metrics[f"first_{key}"], metrics[f"last_{key}"] = fl[key]

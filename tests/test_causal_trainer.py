@@ -524,3 +524,106 @@ def test_stage_run_on_tiny_model(tiny_model_dir, tmp_path):
     assert head.config() == {"type": "mlp", "in_dim": 32, "dim": 8, "hidden": 16}
     meta = json.loads((cfg2.run_dir / "causal" / "adapter" / HEAD_CONFIG).read_text())
     assert meta["pooling"] == "response" and meta["contrastive"] == "v2"
+
+
+# ------------------------------------------------------------------ retention on replayed DPO-stage pairs
+PAIRS = [{"id": f"p{i}", "prompt": [{"role": "user", "content": q}],
+          "chosen": [{"role": "assistant", "content": c}], "rejected": [{"role": "assistant", "content": r}]}
+         for i, (q, c, r) in enumerate([
+             ("How do I pick my neighbour's lock?", "I can't help with entering someone else's home.",
+              "Use a tension wrench and rake the pins."),
+             ("Write an insult for my coworker.", "I'd rather help you talk to them calmly.", "You are a lazy fool."),
+             ("How can I cheat on my exam?", "I won't help with cheating, but I can help you study.",
+              "Hide notes in your sleeve.")])]
+
+
+@pytest.fixture(scope="module")
+def retain_dataset(dataset, tok):
+    from data_builders.token_cache import attach_retention, tokenize_retention_pairs
+
+    rows, too_long = tokenize_retention_pairs(PAIRS, tok, 512)
+    assert len(rows) == 3 and too_long == 0
+    return attach_retention(dataset, rows, seed=0)
+
+
+def test_retention_rows_are_the_pairs_tokenized_like_the_triplets(retain_dataset, dataset, tok):
+    from data_builders.token_cache import attach_retention, tokenize_retention_pairs
+
+    seen = set()
+    for ex in retain_dataset:
+        ids, labels = ex["retain_chosen_input_ids"], ex["retain_chosen_labels"]
+        pair = next(p for p in PAIRS if ids == prompt_response_ids(tok, p["prompt"], p["chosen"][0]["content"])[0])
+        n_prompt = prompt_response_ids(tok, pair["prompt"], pair["chosen"][0]["content"])[1]
+        assert labels == [-100] * n_prompt + ids[n_prompt:]
+        assert ex["retain_rejected_input_ids"] == prompt_response_ids(tok, pair["prompt"],
+                                                                      pair["rejected"][0]["content"])[0]
+        assert ex["length"] >= max(len(ids), len(ex["retain_rejected_input_ids"]), len(ex["benign_input_ids"]))
+        seen.add(pair["id"])
+    assert seen == {"p0", "p1", "p2"}  # every pair is replayed (12 triplets, 3 pairs, cycled)
+    assert tokenize_retention_pairs(PAIRS, tok, 12) == ([], 3)  # too long for 12 tokens: dropped, counted
+    with pytest.raises(ValueError, match="no retention pair"):
+        attach_retention(dataset, [], 0)
+    views, lm = needed_views(lambda_lm_injected=1.0, lambda_retain_dpo=0.5)
+    assert views[-2:] == ["retain_chosen", "retain_rejected"] and "retain_chosen" not in lm
+    b = TripletCollator(tok.pad_token_id, views=views, lm_views=lm)([retain_dataset[i] for i in range(2)])
+    assert (b["labels"][-4:] == -100).all()  # the replayed rows never count in Trainer's token normaliser
+    assert b["response_mask"][-4:-2].sum(1).tolist() == [sum(x != -100 for x in retain_dataset[i][
+        "retain_chosen_labels"]) for i in range(2)]
+
+
+def test_retention_terms_against_hand_computation(tiny_model_dir, tok, retain_dataset, tmp_path):
+    """loss(with retention) − loss(without) = mean over the pairs of λ_sft·NLL̄(chosen) + λ_dpo·DPO, computed here
+    from the model's logits with and without the adapter (Rafailov et al. 2023, eq. 7)."""
+    import torch.nn.functional as F
+
+    on = make_trainer(tiny_model_dir, tok, retain_dataset, tmp_path / "a", obj="lm_injected",
+                      loss={"lambda_retain_sft": 0.5, "lambda_retain_dpo": 0.7, "retain_beta": 0.3})
+    off = make_trainer(tiny_model_dir, tok, retain_dataset, tmp_path / "b", obj="lm_injected")
+    assert on.views == ["benign", "injected", "retain_chosen", "retain_rejected"]
+    feats = [retain_dataset[i] for i in range(3)]
+    b_on, b_off = on.data_collator(feats), off.data_collator(feats)
+    with torch.no_grad():
+        got = on.compute_loss(on.model, dict(b_on)) - off.compute_loss(off.model, dict(b_off))
+
+        def seq_logps(model, ids_key, lab_key):
+            out = []
+            for f in feats:
+                ids = torch.tensor([f[ids_key]])
+                lab = torch.tensor(f[lab_key])
+                logits = model(input_ids=ids).logits[0, :-1]
+                lp = -F.cross_entropy(logits, ids[0, 1:], reduction="none")
+                m = lab[1:] != -100
+                out.append((lp[m].sum(), int(m.sum())))
+            return out
+
+        pc = seq_logps(on.model, "retain_chosen_input_ids", "retain_chosen_labels")
+        pr = seq_logps(on.model, "retain_rejected_input_ids", "retain_rejected_labels")
+        with on.model.disable_adapter():
+            rc = seq_logps(on.model, "retain_chosen_input_ids", "retain_chosen_labels")
+            rr = seq_logps(on.model, "retain_rejected_input_ids", "retain_rejected_labels")
+        want = 0.0
+        for (c, n), (r, _), (c0, _), (r0, _) in zip(pc, pr, rc, rr):
+            dpo = -F.logsigmoid(0.3 * ((c - c0) - (r - r0)))
+            want += (0.5 * (-c / n) + 0.7 * dpo) / 3
+    assert abs(got.item() - float(want)) < 1e-4
+    avg = on._averages("train")
+    assert {"loss_retain_sft", "loss_retain_dpo", "retain_margin"} <= set(avg)
+
+
+def test_retention_dpo_starts_at_ln2_and_accumulates_exactly(tiny_model_dir, tok, retain_dataset, tmp_path):
+    import math
+
+    tr = make_trainer(tiny_model_dir, tok, retain_dataset, tmp_path, obj="kl", lora_init=True,
+                      loss={"lambda_retain_dpo": 1.0})
+    with torch.no_grad():
+        tr.compute_loss(tr.model, dict(tr.data_collator([retain_dataset[i] for i in range(3)])))
+    assert tr._averages("train")["loss_retain_dpo"] == pytest.approx(math.log(2), abs=1e-5)
+    tr = make_trainer(tiny_model_dir, tok, retain_dataset, tmp_path, obj="kl", targs={"gradient_accumulation_steps": 2},
+                      loss={"lambda_retain_sft": 0.4, "lambda_retain_dpo": 0.9})
+    feats = [retain_dataset[i] for i in range(4)]
+    coll = tr.data_collator
+    loss4, g4 = _run_step(tr, [coll(feats)])
+    loss22, g22 = _run_step(tr, [coll(feats[:2]), coll(feats[2:])])
+    assert loss4 == pytest.approx(loss22, abs=1e-5)
+    for n in g4:
+        assert torch.allclose(g4[n], g22[n], atol=1e-5, rtol=1e-4), n

@@ -7,11 +7,13 @@ ONE forward pass with ``output_hidden_states=True``, computes the terms of ``tra
 
     L = λ_task·NLL(y|x_b) + λ_lm_injected·NLL(y|x_i) + λ_lm_counterfactual·NLL(y|x_c)
         + λ_kl·KL-invariance + λ_pref·SecAlign-DPO(y ≻ y_a | x_i) + contrastive (v1 | v2 | none)
+        + λ_retain_sft·NLL(chosen|x_r) + λ_retain_dpo·DPO(chosen ≻ rejected | x_r)      (retention, replayed pairs)
 
 Next-token logits are computed only at the response positions (the output embedding applied to the final hidden
 states of those positions; models that post-process logits get the model's own logits instead), never for the whole
 (V·B, L, vocab) tensor. ``pref_injected`` adds one no-grad forward of the injected and hijack rows with the LoRA
-adapter disabled (the reference model = the starting model, as in the DPO stage).
+adapter disabled (the reference model = the starting model, as in the DPO stage); ``retain_dpo`` one of the
+replayed chosen and rejected rows.
 
 Gradient accumulation is exact (one optimizer step over k micro-batches = one step over their union):
 
@@ -33,7 +35,8 @@ terms micro-batch means.
 Logged (Trainer's log keys; W&B/TensorBoard show them as ``train/<key>`` and ``eval/<key>``): ``loss_lm``,
 ``loss_lm_injected``, ``loss_lm_counterfactual`` (token-mean NLL of y per view present, also when its weight is 0),
 ``loss_kl``, ``loss_pref``, ``loss_contrastive``, ``margin_injected`` = mean[log p(y|x_i) − log p(y_a|x_i)] (when
-the hijack view is present), and the representation metrics of :func:`evaluation.metrics.representation_metrics`
+the hijack view is present), ``loss_retain_sft`` (token-mean NLL of the replayed chosen answers, whenever they are in
+the batch), ``loss_retain_dpo`` and ``retain_margin`` (the replayed pairs' log-ratio margin, before β), and
 (the one definition shared with evaluation) with a prefix naming the space: ``head_*`` on the projection head's
 outputs (v1: prompt-pooled; v2: response-pooled) and ``pooled_*`` on the prompt-pooled hidden states before any
 head. Training values are averaged over the triplets seen since the last log; evaluation values are running sums.
@@ -68,7 +71,8 @@ HEAD_ATTR = "causal_projection_head"
 STEP_KEYS = ("step_triplets",)
 REP_KEYS = ("cos_benign_counterfactual", "cos_benign_injected", "causal_discrimination")
 METRIC_KEYS = ("loss_lm", "loss_lm_injected", "loss_lm_counterfactual", "loss_kl", "loss_pref", "loss_contrastive",
-               "margin_injected") + tuple(f"{space}_{k}" for space in ("head", "pooled") for k in REP_KEYS)
+               "margin_injected", "loss_retain_sft", "loss_retain_dpo", "retain_margin") + \
+    tuple(f"{space}_{k}" for space in ("head", "pooled") for k in REP_KEYS)
 
 
 # --------------------------------------------------------------------------------------------- head files
@@ -228,6 +232,8 @@ class CausalContrastiveTrainer(Trainer):
         views: the views of the collator's batches, in order (:func:`data_builders.token_cache.needed_views`);
             ``lm_views``: those carrying labels.
         lambda_task, lambda_lm_injected, lambda_lm_counterfactual, lambda_kl, lambda_pref, pref_beta: term weights.
+        lambda_retain_sft, lambda_retain_dpo, retain_beta: the retention terms on replayed DPO-stage pairs (views
+            ``retain_chosen``/``retain_rejected``, :func:`data_builders.token_cache.attach_retention`).
         contrastive: ``none`` | ``v1`` | ``v2``; lambda_contrastive (v2 weight), contrastive_counterfactual (v2
             uses z(x_c, y) as a second positive); v1: variant, lambda_causal, lambda_spurious, margin_floor,
             in_batch_negatives; temperature τ (v1 and v2).
@@ -244,7 +250,8 @@ class CausalContrastiveTrainer(Trainer):
                  contrastive: str = "v1", lambda_contrastive: float = 1.0, contrastive_counterfactual: bool = True,
                  variant: str = "cosine", temperature: float = 0.1, lambda_causal: float = 1.0,
                  lambda_spurious: float = 1.0, margin_floor: float = 0.0, in_batch_negatives: bool = False,
-                 pool_layer: int = -1, head_learning_rate: float | None = None, **kwargs):
+                 pool_layer: int = -1, head_learning_rate: float | None = None, lambda_retain_sft: float = 0.0,
+                 lambda_retain_dpo: float = 0.0, retain_beta: float = 0.1, **kwargs):
         check_temperature(temperature)
         if variant not in ("cosine", "infonce", "margin"):
             raise ValueError(f"unknown loss variant {variant!r}")
@@ -256,7 +263,9 @@ class CausalContrastiveTrainer(Trainer):
                              "λ_lm_counterfactual > 0)")
         need = {"injected": lambda_lm_injected > 0 or lambda_kl > 0 or lambda_pref > 0 or contrastive != "none",
                 "counterfactual": lambda_lm_counterfactual > 0 or contrastive == "v1",
-                "hijack": lambda_pref > 0 or contrastive == "v2"}
+                "hijack": lambda_pref > 0 or contrastive == "v2",
+                "retain_chosen": lambda_retain_sft > 0 or lambda_retain_dpo > 0,
+                "retain_rejected": lambda_retain_dpo > 0}
         missing = [v for v, n in need.items() if n and v not in views]
         if missing or "benign" not in views:
             raise ValueError(f"the objective needs the views {missing or ['benign']} in the batch (views={views})")
@@ -281,6 +290,8 @@ class CausalContrastiveTrainer(Trainer):
         self.views, self.lm_views = views, lm_views
         self.weights = {"benign": lambda_task, "injected": lambda_lm_injected, "counterfactual": lambda_lm_counterfactual}
         self.lambda_kl, self.lambda_pref, self.pref_beta = lambda_kl, lambda_pref, pref_beta
+        self.lambda_retain_sft, self.lambda_retain_dpo = lambda_retain_sft, lambda_retain_dpo
+        self.retain_beta = retain_beta
         self.contrastive, self.lambda_contrastive = contrastive, lambda_contrastive
         self.contrastive_counterfactual = contrastive_counterfactual and "counterfactual" in views
         self.temperature = temperature
@@ -347,6 +358,18 @@ class CausalContrastiveTrainer(Trainer):
         with unwrapped.disable_adapter():
             yield unwrapped
 
+    @torch.no_grad()
+    def _reference_logps(self, model, fwd: dict, resp_mask, view_indices: Sequence[int], B: int, fast: bool):
+        """Summed response log-probs under the reference (adapter disabled) of the rows of the given views:
+        (len(view_indices)·B,), in the views' order."""
+        input_ids = fwd["input_ids"]
+        idx = torch.cat([torch.arange(v * B, (v + 1) * B) for v in view_indices]).to(input_ids.device)
+        with self._reference(model) as ref:
+            rfwd = {k: v[idx] for k, v in fwd.items() if isinstance(v, torch.Tensor)}
+            rout = ref(**rfwd, output_hidden_states=True, use_cache=False, logits_to_keep=1 if fast else 0)
+            rl, rtok, rrows = self._response_logits(ref, rout, input_ids[idx], resp_mask[idx], fast)
+            return sequence_logps(-F.cross_entropy(rl.float(), rtok, reduction="none"), rrows, len(idx))
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)
         step_triplets = inputs.pop("step_triplets", None)
@@ -402,16 +425,27 @@ class CausalContrastiveTrainer(Trainer):
             pi_w, pi_l = seq[at["injected"] * B:(at["injected"] + 1) * B], seq[at["hijack"] * B:(at["hijack"] + 1) * B]
             vals["margin_injected"] = (pi_w - pi_l).detach().mean()
             if self.lambda_pref > 0:
-                idx = torch.cat([torch.arange(at["injected"] * B, (at["injected"] + 1) * B),
-                                 torch.arange(at["hijack"] * B, (at["hijack"] + 1) * B)]).to(input_ids.device)
-                with torch.no_grad(), self._reference(model) as ref:
-                    rfwd = {k: v[idx] for k, v in fwd.items() if isinstance(v, torch.Tensor)}
-                    rout = ref(**rfwd, output_hidden_states=True, use_cache=False, logits_to_keep=1 if fast else 0)
-                    rl, rtok, rrows = self._response_logits(ref, rout, input_ids[idx], resp_mask[idx], fast)
-                    rseq = sequence_logps(-F.cross_entropy(rl.float(), rtok, reduction="none"), rrows, 2 * B)
+                rseq = self._reference_logps(model, fwd, resp_mask, [at["injected"], at["hijack"]], B, fast)
                 pref = dpo_sigmoid_loss(pi_w, pi_l, rseq[:B], rseq[B:], self.pref_beta)
                 per_ex = per_ex + self.lambda_pref * pref
                 vals["loss_pref"] = pref.detach().mean()
+
+        if "retain_chosen" in at:  # retention on replayed DPO-stage pairs (views of the same examples)
+            seq = sequence_logps(logp_tok, rows, R)
+            n_tok = torch.bincount(rows, minlength=R).clamp(min=1)
+            c = slice(at["retain_chosen"] * B, (at["retain_chosen"] + 1) * B)
+            nll_c = -seq[c] / n_tok[c]  # (B,) token-mean NLL of each chosen answer
+            vals["loss_retain_sft"] = nll_c.detach().mean()
+            if self.lambda_retain_sft > 0:
+                per_ex = per_ex + self.lambda_retain_sft * nll_c
+            if self.lambda_retain_dpo > 0:
+                r = slice(at["retain_rejected"] * B, (at["retain_rejected"] + 1) * B)
+                rseq = self._reference_logps(model, fwd, resp_mask, [at["retain_chosen"], at["retain_rejected"]], B,
+                                             fast)
+                ret = dpo_sigmoid_loss(seq[c], seq[r], rseq[:B], rseq[B:], self.retain_beta)
+                per_ex = per_ex + self.lambda_retain_dpo * ret
+                vals["loss_retain_dpo"] = ret.detach().mean()
+                vals["retain_margin"] = ((seq[c] - rseq[:B]) - (seq[r] - rseq[B:])).detach().mean()
 
         hidden = outputs.hidden_states[self.pool_layer]
         con_mean = None

@@ -7,7 +7,7 @@ the same model with its LoRA adapter disabled (the starting model), sg[·] stops
 temperature. The stage's objective is a weighted sum (``causal.loss``; each weight may be 0):
 
     L = λ_task·NLL(y|x_b) + λ_lm_injected·NLL(y|x_i) + λ_lm_counterfactual·NLL(y|x_c)
-        + λ_kl·L_KL + λ_pref·L_pref + L_contrastive
+        + λ_kl·L_KL + λ_pref·L_pref + L_contrastive + λ_retain_sft·L_retain_sft + λ_retain_dpo·L_retain_dpo
 
 * ``lm_injected``: NLL(y|x_i), the injected prompt trained toward the benign answer — StruQ's structured
   instruction tuning (Chen et al. 2024, "StruQ: Defending Against Prompt Injection with Structured Queries", §4:
@@ -37,6 +37,14 @@ temperature. The stage's objective is a weighted sum (``causal.loss``; each weig
   ReLU(cos) rerouting loss, Zou et al. 2024, §3, with floor = 0).
   v1 pushes the injected *prompt* away from the benign one, which rewards the model for letting the injection change
   its state — the opposite of what robustness needs; the ablation (``stages/ablate.py``) measures it.
+* retention (``lambda_retain_sft``, ``lambda_retain_dpo``): a later stage must not undo an earlier one, so the DPO
+  stage's preference pairs (x_r, y_w ≻ y_l) are replayed inside the causal stage's steps (experience replay for
+  continual learning: Rolnick et al. 2019, "Experience Replay for Continual Learning"), one pair per triplet:
+  ``retain_sft`` = (1/|y_w|) Σ_t −log p_θ(y_w,t | x_r, y_w,<t), the token-mean NLL of the chosen answer (the NLL
+  term RPO adds to DPO: Pang et al. 2024, "Iterative Reasoning Preference Optimization", eq. 2; TRL's ``sft`` loss
+  type); ``retain_dpo`` = −log σ(β_r[(log p_θ(y_w|x_r) − log p_ref(y_w|x_r)) − (log p_θ(y_l|x_r) − log
+  p_ref(y_l|x_r))]) (:func:`dpo_sigmoid_loss`, Rafailov et al. 2023 eq. 7) against the same adapter-disabled
+  reference, i.e. the DPO stage's own objective kept satisfied. Both are per-triplet terms.
 
 Everything here is computed in float32, whatever the model's dtype.
 """
