@@ -144,6 +144,28 @@ def read_sft_file(path: str, fmt: str = "auto", max_rows: int | None = None, ski
     return rows
 
 
+def replay_rows(rows: list[dict], tokenizer, max_length: int, n: int, seed: int) -> list[dict]:
+    """A seeded sample of ``n`` SFT rows tokenized for replay in a later stage: ``{"input_ids", "labels"}`` with the
+    conversation up to the last assistant turn as the prompt (chat template, generation prompt) and that turn + eos
+    as the response, tokenized jointly (:func:`data_builders.chat_template.prompt_response_ids`); labels are -100 on
+    the prompt. Rows longer than ``max_length`` are skipped (the sample is drawn from the others)."""
+    import random
+
+    from data_builders.chat_template import prompt_response_ids
+
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    out = []
+    for i in order:
+        msgs = rows[i]["messages"]
+        ids, n_prompt = prompt_response_ids(tokenizer, msgs[:-1], msgs[-1]["content"])
+        if len(ids) <= max_length:
+            out.append({"input_ids": ids, "labels": [-100] * n_prompt + ids[n_prompt:]})
+        if len(out) >= n:
+            break
+    return out
+
+
 def read_sft_sources(sources: list[dict], skipped: list | None = None) -> list[dict]:
     """Concatenate several ``{path, format, max_rows, skip_invalid}`` sources."""
     rows = []

@@ -176,6 +176,8 @@ class DPOSection:
     pairs_file: str | None = None  # reuse existing pairs instead of generating
     min_pairs: int = 2  # fewer usable pairs than this after filtering is an error
     assessment_max_new_tokens: int = 64  # greedy answers to the held-out prompts, before and after DPO
+    retain_sft_weight: float = 0.0  # retention: λ · NLL of replayed SFT rows (sft.data) added to the DPO loss
+    retain_sft_rows: int = 256  # how many SFT rows (a seeded sample) the retention term cycles through
     generation: dict = field(default_factory=dict)  # GenerationSection keys
     hub_model_id: str | None = None
     training: dict = field(default_factory=dict)  # trl.DPOConfig keys
@@ -716,6 +718,10 @@ def validate_config(cfg: PipelineConfig) -> None:
                                                    "lambda_lm_counterfactual) must be > 0")
     if loss.lambda_pref > 0 and loss.pref_beta <= 0:
         raise cfg.error("causal.loss.pref_beta", "must be > 0")
+    if cfg.dpo.retain_sft_weight < 0:
+        raise cfg.error("dpo.retain_sft_weight", "must be ≥ 0")
+    if cfg.dpo.retain_sft_rows < 1:
+        raise cfg.error("dpo.retain_sft_rows", "must be ≥ 1")
     if loss.lambda_retain_dpo > 0 and loss.retain_beta <= 0:
         raise cfg.error("causal.loss.retain_beta", "must be > 0")
     if cfg.causal.retain_max_pairs is not None and cfg.causal.retain_max_pairs < 1:

@@ -164,7 +164,15 @@ def validate(cfg: PipelineConfig) -> dict:
                                        f"dpo.min_pairs is {d.min_pairs}")
     args = build_training_args(DPOConfig, cfg, "dpo", cfg.run_dir / "dpo" / "checkpoints", **dpo_defaults(cfg))
     _check_dpo_args(cfg, args)
-    return {"train": train, "held_out": held, "constitution": constitution, "pairs": pairs, "gen": gen, "args": args}
+    retain = None
+    if d.retain_sft_weight > 0:  # the SFT stage's data, replayed (read and checked now, tokenized in run)
+        from data_builders.sft_data import read_sft_sources
+
+        if not cfg.sft.data:
+            raise cfg.error("dpo.retain_sft_weight", "replays the SFT data, but sft.data is empty")
+        retain = read_sft_sources(cfg.sft.data)
+    return {"train": train, "held_out": held, "constitution": constitution, "pairs": pairs, "gen": gen, "args": args,
+            "retain_sft": retain}
 
 
 def answer_and_judge(model, tok, prompts: list[dict], *, max_new_tokens: int, batch_size: int, label: str) -> dict:
@@ -282,8 +290,18 @@ def run(cfg: PipelineConfig) -> dict:
     for cb in callbacks:
         if isinstance(cb, LossGuardCallback):
             cb.explode_factor = None  # DPO loss starts at ln 2 and may approach 0: "20x the minimum" is meaningless
+    retain = None
+    if v["retain_sft"]:
+        from data_builders.sft_data import replay_rows
+
+        retain = replay_rows(v["retain_sft"], tok, args.max_length or cfg.model.max_seq_length, d.retain_sft_rows,
+                             cfg.seed)
+        if not retain:
+            raise cfg.error("dpo.retain_sft_weight", f"no SFT row fits in {args.max_length} tokens to replay")
+        log.info("DPO retention: λ=%s on %d replayed SFT rows", d.retain_sft_weight, len(retain))
     trainer = ConstitutionalDPOTrainer(model=model, ref_model=None, args=args, train_dataset=ds, processing_class=tok,
-                                       peft_config=lora_config(cfg.lora), callbacks=callbacks)
+                                       peft_config=lora_config(cfg.lora), callbacks=callbacks, retain_sft=retain,
+                                       retain_sft_weight=d.retain_sft_weight if retain else 0.0)
     if trainer.ref_model is not None:  # TRL contract with a peft model: no second copy of the weights
         raise RuntimeError("expected no separate reference model with a LoRA adapter")
     ckpt = last_checkpoint(args.output_dir)

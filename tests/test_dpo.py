@@ -327,3 +327,85 @@ def test_nan_dpo_loss_stops_training(tiny_model_dir, tmp_path):
     with pytest.raises(NonFiniteLossError, match="non-finite DPO loss"):
         trainer.train()
     assert trainer.state.global_step == 1
+
+
+# --------------------------------------------------------------------------------------------- SFT retention
+def _sft_rows(tok, n=5):
+    from data_builders.sft_data import replay_rows
+
+    rows = [{"messages": [{"role": "user", "content": f"Name a colour, number {i}."},
+                          {"role": "assistant", "content": f"Blue is colour {i}."}]} for i in range(n)]
+    return replay_rows(rows, tok, 512, n, seed=0), rows
+
+
+def test_replay_rows_mask_exactly_the_last_assistant_turn(tiny_model_dir):
+    from data_builders.chat_template import prompt_response_ids
+    from stages.config import ModelSection
+    from stages.models import load_tokenizer
+
+    tok = load_tokenizer(str(tiny_model_dir), ModelSection())
+    replay, rows = _sft_rows(tok)
+    assert len(replay) == 5
+    for r in replay:
+        src = next(x for x in rows if prompt_response_ids(tok, x["messages"][:-1], x["messages"][-1]["content"])[0]
+                   == r["input_ids"])
+        ids, n_prompt = prompt_response_ids(tok, src["messages"][:-1], src["messages"][-1]["content"])
+        assert r["labels"] == [-100] * n_prompt + ids[n_prompt:] and ids[-1] == tok.eos_token_id
+    from data_builders.sft_data import replay_rows
+
+    assert replay_rows(rows, tok, 5, 3, seed=0) == []  # nothing fits in 5 tokens
+    assert [r["input_ids"] for r in replay_rows(rows, tok, 512, 5, seed=1)] != [r["input_ids"] for r in replay]
+
+
+def test_retain_sft_term_adds_lambda_times_the_replayed_nll(tiny_model_dir, tmp_path):
+    """loss(λ) − TRL's DPO loss = λ · token-mean NLL of the replayed rows' answers (computed here by hand), and the
+    replay cycles through the rows in order."""
+    import torch.nn.functional as F
+
+    from trainers.dpo import ConstitutionalDPOTrainer
+
+    base = _trainer(tiny_model_dir, tmp_path / "a", _pairs(4), max_steps=1)
+    replay, _ = _sft_rows(base.processing_class)
+    with pytest.raises(ValueError, match="needs retain_sft rows"):
+        ConstitutionalDPOTrainer(model=base.model, args=base.args, train_dataset=base.train_dataset,
+                                 processing_class=base.processing_class, retain_sft_weight=0.5)
+    base.retain_sft, base.retain_sft_weight = replay, 0.7
+    batch, _ = _batch(base, [0, 1])
+    base.model.train()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        with_term = base.compute_loss(base.model, dict(batch))
+        base.retain_sft_weight = 0.0
+        plain = base.compute_loss(base.model, dict(batch))
+        rows = replay[0:2]  # the first call took rows 0 and 1
+        nll_sum, n_tok = 0.0, 0
+        for r in rows:
+            ids = torch.tensor([r["input_ids"]])
+            lab = torch.tensor(r["labels"][1:])
+            logits = base.model(input_ids=ids).logits[0, :-1]
+            m = lab != -100
+            nll_sum += F.cross_entropy(logits[m], lab[m], reduction="sum").item()
+            n_tok += int(m.sum())
+    assert with_term.item() - plain.item() == pytest.approx(0.7 * nll_sum / n_tok, abs=1e-4)
+    assert base._metrics["train"]["retain_sft/nll"][-1] == pytest.approx(nll_sum / n_tok, abs=1e-4)
+    b = base.retain_sft_batch(2)  # the second call: rows 2 and 3
+    assert b["input_ids"][0, :len(replay[2]["input_ids"])].tolist() == replay[2]["input_ids"]
+    assert b["input_ids"][1, :len(replay[3]["input_ids"])].tolist() == replay[3]["input_ids"]
+    b = base.retain_sft_batch(2)  # wraps around: rows 4 and 0
+    assert b["input_ids"][1, :len(replay[0]["input_ids"])].tolist() == replay[0]["input_ids"]
+    assert (b["labels"][b["attention_mask"] == 0] == -100).all()
+
+
+def test_retain_sft_weight_needs_sft_data(tmp_path, tiny_model_dir):
+    from stages import stage1_dpo as D
+    from stages.config import ConfigError, load_config
+
+    cfg_path = _yaml(tmp_path, tiny_model_dir, extra_dpo="  retain_sft_weight: 0.5\n")
+    with pytest.raises(ConfigError, match="sft.data is empty"):
+        D.validate(load_config(cfg_path))
+    sft = ROOT / "data_builders" / "seed" / "sft_seed.jsonl"
+    v = D.validate(load_config(cfg_path, [f"sft.data=[{{path: {sft}}}]"]))
+    assert len(v["retain_sft"]) >= 2 and v["retain_sft"][0]["messages"][-1]["role"] == "assistant"
+    assert D.validate(load_config(cfg_path, ["dpo.retain_sft_weight=0"]))["retain_sft"] is None
+    with pytest.raises(ConfigError, match="must be ≥ 0"):
+        load_config(cfg_path, ["dpo.retain_sft_weight=-1"])

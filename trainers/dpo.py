@@ -22,6 +22,16 @@ Metrics added to TRL's (which already logs ``rewards/chosen``, ``rewards/rejecte
 Like TRL's, each is the mean over the batches since the last log. Per-principle keys appear only for the
 principles present in those batches.
 
+Retention of the SFT stage (``retain_sft`` rows and ``retain_sft_weight`` λ > 0): a later stage must not undo an
+earlier one, so each training micro-batch of B pairs also replays B rows of the SFT data (experience replay,
+Rolnick et al. 2019, "Experience Replay for Continual Learning") and the loss becomes TRL's DPO loss + λ · the
+token-mean NLL of their assistant answers, ``retain_sft/nll`` in the logs. Rows are taken in order, cycling, rank r
+of P starting at r·B and every process advancing by P·B, so processes replay different rows; the position follows
+``global_step`` on resume. TRL's own ``loss_type: [sigmoid, sft]`` with ``loss_weights`` adds the NLL of the
+*chosen* answers instead (RPO, Pang et al. 2024 eq. 2); this term keeps the SFT data's answers. The replay forward
+is a second call of the policy within the step, followed by one backward over both; with several processes this is
+untested (DDP allows it when no parameter goes unused, which holds for LoRA).
+
 How the principle id reaches ``compute_loss``: TRL's ``DataCollatorForPreference`` builds tensors only from
 ``prompt_ids``/``chosen_ids``/``rejected_ids`` and drops every other key, and ``remove_unused_columns`` removes
 non-signature columns before that. This trainer adds ``principle_id`` to the signature columns and wraps the
@@ -98,7 +108,13 @@ class ConstitutionalDPOTrainer(DPOTrainer):
     margins and ``last_principle_idx`` (B,), for inspection and tests.
     """
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, retain_sft: list[dict] | None = None, retain_sft_weight: float = 0.0, **kwargs):
+        if retain_sft_weight < 0:
+            raise ValueError(f"retain_sft_weight must be ≥ 0, got {retain_sft_weight}")
+        if retain_sft_weight > 0 and not retain_sft:
+            raise ValueError("retain_sft_weight > 0 needs retain_sft rows ({'input_ids', 'labels'})")
+        self.retain_sft, self.retain_sft_weight = list(retain_sft or []), retain_sft_weight
+        self._retain_calls = 0
         train_ds = kwargs.get("train_dataset")
         eval_ds = kwargs.get("eval_dataset")
         self.principle_ids = _principles_of(train_ds, eval_ds)
@@ -166,7 +182,37 @@ class ConstitutionalDPOTrainer(DPOTrainer):
             raise NonFiniteLossError(f"non-finite DPO loss {loss.item()} at step {self.state.global_step}; the last "
                                      "good checkpoint is kept, lower the learning rate or check the pairs")
         self._log_pair_metrics(outputs.logits, inputs, principle_idx)
+        if self.retain_sft_weight > 0 and model.training:
+            nll = self._retain_sft_nll(model, inputs["input_ids"].shape[0] // 2)
+            loss = loss + self.retain_sft_weight * nll
+            self._metrics["train"]["retain_sft/nll"].append(nll.item())
         return (loss, outputs) if return_outputs else loss
+
+    def retain_sft_batch(self, n: int) -> dict[str, torch.Tensor]:
+        """The next ``n`` replayed SFT rows of this process, right-padded: ``input_ids``, ``attention_mask`` and
+        ``labels`` (-100 on prompt and padding), each (n, L). Position: ``(k·P + r)·n`` for the k-th call of the
+        run (resumed runs start at k = global_step · gradient_accumulation_steps)."""
+        k = max(self._retain_calls, self.state.global_step * self.args.gradient_accumulation_steps)
+        self._retain_calls = k + 1
+        P, r, N = max(self.args.world_size, 1), self.args.process_index, len(self.retain_sft)
+        rows = [self.retain_sft[((k * P + r) * n + j) % N] for j in range(n)]
+        L = max(len(x["input_ids"]) for x in rows)
+        pad = self.processing_class.pad_token_id if self.processing_class.pad_token_id is not None else 0
+        ids = torch.full((n, L), pad, dtype=torch.long)
+        att = torch.zeros((n, L), dtype=torch.long)
+        lab = torch.full((n, L), -100, dtype=torch.long)
+        for i, x in enumerate(rows):
+            m = len(x["input_ids"])
+            ids[i, :m], att[i, :m], lab[i, :m] = torch.tensor(x["input_ids"]), 1, torch.tensor(x["labels"])
+        return {"input_ids": ids, "attention_mask": att, "labels": lab}
+
+    def _retain_sft_nll(self, model, n: int) -> torch.Tensor:
+        """Token-mean NLL of the assistant tokens of the next ``n`` replayed SFT rows under the policy."""
+        import torch.nn.functional as F
+
+        b = {k: v.to(self.args.device) for k, v in self.retain_sft_batch(n).items()}
+        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False).logits
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), b["labels"][:, 1:].flatten(), ignore_index=-100)
 
     @torch.no_grad()
     def _log_pair_metrics(self, logits, inputs, principle_idx) -> None:
