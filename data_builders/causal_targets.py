@@ -43,6 +43,42 @@ def pending(triplets: Sequence[dict]) -> dict:
             "hijack": sum(1 for t in triplets if not t.get("hijack"))}
 
 
+def self_replay_pairs(prompts: Sequence[dict], model, tokenizer, cache_path: str | Path, *, fingerprint: str,
+                      max_new_tokens: int = 64, batch_size: int = 8) -> tuple[list[dict], dict]:
+    """Retention pairs from the starting model's own greedy answers to earlier-stage prompts (``{"id", "prompt"}``,
+    e.g. the DPO stage's red-team prompts): ``{"id", "prompt": [user], "chosen": [assistant: answer], "rejected":
+    [the same]}`` for the SFT retention term only — sequence-level distillation from the starting model (Kim & Rush
+    2016, "Sequence-Level Knowledge Distillation"), which keeps what that model does on those prompts, refusals
+    included (Learning without Forgetting's idea, Li & Hoiem 2016). Answers are cached in ``cache_path`` like the
+    triplet targets (keyed by fingerprint, messages, ``max_new_tokens``; resumable). Empty answers are left out.
+    Returns ``(pairs, {"generated", "from_cache", "truncated", "dropped_empty"})``."""
+    from data_builders.generation import generate_chat
+
+    cache_path = Path(cache_path)
+    cached = {r["key"]: r for r in read_jsonl_tolerant(cache_path) if isinstance(r, dict) and "key" in r}
+    keyed = [(p, [{"role": "user", "content": p["prompt"]}]) for p in prompts]
+    keyed = [(p, m, _key(fingerprint, m, max_new_tokens)) for p, m in keyed]
+    todo = list({k: m for _, m, k in keyed if k not in cached}.items())
+    stats = {"generated": len(todo), "from_cache": len(keyed) - len(todo), "truncated": 0, "dropped_empty": 0}
+    for s in range(0, len(todo), batch_size):
+        chunk = todo[s:s + batch_size]
+        outs = generate_chat(model, tokenizer, [m for _, m in chunk], max_new_tokens=max_new_tokens,
+                             batch_size=batch_size, do_sample=False)
+        rows = [{"key": k, "text": o["text"], "truncated": o["truncated"]} for (k, _), o in zip(chunk, outs)]
+        append_jsonl(cache_path, rows)
+        cached.update({r["key"]: r for r in rows})
+    pairs = []
+    for p, m, k in keyed:
+        text = cached[k]["text"].strip()
+        stats["truncated"] += int(bool(cached[k].get("truncated")))
+        if not text:
+            stats["dropped_empty"] += 1
+            continue
+        answer = [{"role": "assistant", "content": text}]
+        pairs.append({"id": p["id"], "prompt": m, "chosen": answer, "rejected": answer, "source": "self"})
+    return pairs, stats
+
+
 def fill_generated(triplets: Sequence[dict], model, tokenizer, cache_path: str | Path, *, fingerprint: str,
                    max_new_tokens: int = 64, batch_size: int = 8, data_role: bool = False,
                    progress: bool = False) -> tuple[list[dict], dict]:

@@ -19,6 +19,8 @@ A7    the best of A3–A6 + the data role (the data part in its own ``<|input|>`
 A8    A7 + ``pref_injected`` (SecAlign's DPO term on x_i, y ≻ y_a)
 A9    A5 (the default objective) + retention: the DPO stage's pairs replayed with ``lambda_retain_sft`` = 1 and
       ``lambda_retain_dpo`` = 1 (``causal.retain_pairs_file``, default ``<run_dir>/data/pairs.jsonl``)
+A10   A5 + retention by self-replay: the starting model's own answers to the DPO stage's training prompts,
+      ``lambda_retain_sft`` = 1 (``causal.retain_source: self``)
 ====  ==========================================================================================================
 
 "Best" (for A7): the lowest headline ASR among A3–A6 whose clean utility is within 5 points of A0's, ties broken by
@@ -69,9 +71,11 @@ ARMS: dict[str, dict] = {
     "A9": {"loss": {**A3_LOSS, "lambda_kl": 1.0, "lambda_retain_sft": 1.0, "lambda_retain_dpo": 1.0,
                     "retain_beta": 0.1},
            "label": "A5 + retention (replayed DPO pairs)"},
+    "A10": {"loss": {**A3_LOSS, "lambda_kl": 1.0, "lambda_retain_sft": 1.0},
+            "causal": {"retain_source": "self"}, "label": "A5 + retention (self-replay on DPO prompts)"},
 }
 CANDIDATES = ("A3", "A4", "A5", "A6")
-ORDER = ("A0", "A1", "A2", "A3", "A4", "A5", "A6", "A7", "A8", "A9")
+ORDER = ("A0", "A1", "A2", "A3", "A4", "A5", "A6", "A7", "A8", "A9", "A10")
 UTILITY_TOLERANCE = 0.05
 STATE = "arm_state.json"
 
@@ -92,13 +96,18 @@ def triplet_state(cfg: PipelineConfig, base_fp: str) -> str:
                  "template": cfg.model.chat_template})
 
 
-def arm_state(cfg: PipelineConfig, loss: dict, data_role: bool, base_fp: str, triplets: Path) -> str:
+def arm_state(cfg: PipelineConfig, loss: dict, data_role: bool, base_fp: str, triplets: Path,
+              causal: dict | None = None) -> str:
     """What an arm's trained model depends on: its loss, the data role, the starting model, the triplets (bytes),
     the training arguments, LoRA, head and seed."""
     from stages.run_dir import file_sha256
 
     retain = None
-    if loss.get("lambda_retain_sft", 0) > 0 or loss.get("lambda_retain_dpo", 0) > 0:
+    if (loss.get("lambda_retain_sft", 0) > 0 or loss.get("lambda_retain_dpo", 0) > 0) and \
+            (causal or {}).get("retain_source") == "self":  # made by the arm from the DPO prompts
+        retain = ["self", cfg.causal.retain_max_pairs, cfg.dpo.prompts, cfg.dpo.max_prompts, cfg.dpo.held_out,
+                  cfg.causal.generation_max_new_tokens]
+    elif loss.get("lambda_retain_sft", 0) > 0 or loss.get("lambda_retain_dpo", 0) > 0:
         from stages.stage2_causal import retain_pairs_path
 
         pairs = retain_pairs_path(cfg)
@@ -110,8 +119,9 @@ def arm_state(cfg: PipelineConfig, loss: dict, data_role: bool, base_fp: str, tr
 
 
 def arm_config(cfg: PipelineConfig, arm: str, loss: dict, data_role: bool, base: str, triplets: Path,
-               root: Path) -> PipelineConfig:
-    """The config of one arm: its own run folder under ``root``, the shared base model and triplets, its loss."""
+               root: Path, causal: dict | None = None) -> PipelineConfig:
+    """The config of one arm: its own run folder under ``root``, the shared base model and triplets, its loss and
+    its ``causal`` keys (e.g. ``retain_source``)."""
     from stages.stage2_causal import retain_pairs_path
 
     c = copy.deepcopy(cfg)
@@ -120,6 +130,8 @@ def arm_config(cfg: PipelineConfig, arm: str, loss: dict, data_role: bool, base:
     c.causal.base_model = base
     c.causal.triplets_file = str(triplets)
     c.causal.loss = dict(loss)
+    for k, v in (causal or {}).items():
+        setattr(c.causal, k, v)
     c.model.data_role = data_role
     return c
 
@@ -206,10 +218,10 @@ def run_ablation(cfg: PipelineConfig, base: str, arms: list[str], adopt: bool = 
         timings.setdefault(arm, {})["evaluate_s"] = timings.get(arm, {}).get("evaluate_s") or round(time.time() - t0)
         return m
 
-    def train(arm: str, loss: dict, data_role: bool) -> str:
-        acfg = arm_config(cfg, arm, loss, data_role, base, triplets, root)
+    def train(arm: str, loss: dict, data_role: bool, causal: dict | None = None) -> str:
+        acfg = arm_config(cfg, arm, loss, data_role, base, triplets, root, causal)
         merged = acfg.run_dir / "causal" / "merged"
-        want = arm_state(cfg, loss, data_role, base_fp, triplets)
+        want = arm_state(cfg, loss, data_role, base_fp, triplets, causal)
         sfile = acfg.run_dir / STATE
         have = json.loads(sfile.read_text()).get("state") if sfile.is_file() else None
         if acfg.run_dir.exists() and have != want and not (adopt and have is None and is_complete_model_dir(merged)):
@@ -230,7 +242,7 @@ def run_ablation(cfg: PipelineConfig, base: str, arms: list[str], adopt: bool = 
     specs = {a: dict(ARMS[a]) for a in ARMS if a in arms}
     for arm in [a for a in ORDER if a in specs]:
         print(f"[ablation] {arm} ({specs[arm]['label']})", flush=True)
-        evals[arm] = evaluate(arm, train(arm, specs[arm]["loss"], False), False)
+        evals[arm] = evaluate(arm, train(arm, specs[arm]["loss"], False, specs[arm].get("causal")), False)
         atomic_write_json(root / "timings.json", timings)
     rows = {a: evals[a]["models"][a] for a in evals}
     best, why = None, None
@@ -264,7 +276,8 @@ def summarise(cfg, root: Path, evals: dict, specs: dict, best, why, timings: dic
     for a in [x for x in ORDER if x in evals]:
         m = evals[a]["models"][a]
         row = {"arm": a, "objective": "starting model" if a == "A0" else specs[a]["label"],
-               "loss": None if a == "A0" else specs[a]["loss"], "data_role": a in ("A7", "A8")}
+               "loss": None if a == "A0" else specs[a]["loss"], "data_role": a in ("A7", "A8"),
+               "causal": None if a == "A0" else specs[a].get("causal")}
         for k in ("attack_success_rate", "attack_success_rate_ci95", "attack_success_rate_begins",
                   "attack_success_rate_begins_ci95", "attack_success_rate_contains", "utility_clean",
                   "utility_clean_ci95", "utility_under_attack", "utility_under_attack_ci95", "over_defence_compliance",
@@ -395,7 +408,7 @@ def main(argv=None) -> int:
     ap = CliParser(description="Ablation of the causal stage's objective (same model, data, steps, seed)")
     ap.add_argument("--config", required=True)
     ap.add_argument("--base", help="starting model folder (default: <run_dir>/dpo/merged)")
-    ap.add_argument("--arms", default=",".join(a for a in ORDER if a != "A0"), help="comma-separated arms (A1…A8)")
+    ap.add_argument("--arms", default=",".join(a for a in ORDER if a != "A0"), help="comma-separated arms (A1…A10)")
     ap.add_argument("--adopt", action="store_true", help="reuse finished arms that have no recorded state (made "
                                                           "before states were recorded), recording it now")
     ap.add_argument("overrides", nargs="*", help="dotted key=value overrides")

@@ -247,6 +247,8 @@ class CausalSection:
     eval_fraction: float = 0.0  # held-out triplets for eval/ causal metrics during training
     base: str = "dpo"  # which merged model to start from: dpo | sft
     base_model: str | None = None  # a model folder to start from instead (e.g. the ablation's shared starting model)
+    retain_source: str = "pairs"  # retention replays: pairs (a preference file) | self (the starting model's own
+    #   answers to the DPO stage's training prompts; SFT term only)
     retain_pairs_file: str | None = None  # pairs replayed by the retention terms (default <run_dir>/data/pairs.jsonl)
     retain_max_pairs: int | None = None  # at most this many of them (the file's first; None = all)
     loss: dict = field(default_factory=dict)  # CausalLossSection keys
@@ -724,6 +726,11 @@ def validate_config(cfg: PipelineConfig) -> None:
         raise cfg.error("dpo.retain_sft_rows", "must be ≥ 1")
     if loss.lambda_retain_dpo > 0 and loss.retain_beta <= 0:
         raise cfg.error("causal.loss.retain_beta", "must be > 0")
+    if cfg.causal.retain_source not in ("pairs", "self"):
+        raise cfg.error("causal.retain_source", f"{cfg.causal.retain_source!r} is not one of ['pairs', 'self']")
+    if cfg.causal.retain_source == "self" and loss.lambda_retain_dpo > 0:
+        raise cfg.error("causal.loss.lambda_retain_dpo", "retain_source 'self' replays the starting model's own "
+                                                         "answers: there is no rejected answer for a DPO term")
     if cfg.causal.retain_max_pairs is not None and cfg.causal.retain_max_pairs < 1:
         raise cfg.error("causal.retain_max_pairs", "must be ≥ 1 (or null for all)")
     if not 0 <= cfg.causal.control_fraction < 1:

@@ -131,7 +131,9 @@ def validate(cfg: PipelineConfig) -> dict:
             check_attack_overlap([used], out["eval_attacks"])
         check_task_overlap([Task(id=t["id"], instruction=t["instruction"], data=t["data"], response=t["response"])
                             for t in out["triplets"]], eval_cases, cfg.evaluate.eval_file)
-    if retention_on(cfg) and (cfg.causal.retain_pairs_file or retain_pairs_path(cfg).is_file()):
+    if retention_on(cfg) and cfg.causal.retain_source == "self":
+        out["retain_prompts"] = self_replay_prompts(cfg)
+    elif retention_on(cfg) and (cfg.causal.retain_pairs_file or retain_pairs_path(cfg).is_file()):
         out["retain_pairs"] = read_retain_pairs(cfg)  # (the default file may not exist before the DPO stage runs)
     build_training_args(TrainingArguments, cfg, "causal", cfg.run_dir / "causal" / "checkpoints", **causal_defaults(cfg))
     return out
@@ -164,11 +166,26 @@ def retention_on(cfg: PipelineConfig) -> bool:
 
 
 def retain_pairs_path(cfg: PipelineConfig) -> Path:
-    """``causal.retain_pairs_file``, else the DPO stage's ``<run_dir>/data/pairs.jsonl``."""
+    """``retain_source: self``: ``<run_dir>/data/retain_self.jsonl`` (written by this stage); else
+    ``causal.retain_pairs_file``, else the DPO stage's ``<run_dir>/data/pairs.jsonl``."""
     from stages.evaluate import resolve_input
 
+    if cfg.causal.retain_source == "self":
+        return cfg.run_dir / "data" / "retain_self.jsonl"
     return resolve_input(cfg.causal.retain_pairs_file) if cfg.causal.retain_pairs_file else \
         cfg.run_dir / "data" / "pairs.jsonl"
+
+
+def self_replay_prompts(cfg: PipelineConfig) -> list[dict]:
+    """``retain_source: self``: the DPO stage's training prompts (its pool without the held-out slice and without
+    the safety measure's prompts), the first ``causal.retain_max_pairs``. Raises what the DPO stage's validation
+    raises."""
+    from stages import stage1_dpo
+
+    prompts = stage1_dpo.validate(cfg)["train"]
+    if not prompts:
+        raise cfg.error("causal.retain_source", "'self' replays the DPO stage's prompts, but it has none (dpo.prompts)")
+    return prompts[:cfg.causal.retain_max_pairs] if cfg.causal.retain_max_pairs else prompts
 
 
 def read_retain_pairs(cfg: PipelineConfig) -> list[dict]:
@@ -356,6 +373,17 @@ def run(cfg: PipelineConfig) -> dict:
 
         gen_model = model.to(device) if device == "cpu" else model
         triplets_path, tstats = build_triplet_file(cfg, parsed, gen_model, tok, model_fingerprint(str(base)))
+        if retention_on(cfg) and c.retain_source == "self":  # the starting model's own answers, replayed
+            from data_builders.causal_targets import self_replay_pairs
+            from data_builders.jsonl_io import write_jsonl_atomic
+
+            pairs, rstats = self_replay_pairs(parsed["retain_prompts"], gen_model, tok,
+                                              cfg.run_dir / "data" / "causal_generations.jsonl",
+                                              fingerprint=model_fingerprint(str(base)),
+                                              max_new_tokens=c.generation_max_new_tokens,
+                                              batch_size=c.generation_batch_size)
+            write_jsonl_atomic(retain_pairs_path(cfg), pairs)
+            log.info("retention (self): %s", rstats)
     state.wait_for_everyone()
     max_length = c.max_length or cfg.model.max_seq_length
     with state.main_process_first():  # the main process writes the token cache, the others then load it
@@ -370,7 +398,8 @@ def run(cfg: PipelineConfig) -> dict:
     if retention_on(cfg):
         from data_builders.token_cache import attach_retention, tokenize_retention_pairs
 
-        pairs = parsed.get("retain_pairs") or read_retain_pairs(cfg)
+        pairs = parsed.get("retain_pairs") if c.retain_source == "pairs" and parsed.get("retain_pairs") else \
+            read_retain_pairs(cfg)
         rows, too_long = tokenize_retention_pairs(pairs, tok, max_length)
         if not rows:
             raise cfg.error("causal.retain_pairs_file", f"none of the {len(pairs)} pairs fits in {max_length} tokens")

@@ -53,7 +53,7 @@ def test_markdown_table_has_a_row_per_arm_with_intervals():
 def test_cli_refuses_a_missing_base_and_unknown_arms(tmp_path, capsys):
     cfg = tmp_path / "c.yaml"
     cfg.write_text(f"output_dir: {tmp_path}\nrun_name: x\n")
-    assert A.main(["--config", str(cfg), "--arms", "A10"]) == 2
+    assert A.main(["--config", str(cfg), "--arms", "A11"]) == 2
     assert "unknown arm" in capsys.readouterr().err
     assert A.main(["--config", str(cfg), "--base", str(tmp_path / "nope")]) == 2
     assert "not a complete model folder" in capsys.readouterr().err
@@ -111,14 +111,14 @@ def test_ablation_end_to_end_on_the_tiny_model(tiny_model_dir, tmp_path, monkeyp
                                          "rejected": [{"role": "assistant", "content": "Sure: hit him."}],
                                          "principle_id": "p00"}) + "\n"
                              for i in range(3)))
-    args = ["--config", str(cfg_path), "--base", str(tiny_model_dir), "--arms", "A1,A3,A5,A7,A9",
+    args = ["--config", str(cfg_path), "--base", str(tiny_model_dir), "--arms", "A1,A3,A5,A7,A9,A10",
             f"causal.retain_pairs_file={pairs}",
             "causal.training.max_steps=2", "evaluate.max_cases=4", "evaluate.max_controls=2",
             "evaluate.max_new_tokens=4", "evaluate.hsic_permutations=20", "causal.generation_max_new_tokens=4"]
     assert A.main(args) == 0
     root = tmp_path / "runs" / "abl" / "ablation"
     out = json.loads((root / "ablation.json").read_text())
-    assert [r["arm"] for r in out["arms"]] == ["A0", "A1", "A3", "A5", "A7", "A9"]
+    assert [r["arm"] for r in out["arms"]] == ["A0", "A1", "A3", "A5", "A7", "A9", "A10"]
     assert out["best_candidate"] in ("A3", "A5") and out["arms"][-2]["arm"] == "A7" and out["arms"][-2]["data_role"]
     a5 = next(r for r in out["arms"] if r["arm"] == "A5")
     assert a5["loss"]["lambda_kl"] == 1.0 and a5["loss"]["lambda_pref"] == 0.0  # explicit, not the defaults
@@ -129,10 +129,14 @@ def test_ablation_end_to_end_on_the_tiny_model(tiny_model_dir, tmp_path, monkeyp
     hist = json.loads((root / "A9" / "causal" / "log_history.json").read_text())
     assert any("loss_retain_dpo" in h for h in hist) and not any("loss_retain_dpo" in h for h in json.loads(
         (root / "A5" / "causal" / "log_history.json").read_text()))
-    for arm in ("A1", "A3", "A5", "A7", "A9"):
+    # A10 replays the starting model's own answers to the DPO stage's training prompts (SFT term only)
+    self_pairs = [json.loads(x) for x in (root / "A10" / "data" / "retain_self.jsonl").read_text().splitlines()]
+    assert self_pairs and all(p["chosen"] == p["rejected"] for p in self_pairs)
+    assert any("loss_retain_sft" in h for h in json.loads((root / "A10" / "causal" / "log_history.json").read_text()))
+    for arm in ("A1", "A3", "A5", "A7", "A9", "A10"):
         assert (root / arm / "causal" / "merged" / "config.json").is_file() and (root / arm / A.STATE).is_file()
     rows = [x for x in (root / "ablation.md").read_text().splitlines() if x.startswith("| A") and x[3].isdigit()]
-    assert [r.split(" | ")[0] for r in rows] == ["| A0", "| A1", "| A3", "| A5", "| A7", "| A9"]
+    assert [r.split(" | ")[0] for r in rows] == ["| A0", "| A1", "| A3", "| A5", "| A7", "| A9", "| A10"]
     assert (root / "ablation.png").stat().st_size > 0
     calls = []
     real_run = s2.run
@@ -143,4 +147,4 @@ def test_ablation_end_to_end_on_the_tiny_model(tiny_model_dir, tmp_path, monkeyp
     # more steps: every arm is stale and trained again
     before = (root / "A5" / A.STATE).read_text()
     assert A.main([a if a != "causal.training.max_steps=2" else "causal.training.max_steps=3" for a in args]) == 0
-    assert sorted(calls) == ["A1", "A3", "A5", "A7", "A9"] and (root / "A5" / A.STATE).read_text() != before
+    assert sorted(calls) == ["A1", "A10", "A3", "A5", "A7", "A9"] and (root / "A5" / A.STATE).read_text() != before

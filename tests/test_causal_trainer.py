@@ -627,3 +627,17 @@ def test_retention_dpo_starts_at_ln2_and_accumulates_exactly(tiny_model_dir, tok
     assert loss4 == pytest.approx(loss22, abs=1e-5)
     for n in g4:
         assert torch.allclose(g4[n], g22[n], atol=1e-5, rtol=1e-4), n
+
+
+def test_retention_config_errors(tmp_path):
+    from stages.config import ConfigError, load_config
+
+    p = tmp_path / "c.yaml"
+    p.write_text("causal:\n  retain_source: self\n  loss:\n    lambda_retain_dpo: 1.0\n")
+    with pytest.raises(ConfigError, match="no rejected answer") as e:
+        load_config(p)
+    assert e.value.field == "causal.loss.lambda_retain_dpo"
+    with pytest.raises(ConfigError, match="not one of"):
+        load_config(p, ["causal.retain_source=other", "causal.loss.lambda_retain_dpo=0"])
+    with pytest.raises(ConfigError, match="must be ≥ 0"):
+        load_config(p, ["causal.loss.lambda_retain_dpo=0", "causal.loss.lambda_retain_sft=-1"])
