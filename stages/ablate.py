@@ -336,8 +336,9 @@ def ablation_markdown(out: dict) -> str:
     lines = ["# Causal-stage ablation", "",
              f"Starting model `{md_escape(out['base_model'])}`; the same triplets (`{md_escape(out['triplets'])}`), "
              f"{out['steps']} steps and seed {out['seed']} for every arm; held-out set `{md_escape(out['eval_file'])}` "
-             f"(n = {out['arms'][0]['n_cases']} injection cases, {out['arms'][0]['n_controls']} controls). "
-             f"A7's base arm: **{out['best_candidate']}** ({md_escape(out['best_rule'] or '—')}).", "",
+             f"(n = {out['arms'][0]['n_cases']} injection cases, {out['arms'][0]['n_controls']} controls)."
+             + (f" A7's base arm: **{out['best_candidate']}** ({md_escape(out['best_rule'] or '—')})."
+                if out.get("best_candidate") else ""), "",
              "| arm | objective | ASR ↓ [95 % CI] | ASR, begins ↓ | utility, clean ↑ | utility under attack ↑ | "
              "over-defence compliance ↑ | margin (nats) ↑ | Wilcoxon p vs A0 | McNemar p ASR vs A0 (raw / Holm) | "
              "vs A3 | McNemar p utility-under-attack vs A0 | harmful refusal ↑ | McNemar p harmful refusal vs A0 | "
