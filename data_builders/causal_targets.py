@@ -37,6 +37,28 @@ def _key(fingerprint: str, messages: list[dict], max_new_tokens: int) -> str:
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
 
+def _answer_missing(jobs: dict[str, list[dict]], model, tokenizer, cache_path: Path, *, max_new_tokens: int,
+                    batch_size: int, progress: bool = False) -> tuple[dict[str, dict], dict]:
+    """Greedy answers to ``jobs`` (``{key: messages}``) from the cache at ``cache_path``, generating the missing ones
+    in batches and appending each batch to the cache as soon as it is done. Returns ``({key: {"text",
+    "truncated"}}, {"generated", "from_cache", "truncated": 0, "dropped_empty": 0})``."""
+    from data_builders.generation import generate_chat
+
+    cached = {r["key"]: r for r in read_jsonl_tolerant(cache_path) if isinstance(r, dict) and "key" in r}
+    todo = [(k, m) for k, m in jobs.items() if k not in cached]
+    stats = {"generated": len(todo), "from_cache": len(jobs) - len(todo), "truncated": 0, "dropped_empty": 0}
+    for s in range(0, len(todo), batch_size):
+        chunk = todo[s:s + batch_size]
+        outs = generate_chat(model, tokenizer, [m for _, m in chunk], max_new_tokens=max_new_tokens,
+                             batch_size=batch_size, do_sample=False)
+        rows = [{"key": k, "text": o["text"], "truncated": o["truncated"]} for (k, _), o in zip(chunk, outs)]
+        append_jsonl(cache_path, rows)
+        cached.update({r["key"]: r for r in rows})
+        if progress:
+            log.info("causal targets: %d/%d answers generated", min(s + batch_size, len(todo)), len(todo))
+    return cached, stats
+
+
 def pending(triplets: Sequence[dict]) -> dict:
     """How many triplets still need a model-made ``target`` / ``hijack``."""
     return {"target": sum(1 for t in triplets if not t.get("target")),
@@ -52,21 +74,10 @@ def self_replay_pairs(prompts: Sequence[dict], model, tokenizer, cache_path: str
     included (Learning without Forgetting's idea, Li & Hoiem 2016). Answers are cached in ``cache_path`` like the
     triplet targets (keyed by fingerprint, messages, ``max_new_tokens``; resumable). Empty answers are left out.
     Returns ``(pairs, {"generated", "from_cache", "truncated", "dropped_empty"})``."""
-    from data_builders.generation import generate_chat
-
-    cache_path = Path(cache_path)
-    cached = {r["key"]: r for r in read_jsonl_tolerant(cache_path) if isinstance(r, dict) and "key" in r}
     keyed = [(p, [{"role": "user", "content": p["prompt"]}]) for p in prompts]
     keyed = [(p, m, _key(fingerprint, m, max_new_tokens)) for p, m in keyed]
-    todo = list({k: m for _, m, k in keyed if k not in cached}.items())
-    stats = {"generated": len(todo), "from_cache": len(keyed) - len(todo), "truncated": 0, "dropped_empty": 0}
-    for s in range(0, len(todo), batch_size):
-        chunk = todo[s:s + batch_size]
-        outs = generate_chat(model, tokenizer, [m for _, m in chunk], max_new_tokens=max_new_tokens,
-                             batch_size=batch_size, do_sample=False)
-        rows = [{"key": k, "text": o["text"], "truncated": o["truncated"]} for (k, _), o in zip(chunk, outs)]
-        append_jsonl(cache_path, rows)
-        cached.update({r["key"]: r for r in rows})
+    cached, stats = _answer_missing({k: m for _, m, k in keyed}, model, tokenizer, Path(cache_path),
+                                    max_new_tokens=max_new_tokens, batch_size=batch_size)
     pairs = []
     for p, m, k in keyed:
         text = cached[k]["text"].strip()
@@ -93,10 +104,7 @@ def fill_generated(triplets: Sequence[dict], model, tokenizer, cache_path: str |
         ``(rows, stats)``: rows with both fields filled (triplets whose generated answer was empty are dropped) and
         ``{"generated", "from_cache", "truncated", "dropped_empty"}``.
     """
-    from data_builders.generation import generate_chat
-
     cache_path = Path(cache_path)
-    cached = {r["key"]: r for r in read_jsonl_tolerant(cache_path) if isinstance(r, dict) and "key" in r}
     jobs: dict[str, list[dict]] = {}  # key → messages (deduplicated: shared prompts are answered once)
     wants: list[tuple[int, str, str]] = []  # (triplet index, field, key)
     for i, t in enumerate(triplets):
@@ -110,17 +118,8 @@ def fill_generated(triplets: Sequence[dict], model, tokenizer, cache_path: str |
             k = _key(fingerprint, msgs, max_new_tokens)
             jobs.setdefault(k, msgs)
             wants.append((i, "hijack", k))
-    todo = [(k, m) for k, m in jobs.items() if k not in cached]
-    stats = {"generated": len(todo), "from_cache": len(jobs) - len(todo), "truncated": 0, "dropped_empty": 0}
-    for s in range(0, len(todo), batch_size):
-        chunk = todo[s:s + batch_size]
-        outs = generate_chat(model, tokenizer, [m for _, m in chunk], max_new_tokens=max_new_tokens,
-                             batch_size=batch_size, do_sample=False)
-        rows = [{"key": k, "text": o["text"], "truncated": o["truncated"]} for (k, _), o in zip(chunk, outs)]
-        append_jsonl(cache_path, rows)
-        cached.update({r["key"]: r for r in rows})
-        if progress:
-            log.info("causal targets: %d/%d answers generated", min(s + batch_size, len(todo)), len(todo))
+    cached, stats = _answer_missing(jobs, model, tokenizer, cache_path, max_new_tokens=max_new_tokens,
+                                    batch_size=batch_size, progress=progress)
     out = [dict(t) for t in triplets]
     bad = set()
     for i, field, k in wants:
