@@ -270,12 +270,18 @@ def raise_if_terminated(trainer) -> None:
             raise SystemExit(143)
 
 
-def save_adapter(model, tokenizer, out_dir: str | Path, extra_files: dict | None = None) -> Path:
-    """Save a peft adapter (safetensors) + tokenizer atomically; ``extra_files`` = {name: writer(path)}."""
+def save_adapter(model, tokenizer, out_dir: str | Path, extra_files: dict | None = None,
+                 state_dict: dict | None = None) -> Path:
+    """Save a peft adapter (safetensors) + tokenizer atomically; ``extra_files`` = {name: writer(path)}.
+
+    ``state_dict``: the full trainable weights gathered by :func:`trainers.sharded.trainable_state_dict` (every
+    process calls that; the main process then calls this). Without it the local module's weights are written,
+    which is right only when they are not sharded (one process, DDP)."""
     from data_builders.jsonl_io import atomic_directory
 
     with atomic_directory(out_dir) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        kwargs = {"state_dict": state_dict} if state_dict is not None else {}
+        model.save_pretrained(tmp, safe_serialization=True, **kwargs)
         tokenizer.save_pretrained(tmp)
         for name, writer in (extra_files or {}).items():
             writer(tmp / name)

@@ -19,7 +19,7 @@ if __package__ in (None, ""):  # run as a script: make the project importable wi
 
 from data_builders.jsonl_io import atomic_write_json  # noqa: E402
 from data_builders.sft_data import read_sft_sources  # noqa: E402
-from stages.config import ConfigError, PipelineConfig  # noqa: E402
+from stages.config import PipelineConfig  # noqa: E402
 
 STAGE = "sft"
 
@@ -67,6 +67,7 @@ def run(cfg: PipelineConfig) -> dict:
     from trl import SFTConfig
 
     from data_builders.generation import generate_chat
+    from trainers.sharded import trainable_state_dict
     from stages.common import (build_training_args, last_checkpoint, maybe_push, process_state, raise_if_terminated,
                                report_to_env, save_adapter, seed_everything, standard_callbacks, log)
     from stages.models import (load_model, load_tokenizer, lora_config, merge_adapter, pick_device,
@@ -101,12 +102,13 @@ def run(cfg: PipelineConfig) -> dict:
         log.info("resuming SFT from %s", ckpt)
     result = trainer.train(resume_from_checkpoint=ckpt)
     raise_if_terminated(trainer)
+    weights = trainable_state_dict(trainer)  # every process: a collective under FSDP / ZeRO-3
     if not state.is_main_process:  # saving, merging and sampling are the main process's
         log.info("process %d of %d: SFT training done; the main process saves and merges", state.process_index,
                  state.num_processes)
         return {"outputs": {}, "metrics": {}}
     atomic_write_json(out / "log_history.json", trainer.state.log_history)
-    save_adapter(trainer.model, tok, out / "adapter")
+    save_adapter(trainer.model, tok, out / "adapter", state_dict=weights)
     del trainer, model
     merge_adapter(base_path, out / "adapter", out / "merged", cfg.model, tok)
 

@@ -209,6 +209,7 @@ def run(cfg: PipelineConfig) -> dict:
     from data_builders.critique_rewrite import (build_backend, build_critic, default_side_paths, generate_pairs,
                                                read_pairs, summarize_files)
     from data_builders.pair_report import pair_filter_settings, write_pairs_report
+    from trainers.sharded import trainable_state_dict
     from stages.common import (last_checkpoint, maybe_push, process_state, raise_if_terminated,
                                report_to_env, save_adapter, seed_everything, standard_callbacks)
     from stages.models import (is_complete_model_dir, load_model, load_tokenizer, lora_config, merge_adapter,
@@ -309,13 +310,14 @@ def run(cfg: PipelineConfig) -> dict:
         log.info("resuming DPO from %s", ckpt)
     result = trainer.train(resume_from_checkpoint=ckpt)
     raise_if_terminated(trainer)
+    weights = trainable_state_dict(trainer)  # every process: a collective under FSDP / ZeRO-3
     if not state.is_main_process:  # saving, merging and the assessment are the main process's
         log.info("process %d of %d: DPO training done; the main process saves, merges and assesses",
                  state.process_index, state.num_processes)
         return {"outputs": {}, "metrics": {}}
     history = trainer.state.log_history
     atomic_write_json(out / "log_history.json", history)
-    save_adapter(trainer.model, tok, out / "adapter")
+    save_adapter(trainer.model, tok, out / "adapter", state_dict=weights)
     del trainer, model
     model = None
     gc.collect()

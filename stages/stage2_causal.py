@@ -342,7 +342,8 @@ def run(cfg: PipelineConfig) -> dict:
     from stages.models import (is_complete_model_dir, load_model, load_tokenizer, lora_config, merge_adapter,
                                pick_device)
     from trainers.callbacks import LossGuardCallback, SigtermCheckpointCallback
-    from trainers.causal import HEAD_CONFIG, HEAD_WEIGHTS, CausalContrastiveTrainer, save_projection_head
+    from trainers.causal import HEAD_ATTR, HEAD_CONFIG, HEAD_WEIGHTS, CausalContrastiveTrainer, save_projection_head
+    from trainers.sharded import sub_state, trainable_state_dict
     from trainers.causal_losses import build_projection_head
 
     parsed = validate(cfg)
@@ -437,6 +438,7 @@ def run(cfg: PipelineConfig) -> dict:
             atomic_write_json(before_file, {**step0, "step": 0})
     result = trainer.train(resume_from_checkpoint=ckpt)
     raise_if_terminated(trainer)
+    weights = trainable_state_dict(trainer)  # every process: a collective under FSDP / ZeRO-3
     if not state.is_main_process:  # log history, curves, saving and merging are the main process's
         log.info("process %d of %d: causal training done; the main process saves and merges", state.process_index,
                  state.num_processes)
@@ -450,8 +452,9 @@ def run(cfg: PipelineConfig) -> dict:
     writers = {}
     if head is not None:
         head_extra = trainer._head_extra()
-        writers = {HEAD_WEIGHTS: lambda p: save_projection_head(head, p.parent, head_extra)}
-    save_adapter(peft_model, tok, adapter_dir, extra_files=writers)  # peft saves only the LoRA weights
+        head_state = sub_state(weights, HEAD_ATTR)
+        writers = {HEAD_WEIGHTS: lambda p: save_projection_head(head, p.parent, head_extra, state=head_state)}
+    save_adapter(peft_model, tok, adapter_dir, extra_files=writers, state_dict=weights)  # peft: LoRA weights only
     del trainer, model, peft_model
     merge_adapter(str(base), adapter_dir, out / "merged", cfg.model, tok)
 

@@ -641,3 +641,90 @@ def test_retention_config_errors(tmp_path):
         load_config(p, ["causal.retain_source=other", "causal.loss.lambda_retain_dpo=0"])
     with pytest.raises(ConfigError, match="must be ≥ 0"):
         load_config(p, ["causal.loss.lambda_retain_dpo=0", "causal.loss.lambda_retain_sft=-1"])
+
+
+# ------------------------------------------------------------------ the one causal forward (CausalPeftModel)
+def _causal_batch(tok, dataset, views, n=2):
+    coll = TripletCollator(tok.pad_token_id, views=views, lm_views=["benign"])
+    return coll([dataset[i] for i in range(n)])
+
+
+def _softcapped_model_dir(tmp_path, tok):
+    """A tiny Gemma2 (final_logit_softcapping = 1, lm_head scaled so logits are O(1)): lm_head(h_last) is NOT the
+    model's logits."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Gemma2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=512,
+                       final_logit_softcapping=1.0, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                       eos_token_id=tok.eos_token_id)
+    d = tmp_path / "gemma2"
+    model = Gemma2ForCausalLM(cfg)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(100.0)
+    model.save_pretrained(d)
+    return d
+
+
+@pytest.mark.parametrize("arch", ["llama", "softcapped"])
+def test_causal_forward_equals_the_model_own_logits_reference_and_head(arch, tiny_model_dir, tok, dataset,
+                                                                       tmp_path):
+    """One ``CausalPeftModel.forward`` gives, at the response positions, the logits the model itself gives (both
+    the lm_head-on-positions path and, for a soft-capped model, the full-logits path), the reference log-probs of
+    a separate adapter-disabled forward, and head(pool(hidden states)); every trainable parameter gets a gradient
+    from that one call."""
+    from trainers.causal import HEAD_ATTR, CausalPeftModel
+
+    model = peft_model(tiny_model_dir if arch == "llama" else _softcapped_model_dir(tmp_path, tok))
+    head = build_projection_head("mlp", model.get_base_model().config.hidden_size, 8, 16, seed=0)
+    model = CausalPeftModel.adopt(model)
+    setattr(model, HEAD_ATTR, head)
+    views = ["benign", "counterfactual", "injected", "hijack"]
+    batch = _causal_batch(tok, dataset, views)
+    ids, attn, resp = batch["input_ids"], batch["attention_mask"], batch["response_mask"]
+    R = ids.shape[0]
+    ref_rows = torch.tensor([4, 5, 6, 7])
+    causal = {"response_mask": resp, "pool_mask": batch["pool_mask"], "pool_layer": -2, "head_pooling": "response",
+              "reference_rows": ref_rows, "pooled_prompt": True}
+    out = model(input_ids=ids, attention_mask=attn, position_ids=batch.get("position_ids"), causal=causal)
+    assert model.causal_fast_lm is (arch == "llama")
+
+    full = model(input_ids=ids, attention_mask=attn, position_ids=batch.get("position_ids"),
+                 output_hidden_states=True, use_cache=False)
+    tgt = resp[:, 1:].bool()
+    torch.testing.assert_close(out.response_logits, full.logits[:, :-1][tgt], rtol=1e-5, atol=1e-5)
+    assert torch.equal(out.response_tokens, ids[:, 1:][tgt]) and torch.equal(out.response_rows, tgt.nonzero()[:, 0])
+    with torch.no_grad(), model.disable_adapter():
+        rfull = model(input_ids=ids[ref_rows], attention_mask=attn[ref_rows], use_cache=False,
+                      position_ids=batch["position_ids"][ref_rows] if "position_ids" in batch else None)
+    lp = torch.log_softmax(rfull.logits[:, :-1].float(), -1).gather(-1, ids[ref_rows][:, 1:, None])[..., 0]
+    expected_ref = (lp * tgt[ref_rows]).sum(-1)
+    torch.testing.assert_close(out.reference_logps, expected_ref, rtol=1e-5, atol=1e-4)
+    with torch.no_grad():  # the adapter changes the answer: the reference really ran without it
+        pol = torch.log_softmax(full.logits[ref_rows][:, :-1].float(), -1).gather(-1, ids[ref_rows][:, 1:, None])
+    assert not torch.allclose((pol[..., 0] * tgt[ref_rows]).sum(-1), expected_ref, atol=1e-3)
+    torch.testing.assert_close(out.projections, head(pool_hidden_states(full.hidden_states[-2], resp)))
+    torch.testing.assert_close(out.pooled_prompt, pool_hidden_states(full.hidden_states[-2], batch["pool_mask"]))
+    assert out.projections.shape == (R, 8) and out.reference_logps.shape == (4,)
+    (out.response_logits.float().logsumexp(-1).sum() + out.projections.sum()).backward()
+    no_grad = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not no_grad, no_grad[:5]
+
+
+def test_causal_peft_model_adopt_refuses_other_models_and_keeps_plain_forward(tiny_model_dir, tok, dataset):
+    from transformers import AutoModelForCausalLM
+
+    from trainers.causal import CausalPeftModel
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    with pytest.raises(ValueError, match="PeftModelForCausalLM"):
+        CausalPeftModel.adopt(base)
+    model = peft_model(tiny_model_dir)
+    ids = _causal_batch(tok, dataset, ["benign"])["input_ids"]
+    before = model(input_ids=ids).logits
+    assert CausalPeftModel.adopt(model) is model and isinstance(model, CausalPeftModel)
+    torch.testing.assert_close(model(input_ids=ids).logits, before)  # without causal=: the plain peft forward
+    with pytest.raises(ValueError, match="no causal_projection_head"):
+        model(input_ids=ids, causal={"response_mask": torch.ones_like(ids), "pool_mask": torch.ones_like(ids),
+                                     "head_pooling": "prompt"})

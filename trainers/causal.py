@@ -47,10 +47,10 @@ resume and with ``load_best_model_at_end``; :func:`load_projection_head` loads i
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -58,10 +58,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import Trainer
+from transformers.utils import ModelOutput
 
 from trainers.causal_losses import (CONTRASTIVE, ProjectionHead, anchored_infonce, build_projection_head,
                                     check_temperature, contrastive_loss, dpo_sigmoid_loss,
-                                    lm_head_reproduces_logits, pool_hidden_states, sequence_logps, token_kl)
+                                    logits_agree, pool_hidden_states, sequence_logps, token_kl)
 
 log = logging.getLogger(__name__)
 
@@ -76,14 +77,20 @@ METRIC_KEYS = ("loss_lm", "loss_lm_injected", "loss_lm_counterfactual", "loss_kl
 
 
 # --------------------------------------------------------------------------------------------- head files
-def save_projection_head(head: ProjectionHead, directory: str | os.PathLike, extra: dict | None = None) -> Path:
+def save_projection_head(head: ProjectionHead, directory: str | os.PathLike, extra: dict | None = None,
+                         state: dict | None = None) -> Path:
     """Write ``causal_projection.safetensors`` and ``causal_projection.json`` into ``directory``; returns the
-    weights path. ``extra`` (e.g. ``{"pool_layer": -1}``) is stored in the JSON."""
+    weights path. ``extra`` (e.g. ``{"pool_layer": -1}``) is stored in the JSON. ``state`` (the head's own keys,
+    full tensors, e.g. :func:`trainers.sharded.sub_state` of a gathered state dict) replaces the module's local
+    weights, which are shards under FSDP/ZeRO-3; ``ValueError`` if its keys differ from the head's."""
     from safetensors.torch import save_file
 
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in head.state_dict().items()}
+    if state is not None and set(state) != set(head.state_dict()):
+        raise ValueError(f"head state keys {sorted(state)} differ from the head's {sorted(head.state_dict())}")
+    src = state if state is not None else head.state_dict()
+    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in src.items()}
     save_file(state, str(d / HEAD_WEIGHTS), metadata={"format": "pt"})
     meta = {**head.config(), "pooling": "prompt", **(extra or {})}
     (d / HEAD_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
@@ -221,6 +228,135 @@ def encode_prompts(model, tokenizer, texts_or_messages: Sequence, head: nn.Modul
                         batch_size=batch_size, max_length=max_length)
 
 
+# --------------------------------------------------------------------------------------------- the forward
+def _peft_causal_lm():
+    from peft import PeftModelForCausalLM
+
+    return PeftModelForCausalLM
+
+
+@dataclass
+class CausalForwardOutput(ModelOutput):
+    """What :meth:`CausalPeftModel.forward` returns for a causal batch of R = V·B rows (V views, B triplets).
+
+    Attributes:
+        response_logits: (N, vocab) next-token logits at the N positions that predict a response token (the
+            positions where ``response_mask[:, 1:]`` is 1, row-major), in the model's dtype.
+        response_tokens: (N,) the token ids they predict.
+        response_rows: (N,) the row (0 … R−1) of each position.
+        reference_logps: (K,) float32 Σ log p(response | prompt) under the reference model (LoRA adapter disabled,
+            no gradient) of the K rows in ``reference_rows``, in that order; None when none were asked for.
+        projections: (R, D) the projection head's outputs (prompt- or response-pooled per ``head_pooling``);
+            None without a head.
+        pooled_prompt: (R, H) float32 prompt-pooled hidden states of ``pool_layer``, detached; None unless asked.
+    """
+
+    response_logits: torch.Tensor | None = None
+    response_tokens: torch.Tensor | None = None
+    response_rows: torch.Tensor | None = None
+    reference_logps: torch.Tensor | None = None
+    projections: torch.Tensor | None = None
+    pooled_prompt: torch.Tensor | None = None
+
+
+class CausalPeftModel(_peft_causal_lm()):
+    """A peft ``PeftModelForCausalLM`` whose ``forward`` also owns the causal stage's objective inputs.
+
+    Called with ``causal=`` (a dict, below), one ``forward`` runs, on the (V·B, L) batch of the triplet collator:
+    the fused forward of every view with ``output_hidden_states``, the output embedding on the response positions
+    only (never the (V·B, L, vocab) logits), the reference model's log-probs of the requested rows (the same
+    weights with the adapter disabled, no gradient; SecAlign preference and DPO retention), the pooling of
+    ``hidden_states[pool_layer]`` and the projection head (``causal_projection_head``, a registered submodule).
+    So DDP, FSDP (1 and 2) and DeepSpeed ZeRO-3 see every parameter used inside the forward they wrap: sharded
+    parameters (lm_head, the head, the LoRA weights) are gathered by their pre-forward hooks, and gradients flow
+    through the wrapper's own autograd hooks. Without ``causal`` it is the plain peft forward (generation,
+    evaluation, merging and saving are unchanged: the class adds methods only, no state).
+
+    ``causal`` keys: ``response_mask`` (R, L) 0/1 response tokens; ``pool_mask`` (R, L) 0/1 prompt tokens;
+    ``pool_layer`` (int index into ``hidden_states``); ``head_pooling`` ``"prompt"`` | ``"response"`` | None (no
+    head call); ``reference_rows`` (K,) long row indices or None; ``pooled_prompt`` (bool).
+
+    Whether ``lm_head(hidden_states[-1])`` reproduces the model's logits is checked inside the first causal
+    forward (last position of row 0, :func:`trainers.causal_losses.logits_agree`) and
+    kept in ``causal_fast_lm``; models that post-process logits (soft-capping, scaling) get the model's own
+    logits at the response positions instead.
+
+    Raises ``ValueError`` for a causal call without a head when ``head_pooling`` is set, and from
+    :meth:`adopt` for a model that is not a ``PeftModelForCausalLM``.
+    """
+
+    @classmethod
+    def adopt(cls, model):
+        """Give an existing ``PeftModelForCausalLM`` this class's forward (in place; returns it).
+
+        The class adds methods and no state, so re-classing the object is exact; that keeps everything peft,
+        accelerate and Trainer do for peft models (adapter-only saves, DeepSpeed ``exclude_frozen_parameters``,
+        resume through ``load_adapter``). Raises ``ValueError`` for any other model (the causal stage trains a
+        LoRA adapter: its reference model is the adapter-disabled policy).
+        """
+        if isinstance(model, cls):
+            return model
+        if type(model) is not _peft_causal_lm():
+            raise ValueError(f"the causal stage trains a LoRA adapter: expected a peft PeftModelForCausalLM "
+                             f"(peft.get_peft_model(model, LoraConfig(task_type='CAUSAL_LM'))), got "
+                             f"{type(model).__name__}")
+        model.__class__ = cls
+        return model
+
+    def forward(self, *args, causal: dict | None = None, **kwargs):
+        if causal is None:
+            return super().forward(*args, **kwargs)
+        return self._causal_forward(causal, **kwargs)
+
+    def _causal_forward(self, causal: dict, input_ids, attention_mask=None, position_ids=None, **_):
+        resp_mask = causal["response_mask"]
+        fast = getattr(self, "causal_fast_lm", None)
+        fwd = dict(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, use_cache=False)
+        if position_ids is not None:
+            fwd["position_ids"] = position_ids
+        out = super().forward(**fwd, logits_to_keep=1 if fast in (None, True) else 0)
+        emb = self.get_output_embeddings()
+        if fast is None:  # decided once, on this batch: does lm_head(h_last) give the model's logits?
+            with torch.no_grad():
+                fast = logits_agree(out.logits[:1, -1], emb(out.hidden_states[-1][:1, -1]) if emb is not None
+                                    else None)
+            self.causal_fast_lm = fast
+            log.info("causal LM terms: %s", "lm_head on response positions only" if fast else
+                     "model logits (the model post-processes its logits)")
+            if not fast:
+                out = super().forward(**fwd, logits_to_keep=0)
+        tgt = resp_mask[:, 1:].bool()
+        tokens = input_ids[:, 1:][tgt]
+        rows = tgt.nonzero()[:, 0]
+        logits = emb(out.hidden_states[-1][:, :-1][tgt]) if fast else out.logits[:, :-1][tgt]
+
+        reference = None
+        idx = causal.get("reference_rows")
+        if idx is not None and idx.numel():
+            with torch.no_grad(), self.disable_adapter():
+                rfwd = {k: (v[idx] if isinstance(v, torch.Tensor) else v) for k, v in fwd.items()}
+                rout = super().forward(**rfwd, logits_to_keep=1 if fast else 0)
+                rtgt = tgt[idx]
+                rlog = emb(rout.hidden_states[-1][:, :-1][rtgt]) if fast else rout.logits[:, :-1][rtgt]
+                rlp = -F.cross_entropy(rlog.float(), input_ids[idx][:, 1:][rtgt], reduction="none")
+                reference = sequence_logps(rlp, rtgt.nonzero()[:, 0], len(idx))
+
+        hidden = out.hidden_states[causal.get("pool_layer", -1)]
+        pooled_prompt = None
+        if causal.get("pooled_prompt"):
+            with torch.no_grad():
+                pooled_prompt = pool_hidden_states(hidden.detach(), causal["pool_mask"])
+        z = None
+        pooling = causal.get("head_pooling")
+        if pooling is not None:
+            head = getattr(self, HEAD_ATTR, None)
+            if head is None:
+                raise ValueError(f"head_pooling={pooling!r} but the model has no {HEAD_ATTR}")
+            z = head(pool_hidden_states(hidden, resp_mask if pooling == "response" else causal["pool_mask"]))
+        return CausalForwardOutput(response_logits=logits, response_tokens=tokens, response_rows=rows,
+                                   reference_logps=reference, projections=z, pooled_prompt=pooled_prompt)
+
+
 # --------------------------------------------------------------------------------------------- trainer
 class CausalContrastiveTrainer(Trainer):
     """``transformers.Trainer`` with the causal stage's objective (module docstring).
@@ -275,17 +411,14 @@ class CausalContrastiveTrainer(Trainer):
         if contrastive != "none" and projection_head is None:
             raise ValueError(f"contrastive {contrastive!r} needs a projection head")
         self.projection_head = projection_head if contrastive != "none" else None
+        model = CausalPeftModel.adopt(model)  # the module whose forward computes the whole objective's inputs
         if self.projection_head is not None:
             setattr(model, HEAD_ATTR, self.projection_head)  # registered submodule: optimizer, .to(device), modes
-        # DDP (docs/distributed.md): the head is a submodule of the model DDP wraps, so its gradients are
-        # all-reduced with the LoRA ones, but it runs AFTER the wrapped forward. DDP's unused-parameter search
-        # (Trainer turns it on for peft models) would mark the head "unused" at forward time and then fail in
-        # backward ("marked as ready twice"). Every trainable parameter gets a gradient each step, so it is off.
+        # Every parameter (LoRA, lm_head, head) is used inside the one wrapped forward and every trainable one gets
+        # a gradient each step, so DDP's unused-parameter search (which Trainer turns on for peft models) is not
+        # needed; it is off unless the user sets it.
         targs = kwargs.get("args") if "args" in kwargs else (args[1] if len(args) > 1 else None)
-        if targs is not None:
-            if targs.ddp_find_unused_parameters:
-                raise ValueError("the causal stage needs ddp_find_unused_parameters=False (its projection head runs "
-                                 "outside the DDP-wrapped forward)")
+        if targs is not None and targs.ddp_find_unused_parameters is None:
             targs.ddp_find_unused_parameters = False
         self.views, self.lm_views = views, lm_views
         self.weights = {"benign": lambda_task, "injected": lambda_lm_injected, "counterfactual": lambda_lm_counterfactual}
@@ -303,7 +436,6 @@ class CausalContrastiveTrainer(Trainer):
         # our compute_loss uses num_items_in_batch: Trainer must count it and must not divide by the GA steps
         self.model_accepts_loss_kwargs = True
         self._sums = {"train": self._zero_sums(), "eval": self._zero_sums()}
-        self._fast_lm: bool | None = None
 
     @property
     def head_pooling(self) -> str | None:
@@ -338,37 +470,14 @@ class CausalContrastiveTrainer(Trainer):
         return batch_samples, num_items_in_batch
 
     # ------------------------------------------------------------------ the loss
-    def _response_logits(self, model, outputs, input_ids, resp_mask, fast: bool):
-        """(logits (N, V), token ids (N,), rows (N,)) at the positions predicting the response tokens."""
-        tgt = resp_mask[:, 1:].bool()
-        tok = input_ids[:, 1:][tgt]
-        rows = tgt.nonzero()[:, 0]
-        if fast:
-            logits = self._output_embeddings(model)(outputs.hidden_states[-1][:, :-1][tgt])
-        else:
-            logits = outputs.logits[:, :-1][tgt]
-        return logits, tok, rows
-
-    @contextlib.contextmanager
-    def _reference(self, model):
-        """The reference model: the policy with its LoRA adapter disabled (no second copy of the weights)."""
-        unwrapped = self.accelerator.unwrap_model(model)
-        if not hasattr(unwrapped, "disable_adapter"):
-            raise ValueError("pref_injected needs a peft model (its reference is the adapter-disabled policy)")
-        with unwrapped.disable_adapter():
-            yield unwrapped
-
-    @torch.no_grad()
-    def _reference_logps(self, model, fwd: dict, resp_mask, view_indices: Sequence[int], B: int, fast: bool):
-        """Summed response log-probs under the reference (adapter disabled) of the rows of the given views:
-        (len(view_indices)·B,), in the views' order."""
-        input_ids = fwd["input_ids"]
-        idx = torch.cat([torch.arange(v * B, (v + 1) * B) for v in view_indices]).to(input_ids.device)
-        with self._reference(model) as ref:
-            rfwd = {k: v[idx] for k, v in fwd.items() if isinstance(v, torch.Tensor)}
-            rout = ref(**rfwd, output_hidden_states=True, use_cache=False, logits_to_keep=1 if fast else 0)
-            rl, rtok, rrows = self._response_logits(ref, rout, input_ids[idx], resp_mask[idx], fast)
-            return sequence_logps(-F.cross_entropy(rl.float(), rtok, reduction="none"), rrows, len(idx))
+    def _reference_views(self) -> list[str]:
+        """The views whose response log-probs the reference model (adapter disabled) must give, in order."""
+        ref = []
+        if self.lambda_pref > 0:
+            ref += ["injected", "hijack"]
+        if self.lambda_retain_dpo > 0:
+            ref += ["retain_chosen", "retain_rejected"]
+        return ref
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)
@@ -382,14 +491,21 @@ class CausalContrastiveTrainer(Trainer):
             raise ValueError(f"a causal batch has {V}·B rows ({', '.join(self.views)}); got {R}")
         B = R // V
         at = {v: k for k, v in enumerate(self.views)}
-        fast = self._use_hidden_state_logits(model, input_ids)
-        fwd = dict(input_ids=input_ids, attention_mask=inputs.get("attention_mask"), output_hidden_states=True,
-                   use_cache=False, logits_to_keep=1 if fast else 0)
+        ref_views = self._reference_views()
+        ref_rows = (torch.cat([torch.arange(at[v] * B, (at[v] + 1) * B) for v in ref_views]).to(input_ids.device)
+                    if ref_views else None)
+        # ONE call of the (DDP/FSDP/DeepSpeed-wrapped) model computes everything that touches parameters: the fused
+        # forward, the response-position logits, the reference log-probs and the projection head
+        # (CausalPeftModel.forward), so every parameter is gathered inside a wrapped forward
+        causal = {"response_mask": resp_mask, "pool_mask": pool_mask, "pool_layer": self.pool_layer,
+                  "head_pooling": self.head_pooling, "reference_rows": ref_rows, "pooled_prompt": "injected" in at}
+        fwd = dict(input_ids=input_ids, attention_mask=inputs.get("attention_mask"), causal=causal)
         if "position_ids" in inputs:
             fwd["position_ids"] = inputs["position_ids"]
         outputs = model(**fwd)
-        logits, tok, rows = self._response_logits(model, outputs, input_ids, resp_mask, fast)
+        logits, tok, rows = outputs.response_logits, outputs.response_tokens, outputs.response_rows
         logp_tok = -F.cross_entropy(logits.float(), tok, reduction="none")  # (N,) log p(token)
+        ref_logps = {v: outputs.reference_logps[k * B:(k + 1) * B] for k, v in enumerate(ref_views)}
         view_of = rows // B
 
         def sel(view):
@@ -425,8 +541,7 @@ class CausalContrastiveTrainer(Trainer):
             pi_w, pi_l = seq[at["injected"] * B:(at["injected"] + 1) * B], seq[at["hijack"] * B:(at["hijack"] + 1) * B]
             vals["margin_injected"] = (pi_w - pi_l).detach().mean()
             if self.lambda_pref > 0:
-                rseq = self._reference_logps(model, fwd, resp_mask, [at["injected"], at["hijack"]], B, fast)
-                pref = dpo_sigmoid_loss(pi_w, pi_l, rseq[:B], rseq[B:], self.pref_beta)
+                pref = dpo_sigmoid_loss(pi_w, pi_l, ref_logps["injected"], ref_logps["hijack"], self.pref_beta)
                 per_ex = per_ex + self.lambda_pref * pref
                 vals["loss_pref"] = pref.detach().mean()
 
@@ -440,21 +555,17 @@ class CausalContrastiveTrainer(Trainer):
                 per_ex = per_ex + self.lambda_retain_sft * nll_c
             if self.lambda_retain_dpo > 0:
                 r = slice(at["retain_rejected"] * B, (at["retain_rejected"] + 1) * B)
-                rseq = self._reference_logps(model, fwd, resp_mask, [at["retain_chosen"], at["retain_rejected"]], B,
-                                             fast)
-                ret = dpo_sigmoid_loss(seq[c], seq[r], rseq[:B], rseq[B:], self.retain_beta)
+                rc, rr = ref_logps["retain_chosen"], ref_logps["retain_rejected"]
+                ret = dpo_sigmoid_loss(seq[c], seq[r], rc, rr, self.retain_beta)
                 per_ex = per_ex + self.lambda_retain_dpo * ret
                 vals["loss_retain_dpo"] = ret.detach().mean()
-                vals["retain_margin"] = ((seq[c] - rseq[:B]) - (seq[r] - rseq[B:])).detach().mean()
+                vals["retain_margin"] = ((seq[c] - rc) - (seq[r] - rr)).detach().mean()
 
-        hidden = outputs.hidden_states[self.pool_layer]
         con_mean = None
-        with torch.no_grad():
-            if "injected" in at:  # pooled (pre-head) prompt states: did the model's representation move?
-                pooled_prompt = pool_hidden_states(hidden.detach(), pool_mask)
-                self._rep_vals(vals, "pooled", pooled_prompt, B, at)
+        if outputs.pooled_prompt is not None:  # pooled (pre-head) prompt states: did the representation move?
+            self._rep_vals(vals, "pooled", outputs.pooled_prompt, B, at)
+        z = outputs.projections
         if self.contrastive == "v2":
-            z = self.projection_head(pool_hidden_states(hidden, resp_mask))
             pos = [z[at["injected"] * B:(at["injected"] + 1) * B]]
             if self.contrastive_counterfactual:
                 pos.append(z[at["counterfactual"] * B:(at["counterfactual"] + 1) * B])
@@ -464,7 +575,6 @@ class CausalContrastiveTrainer(Trainer):
             vals["loss_contrastive"] = con.detach().mean()
             self._rep_vals(vals, "head", z.detach(), B, at)
         elif self.contrastive == "v1":
-            z = self.projection_head(pool_hidden_states(hidden, pool_mask))
             out = contrastive_loss(z[at["benign"] * B:(at["benign"] + 1) * B],
                                    z[at["counterfactual"] * B:(at["counterfactual"] + 1) * B],
                                    z[at["injected"] * B:(at["injected"] + 1) * B], **self.loss_cfg)
@@ -501,25 +611,6 @@ class CausalContrastiveTrainer(Trainer):
         for k, v in m.items():
             if v is not None:
                 vals[f"{space}_{k}"] = torch.tensor(v)
-
-    # ------------------------------------------------------------------ LM head on selected positions
-    def _output_embeddings(self, model):
-        return self.accelerator.unwrap_model(model).get_output_embeddings()
-
-    def _use_hidden_state_logits(self, model, input_ids) -> bool:
-        """Whether ``lm_head(hidden_states[-1])`` reproduces the model's logits (checked once, on the first 4 tokens
-        of the first row, by :func:`trainers.causal_losses.lm_head_reproduces_logits`).
-
-        If so, the loss applies the output embedding only to the response positions — far less memory than logits
-        for all rows (the vocabulary is large). Models with extra logit processing (soft-capping, scaling) or an
-        untied last hidden state fail the check and get the model's own logits instead.
-        """
-        if self._fast_lm is None:
-            emb = self._output_embeddings(model)
-            self._fast_lm = emb is not None and lm_head_reproduces_logits(model, emb, input_ids[:1, :4])
-            log.info("causal LM terms: %s", "lm_head on response positions only" if self._fast_lm else
-                     "model logits (the model post-processes its logits)")
-        return self._fast_lm
 
     # ------------------------------------------------------------------ metrics
     @staticmethod
@@ -574,20 +665,77 @@ class CausalContrastiveTrainer(Trainer):
         return {"pool_layer": self.pool_layer, "pooling": self.head_pooling, "contrastive": self.contrastive}
 
     def _save(self, output_dir=None, state_dict=None):
+        """Trainer's save (peft writes the adapter only) plus the head. Under DeepSpeed ZeRO-3, Trainer passes the
+        gathered ``state_dict`` (main process) and the head is taken from it, because the local module holds
+        shards; under FSDP the head is written by :meth:`save_model`."""
         super()._save(output_dir, state_dict=state_dict)
-        if self.projection_head is not None:
-            save_projection_head(self.projection_head, output_dir or self.args.output_dir, self._head_extra())
+        if self.projection_head is not None and not self._fsdp():
+            from trainers.sharded import sub_state
+
+            head_state = sub_state(state_dict, HEAD_ATTR) if state_dict is not None else {}
+            if not head_state and self._sharded():
+                raise RuntimeError("a sharded launch saved without the head's gathered weights")
+            save_projection_head(self.projection_head, output_dir or self.args.output_dir, self._head_extra(),
+                                 state=head_state or None)
+
+    def save_model(self, output_dir=None, _internal_call=False):
+        """Trainer's ``save_model`` (also called for every checkpoint), plus, under FSDP, the head gathered by every
+        process. Needed because FSDP checkpoints keep the adapter only (accelerate's ``save_fsdp_model(...,
+        adapter_only=True)`` for peft models drops the head) and, with ``SHARDED_STATE_DICT``, Trainer writes no
+        adapter file at all. Written before ``trainer_state.json``, so a checkpoint counted complete has it."""
+        super().save_model(output_dir, _internal_call)
+        if self.projection_head is not None and self._fsdp():
+            from trainers.sharded import sub_state, trainable_state_dict
+
+            full = trainable_state_dict(self)  # collective; the main process gets the full tensors
+            if full is not None and self.args.should_save:
+                save_projection_head(self.projection_head, output_dir or self.args.output_dir, self._head_extra(),
+                                     state=sub_state(full, HEAD_ATTR))
+
+    def _fsdp(self) -> bool:
+        from accelerate.utils import DistributedType
+
+        return self.accelerator.distributed_type == DistributedType.FSDP
+
+    def _sharded(self) -> bool:
+        """Whether parameters are sharded across processes (FSDP, or DeepSpeed ZeRO-3)."""
+        from accelerate.utils import DistributedType
+
+        kind = self.accelerator.distributed_type
+        return kind == DistributedType.FSDP or (kind == DistributedType.DEEPSPEED and self.accelerator.deepspeed_config
+                                                .get("zero_optimization", {}).get("stage") == 3)
+
+    def _restore_head(self, checkpoint: str) -> None:
+        """Load the checkpoint's head weights into the (possibly sharded) head.
+
+        One process or DDP: copied in place. FSDP: every process reads the full weights and
+        ``torch.distributed.checkpoint.state_dict.set_model_state_dict(full_state_dict=True)`` keeps each rank's
+        shard. DeepSpeed ZeRO-3: nothing to do (the engine's checkpoint holds every trainable parameter)."""
+        if self._fsdp():
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+            loaded = load_projection_head(checkpoint, self.projection_head.in_dim)
+            if loaded.config() != self.projection_head.config():
+                raise ValueError(f"{checkpoint}: saved head {loaded.config()} differs from the configured "
+                                 f"{self.projection_head.config()}")
+            state = {f"{HEAD_ATTR}.{k}": v for k, v in loaded.state_dict().items()}
+            set_model_state_dict(self.model_wrapped, state, options=StateDictOptions(full_state_dict=True,
+                                                                                     strict=False))
+        elif not self._sharded():
+            _load_head_into(self.projection_head, checkpoint)
+        else:
+            return
+        log.info("restored the causal projection head from %s", checkpoint)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         super()._load_from_checkpoint(resume_from_checkpoint, model)
         if self.projection_head is not None:
-            _load_head_into(self.projection_head, resume_from_checkpoint)
-            log.info("restored the causal projection head from %s", resume_from_checkpoint)
+            self._restore_head(resume_from_checkpoint)
 
     def _load_best_model(self):
         super()._load_best_model()
         if self.state.best_model_checkpoint and self.projection_head is not None:
-            _load_head_into(self.projection_head, self.state.best_model_checkpoint)
+            self._restore_head(self.state.best_model_checkpoint)
 
 
 def make_head(head_type: str, hidden_size: int, dim: int, hidden: int, seed: int) -> ProjectionHead:

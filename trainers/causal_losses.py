@@ -81,7 +81,17 @@ def lm_head_reproduces_logits(model, output_embeddings: nn.Module, probe_ids: to
         mine = output_embeddings(out.hidden_states[-1][:, -1]).float()
     finally:
         model.train(was)
-    return ref.shape == mine.shape and bool(torch.allclose(ref, mine, rtol=1e-3, atol=1e-3 * ref.abs().max()))
+    return logits_agree(ref, mine)
+
+
+def logits_agree(model_logits: torch.Tensor, head_logits: torch.Tensor | None) -> bool:
+    """Whether the output embedding's logits match the model's ((…, V) each, compared in fp32): same shape and
+    ``allclose`` with rtol 1e-3, atol 1e-3 · max |model logit|. The shared tolerance of
+    :func:`lm_head_reproduces_logits` and :class:`trainers.causal.CausalPeftModel`."""
+    if head_logits is None or model_logits.shape != head_logits.shape:
+        return False
+    ref, mine = model_logits.float(), head_logits.float()
+    return bool(torch.allclose(ref, mine, rtol=1e-3, atol=1e-3 * ref.abs().max()))
 
 
 def pool_hidden_states(hidden_states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
