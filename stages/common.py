@@ -354,11 +354,13 @@ def run_stage_main(stage_module, description: str, argv=None) -> int:
 
     args, cfg = stage_cli(description, argv)
     try:
-        from stages.models import check_model
+        from stages.models import check_model, import_unsloth_first
+
+        import_unsloth_first(cfg.model)  # before anything imports transformers/trl/peft (check_model does)
 
         check_model(cfg)
         stage_module.validate(cfg)
-    except (DataError, ConfigError, FileNotFoundError) as e:
+    except (DataError, ConfigError, FileNotFoundError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     name = stage_module.STAGE

@@ -199,6 +199,53 @@ def lora_config(lora: LoraSection, *, modules_to_save: list[str] | None = None):
                       modules_to_save=modules_to_save)
 
 
+def import_unsloth_first(model_cfg: ModelSection) -> bool:
+    """With ``model.loader: unsloth``, import ``unsloth`` before transformers, trl and peft (Unsloth patches them at
+    import and warns that its patches may not apply otherwise). Called by every stage's entry point right after the
+    config is parsed, before anything imports transformers. Returns whether it imported Unsloth.
+
+    Raises ``ImportError`` naming the GPU extra when the package is missing. Logs a warning (the import still
+    happens) if transformers, trl or peft were already imported, e.g. by a caller that used the stage as a library.
+    """
+    if model_cfg.loader != "unsloth":
+        return False
+    import sys
+
+    early = [m for m in ("transformers", "trl", "peft") if m in sys.modules]
+    if early:
+        log.warning("Unsloth is imported after %s; its patches may not apply to them", ", ".join(early))
+    try:
+        import unsloth  # noqa: F401
+    except ImportError as e:
+        raise ImportError("model.loader: unsloth needs the GPU extra: pip install -r requirements-gpu.txt") from e
+    return True
+
+
+def attach_lora(model, cfg, *, for_trl: bool):
+    """LoRA on ``model`` as the users of its loader attach it; returns ``(model, peft_config)``.
+
+    * ``model.loader: transformers``: with ``for_trl`` (the SFT and DPO stages) ``(model, LoraConfig)``, and TRL's
+      trainer calls ``peft.get_peft_model``; otherwise (the causal stage) ``(peft.get_peft_model(model, …), None)``.
+    * ``model.loader: unsloth``: ``(FastLanguageModel.get_peft_model(model, r, lora_alpha, lora_dropout,
+      target_modules, bias="none", use_gradient_checkpointing="unsloth", random_state=seed), None)``: Unsloth's
+      LoRA kernels and its gradient checkpointing; the trainers receive the peft model and no ``peft_config``.
+    """
+    if cfg.model.loader == "unsloth":
+        from unsloth import FastLanguageModel
+
+        lora = cfg.lora
+        peft_model = FastLanguageModel.get_peft_model(
+            model, r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(lora.target_modules),
+            bias="none", use_gradient_checkpointing="unsloth", random_state=cfg.seed,
+            max_seq_length=cfg.model.max_seq_length)
+        return peft_model, None
+    if for_trl:
+        return model, lora_config(cfg.lora)
+    from peft import get_peft_model
+
+    return get_peft_model(model, lora_config(cfg.lora)), None
+
+
 def merged_dtype(model_cfg: ModelSection, device: str) -> torch.dtype:
     """dtype of merged copies: ``model.merge_dtype``, or for ``auto`` the compute dtype the stages train in on
     ``device`` (:func:`resolve_dtype`: fp32 on CPU; bf16 on CUDA where supported, else fp16).

@@ -70,7 +70,7 @@ def run(cfg: PipelineConfig) -> dict:
     from trainers.sharded import trainable_state_dict
     from stages.common import (build_training_args, last_checkpoint, maybe_push, process_state, raise_if_terminated,
                                report_to_env, save_adapter, seed_everything, standard_callbacks, log)
-    from stages.models import (load_model, load_tokenizer, lora_config, merge_adapter, pick_device,
+    from stages.models import (load_model, load_tokenizer, attach_lora, merge_adapter, pick_device,
                                resolve_model_path)
     from trainers.sft import ZephyrSFTTrainer
 
@@ -95,8 +95,9 @@ def run(cfg: PipelineConfig) -> dict:
     if cfg.sft.eval_fraction > 0:
         split = ds.train_test_split(test_size=cfg.sft.eval_fraction, seed=cfg.seed)
         ds, eval_ds = split["train"], split["test"]
+    model, peft_config = attach_lora(model, cfg, for_trl=True)
     trainer = ZephyrSFTTrainer(model=model, args=args, train_dataset=ds, eval_dataset=eval_ds, processing_class=tok,
-                               peft_config=lora_config(cfg.lora), callbacks=standard_callbacks(cfg))
+                               peft_config=peft_config, callbacks=standard_callbacks(cfg))
     ckpt = last_checkpoint(args.output_dir)
     if ckpt:
         log.info("resuming SFT from %s", ckpt)

@@ -212,7 +212,7 @@ def run(cfg: PipelineConfig) -> dict:
     from trainers.sharded import trainable_state_dict
     from stages.common import (last_checkpoint, maybe_push, process_state, raise_if_terminated,
                                report_to_env, save_adapter, seed_everything, standard_callbacks)
-    from stages.models import (is_complete_model_dir, load_model, load_tokenizer, lora_config, merge_adapter,
+    from stages.models import (is_complete_model_dir, load_model, load_tokenizer, attach_lora, merge_adapter,
                                pick_device)
     from trainers.callbacks import LossGuardCallback
     from trainers.dpo import ConstitutionalDPOTrainer
@@ -300,8 +300,9 @@ def run(cfg: PipelineConfig) -> dict:
         if not retain:
             raise cfg.error("dpo.retain_sft_weight", f"no SFT row fits in {args.max_length} tokens to replay")
         log.info("DPO retention: λ=%s on %d replayed SFT rows", d.retain_sft_weight, len(retain))
+    model, peft_config = attach_lora(model, cfg, for_trl=True)
     trainer = ConstitutionalDPOTrainer(model=model, ref_model=None, args=args, train_dataset=ds, processing_class=tok,
-                                       peft_config=lora_config(cfg.lora), callbacks=callbacks, retain_sft=retain,
+                                       peft_config=peft_config, callbacks=callbacks, retain_sft=retain,
                                        retain_sft_weight=d.retain_sft_weight if retain else 0.0)
     if trainer.ref_model is not None:  # TRL contract with a peft model: no second copy of the weights
         raise RuntimeError("expected no separate reference model with a LoRA adapter")

@@ -333,13 +333,12 @@ def first_last(log_history: list[dict]) -> dict:
 def run(cfg: PipelineConfig) -> dict:
     """Build triplets, train, save adapter + head, merge; returns ``{"outputs": …, "metrics": …}``."""
     import torch
-    from peft import get_peft_model
     from transformers import TrainingArguments
 
     from data_builders.token_cache import TripletCollator, build_token_cache
     from stages.common import (build_training_args, last_checkpoint, log, maybe_push, process_state,
                                raise_if_terminated, report_to_env, save_adapter, seed_everything)
-    from stages.models import (is_complete_model_dir, load_model, load_tokenizer, lora_config, merge_adapter,
+    from stages.models import (is_complete_model_dir, load_model, load_tokenizer, attach_lora, merge_adapter,
                                pick_device)
     from trainers.callbacks import LossGuardCallback, SigtermCheckpointCallback
     from trainers.causal import HEAD_ATTR, HEAD_CONFIG, HEAD_WEIGHTS, CausalContrastiveTrainer, save_projection_head
@@ -409,7 +408,7 @@ def run(cfg: PipelineConfig) -> dict:
         retain_stats = {"file": str(retain_pairs_path(cfg)), "pairs": len(rows), "too_long": too_long}
         log.info("retention: %d pair(s) replayed from %s (%d too long)", len(rows), retain_stats["file"], too_long)
 
-    peft_model = get_peft_model(model, lora_config(cfg.lora))
+    peft_model, _ = attach_lora(model, cfg, for_trl=False)
     kwargs = loss_and_head_kwargs(cfg)
     hidden_size = peft_model.get_base_model().config.get_text_config().hidden_size
     n_layers = peft_model.get_base_model().config.get_text_config().num_hidden_layers
