@@ -1,4 +1,5 @@
-"""GPU fast paths on a TinyLlama-1.1B-shaped model: bf16 LoRA vs 4-bit QLoRA, SDPA vs eager, Liger.
+"""GPU fast paths on a TinyLlama-1.1B-shaped model: bf16 LoRA vs 4-bit QLoRA, SDPA vs eager vs FlashAttention-2,
+Liger, the Unsloth loader, the DPO and causal trainers, vLLM generation.
 
 The device machine cannot download weights, so the model is TinyLlama-1.1B's architecture (hidden 2048,
 22 layers, 32 heads / 4 KV heads, intermediate 5632, vocab 32000) with random weights: step times, tokens/s
@@ -8,12 +9,22 @@ for a few steps and reports median step time, trained tokens/s and peak GPU memo
 (``torch.cuda.max_memory_allocated``). Also measured: merging a QLoRA adapter into a 16-bit copy and
 generating from it (never from the 4-bit model).
 
-    python bench/gpu_paths.py [--steps 8] [--seq 512] [--batch 8] [--tiny] [--out results.json]
+    python bench/gpu_paths.py [--steps 8] [--seq 512] [--batch 8] [--tiny] [--variants a,b] [--out results.json]
+
+Variants: ``bf16-sdpa``, ``bf16-eager``, ``bf16-fa2`` (flash_attention_2), ``qlora-sdpa``, ``bf16-sdpa-liger``,
+``unsloth-sft`` (SFT trainer); ``dpo-bf16``, ``unsloth-dpo`` (DPO trainer, adapter-disabled reference);
+``causal-bf16`` (causal trainer, every term on); ``vllm-generate`` (critique-and-rewrite generation, vLLM backend
+against transformers on the same merged bf16 model). A variant whose package is missing reports ``skipped``.
+MFU = 6·N·tokens/s / the card's dense bf16 peak (:data:`BF16_PEAK_TFLOPS`, or ``--peak-tflops``), N = all
+parameters; DPO and causal steps run 2 and 4 sequences per row, counted in tokens/s.
+Unsloth variants must run in their own process (``import unsloth`` precedes transformers; ``bench/gpu_check.sh``
+starts one process per variant).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -22,6 +33,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+if any("unsloth" in a for a in sys.argv[1:]):  # Unsloth patches transformers/trl at import: it must come first
+    try:
+        import unsloth  # noqa: F401
+    except ImportError:
+        pass  # the variant reports "skipped: unsloth not installed"
+
 import torch  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
@@ -29,6 +46,30 @@ TINYLLAMA = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
                  num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048)
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=512, max_position_embeddings=1024)
+
+
+# Dense (no sparsity) bf16 tensor-core peaks from NVIDIA's data sheets, TFLOP/s; GeForce cards with fp32 accumulate.
+BF16_PEAK_TFLOPS = {"H200": 989.0, "H100 SXM": 989.0, "H100 80GB HBM3": 989.0, "H100 PCIe": 756.0, "H100": 756.0,
+                    "A100": 312.0, "L40S": 362.0, "A10G": 70.0, "A10": 125.0, "RTX 4090": 165.2, "RTX 3090": 71.0,
+                    "RTX 3060": 25.6}
+
+
+def bf16_peak_tflops(name: str) -> float | None:
+    """The table's peak for a ``torch.cuda.get_device_name()`` (first key contained in it), else None."""
+    for key, value in BF16_PEAK_TFLOPS.items():
+        if key.lower() in name.lower():
+            return value
+    return None
+
+
+def _available(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+REQUIRES = {"bf16-fa2": "flash_attn", "qlora-sdpa": "bitsandbytes", "bf16-sdpa-liger": "liger_kernel",
+            "unsloth-sft": "unsloth", "unsloth-dpo": "unsloth", "vllm-generate": "vllm"}
 
 
 class StepTimer(TrainerCallback):
@@ -80,43 +121,135 @@ def long_rows(n_rows: int, words: int) -> list[dict]:
     return rows
 
 
-def run_sft_variant(model_dir: Path, name: str, *, quant: bool, attn: str, liger: bool, steps: int, seq: int,
-                    batch: int, work: Path) -> dict:
-    from datasets import Dataset
-    from trl import SFTConfig
+def _dpo_rows(n_rows: int, words: int) -> list[dict]:
+    rows = long_rows(n_rows, words)
+    return [{"prompt": [r["messages"][0]], "chosen": [r["messages"][1]],
+             "rejected": [{"role": "assistant", "content": " ".join(r["messages"][1]["content"].split()[::-1])}]}
+            for r in rows]
 
-    from stages.config import LoraSection, ModelSection
-    from stages.models import load_model, load_tokenizer, lora_config
-    from trainers.sft import ZephyrSFTTrainer
+
+def run_train_variant(model_dir: Path, name: str, *, kind: str = "sft", quant: bool = False, attn: str = "sdpa",
+                      liger: bool = False, loader: str = "transformers", steps: int, seq: int, batch: int,
+                      work: Path) -> dict:
+    """A few optimizer steps of the project's ``kind`` trainer (sft | dpo | causal) with the given fast paths;
+    median step time (warm-up steps dropped), tokens/s (every sequence of a step: DPO 2, causal 4 per row),
+    peak GPU memory."""
+    from datasets import Dataset
+
+    from stages.config import LoraSection, ModelSection, PipelineConfig
+    from stages.models import attach_lora, load_model, load_tokenizer
 
     cuda = torch.cuda.is_available()
-    mcfg = ModelSection(name_or_path=str(model_dir), quantization="4bit" if quant else "none",
-                        attn_implementation=attn, max_seq_length=seq, dtype="bfloat16" if cuda else "float32")
+    mcfg = ModelSection(name_or_path=str(model_dir), quantization="4bit" if quant else "none", loader=loader,
+                        attn_implementation=attn, max_seq_length=seq, dtype="bfloat16" if cuda else "float32",
+                        use_liger_kernel=liger)
+    cfg = PipelineConfig(model=mcfg, lora=LoraSection(r=16, alpha=32, dropout=0.0), seed=0)
     torch.cuda.empty_cache() if cuda else None
     torch.cuda.reset_peak_memory_stats() if cuda else None
     tok = load_tokenizer(str(model_dir), mcfg)
     model = load_model(str(model_dir), mcfg, device="cuda" if cuda else "cpu")
-    rows = long_rows(batch * (steps + 2), words=max(8, seq // 5))  # the local BPE gives ~4 tokens a word
-    args = SFTConfig(output_dir=str(work / name), max_steps=steps + 2, per_device_train_batch_size=batch,
-                     bf16=cuda, use_cpu=not cuda, gradient_checkpointing=quant, report_to="none",
-                     assistant_only_loss=True, max_length=seq, save_strategy="no", logging_steps=1,
-                     optim="paged_adamw_8bit" if quant else "adamw_torch", use_liger_kernel=liger,
-                     disable_tqdm=True)
+    common = dict(output_dir=str(work / name), max_steps=steps + 2, per_device_train_batch_size=batch, bf16=cuda,
+                  use_cpu=not cuda, gradient_checkpointing=quant and loader != "unsloth", report_to="none",
+                  save_strategy="no", logging_steps=1, optim="paged_adamw_8bit" if quant else "adamw_torch",
+                  use_liger_kernel=liger, disable_tqdm=True)
     timer = StepTimer()
-    trainer = ZephyrSFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok,
-                               peft_config=lora_config(LoraSection(r=16, alpha=32)), callbacks=[timer])
-    lengths = [min(len(x), seq) for x in trainer.train_dataset["input_ids"]]
+    words = max(8, seq // 5)  # the local BPE gives ~4 tokens a word
+    if kind == "sft":
+        from trl import SFTConfig
+
+        from trainers.sft import ZephyrSFTTrainer
+
+        model, peft_config = attach_lora(model, cfg, for_trl=True)
+        args = SFTConfig(**common, assistant_only_loss=True, max_length=seq)
+        trainer = ZephyrSFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(
+            long_rows(batch * (steps + 2), words)), processing_class=tok, peft_config=peft_config, callbacks=[timer])
+        lengths = [min(len(x), seq) for x in trainer.train_dataset["input_ids"]]
+    elif kind == "dpo":
+        from trl import DPOConfig
+
+        from trainers.dpo import ConstitutionalDPOTrainer
+
+        model, peft_config = attach_lora(model, cfg, for_trl=True)
+        args = DPOConfig(**common, max_length=seq, precompute_ref_log_probs=False, beta=0.1)
+        trainer = ConstitutionalDPOTrainer(model=model, ref_model=None, args=args, train_dataset=Dataset.from_list(
+            _dpo_rows(batch * (steps + 2), words)), processing_class=tok, peft_config=peft_config, callbacks=[timer])
+        ds = trainer.train_dataset
+        lengths = [min(len(p) + len(c), seq) + min(len(p) + len(r), seq) for p, c, r in
+                   zip(ds["prompt_ids"], ds["chosen_ids"], ds["rejected_ids"])]
+    elif kind == "causal":
+        from transformers import TrainingArguments
+
+        from data_builders.token_cache import TripletCollator, build_token_cache, needed_views
+        from data_builders.triplets import build_triplets, read_attacks, read_tasks, write_triplets
+        from trainers.causal import CausalContrastiveTrainer
+        from trainers.causal_losses import build_projection_head
+
+        seed = Path(__file__).resolve().parents[1] / "data_builders" / "seed"
+        trips = build_triplets(read_tasks(str(seed / "tasks.jsonl")), [read_attacks(str(seed / "attacks_train.json"))],
+                               seed=0, max_triplets=batch * (steps + 2)).triplets
+        for t in trips:
+            t["hijack"] = t["hijack"] or "Sure, here is what you asked for instead."
+        ds, _ = build_token_cache(write_triplets(work / "triplets.jsonl", trips), tok, seq, work / "cache")
+        peft_model, _ = attach_lora(model, cfg, for_trl=False)
+        loss = dict(lambda_lm_injected=1.0, lambda_kl=0.5, lambda_pref=0.5, contrastive="v2", temperature=0.1)
+        views, lm_views = needed_views(**loss)
+        head = build_projection_head("mlp", peft_model.get_base_model().config.hidden_size, 128, 512, seed=0)
+        args = TrainingArguments(**common, remove_unused_columns=False, label_names=["labels"])
+        trainer = CausalContrastiveTrainer(model=peft_model, args=args, train_dataset=ds, processing_class=tok,
+                                           data_collator=TripletCollator(tok.pad_token_id, views=views,
+                                                                         lm_views=lm_views),
+                                           projection_head=head, views=views, lm_views=lm_views, callbacks=[timer],
+                                           **loss)
+        lengths = [sum(len(ex[f"{v}_input_ids"]) for v in views) for ex in ds]
+    else:
+        raise ValueError(f"unknown trainer kind {kind!r}")
     trainer.train()
     times = timer.times[2:]  # drop warm-up steps
     step = statistics.median(times)
-    tokens_per_step = batch * statistics.mean(lengths)
-    res = {"variant": name, "median_step_s": round(step, 4), "tokens_per_s": round(tokens_per_step / step, 1),
+    tokens_per_step = batch * statistics.mean(lengths) * trainer.args.world_size
+    n_params = sum(p.numel() for p in trainer.model.parameters())
+    res = {"variant": name, "trainer": kind, "median_step_s": round(step, 4),
+           "tokens_per_s": round(tokens_per_step / step, 1), "params": n_params,
+           "achieved_tflops": round(6 * n_params * tokens_per_step / step / 1e12, 4),
            "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2 ** 30, 2) if cuda else None,
-           "steps_timed": len(times), "mean_seq_tokens": round(statistics.mean(lengths), 1)}
-    if quant:
+           "steps_timed": len(times), "world_size": trainer.args.world_size}
+    if quant and kind == "sft" and trainer.args.world_size == 1:
         res.update(merge_and_generate(trainer, tok, model_dir, mcfg, work))
     del trainer, model
     return res
+
+
+def run_vllm_variant(model_dir: Path, name: str, *, n_prompts: int = 64, max_new_tokens: int = 128, **_) -> dict:
+    """Critique-and-rewrite generation on the same bf16 model folder: the vLLM backend against
+    ``generate_chat`` (transformers, batch 16); tokens/s of each and their ratio."""
+    from data_builders.critique_rewrite import VLLMBackend
+    from data_builders.generation import generate_chat
+    from stages.config import GenerationSection, ModelSection
+    from stages.models import load_model, load_tokenizer
+
+    mcfg = ModelSection(name_or_path=str(model_dir), dtype="bfloat16")
+    tok = load_tokenizer(str(model_dir), mcfg)
+    convs = [[{"role": "user", "content": f"Write a short note about item {i}."}] for i in range(n_prompts)]
+    gen = GenerationSection(backend="vllm", max_new_tokens=max_new_tokens, do_sample=False,
+                            vllm_gpu_memory_utilization=0.4)
+    t0 = time.perf_counter()
+    backend = VLLMBackend(model_dir, tok, gen, seed=0, max_model_len=1024)
+    t_load = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    out_v = backend.generate(convs, [str(i) for i in range(n_prompts)], "response")
+    t_v = time.perf_counter() - t0
+    del backend
+    torch.cuda.empty_cache()
+    model = load_model(str(model_dir), mcfg, device="cuda", quantize=False, for_training=False)
+    t0 = time.perf_counter()
+    out_t = generate_chat(model, tok, convs, max_new_tokens=max_new_tokens, batch_size=16)
+    torch.cuda.synchronize()
+    t_t = time.perf_counter() - t0
+    v_tps = sum(o["n_tokens"] for o in out_v) / t_v
+    t_tps = sum(o["n_tokens"] for o in out_t) / t_t
+    return {"variant": name, "vllm_tokens_per_s": round(v_tps, 1), "transformers_tokens_per_s": round(t_tps, 1),
+            "vllm_over_transformers": round(v_tps / t_tps, 2), "vllm_load_s": round(t_load, 1),
+            "prompts": n_prompts}
 
 
 def merge_and_generate(trainer, tok, model_dir: Path, mcfg, work: Path) -> dict:
@@ -140,6 +273,12 @@ def merge_and_generate(trainer, tok, model_dir: Path, mcfg, work: Path) -> dict:
             "generate_tokens_per_s": round(sum(o["n_tokens"] for o in out) / t_gen, 1)}
 
 
+SPECS = {"bf16-sdpa": dict(), "bf16-eager": dict(attn="eager"), "bf16-fa2": dict(attn="flash_attention_2"),
+         "qlora-sdpa": dict(quant=True), "bf16-sdpa-liger": dict(liger=True), "unsloth-sft": dict(loader="unsloth"),
+         "dpo-bf16": dict(kind="dpo"), "unsloth-dpo": dict(kind="dpo", loader="unsloth"),
+         "causal-bf16": dict(kind="causal"), "vllm-generate": dict(vllm=True)}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=8)
@@ -147,30 +286,49 @@ def main():
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--tiny", action="store_true", help="tiny dims (CPU check of the script)")
     ap.add_argument("--variants", default="bf16-sdpa,bf16-eager,qlora-sdpa,bf16-sdpa-liger")
+    ap.add_argument("--model-dir", default=None, help="reuse a model folder built by an earlier run")
+    ap.add_argument("--build-model", default=None, metavar="DIR", help="only build the model into DIR and exit")
+    ap.add_argument("--name", default=None, help="the result's variant name (one variant; e.g. ddp2-bf16-sdpa)")
+    ap.add_argument("--peak-tflops", type=float, default=None, help="the card's dense bf16 peak (overrides the table)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
+    if a.build_model:
+        print(build_model_dir(Path(a.build_model), TINY if a.tiny else TINYLLAMA))
+        return
+    unknown = [v for v in a.variants.split(",") if v not in SPECS]
+    if unknown:
+        ap.error(f"unknown variant(s) {unknown}; known: {', '.join(SPECS)}")
+    rank = int(os.environ.get("RANK", "0"))
     work = Path(tempfile.mkdtemp(prefix="gpu_paths_"))
-    model_dir = build_model_dir(work, TINY if a.tiny else TINYLLAMA)
-    specs = {"bf16-sdpa": dict(quant=False, attn="sdpa", liger=False),
-             "bf16-eager": dict(quant=False, attn="eager", liger=False),
-             "qlora-sdpa": dict(quant=True, attn="sdpa", liger=False),
-             "bf16-sdpa-liger": dict(quant=False, attn="sdpa", liger=True)}
+    model_dir = Path(a.model_dir) if a.model_dir else build_model_dir(work, TINY if a.tiny else TINYLLAMA)
+    cuda = torch.cuda.is_available()
+    gpu = torch.cuda.get_device_name() if cuda else "cpu"
+    peak = a.peak_tflops or (bf16_peak_tflops(gpu) if cuda else None)
     results = []
     for name in a.variants.split(","):
-        try:
-            results.append(run_sft_variant(model_dir, name, steps=a.steps, seq=a.seq, batch=a.batch, work=work,
-                                           **specs[name]))
-        except Exception as e:  # report and go on: one missing package must not hide the other figures
-            results.append({"variant": name, "error": f"{type(e).__name__}: {str(e)[:300]}"})
-        print(json.dumps(results[-1]), flush=True)
-    if a.out:
-        Path(a.out).write_text(json.dumps(results, indent=2))
-    print(f"\n{'variant':18s} {'step s':>8s} {'tok/s':>9s} {'peak GiB':>9s}")
-    for r in results:
-        if "error" in r:
-            print(f"{r['variant']:18s} error: {r['error'][:80]}")
+        spec = dict(SPECS[name])
+        need = REQUIRES.get(name)
+        if need and not _available(need):
+            results.append({"variant": name, "skipped": f"{need} not installed"})
         else:
-            print(f"{r['variant']:18s} {r['median_step_s']:8.3f} {r['tokens_per_s']:9.0f} {str(r['peak_gpu_gib']):>9s}")
+            try:
+                if spec.pop("vllm", False):
+                    results.append(run_vllm_variant(model_dir, name))
+                else:
+                    results.append(run_train_variant(model_dir, name, steps=a.steps, seq=a.seq, batch=a.batch,
+                                                     work=work, **spec))
+            except Exception as e:  # report and go on: one failing path must not hide the other figures
+                results.append({"variant": name, "error": f"{type(e).__name__}: {str(e)[:300]}"})
+        r = results[-1]
+        r["gpu"] = gpu
+        if a.name:
+            r["variant"] = a.name
+        if "achieved_tflops" in r:
+            r["mfu"] = round(r["achieved_tflops"] / peak, 4) if peak else None
+        if rank == 0:
+            print("GPU_RESULT " + json.dumps(r), flush=True)
+    if a.out and rank == 0:
+        Path(a.out).write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":
