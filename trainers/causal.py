@@ -9,11 +9,13 @@ ONE forward pass with ``output_hidden_states=True``, computes the terms of ``tra
         + λ_kl·KL-invariance + λ_pref·SecAlign-DPO(y ≻ y_a | x_i) + contrastive (v1 | v2 | none)
         + λ_retain_sft·NLL(chosen|x_r) + λ_retain_dpo·DPO(chosen ≻ rejected | x_r)      (retention, replayed pairs)
 
-Next-token logits are computed only at the response positions (the output embedding applied to the final hidden
-states of those positions; models that post-process logits get the model's own logits instead), never for the whole
-(V·B, L, vocab) tensor. ``pref_injected`` adds one no-grad forward of the injected and hijack rows with the LoRA
-adapter disabled (the reference model = the starting model, as in the DPO stage); ``retain_dpo`` one of the
-replayed chosen and rejected rows.
+Everything that touches parameters runs inside ONE call of the (DDP/FSDP/ZeRO-3-wrapped) model,
+:meth:`CausalPeftModel.forward`: the fused forward, next-token logits at the response positions only (the output
+embedding applied to the final hidden states of those positions; models that post-process logits get the model's
+own logits there instead), never the whole (V·B, L, vocab) tensor; the reference log-probs (one no-grad forward of
+the rows ``pref_injected`` and ``retain_dpo`` need, with the LoRA adapter disabled: the reference model = the
+starting model, as in the DPO stage); the pooling and the projection head. ``compute_loss`` only combines the
+tensors it returns.
 
 Gradient accumulation is exact (one optimizer step over k micro-batches = one step over their union):
 
