@@ -417,7 +417,7 @@ def test_stage2_causal_and_evaluate_two_processes(ddp_stage_run):
     cfg_path, run_dir, sft_proc = ddp_stage_run
     assert sft_proc.returncode == 0, "stage 0 failed (see test_stage0_sft_two_processes)"
     proc = _torchrun_script([str(ROOT / "stages" / "stage2_causal.py"), "--config", str(cfg_path), "causal.base=sft",
-                             "causal.eval_fraction=0.25"])
+                             "causal.eval_fraction=0.25", "causal.loss.contrastive=v2"])  # v2: a head to gather and save
     assert proc.returncode == 0, f"torchrun stage2 failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     causal = run_dir / "causal"
     assert _manifest(run_dir)["stages"]["causal"]["status"] == "done"
