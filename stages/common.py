@@ -17,11 +17,15 @@ from stages.config import CliParser, ConfigError, PipelineConfig, finite_or_erro
 log = logging.getLogger("staged_alignment")
 
 
-def stage_cli(description: str, argv=None) -> tuple[argparse.Namespace, PipelineConfig]:
-    """Parse ``--config C [key=value …]`` and load/validate the config. Exits with code 2 on a bad config."""
-    ap = CliParser(description=description)
+def stage_cli(description: str, argv=None, stage: str | None = None) -> tuple[argparse.Namespace, PipelineConfig]:
+    """Parse ``--config C [key=value …] [--key value …]`` and load/validate the config. Exits with code 2 on a bad
+    config. ``stage`` (the script's stage) lets ``--learning_rate 1e-5`` mean ``<stage>.training.learning_rate``
+    (:meth:`stages.config.CliParser.flag_to_override`)."""
+    ap = CliParser(description=description, stage=stage)
     ap.add_argument("--config", required=True, help="pipeline YAML (configs/*.yaml)")
-    ap.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. sft.training.max_steps=5")
+    ap.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. sft.training.max_steps=5; or "
+                    "flags: --sft.training.max_steps 5, and on a stage script --learning_rate 1e-5 (its training "
+                    "args), --max_prompts 8 (its section), --model_name_or_path M, --lora_r 8")
     setup_logging()
     try:
         args = ap.parse(argv)
@@ -352,7 +356,7 @@ def run_stage_main(stage_module, description: str, argv=None) -> int:
     from data_builders.jsonl_io import DataError
     from stages.run_dir import Manifest, path_sha256
 
-    args, cfg = stage_cli(description, argv)
+    args, cfg = stage_cli(description, argv, stage=getattr(stage_module, "STAGE", None))
     try:
         from stages.models import check_model, import_unsloth_first
 

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import hashlib
 import json
 import math
 import os
+import re
+import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,19 +49,96 @@ class ConfigError(ValueError):
 
 
 class CliParser(argparse.ArgumentParser):
-    """``argparse`` with the project's error format, for every stage script.
+    """``argparse`` with the project's error format and TRL-style flags, for every stage script.
 
     A bad command line raises :class:`ConfigError` (``error: command line: <prog>: <message>``; the scripts print it
     as their one ``error:`` line and exit 2) instead of argparse's usage block; :meth:`parse` accepts the dotted
     ``key=value`` overrides before, between and after the flags (``parse_intermixed_args``).
+
+    Flags the script does not define are config overrides, written as TRL and HF scripts write them
+    (:meth:`flag_to_override`): ``--key value``, ``--key=value``, or ``--key`` alone for ``true``; a dotted key
+    (``--sft.training.max_steps 5``) is used as it is; ``-`` in a key reads as ``_``. ``stage`` (``sft``, ``dpo``,
+    ``causal``, ``evaluate``; None for the pipeline and other scripts) decides where a bare key goes.
     """
+
+    def __init__(self, *args, stage: str | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.stage = stage
 
     def error(self, message):  # argparse's hook for every usage error
         raise ConfigError("command line", None, None, f"{self.prog}: {message} (see --help)")
 
+    def flag_to_override(self, key: str) -> str:
+        """The dotted config key a bare flag name means, in this order: a dotted key as it is; a TRL/HF alias
+        (:data:`CLI_ALIASES`, e.g. ``model_name_or_path`` → ``model.name_or_path``, ``lora_r`` → ``lora.r``); a
+        top-level setting (``run_name``, ``output_dir``, ``seed``, ``device``); on a stage script, a setting of that
+        stage's section (``--max_prompts`` → ``dpo.max_prompts``), else of its training arguments
+        (``--learning_rate`` → ``dpo.training.learning_rate``; an unknown name is refused there, naming the key);
+        elsewhere a ``model`` or ``lora`` setting. Raises :class:`ConfigError` for a bare key with no stage."""
+        key = key.replace("-", "_")
+        if "." in key:
+            return key
+        if key in CLI_ALIASES:
+            return CLI_ALIASES[key]
+        top = {f.name for f in dataclasses.fields(PipelineConfig)}
+        if key in top and not is_dataclass_field(PipelineConfig, key):
+            return key
+        sections = {"sft": SFTSection, "dpo": DPOSection, "causal": CausalSection, "evaluate": EvaluateSection}
+        if self.stage in sections:
+            if key != "training" and key in {f.name for f in dataclasses.fields(sections[self.stage])}:
+                return f"{self.stage}.{key}"
+            if self.stage != "evaluate":
+                return f"{self.stage}.training.{key}"
+        for name, cls in (("model", ModelSection), ("lora", LoraSection)):
+            if key in {f.name for f in dataclasses.fields(cls)}:
+                return f"{name}.{key}"
+        raise ConfigError("command line", None, None,
+                          f"{self.prog}: --{key} is not a setting here; give its section, e.g. "
+                          f"--sft.training.{key} (or sft.training.{key}=…)")
+
     def parse(self, argv=None) -> argparse.Namespace:
         """Parse ``argv`` (``sys.argv[1:]`` when None); raises :class:`ConfigError` on a usage error."""
-        return self.parse_intermixed_args(argv)
+        argv = list(sys.argv[1:] if argv is None else argv)
+        known = {opt: a for a in self._actions for opt in a.option_strings}
+        out, i = [], 0
+        while i < len(argv):
+            tok = argv[i]
+            name, eq, value = tok[2:].partition("=") if tok.startswith("--") and len(tok) > 2 else ("", "", "")
+            if not name or f"--{name}" in known:
+                out.append(tok)
+                action = known.get(f"--{name}")
+                if action is not None and not eq and action.nargs != 0 and i + 1 < len(argv):
+                    out.append(argv[i + 1])  # the script's own flag and its value
+                    i += 1
+                i += 1
+                continue
+            close = difflib.get_close_matches(f"--{name}", [k for k in known if k.startswith("--")], n=1, cutoff=0.85)
+            if close:  # a typo of the script's own flag, not a config key
+                self.error(f"unrecognized arguments: --{name} (did you mean {close[0]}?)")
+            if not eq:
+                nxt = argv[i + 1] if i + 1 < len(argv) else None
+                if nxt is not None and not nxt.startswith("--") and not _OVERRIDE.match(nxt):
+                    value, i = nxt, i + 1
+                else:
+                    value = "true"
+            out.append(f"{self.flag_to_override(name)}={value}")
+            i += 1
+        return self.parse_intermixed_args(out)
+
+
+_OVERRIDE = re.compile(r"^[A-Za-z_][\w.-]*=")
+# TRL / HF script flag names → this project's config keys
+CLI_ALIASES = {"model_name_or_path": "model.name_or_path", "trust_remote_code": "model.trust_remote_code",
+               "attn_implementation": "model.attn_implementation", "max_seq_length": "model.max_seq_length",
+               "lora_r": "lora.r", "lora_alpha": "lora.alpha", "lora_dropout": "lora.dropout",
+               "lora_target_modules": "lora.target_modules", "use_liger_kernel": "model.use_liger_kernel"}
+
+
+def is_dataclass_field(cls, name: str) -> bool:
+    """Whether ``cls.name`` is itself a section (a dataclass), as ``PipelineConfig.model`` is."""
+    f = {x.name: x for x in dataclasses.fields(cls)}.get(name)
+    return f is not None and f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(
+        f.default_factory())
 
 
 # --------------------------------------------------------------------------------------------- sections

@@ -325,7 +325,7 @@ def test_broken_gzip_data_file(kind, tiny_model_dir, tmp_path, capsys, no_model_
 
 
 @pytest.mark.parametrize("argv,words", [(["--from-stage", "bogus"], "invalid choice"),
-                                        (["--dryrun"], "unrecognized arguments"),
+                                        (["--dryrun"], "unrecognized arguments: --dryrun (did you mean --dry-run?)"),
                                         (["--launcher"], "expected one argument")])
 def test_command_line_errors_use_the_project_format(argv, words, tiny_model_dir, tmp_path, capsys, no_model_load):
     data, run_dir = _base_config(tmp_path, tiny_model_dir)
