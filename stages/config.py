@@ -179,6 +179,7 @@ class HubSection:
     private: bool = True
     push_dry_run: bool = False  # write exactly the folder that would be uploaded, upload nothing
     organization: str | None = None
+    push_merged: bool = False  # also push <stage>/merged to <hub_model_id>-merged (the next stage's loadable base)
 
 
 @dataclass
@@ -887,6 +888,13 @@ def validate_config(cfg: PipelineConfig) -> None:
         raise cfg.error("dpo.training.train_sampling_strategy",
                         "length-grouped sampling is supported for the sft and causal stages only (TRL's DPO "
                         "dataset has no length column); use 'random'")
+    for sec in ("sft", "dpo", "causal"):
+        for key in ("push_to_hub", "hub_model_id", "hub_strategy"):
+            if key in getattr(cfg, sec).training and getattr(cfg, sec).training[key] not in (None, False):
+                raise cfg.error(f"{sec}.training.{key}", "pushes go through hub.push_to_hub and "
+                                f"{sec}.hub_model_id: the stage pushes its adapter (and hub.push_merged: the merged "
+                                "model) with a model card after saving; the Trainer's own push would upload "
+                                "checkpoints to a second repo")
     _check_device_consistency(cfg)
 
 

@@ -10,12 +10,14 @@ from __future__ import annotations
 import html
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 
 from data_builders.jsonl_io import atomic_directory
 
 log = logging.getLogger(__name__)
+DATA_SUFFIXES = {".json", ".jsonl", ".gz", ".parquet", ".csv", ".tsv", ".txt", ".arrow", ".yaml", ".yml"}
 STAGE_TITLES = {"sft": "Zephyr SFT", "dpo": "Constitutional DPO", "causal": "Causal contrastive (prompt injection)"}
 
 
@@ -31,21 +33,100 @@ def escape_md(text: str) -> str:
     return text.replace("\n", " ")
 
 
-def model_card(cfg, stage: str, metrics: dict, sources: list[str]) -> str:
-    """Model card text naming base model, stage, data sources, config and metrics (untrusted text escaped)."""
+def _is_hub_id(name) -> bool:
+    """A Hub repo id by huggingface_hub's own rule (``validate_repo_id``), not an existing local path and not a
+    data file's path (a suffix in :data:`DATA_SUFFIXES`)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if not isinstance(name, str) or "/" not in name or Path(name).exists() or name.startswith(("embedded:", ".")):
+        return False
+    if Path(name).suffix.lower() in DATA_SUFFIXES:  # a data file's path (data/x.jsonl), not a repo
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def stage_repo_id(cfg, stage: str, merged: bool = False) -> str | None:
+    """``<stage>.hub_model_id`` with ``hub.organization`` prefixed where it has no owner; ``-merged`` for the merged
+    model's repo; None when the stage has no repo."""
+    repo_id = getattr(cfg, stage).hub_model_id
+    if not repo_id:
+        return None
+    if cfg.hub.organization and "/" not in repo_id:
+        repo_id = f"{cfg.hub.organization}/{repo_id}"
+    return repo_id + ("-merged" if merged else "")
+
+
+def previous_stage(cfg, stage: str) -> str | None:
+    """The stage whose merged model ``stage`` trains on: dpo ← sft, causal ← ``causal.base``; None for sft."""
+    return {"sft": None, "dpo": "sft", "causal": cfg.causal.base}.get(stage)
+
+
+def base_model_id(cfg, stage: str) -> str | None:
+    """The Hub repo a stage's adapter loads on, for the card's ``base_model`` (None when it is not on the Hub).
+
+    SFT: ``model.name_or_path`` when it is a Hub id; for an embedded model, the Hub model it was converted from.
+    DPO and causal: the previous stage's merged model, which is on the Hub only when that stage pushes it
+    (``hub.push_to_hub``, ``hub.push_merged`` and its ``hub_model_id``). A local folder gives None: the Hub refuses
+    a ``base_model`` that is not a repo id.
+    """
+    prev = previous_stage(cfg, stage)
+    if prev is None:
+        name = cfg.model.name_or_path
+        if isinstance(name, str) and name.startswith("embedded:"):
+            from stages.models import EMBEDDED
+
+            return EMBEDDED[name][3] if name in EMBEDDED else None
+        return name if _is_hub_id(name) else None
+    if cfg.hub.push_to_hub and cfg.hub.push_merged and stage_repo_id(cfg, prev):
+        return stage_repo_id(cfg, prev, merged=True)
+    return None
+
+
+def card_data(cfg, stage: str, sources: list[str], merged: bool = False):
+    """``huggingface_hub.ModelCardData`` of a stage's adapter (``library_name: peft``) or merged model
+    (``transformers``): base_model (:func:`base_model_id`, with ``base_model_relation``), tags, the sources that are
+    Hub datasets, pipeline tag."""
+    from huggingface_hub import ModelCardData
+
+    base = base_model_id(cfg, stage)
+    kw = dict(library_name="transformers" if merged else "peft", pipeline_tag="text-generation",
+              tags=["staged-alignment", stage, "merged" if merged else "lora"],
+              datasets=[s for s in sources if _is_hub_id(s)] or None, model_name=stage_repo_id(cfg, stage, merged))
+    if base:
+        kw.update(base_model=base, base_model_relation="finetune" if merged else "adapter")
+    return ModelCardData(**kw)
+
+
+def model_card(cfg, stage: str, metrics: dict, sources: list[str], merged: bool = False) -> str:
+    """The card (``huggingface_hub.ModelCard`` text): YAML metadata from :func:`card_data` (written by
+    huggingface_hub, so no Markdown escaping inside it), then a body naming the base, the stage, the data sources,
+    the metrics and the resolved config, with every untrusted string escaped (:func:`escape_md`)."""
+    from huggingface_hub import ModelCard
+
     from stages.config import resolved_yaml
 
-    lines = ["---", "library_name: peft", f"base_model: {escape_md(cfg.model.name_or_path)}",
-             "tags: [staged-alignment, lora, " + stage + "]", "---", "",
-             f"# {escape_md(cfg.run_name)}: {STAGE_TITLES.get(stage, stage)} adapter", "",
-             f"- **Base model:** `{escape_md(cfg.model.name_or_path)}` (chat template: {cfg.model.chat_template})",
-             f"- **Stage:** {stage}",
-             "- **Data sources:** " + (", ".join(escape_md(s) for s in sources) or "none recorded"), "",
-             "## Metrics", "", "| metric | value |", "|---|---|"]
+    data = card_data(cfg, stage, sources, merged)
+    prev = previous_stage(cfg, stage)
+    trained_on = data.base_model or (f"the merged {prev} model of this run (`{prev}/merged`; push it with "
+                                     "`hub.push_merged: true` to make this card name it)" if prev else
+                                     f"the local model `{escape_md(cfg.model.name_or_path)}`")
+    what = "merged model (the adapter folded into its base)" if merged else "LoRA adapter"
+    lines = [f"# {escape_md(cfg.run_name)}: {STAGE_TITLES.get(stage, stage)} {what}", "",
+             f"- **Trained on:** {escape_md(trained_on) if data.base_model else trained_on}",
+             f"- **Stage:** {stage}; chat template: {escape_md(cfg.model.chat_template)}",
+             "- **Data sources:** " + (", ".join(escape_md(s) for s in sources) or "none recorded")]
+    if isinstance(cfg.model.name_or_path, str) and cfg.model.name_or_path.startswith("embedded:"):
+        lines.append("- **Note:** trained on the project's embedded copy of the base, converted from a Q4_1 GGUF: "
+                     "a degraded copy of the model named as base_model.")
+    lines += ["", "## Metrics", "", "| metric | value |", "|---|---|"]
     lines += [f"| {escape_md(k)} | {escape_md(v)} |" for k, v in sorted((metrics or {}).items())]
     safe_yaml = html.escape(resolved_yaml(cfg), quote=False).replace("```", "'''")  # no raw HTML from data
     lines += ["", "## Config", "", "```yaml", safe_yaml, "```", ""]
-    return "\n".join(lines)
+    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines)))
 
 
 def stage_sources(cfg, stage: str) -> list[str]:
@@ -57,39 +138,60 @@ def stage_sources(cfg, stage: str) -> list[str]:
     return out
 
 
-def push_stage_adapter(cfg, stage: str, adapter_dir: str | Path, metrics: dict | None = None,
-                       extra_files: list | None = None) -> Path | str:
-    """Build the upload folder (adapter files, extra files, README.md) and push it, or write it (dry run).
-
-    Returns the dry-run folder, or the repo URL. Raises :class:`HubPushError` (one clear message) when the
-    upload fails, and ``ValueError`` when ``hub_model_id`` is not set for the stage.
-    """
-    repo_id = getattr(cfg, stage).hub_model_id
-    if not repo_id:
-        raise ValueError(f"{stage}.hub_model_id is not set; set it or turn hub.push_to_hub off")
-    if cfg.hub.organization and "/" not in repo_id:
-        repo_id = f"{cfg.hub.organization}/{repo_id}"
-    upload = cfg.run_dir / stage / "hub_upload"
-    with atomic_directory(upload) as tmp:
-        for f in Path(adapter_dir).iterdir():
-            if f.is_file():
+def _fill_upload(tmp: Path, folder: Path, extra_files) -> None:
+    for f in Path(folder).iterdir():
+        if f.is_file():
+            try:
+                os.link(f, tmp / f.name)  # large merged weights: a hard link, not a copy, where the disk allows
+            except OSError:
                 shutil.copy2(f, tmp / f.name)
-        for f in extra_files or []:
-            shutil.copy2(f, tmp / Path(f).name)
-        (tmp / "README.md").write_text(model_card(cfg, stage, metrics or {}, stage_sources(cfg, stage)))
-        (tmp / "training_metrics.json").write_text(json.dumps(metrics or {}, indent=2, default=str))
-    if cfg.hub.push_dry_run:
-        log.info("hub dry run: %s would be uploaded to %s (private=%s)", upload, repo_id, cfg.hub.private)
-        return upload
+    for f in extra_files or []:
+        shutil.copy2(f, tmp / Path(f).name)
+
+
+def _upload(cfg, repo_id: str, folder: Path, what: str, local: str) -> str:
     try:
         from huggingface_hub import HfApi
 
         api = HfApi()
         api.create_repo(repo_id, private=cfg.hub.private, exist_ok=True)
-        info = api.upload_folder(repo_id=repo_id, folder_path=str(upload),
-                                 commit_message=f"{cfg.run_name}: {stage} adapter")
+        info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=f"{cfg.run_name}: {what}")
     except Exception as e:  # network, auth, permissions: one message, never the token
         reason = type(e).__name__ + (": " + str(e).splitlines()[0][:200] if str(e) else "")
-        raise HubPushError(f"push of the {stage} adapter to {repo_id} failed ({reason}); local artifacts are "
-                           f"saved in {adapter_dir} and {upload}") from None
+        raise HubPushError(f"push of the {what} to {repo_id} failed ({reason}); local artifacts are saved in "
+                           f"{local} and {folder}") from None
     return str(getattr(info, "commit_url", repo_id))
+
+
+def push_stage_adapter(cfg, stage: str, adapter_dir: str | Path, metrics: dict | None = None,
+                       extra_files: list | None = None, merged_dir: str | Path | None = None) -> Path | str:
+    """Build the upload folder (adapter files, extra files, README.md card, training_metrics.json) and push it, or
+    write it (dry run); with ``hub.push_merged`` also the merged model (``merged_dir``, default the adapter's
+    sibling ``merged``) to ``<repo>-merged``, its folder ``hub_upload_merged``.
+
+    Returns the dry-run folder, or the adapter repo's URL. Raises :class:`HubPushError` (one clear message) when an
+    upload fails, and ``ValueError`` when ``hub_model_id`` is not set for the stage or the merged folder is missing.
+    """
+    repo_id = stage_repo_id(cfg, stage)
+    if not repo_id:
+        raise ValueError(f"{stage}.hub_model_id is not set; set it or turn hub.push_to_hub off")
+    sources = stage_sources(cfg, stage)
+    uploads = [(repo_id, Path(adapter_dir), cfg.run_dir / stage / "hub_upload", False, list(extra_files or []))]
+    if cfg.hub.push_merged:
+        merged = Path(merged_dir) if merged_dir else Path(adapter_dir).parent / "merged"
+        if not (merged / "config.json").is_file():
+            raise ValueError(f"hub.push_merged: no merged model at {merged}")
+        uploads.append((stage_repo_id(cfg, stage, merged=True), merged, cfg.run_dir / stage / "hub_upload_merged",
+                        True, []))
+    for rid, src, upload, is_merged, extra in uploads:
+        with atomic_directory(upload) as tmp:
+            _fill_upload(tmp, src, extra)
+            (tmp / "README.md").write_text(model_card(cfg, stage, metrics or {}, sources, merged=is_merged))
+            (tmp / "training_metrics.json").write_text(json.dumps(metrics or {}, indent=2, default=str))
+    if cfg.hub.push_dry_run:
+        for rid, _, upload, _, _ in uploads:
+            log.info("hub dry run: %s would be uploaded to %s (private=%s)", upload, rid, cfg.hub.private)
+        return uploads[0][2]
+    urls = [_upload(cfg, rid, upload, f"{stage} {'merged model' if m else 'adapter'}", str(src))
+            for rid, src, upload, m, _ in uploads]
+    return urls[0]

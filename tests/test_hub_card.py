@@ -1,0 +1,100 @@
+"""Model cards and uploads that are usable round trips: huggingface_hub's ModelCard/ModelCardData, base_model chain,
+no Markdown escaping inside the YAML, the exact upload folders, and Trainer's own push refused (all offline)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+def _cfg(tmp_path, **hub):
+    from stages.config import PipelineConfig
+
+    cfg = PipelineConfig(run_name="card_run", output_dir=str(tmp_path / "runs"))
+    cfg.sft.hub_model_id, cfg.dpo.hub_model_id, cfg.causal.hub_model_id = "org/my_model", "dpo_model", "org/causal_x"
+    cfg.hub.organization = "team"
+    for k, v in hub.items():
+        setattr(cfg.hub, k, v)
+    return cfg
+
+
+def _load(text: str, tmp_path: Path):
+    from huggingface_hub import ModelCard
+
+    p = tmp_path / "README.md"
+    p.write_text(text)
+    return ModelCard.load(p)
+
+
+def test_sft_card_round_trips_and_names_the_real_hub_base(tmp_path):
+    from huggingface_hub.utils import validate_repo_id
+
+    from stages.hub import model_card
+
+    cfg = _cfg(tmp_path)
+    text = model_card(cfg, "sft", {"train_loss": 1.5}, ["data/sft_seed.jsonl", "HuggingFaceH4/ultrachat_200k"])
+    card = _load(text, tmp_path)
+    d = card.data.to_dict()
+    assert d["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"  # the embedded model's Hub origin
+    validate_repo_id(d["base_model"])  # huggingface_hub's own rule (raises on an invalid id)
+    assert d["base_model_relation"] == "adapter" and d["library_name"] == "peft"
+    assert d["model_name"] == "org/my_model" and "org/my\\_model" not in text.split("---")[1]  # YAML not escaped
+    assert d["datasets"] == ["HuggingFaceH4/ultrachat_200k"]  # local files are not Hub datasets
+    assert "embedded" not in d["base_model"] and "Q4_1 GGUF" in card.text
+    assert "| train\\_loss | 1.5 |" in card.text  # the body stays escaped
+
+
+def test_local_base_gives_no_base_model_and_says_why(tmp_path, tiny_model_dir):
+    from stages.hub import model_card
+
+    cfg = _cfg(tmp_path)
+    cfg.model.name_or_path = str(tiny_model_dir)
+    assert "base_model" not in _load(model_card(cfg, "sft", {}, []), tmp_path).data.to_dict()
+    card = _load(model_card(cfg, "dpo", {}, []), tmp_path)  # dpo trains on sft/merged, not pushed
+    assert "base_model" not in card.data.to_dict() and "hub.push_merged: true" in card.text
+
+
+def test_chain_names_the_previous_stage_merged_repo(tmp_path):
+    from stages.hub import model_card
+
+    cfg = _cfg(tmp_path, push_to_hub=True, push_merged=True)
+    dpo = _load(model_card(cfg, "dpo", {}, []), tmp_path).data.to_dict()
+    assert dpo["base_model"] == "org/my_model-merged" and dpo["model_name"] == "team/dpo_model"
+    cfg.causal.base = "dpo"
+    assert _load(model_card(cfg, "causal", {}, []), tmp_path).data.to_dict()["base_model"] == "team/dpo_model-merged"
+    merged = _load(model_card(cfg, "dpo", {}, [], merged=True), tmp_path).data.to_dict()
+    assert merged["library_name"] == "transformers" and merged["base_model_relation"] == "finetune"
+    assert merged["model_name"] == "team/dpo_model-merged"
+
+
+def test_dry_run_writes_the_exact_adapter_and_merged_upload_folders(tmp_path):
+    from stages.hub import push_stage_adapter
+
+    cfg = _cfg(tmp_path, push_dry_run=True, push_merged=True)
+    stage = cfg.run_dir / "dpo"
+    (stage / "adapter").mkdir(parents=True)
+    (stage / "adapter" / "adapter_model.safetensors").write_bytes(b"x")
+    (stage / "adapter" / "adapter_config.json").write_text("{}")
+    with pytest.raises(ValueError, match="no merged model"):
+        push_stage_adapter(cfg, "dpo", stage / "adapter", {})
+    (stage / "merged").mkdir()
+    (stage / "merged" / "config.json").write_text("{}")
+    (stage / "merged" / "model.safetensors").write_bytes(b"y")
+    out = push_stage_adapter(cfg, "dpo", stage / "adapter", {"loss": 0.5})
+    assert out == stage / "hub_upload"
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors",
+                                                     "training_metrics.json"]
+    merged = stage / "hub_upload_merged"
+    assert sorted(p.name for p in merged.iterdir()) == ["README.md", "config.json", "model.safetensors",
+                                                        "training_metrics.json"]
+    assert (merged / "model.safetensors").read_bytes() == b"y"
+
+
+@pytest.mark.parametrize("key", ["push_to_hub", "hub_model_id"])
+def test_trainer_push_keys_are_refused_with_a_pointer_to_hub(tmp_path, key):
+    from stages.config import ConfigError, load_config
+
+    cfg = Path(__file__).resolve().parents[1] / "configs" / "smollm2-135m_pipeline_cpu-smoke.yaml"
+    value = "true" if key == "push_to_hub" else "org/x"
+    with pytest.raises(ConfigError, match=rf"dpo\.training\.{key}.*hub\.push_to_hub and dpo\.hub_model_id"):
+        load_config(str(cfg), [f"dpo.training.{key}={value}", f"output_dir={tmp_path}"])
