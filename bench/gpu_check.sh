@@ -68,7 +68,7 @@ if [ "${GPU_CHECK_CPU_REHEARSAL:-0}" = 1 ]; then
   OUT="$WORK/results-gpu.json"
   echo "gpu_check: CPU rehearsal (tiny model): the figures mean nothing; written to $OUT, not bench/"
 fi
-MODEL=$("$PY" bench/gpu_paths.py "${TINY[@]}" --build-model "$WORK/model" 2>>"$LOG" | tail -n 1)
+MODEL=$("$PY" bench/gpu_paths.py ${TINY[@]+"${TINY[@]}"} --build-model "$WORK/model" 2>>"$LOG" | tail -n 1)
 if [ ! -f "$MODEL/config.json" ]; then echo "gpu_check: building the model failed (see $LOG)"; exit 1; fi
 ARGS=(--model-dir "$MODEL" "${SIZE[@]}")
 RESULTS="$WORK/results.jsonl"
@@ -81,8 +81,12 @@ run_variant() {  # name, then the command
     return
   fi
   echo "gpu_check: $name (${left}s left)"
-  local out
-  out=$(timeout "$left" "$@" 2>>"$LOG" | tee -a "$LOG" | grep '^GPU_RESULT ' | sed 's/^GPU_RESULT //')
+  local out="$WORK/$name.out"
+  # output to a file, not a pipe: a leftover grandchild (vLLM engine, torchrun worker) cannot hold the script;
+  # -k: SIGKILL 15 s after the budget's SIGTERM
+  timeout -k 15 "$left" "$@" >"$out" 2>>"$LOG"
+  cat "$out" >>"$LOG"
+  out=$(grep '^GPU_RESULT ' "$out" | sed 's/^GPU_RESULT //')
   if [ -n "$out" ]; then echo "$out" >>"$RESULTS"
   else echo "{\"variant\": \"$name\", \"error\": \"no result (crashed or timed out; see the log)\"}" >>"$RESULTS"; fi
 }

@@ -207,7 +207,10 @@ def run_train_variant(model_dir: Path, name: str, *, kind: str = "sft", quant: b
     times = timer.times[2:]  # drop warm-up steps
     step = statistics.median(times)
     tokens_per_step = batch * statistics.mean(lengths) * trainer.args.world_size
-    n_params = sum(p.numel() for p in trainer.model.parameters())
+    # all parameters, 4-bit ones unpacked (peft counts a Params4bit as 2 values a byte); the usual model-FLOPs
+    # convention 6·N·tokens (bench/README.md): with LoRA the executed arithmetic is nearer 4·N (no weight
+    # gradients for frozen weights), so MFU here is the comparable-across-setups figure, not the executed one
+    n_params = trainer.model.get_nb_trainable_parameters()[1]
     res = {"variant": name, "trainer": kind, "median_step_s": round(step, 4),
            "tokens_per_s": round(tokens_per_step / step, 1), "params": n_params,
            "achieved_tflops": round(6 * n_params * tokens_per_step / step / 1e12, 4),

@@ -364,6 +364,7 @@ def run_stage_main(stage_module, description: str, argv=None) -> int:
 
         check_model(cfg)
         stage_module.validate(cfg)
+        getattr(stage_module, "check_upstream", lambda c: None)(cfg)  # what an earlier stage must have made
     except (DataError, ConfigError, FileNotFoundError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -249,6 +249,9 @@ class GenerationSection:
 class DPOSection:
     """Stage 1: constitutional critique-and-rewrite pairs, then DPO."""
 
+    # where DPO starts instead of <run_dir>/sft/merged: a model folder, a Hub id, or a LoRA adapter (folder or
+    # Hub repo) merged into its base first (stages/start_model.py)
+    base_model: str | None = None
     enabled: bool = True
     prompts: list = field(default_factory=list)  # list of DataSource (red-team prompts)
     constitution: str = "constitutions/default.json"
@@ -327,7 +330,9 @@ class CausalSection:
     generation_batch_size: int = 16
     eval_fraction: float = 0.0  # held-out triplets for eval/ causal metrics during training
     base: str = "dpo"  # which merged model to start from: dpo | sft
-    base_model: str | None = None  # a model folder to start from instead (e.g. the ablation's shared starting model)
+    # where the causal stage starts instead of <run_dir>/<base>/merged: a model folder (e.g. the ablation's shared
+    # starting model), a Hub id, or a LoRA adapter (folder or Hub repo) merged into its base first
+    base_model: str | None = None
     retain_source: str = "pairs"  # retention replays: pairs (a preference file) | self (the starting model's own
     #   answers to the DPO stage's training prompts; SFT term only)
     retain_pairs_file: str | None = None  # pairs replayed by the retention terms (default <run_dir>/data/pairs.jsonl)

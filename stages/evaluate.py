@@ -14,7 +14,9 @@ model its stage started from (Holm-corrected) and verification (:mod:`evaluation
     python stages/evaluate.py --config C --model M [--model M2 …] --eval-file F [--output D] [key=value …]
 
 ``M`` is ``label=path`` or a path (label = the folder name, or its parent's name for a ``…/<stage>/merged``
-folder); ``embedded:<name>`` is accepted as a path. Without ``--model`` (and without ``--output``) it runs as the
+folder); the path may be a model folder, a Hub id (the local cache's snapshot, downloaded when online), a LoRA
+adapter folder or Hub repo (merged into its base under ``<output>/models/<label>``, :mod:`stages.start_model`), or
+``embedded:<name>``. Without ``--model`` (and without ``--output``) it runs as the
 pipeline stage: models ``base`` (the configured model), ``sft``, ``dpo``, ``causal`` (``<run_dir>/<label>/merged``)
 that exist and are listed in ``evaluate.models``, output ``<run_dir>/eval/``, recorded in the manifest.
 
@@ -109,11 +111,9 @@ def validate(cfg: PipelineConfig, eval_file: str | os.PathLike | None = None,
         read_benign(cfg)
     for label, path in (models or {}).items():
         if not path.startswith("embedded:"):
-            from stages.models import is_complete_model_dir
+            from stages.start_model import check_start
 
-            if not is_complete_model_dir(path):
-                raise DataError(path, None, None, f"model '{label}' is not a complete model folder "
-                                                  "(config.json + *.safetensors)")
+            check_start(path, lambda m, lb=label, p=path: DataError(p, None, None, f"model '{lb}': {m}"))
     return cases
 
 
@@ -784,6 +784,11 @@ def main(argv=None) -> int:
     if not models:
         models = pipeline_models(cfg)
     out = Path(args.output) if args.output else cfg.run_dir / "eval"
+    from stages.start_model import materialize
+
+    # a Hub id → its cached (or downloaded) snapshot; an adapter → merged into its base under <out>/models/<label>
+    models = {label: str(materialize(path, out / "models" / label, cfg.model)) if not path.startswith("embedded:")
+              else path for label, path in models.items()}
     metrics = evaluate_models(cfg, models, eval_file_path(cfg), out, run_dir=cfg.run_dir)
     from evaluation.report import metrics_table
 

@@ -415,16 +415,22 @@ def module_names_from_config(folder: str | os.PathLike, trust_remote_code: bool 
 def check_model(cfg) -> dict | None:
     """Everything about the configured model that can be checked without loading it. Raises ``ConfigError``.
 
-    The folder (:func:`check_model_folder`; also ``causal.base_model`` when set), ``model.max_seq_length`` and
+    The folder (:func:`check_model_folder`; also ``dpo.base_model`` and ``causal.base_model`` when set: a model
+    folder, a Hub id or an adapter, :func:`stages.start_model.check_start`), ``model.max_seq_length`` and
     ``causal.max_length`` against the model's position limit, and every LoRA ``target_modules`` entry against the
     module names of the architecture (built on the meta device). A Hub id not in the local cache and an embedded
     model not yet converted are checked when they are fetched. Returns the model's ``config.json`` (None if
     unchecked). Never loads weights and never downloads.
     """
     folder = model_folder(cfg)
-    extra = getattr(cfg.causal, "base_model", None)
-    if extra:
-        check_model_folder(extra, lambda m: cfg.error("causal.base_model", m))
+    from stages.start_model import check_start
+
+    for field_name in ("dpo.base_model", "causal.base_model"):
+        spec = getattr(getattr(cfg, field_name.split(".")[0]), "base_model", None)
+        if spec:
+            where = check_start(spec, lambda m, f=field_name: cfg.error(f, m))
+            if where["kind"] == "model":
+                check_model_folder(where["folder"], lambda m, f=field_name: cfg.error(f, m))
     if folder is None:
         return None
     conf = check_model_folder(folder, lambda m: cfg.error("model.name_or_path", m))

@@ -60,7 +60,7 @@ def input_paths(cfg: PipelineConfig) -> dict[str, str]:
     out["constitution"] = str(resolve_input(cfg.dpo.constitution))
     if cfg.dpo.pairs_file:
         out["pairs_file"] = str(resolve_input(cfg.dpo.pairs_file))
-    out["base"] = str(cfg.run_dir / "sft" / "merged")  # a redone SFT stage invalidates this one
+    out["base"] = cfg.dpo.base_model or str(cfg.run_dir / "sft" / "merged")  # a redone SFT stage invalidates this one
     return out
 
 
@@ -195,10 +195,35 @@ def answer_and_judge(model, tok, prompts: list[dict], *, max_new_tokens: int, ba
     return {**rates, "responses": rows}
 
 
+def check_upstream(cfg: PipelineConfig) -> None:
+    """Without ``dpo.base_model``, ``<run_dir>/sft/merged`` must be complete: else :class:`ConfigError` naming
+    ``dpo.base_model`` and both ways out (run the SFT stage, or start from an existing model). Called by the stage's
+    entry point after validation (not by the pipeline's plan check, which runs before SFT has run)."""
+    from stages.models import is_complete_model_dir
+
+    sft_dir = cfg.run_dir / "sft" / "merged"
+    if not cfg.dpo.base_model and not is_complete_model_dir(sft_dir):
+        raise cfg.error("dpo.base_model", f"not set, and {sft_dir} is missing or incomplete: run the SFT stage first "
+                        f"(python stages/stage0_sft.py --config {cfg.source_path or 'C'}), or set dpo.base_model "
+                        "to a model folder, a Hub id or a LoRA adapter")
+
+
+def start_model_dir(cfg: PipelineConfig, state) -> Path:
+    """The model DPO generates with and trains on: ``dpo.base_model`` resolved by
+    :func:`stages.start_model.materialize` (an adapter merged into ``dpo/start_model`` by the main process first),
+    else ``<run_dir>/sft/merged``."""
+    if not cfg.dpo.base_model:
+        return cfg.run_dir / "sft" / "merged"
+    from stages.start_model import materialize
+
+    with state.main_process_first():
+        return materialize(cfg.dpo.base_model, cfg.run_dir / "dpo" / "start_model", cfg.model)
+
+
 def run(cfg: PipelineConfig) -> dict:
     """Generate pairs, train, save, merge, assess; returns ``{"outputs": {...}, "metrics": {...}}``.
 
-    Raises ``FileNotFoundError`` when ``<run_dir>/sft/merged`` is missing or incomplete (run stage 0 first),
+    Starts from ``dpo.base_model`` when set, else ``<run_dir>/sft/merged`` (:func:`check_upstream`). Raises
     :class:`DataError` when fewer than ``dpo.min_pairs`` pairs survive the filters.
     """
     import gc
@@ -212,22 +237,20 @@ def run(cfg: PipelineConfig) -> dict:
     from trainers.sharded import trainable_state_dict
     from stages.common import (last_checkpoint, maybe_push, process_state, raise_if_terminated,
                                report_to_env, save_adapter, seed_everything, standard_callbacks)
-    from stages.models import (is_complete_model_dir, load_model, load_tokenizer, attach_lora, merge_adapter,
+    from stages.models import (load_model, load_tokenizer, attach_lora, merge_adapter,
                                pick_device)
     from trainers.callbacks import LossGuardCallback
     from trainers.dpo import ConstitutionalDPOTrainer
 
     v = validate(cfg)
     d, gen = cfg.dpo, v["gen"]
-    sft_dir = cfg.run_dir / "sft" / "merged"
-    if not is_complete_model_dir(sft_dir):
-        raise FileNotFoundError(f"{sft_dir} is missing or incomplete: run stage0 first "
-                                f"(python stages/stage0_sft.py --config {cfg.source_path or 'C'})")
+    check_upstream(cfg)
     seed_everything(cfg.seed)
     report_to_env(cfg, STAGE)
     out = cfg.run_dir / "dpo"
     out.mkdir(parents=True, exist_ok=True)
     state = process_state(cfg)  # the one DPOConfig set up in validate; one process: main, barriers are no-ops
+    sft_dir = start_model_dir(cfg, state)
     device = pick_device(cfg.device)
     tok = load_tokenizer(str(sft_dir), cfg.model)
     model = None

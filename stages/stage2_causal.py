@@ -37,10 +37,38 @@ CURVE_KEYS = ("loss", "loss_lm", "loss_lm_injected", "loss_lm_counterfactual", "
 
 
 def base_model_dir(cfg: PipelineConfig) -> Path:
-    """``causal.base_model`` when set, else ``run_dir/dpo/merged`` or ``run_dir/sft/merged`` (``causal.base``)."""
+    """``causal.base_model`` when set (as given: a folder, Hub id or adapter; :func:`start_model_dir` resolves it),
+    else ``run_dir/dpo/merged`` or ``run_dir/sft/merged`` (``causal.base``)."""
     if cfg.causal.base_model:
         return Path(cfg.causal.base_model)
     return cfg.run_dir / cfg.causal.base / "merged"
+
+
+def check_upstream(cfg: PipelineConfig) -> None:
+    """Without ``causal.base_model``, ``<run_dir>/<causal.base>/merged`` must be complete: else :class:`ConfigError`
+    naming ``causal.base`` (called by the stage's entry point after validation)."""
+    from stages.models import is_complete_model_dir
+
+    c = cfg.causal
+    base = cfg.run_dir / c.base / "merged"
+    if not c.base_model and not is_complete_model_dir(base):
+        other = "sft" if c.base == "dpo" else "dpo"
+        hint = f", or causal.base: {other} ({cfg.run_dir / other / 'merged'} exists)" if is_complete_model_dir(
+            cfg.run_dir / other / "merged") else ""
+        raise cfg.error("causal.base", f"{c.base!r}, but {base} is missing or incomplete: run stage '{c.base}' "
+                        f"first, or set causal.base_model to a model folder, a Hub id or a LoRA adapter{hint}")
+
+
+def start_model_dir(cfg: PipelineConfig, state) -> Path:
+    """The model the causal stage trains on (``causal.base_model`` resolved by
+    :func:`stages.start_model.materialize`, an adapter merged into ``causal/start_model`` by the main process
+    first; else ``<run_dir>/<causal.base>/merged``)."""
+    if not cfg.causal.base_model:
+        return base_model_dir(cfg)
+    from stages.start_model import materialize
+
+    with state.main_process_first():
+        return materialize(cfg.causal.base_model, cfg.run_dir / STAGE / "start_model", cfg.model)
 
 
 def input_paths(cfg: PipelineConfig) -> dict[str, str]:
@@ -338,7 +366,7 @@ def run(cfg: PipelineConfig) -> dict:
     from data_builders.token_cache import TripletCollator, build_token_cache
     from stages.common import (build_training_args, last_checkpoint, log, maybe_push, process_state,
                                raise_if_terminated, report_to_env, save_adapter, seed_everything)
-    from stages.models import (is_complete_model_dir, load_model, load_tokenizer, attach_lora, merge_adapter,
+    from stages.models import (load_model, load_tokenizer, attach_lora, merge_adapter,
                                pick_device)
     from trainers.callbacks import LossGuardCallback, SigtermCheckpointCallback
     from trainers.causal import HEAD_ATTR, HEAD_CONFIG, HEAD_WEIGHTS, CausalContrastiveTrainer, save_projection_head
@@ -347,14 +375,8 @@ def run(cfg: PipelineConfig) -> dict:
 
     parsed = validate(cfg)
     c = cfg.causal
-    base = base_model_dir(cfg)
-    if not is_complete_model_dir(base) and c.base_model:
-        raise FileNotFoundError(f"causal.base_model {base} is not a complete model folder (config.json + *.safetensors)")
-    if not is_complete_model_dir(base):
-        other = "sft" if c.base == "dpo" else "dpo"
-        raise FileNotFoundError(f"causal.base is {c.base!r} but the merged model {base} is missing or incomplete; run "
-                                f"stage '{c.base}' first, or set causal.base: {other} if {cfg.run_dir / other / 'merged'}"
-                                " exists")
+    check_upstream(cfg)
+    base = start_model_dir(cfg, process_state(cfg))
     seed_everything(cfg.seed)
     report_to_env(cfg, STAGE)
     out = cfg.run_dir / STAGE

@@ -273,10 +273,10 @@ def _small_prompts(tmp_path, n):
 
 
 def test_run_requires_stage0(tmp_path):
-    from stages.config import load_config
+    from stages.config import ConfigError, load_config
     from stages.stage1_dpo import run
 
-    with pytest.raises(FileNotFoundError, match="run stage0 first"):
+    with pytest.raises(ConfigError, match=r"dpo\.base_model.*run the SFT stage first.*or set dpo\.base_model"):
         run(load_config(_yaml(tmp_path, tmp_path / "no-such-model")))
 
 

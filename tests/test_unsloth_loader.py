@@ -38,12 +38,13 @@ class FastLanguageModel:
 
 
 @pytest.fixture()
-def fake_unsloth(tmp_path, monkeypatch):
+def fake_unsloth(tmp_path):
     pkg = tmp_path / "fake" / "unsloth"
     pkg.mkdir(parents=True)
     (pkg / "__init__.py").write_text(FAKE_UNSLOTH)
     record = tmp_path / "record.json"
-    return tmp_path / "fake", record
+    yield tmp_path / "fake", record
+    sys.modules.pop("unsloth", None)  # never leave the stand-in behind for later tests
 
 
 def test_stage_entry_point_imports_unsloth_before_transformers_trl_peft(fake_unsloth, tmp_path, tiny_model_dir):

@@ -272,16 +272,16 @@ class CausalPeftModel(_peft_causal_lm()):
     So DDP, FSDP (1 and 2) and DeepSpeed ZeRO-3 see every parameter used inside the forward they wrap: sharded
     parameters (lm_head, the head, the LoRA weights) are gathered by their pre-forward hooks, and gradients flow
     through the wrapper's own autograd hooks. Without ``causal`` it is the plain peft forward (generation,
-    evaluation, merging and saving are unchanged: the class adds methods only, no state).
+    evaluation, merging and saving are unchanged: the class adds methods and one cached flag, ``causal_fast_lm``).
 
     ``causal`` keys: ``response_mask`` (R, L) 0/1 response tokens; ``pool_mask`` (R, L) 0/1 prompt tokens;
     ``pool_layer`` (int index into ``hidden_states``); ``head_pooling`` ``"prompt"`` | ``"response"`` | None (no
     head call); ``reference_rows`` (K,) long row indices or None; ``pooled_prompt`` (bool).
 
     Whether ``lm_head(hidden_states[-1])`` reproduces the model's logits is checked inside the first causal
-    forward (last position of row 0, :func:`trainers.causal_losses.logits_agree`) and
-    kept in ``causal_fast_lm``; models that post-process logits (soft-capping, scaling) get the model's own
-    logits at the response positions instead.
+    forward (last position of row 0, :func:`trainers.causal_losses.logits_agree`; under several processes the ranks
+    agree on one answer, all-reduce MIN) and kept in ``causal_fast_lm``; models that post-process logits
+    (soft-capping, scaling) get the model's own logits at the response positions instead.
 
     Raises ``ValueError`` for a causal call without a head when ``head_pooling`` is set, and from
     :meth:`adopt` for a model that is not a ``PeftModelForCausalLM``.
@@ -291,8 +291,8 @@ class CausalPeftModel(_peft_causal_lm()):
     def adopt(cls, model):
         """Give an existing ``PeftModelForCausalLM`` this class's forward (in place; returns it).
 
-        The class adds methods and no state, so re-classing the object is exact; that keeps everything peft,
-        accelerate and Trainer do for peft models (adapter-only saves, DeepSpeed ``exclude_frozen_parameters``,
+        The class adds methods and no instance layout (one flag is cached later), so re-classing the object is
+        exact; that keeps everything peft, accelerate and Trainer do for peft models (adapter-only saves, DeepSpeed ``exclude_frozen_parameters``,
         resume through ``load_adapter``). Raises ``ValueError`` for any other model (the causal stage trains a
         LoRA adapter: its reference model is the adapter-disabled policy).
         """
@@ -322,6 +322,12 @@ class CausalPeftModel(_peft_causal_lm()):
             with torch.no_grad():
                 fast = logits_agree(out.logits[:1, -1], emb(out.hidden_states[-1][:1, -1]) if emb is not None
                                     else None)
+                if torch.distributed.is_available() and torch.distributed.is_initialized():
+                    # every rank must take the same path (the full-logits path runs a second forward: under FSDP
+                    # or ZeRO-3 a rank-dependent choice would leave collectives unmatched)
+                    flag = torch.tensor([int(fast)], device=out.logits.device)
+                    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+                    fast = bool(flag.item())
             self.causal_fast_lm = fast
             log.info("causal LM terms: %s", "lm_head on response positions only" if fast else
                      "model logits (the model post-processes its logits)")

@@ -22,8 +22,19 @@ from __future__ import annotations
 import torch
 
 
+WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def clean_name(name: str) -> str:
+    """A parameter name without the wrapper modules' prefixes (FSDP1, activation checkpointing, torch.compile),
+    as torch's state-dict API returns them."""
+    for prefix in WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
+
+
 def _trainable_names(module) -> list[str]:
-    return [n for n, p in module.named_parameters() if p.requires_grad]
+    return [clean_name(n) for n, p in module.named_parameters() if p.requires_grad]
 
 
 def trainable_state_dict(trainer) -> dict[str, torch.Tensor] | None:
@@ -34,8 +45,9 @@ def trainable_state_dict(trainer) -> dict[str, torch.Tensor] | None:
         trainer: a ``transformers.Trainer`` after (or during) ``train()``; its ``accelerator`` says how the model is
             wrapped.
     Returns:
-        the dict on the main process (names as ``trainer.model.named_parameters()`` gives them, e.g.
-        ``base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight``), ``None`` on the others.
+        the dict on the main process (names as ``trainer.model.named_parameters()`` gives them, wrapper prefixes
+        removed (:func:`clean_name`), e.g. ``base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight``),
+        ``None`` on the others.
     Raises:
         RuntimeError: a trainable parameter is missing from the gathered dict (a wrapper renamed it), so the caller
             never writes an incomplete adapter.
@@ -59,7 +71,9 @@ def trainable_state_dict(trainer) -> dict[str, torch.Tensor] | None:
         state = {n: params[n].detach() for n in names}
     if not acc.is_main_process:
         return None
-    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items() if k in set(names)}
+    wanted = set(names)
+    state = {clean_name(k): v.detach().to("cpu").contiguous().clone() for k, v in state.items()
+             if clean_name(k) in wanted}
     missing = [n for n in names if n not in state]
     if missing:
         raise RuntimeError(f"the gathered state dict lacks {len(missing)} trainable parameter(s), e.g. {missing[:3]} "
