@@ -83,7 +83,7 @@ def bench_source(name: str, path: Path, tok, max_length: int, reps: int, tmp: Pa
         return dt
 
     res = interleave({"cold": cold, "warm": warm}, reps=reps, warmup=1)
-    (cds, cinfo), (wds, winfo) = seen["cold"], seen["warm"]
+    (cds, cinfo), (wds, _) = seen["cold"], seen["warm"]
     same = cds.to_list() == wds.to_list()
     ratios = [c / w for c, w in zip(res["cold"], res["warm"])]
     return {f"{name}_triplets": cinfo.n_total, f"{name}_kept": cinfo.n_kept,

@@ -1,6 +1,6 @@
 """Constitutions for critique-and-rewrite: loading, validation, seeded principle draws, few-shot turns.
 
-Two file shapes are accepted (ARCHITECTURE.md, "Constitution"):
+Two file shapes are accepted (docs/architecture.md, "Constitution"):
 
 - the project's own: ``{"name": str, "principles": [{"id", "critique", "revision"}, …], "few_shot": [[messages…], …]}``
   (``few_shot`` optional);

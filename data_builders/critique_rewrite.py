@@ -11,7 +11,7 @@ The principle is drawn per prompt with an RNG seeded by ``(seed, prompt id)`` (:
 resumed run draws the same one. Generation is batched over prompts (one batched call per step, left-padded, see
 :func:`data_builders.generation.generate_chat`) or runs through vLLM (``generation.backend: vllm``, CUDA only).
 
-Output rows (ARCHITECTURE.md, "Preference pair"; TRL's conversational preference format plus provenance)::
+Output rows (docs/architecture.md, "Preference pair"; TRL's conversational preference format plus provenance)::
 
     {"id", "prompt": [{"role": "user", "content"}], "chosen": [{"role": "assistant", "content": revision}],
      "rejected": [{"role": "assistant", "content": response}], "principle_id", "critique", "source"}
@@ -430,6 +430,68 @@ def parse_pair(obj: dict, path, line) -> dict:
     require_str(obj, "critique", path, line, allow_empty=True)
     require_str(obj, "source", path, line, allow_empty=True)
     return obj
+
+
+def _as_messages(value, role: str, path, line, field: str) -> list[dict]:
+    if isinstance(value, str):
+        if not value.strip():
+            raise DataError(path, line, field, "empty")
+        return [{"role": role, "content": value}]
+    if not isinstance(value, list) or not value:
+        raise DataError(path, line, field, "expected a string or a non-empty list of messages")
+    return value
+
+
+def trl_preference_to_pair(obj: dict, path, line, source: str) -> dict:
+    """A TRL preference row as a project pair (``principle_id: external``, empty critique).
+
+    Explicit prompt: ``prompt``, ``chosen``, ``rejected``, each a string or a message list. Implicit prompt (no
+    ``prompt``): ``chosen`` and ``rejected`` are whole conversations; their common first turns are the prompt and
+    the rest the two answers. ``id`` is kept when present, else ``<prompt_id>-<8 hex of the answers>`` (the prompt
+    part is :func:`data_builders.redteam.prompt_id` of the last user turn, so held-out and safety-set checks can
+    match it). Raises :class:`DataError` naming the field."""
+    from data_builders.redteam import prompt_id
+
+    if "prompt" in obj:
+        prompt = _as_messages(obj["prompt"], "user", path, line, "prompt")
+        chosen = _as_messages(obj.get("chosen"), "assistant", path, line, "chosen")
+        rejected = _as_messages(obj.get("rejected"), "assistant", path, line, "rejected")
+    else:
+        c = _as_messages(obj.get("chosen"), "assistant", path, line, "chosen")
+        r = _as_messages(obj.get("rejected"), "assistant", path, line, "rejected")
+        n = 0
+        while n < min(len(c), len(r)) - 1 and c[n] == r[n]:
+            n += 1
+        if n == 0:
+            raise DataError(path, line, "chosen", "no 'prompt' and no shared first turns between chosen and "
+                                                  "rejected (implicit-prompt rows must share the conversation)")
+        prompt, chosen, rejected = c[:n], c[n:], r[n:]
+    users = [m.get("content", "") for m in prompt if isinstance(m, dict) and m.get("role") == "user"]
+    digest = hashlib.sha256(json.dumps([chosen, rejected], sort_keys=True).encode()).hexdigest()[:8]
+    rid = obj.get("id") if isinstance(obj.get("id"), str) and obj.get("id") else \
+        f"{prompt_id(users[-1] if users else json.dumps(prompt))}-{digest}"
+    return {"id": rid, "prompt": prompt, "chosen": chosen, "rejected": rejected, "principle_id": "external",
+            "critique": "", "source": source}
+
+
+def read_pairs_source(source: str | dict) -> list[dict]:
+    """``dpo.pairs_file``: this project's pairs, or TRL preference rows (:func:`trl_preference_to_pair`), from a
+    JSONL file or anything :mod:`data_builders.sources` reads (Hub ids, parquet, dataset folders); duplicate ids
+    are an error naming the row."""
+    from data_builders.jsonl_io import iter_jsonl as _lines
+    from data_builders.sources import iter_source
+
+    src = {"path": str(source)} if not isinstance(source, dict) else source
+    label, rows_iter = iter_source(src, _lines)
+    out, seen = [], {}
+    for where, obj in rows_iter:
+        row = obj if "principle_id" in obj else trl_preference_to_pair(obj, label, where, Path(str(label)).name)
+        parse_pair(row, label, where)
+        if row["id"] in seen:
+            raise DataError(label, where, "id", f"duplicate id {row['id']!r} (first at {seen[row['id']]})")
+        seen[row["id"]] = where
+        out.append(row)
+    return out
 
 
 def read_pairs(path: str | Path, provenance: bool = True) -> list[dict]:

@@ -1,6 +1,6 @@
 """Readers for red-team prompts, all producing ``{"id": str, "prompt": str, "source": str}`` rows.
 
-Accepted shapes (ARCHITECTURE.md, "Red-team prompt"), JSONL, optionally gzip-compressed (``.gz``):
+Accepted shapes (docs/architecture.md, "Red-team prompt"), JSONL, optionally gzip-compressed (``.gz``):
 
 - ``prompts``: ``{"id": str, "prompt": str}`` (both required, non-empty);
 - ``hh-rlhf``: Anthropic hh-rlhf rows ``{"chosen": "\\n\\nHuman: …\\n\\nAssistant: …", "rejected": …}``. The prompt is
@@ -22,7 +22,7 @@ from pathlib import Path
 
 from data_builders.jsonl_io import DataError, iter_jsonl, require_file, require_str
 
-FORMATS = ("auto", "prompts", "hh-rlhf")
+FORMATS = ("auto", "prompts", "hh-rlhf", "transcript")
 _HUMAN = re.compile(r"(?:^|\n\n)Human:[ \t]*")
 _NEXT_TURN = re.compile(r"\n\n(?:Assistant|Human):")
 
@@ -49,6 +49,8 @@ def detect_format(obj: dict) -> str:
         return "prompts"
     if "chosen" in obj:
         return "hh-rlhf"
+    if "transcript" in obj:
+        return "transcript"
     if "id" in obj:
         return "prompts"
     return "unknown"
@@ -61,17 +63,22 @@ def _parse_prompt_row(obj, path, line) -> dict:
     return {"id": rid, "prompt": require_str(obj, "prompt", path, line).strip()}
 
 
-def _parse_hh_row(obj, path, line) -> dict:
-    text = require_str(obj, "chosen", path, line)
+def _parse_hh_row(obj, path, line, field: str = "chosen") -> dict:
+    text = require_str({field: obj["chosen"]} if "chosen" in obj else {}, field, path, line)
     prompt = first_human_turn(text)
     if prompt is None:
-        raise DataError(path, line, "chosen", "no 'Human:' turn found (expected '\\n\\nHuman: …\\n\\nAssistant: …')")
+        raise DataError(path, line, field, "no 'Human:' turn found (expected '\\n\\nHuman: …\\n\\nAssistant: …')")
     if not prompt:
-        raise DataError(path, line, "chosen", "the first 'Human:' turn is empty")
+        raise DataError(path, line, field, "the first 'Human:' turn is empty")
     return {"id": prompt_id(prompt), "prompt": prompt}
 
 
-PARSERS = {"prompts": _parse_prompt_row, "hh-rlhf": _parse_hh_row}
+def _parse_transcript_row(obj, path, line) -> dict:
+    """hh-rlhf red-team-attempts rows: the first human turn of ``transcript``."""
+    return _parse_hh_row({"chosen": obj["transcript"]} if "transcript" in obj else {}, path, line, field="transcript")
+
+
+PARSERS = {"prompts": _parse_prompt_row, "hh-rlhf": _parse_hh_row, "transcript": _parse_transcript_row}
 
 
 def read_redteam_file(path: str, fmt: str = "auto", max_rows: int | None = None, skip_invalid: bool = False,
@@ -82,18 +89,33 @@ def read_redteam_file(path: str, fmt: str = "auto", max_rows: int | None = None,
     to ``skipped`` (a malformed file, as opposed to a bad row, still raises). ``stats`` (if given) receives
     ``rows``, ``duplicates`` and ``invalid`` counts. Raises :class:`DataError`.
     """
-    p = require_file(path, "red-team prompt file")
+    return read_redteam_source({"path": path, "format": fmt, "max_rows": max_rows, "skip_invalid": skip_invalid},
+                               skipped, stats)
+
+
+def read_redteam_source(source: dict, skipped: list | None = None, stats: dict | None = None) -> list[dict]:
+    """One red-team source (a ``DataSource`` mapping: a file, or a Hub id / dataset folder / parquet through
+    ``datasets``, :mod:`data_builders.sources`); see :func:`read_redteam_file`."""
+    from data_builders.sources import LINE_SUFFIXES, iter_source
+
+    path, fmt = source["path"], source.get("format") or "auto"
+    max_rows, skip_invalid = source.get("max_rows"), source.get("skip_invalid", False)
+    if Path(path).suffix.lower() in LINE_SUFFIXES:
+        require_file(path, "red-team prompt file")
     if fmt not in FORMATS:
-        raise DataError(p, None, "format", f"unknown format {fmt!r}; expected one of {list(FORMATS)}")
+        raise DataError(path, None, "format", f"unknown format {fmt!r}; expected one of {list(FORMATS)}")
+    label, rows_iter = iter_source(source, iter_jsonl)
+    p = Path(label)
     rows: list[dict] = []
     seen: dict[str, tuple[str, int]] = {}
     counts = {"rows": 0, "duplicates": 0, "invalid": 0}
-    for line, obj in iter_jsonl(p):
+    for line, obj in rows_iter:
         f = fmt if fmt != "auto" else detect_format(obj)
         try:
             if f == "unknown":
-                raise DataError(p, line, None, "cannot tell the row format: expected 'id'+'prompt' or an hh-rlhf "
-                                               "row with 'chosen'")
+                raise DataError(p, line, None, "cannot tell the row format: expected 'id'+'prompt', an hh-rlhf "
+                                               "row with 'chosen', or a red-team 'transcript'; or set format / "
+                                               "columns")
             row = PARSERS[f](obj, p, line)
         except DataError as e:
             if not skip_invalid:
@@ -129,8 +151,7 @@ def read_redteam_sources(sources: list[dict], skipped: list | None = None, stats
     by_id: dict[str, dict] = {}
     dup = 0
     for s in sources:
-        rows = read_redteam_file(s["path"], s.get("format", "auto"), s.get("max_rows"), s.get("skip_invalid", False),
-                                 skipped)
+        rows = read_redteam_source(s, skipped)
         for r in rows:
             if r["id"] in by_id:
                 if by_id[r["id"]]["prompt"] != r["prompt"]:

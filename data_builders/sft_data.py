@@ -1,11 +1,16 @@
 """Readers for SFT sources, all producing ``{"messages": [{"role", "content"}, …]}`` rows.
 
-Accepted shapes (ARCHITECTURE.md, "SFT row"):
+Accepted shapes (docs/architecture.md, "SFT row"):
 - ``messages`` JSONL: ``{"messages": [{"role": "system"|"user"|"assistant", "content": str}, …]}``;
   the conversation must contain a user turn and end with an assistant turn;
 - Alpaca JSON (a list) or JSONL: ``{"instruction", "input", "output"}``; the user turn is the instruction,
   followed by a blank line and the input when the input is non-empty;
-- self-instruct JSONL: ``{"instruction", "instances": [{"input", "output"}, …]}``; one row per instance.
+- self-instruct JSONL: ``{"instruction", "instances": [{"input", "output"}, …]}``; one row per instance;
+- prompt/completion (TRL): ``{"prompt", "completion"}``, each a string or a message list;
+- ShareGPT: ``{"conversations": [{"from": "system"|"human"|"gpt", "value": str}, …]}``.
+
+Sources are files or anything ``datasets.load_dataset`` reads (:mod:`data_builders.sources`: Hub ids, dataset
+folders, parquet, ``split``/``columns`` …); errors name the file and line, or the dataset, split and row.
 Every problem raises :class:`~data_builders.jsonl_io.DataError` naming file, line and field.
 """
 from __future__ import annotations
@@ -16,7 +21,8 @@ from typing import Iterable
 from data_builders.chat_template import ROLES
 from data_builders.jsonl_io import DataError, iter_jsonl, json_list_item_lines, load_json, require_file, require_str
 
-FORMATS = ("auto", "messages", "alpaca", "self_instruct")
+FORMATS = ("auto", "messages", "alpaca", "self_instruct", "prompt_completion", "sharegpt")
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 
 
 def user_turn(instruction: str, data: str) -> str:
@@ -79,7 +85,40 @@ def _self_instruct_row(obj, path, line) -> list[dict]:
     return rows
 
 
-PARSERS = {"messages": _messages_row, "alpaca": _alpaca_row, "self_instruct": _self_instruct_row}
+def _turns(value, path, line, field: str, role: str) -> list[dict]:
+    if isinstance(value, str):
+        if not value.strip():
+            raise DataError(path, line, field, "empty")
+        return [{"role": role, "content": value}]
+    return parse_messages(value, path, line, field)
+
+
+def _prompt_completion_row(obj, path, line) -> list[dict]:
+    if "prompt" not in obj or "completion" not in obj:
+        raise DataError(path, line, "prompt" if "prompt" not in obj else "completion", "missing")
+    return _messages_row({"messages": _turns(obj["prompt"], path, line, "prompt", "user")
+                          + _turns(obj["completion"], path, line, "completion", "assistant")}, path, line)
+
+
+def _sharegpt_row(obj, path, line) -> list[dict]:
+    conv = obj.get("conversations")
+    if not isinstance(conv, list) or not conv:
+        raise DataError(path, line, "conversations", "expected a non-empty list of {from, value} turns")
+    msgs = []
+    for i, t in enumerate(conv):
+        f = f"conversations[{i}]"
+        if not isinstance(t, dict):
+            raise DataError(path, line, f, f"expected an object, got {type(t).__name__}")
+        who = require_str(t, "from", path, line, prefix=f + ".")
+        if who not in SHAREGPT_ROLES:
+            raise DataError(path, line, f + ".from", f"unknown speaker {who!r}; expected one of "
+                                                     f"{sorted(SHAREGPT_ROLES)}")
+        msgs.append({"role": SHAREGPT_ROLES[who], "content": require_str(t, "value", path, line, prefix=f + ".")})
+    return _messages_row({"messages": msgs}, path, line)
+
+
+PARSERS = {"messages": _messages_row, "alpaca": _alpaca_row, "self_instruct": _self_instruct_row,
+           "prompt_completion": _prompt_completion_row, "sharegpt": _sharegpt_row}
 
 
 def detect_format(obj: dict) -> str:
@@ -88,6 +127,10 @@ def detect_format(obj: dict) -> str:
         return "messages"
     if "instances" in obj:
         return "self_instruct"
+    if "conversations" in obj:
+        return "sharegpt"
+    if "prompt" in obj and "completion" in obj:
+        return "prompt_completion"
     if "instruction" in obj:
         return "alpaca"
     return "unknown"
@@ -117,21 +160,33 @@ def iter_rows(path: Path) -> Iterable[tuple[int, dict]]:
 
 def read_sft_file(path: str, fmt: str = "auto", max_rows: int | None = None, skip_invalid: bool = False,
                   skipped: list | None = None) -> list[dict]:
-    """Read one SFT source into messages rows (``max_rows`` counts output rows).
+    """:func:`read_sft_source` of ``{"path": path, "format": fmt, …}``."""
+    return read_sft_source({"path": path, "format": fmt, "max_rows": max_rows, "skip_invalid": skip_invalid},
+                           skipped)
+
+
+def read_sft_source(source: dict, skipped: list | None = None) -> list[dict]:
+    """Read one SFT source (a ``DataSource`` mapping) into messages rows (``max_rows`` counts output rows).
 
     Raises :class:`DataError` on the first bad row, or with ``skip_invalid`` drops bad rows and appends their
     errors to ``skipped`` (a malformed file, as opposed to a bad row, is always an error).
     """
-    p = require_file(path, "SFT data file")
+    from data_builders.sources import LINE_SUFFIXES, iter_source
+
+    path, fmt = source["path"], source.get("format") or "auto"
+    max_rows, skip_invalid = source.get("max_rows"), source.get("skip_invalid", False)
+    if Path(path).suffix.lower() in LINE_SUFFIXES:
+        require_file(path, "SFT data file")
     if fmt not in FORMATS:
-        raise DataError(p, None, "format", f"unknown format {fmt!r}; expected one of {list(FORMATS)}")
+        raise DataError(path, None, "format", f"unknown format {fmt!r}; expected one of {list(FORMATS)}")
+    p, rows_iter = iter_source(source, iter_rows)
     rows: list[dict] = []
-    for line, obj in iter_rows(p):
-        where = line
+    for where, obj in rows_iter:
         f = fmt if fmt != "auto" else detect_format(obj)
         if f == "unknown":
-            raise DataError(p, where, None, "cannot tell the row format: expected 'messages', "
-                                            "'instruction'+'output' (Alpaca) or 'instruction'+'instances' (self-instruct)")
+            raise DataError(p, where, None, "cannot tell the row format: expected 'messages', 'instruction'+'output' "
+                                            "(Alpaca), 'instruction'+'instances' (self-instruct), 'prompt'+"
+                                            "'completion' or 'conversations' (ShareGPT); or set format / columns")
         try:
             rows.extend(PARSERS[f](obj, p, where))
         except DataError as e:
@@ -167,9 +222,9 @@ def replay_rows(rows: list[dict], tokenizer, max_length: int, n: int, seed: int)
 
 
 def read_sft_sources(sources: list[dict], skipped: list | None = None) -> list[dict]:
-    """Concatenate several ``{path, format, max_rows, skip_invalid}`` sources."""
+    """Concatenate several sources (``DataSource`` mappings: path, format, max_rows, skip_invalid, name, data_dir,
+    data_files, split, revision, columns)."""
     rows = []
     for s in sources:
-        rows += read_sft_file(s["path"], s.get("format", "auto"), s.get("max_rows"), s.get("skip_invalid", False),
-                              skipped)
+        rows += read_sft_source(s, skipped)
     return rows

@@ -1,6 +1,6 @@
 """Prompt-injection triplets for the causal stage: (benign, counterfactual, injected) views of one task.
 
-Triplet schema (ARCHITECTURE.md)::
+Triplet schema (docs/architecture.md)::
 
     {"id", "system", "instruction", "data", "data_counterfactual", "injection",
      "position": "start"|"middle"|"end", "response", "attack_category"}

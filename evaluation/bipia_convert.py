@@ -1,4 +1,4 @@
-"""Convert BIPIA test (or train) files into injection eval cases (ARCHITECTURE.md, "Injection eval case").
+"""Convert BIPIA test (or train) files into injection eval cases (docs/architecture.md, "Injection eval case").
 
 BIPIA (Yi et al. 2023, github.com/microsoft/BIPIA) ships context files per task — JSONL rows
 ``{"context", "question", "ideal"}`` (email, table; the code task has ``{"error", "code", "context", "ideal"}``

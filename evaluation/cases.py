@@ -1,6 +1,6 @@
 """Injection eval cases and over-defence controls: parsing with located errors, and the prompts of each view.
 
-Schema (``docs/`` and ARCHITECTURE.md, "Injection eval case"), one JSON object a line. An *injection case*::
+Schema (docs/architecture.md, "Injection eval case"), one JSON object a line. An *injection case*::
 
     {"id": str, "system": str, "instruction": str, "data": str, "injection": str,
      "position": "start"|"middle"|"end", "canary": str, "ideal": str (optional), "attack_category": str,

@@ -141,6 +141,33 @@ def is_dataclass_field(cls, name: str) -> bool:
         f.default_factory())
 
 
+SHARE = ("share", "staged-alignment")  # where a wheel installs configs/ and constitutions/ (data-files)
+
+
+def bundled_path(path: str | os.PathLike) -> Path | None:
+    """``path`` (relative, e.g. ``constitutions/default.json``) among the files a non-editable install ships
+    (``<sys.prefix>/share/staged-alignment/…``), or None when it is not there."""
+    p = Path(path)
+    if p.is_absolute():
+        return None
+    cand = Path(sys.prefix).joinpath(*SHARE) / p
+    return cand if cand.exists() else None
+
+
+def resolve_input(path: str | os.PathLike) -> Path:
+    """A relative input path as given (from the working directory) if it exists, else relative to the code's root
+    (a checkout, or the site-packages of a wheel install, where ``data_builders/seed`` and ``evaluation/heldout``
+    are package data), else among the files a wheel ships under ``<prefix>/share`` (:func:`bundled_path`), else
+    as given (the reader then names it as missing)."""
+    p = Path(path)
+    if p.is_absolute() or p.exists():
+        return p
+    alt = Path(__file__).resolve().parents[1] / p
+    if alt.exists():
+        return alt
+    return bundled_path(p) or p
+
+
 # --------------------------------------------------------------------------------------------- sections
 @dataclass
 class ModelSection:
@@ -194,12 +221,20 @@ class LoggingSection:
 
 @dataclass
 class DataSource:
-    """One input file and its format (``auto`` guesses from the first row)."""
+    """One input and its format (``auto`` guesses from the first row): a JSONL/JSON file, or what
+    ``datasets.load_dataset`` reads (a Hub dataset id, a dataset folder, parquet/csv/arrow, a ``save_to_disk``
+    folder) with TRL's dataset keys (:mod:`data_builders.sources`)."""
 
     path: str = ""
     format: str = "auto"
     max_rows: int | None = None
     skip_invalid: bool = False  # drop (and count) bad rows instead of stopping; malformed files still stop
+    name: str | None = None  # the dataset's configuration name (load_dataset's `name`)
+    data_dir: str | None = None  # e.g. harmless-base in Anthropic/hh-rlhf
+    data_files: Any = None  # a file, a list of files, or {split: files}
+    split: str = "train"
+    revision: str | None = None
+    columns: dict | None = None  # renames before the format is read, e.g. {question: prompt}
 
 
 @dataclass
@@ -389,6 +424,7 @@ class PipelineConfig:
     # where the YAML came from (not a config key)
     source_path: str | None = field(default=None, metadata={"internal": True})
     line_map: dict = field(default_factory=dict, metadata={"internal": True})
+    validation_target: str | None = field(default=None, metadata={"internal": True})  # --dry-run --target
 
     @property
     def run_dir(self) -> Path:
@@ -633,9 +669,15 @@ def apply_overrides(data: dict, overrides: list[str], path: str | None = None) -
     return keys
 
 
-def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> PipelineConfig:
-    """Read, override and validate a pipeline YAML. Raises :class:`ConfigError` (never loads a model)."""
+def load_config(path: str | os.PathLike, overrides: list[str] | None = None, *,
+                target: str | None = None) -> PipelineConfig:
+    """Read, override and validate a pipeline YAML. Raises :class:`ConfigError` (never loads a model).
+
+    ``target="cuda"`` validates for a CUDA machine from any machine (``--dry-run --target cuda``): the settings
+    only a GPU can run are accepted and no CUDA device is required; everything else is checked as usual."""
     p = Path(path)
+    if not p.is_file() and bundled_path(p) is not None:  # e.g. configs/<recipe>.yaml of a wheel install
+        p = bundled_path(p)
     if not p.is_file():
         raise ConfigError(str(p), None, None, "config file does not exist")
     size = p.stat().st_size
@@ -663,9 +705,25 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
                           "secrets do not belong in configs; set HF_TOKEN / WANDB_API_KEY in the environment")
     cfg = build_dataclass(PipelineConfig, data, "", str(p), lines)
     cfg.source_path, cfg.line_map = str(p), lines
+    cfg.validation_target = target
     _check_hardware_claims(cfg, text, p.name)
     validate_config(cfg)
     return cfg
+
+
+def raw_config(path: str | os.PathLike, overrides: list[str] | None = None) -> dict:
+    """The YAML dict of ``path`` with ``overrides`` applied, not validated (for ``--smoke``'s mapping).
+    Raises :class:`ConfigError` when the file cannot be read or parsed."""
+    p = Path(path)
+    if not p.is_file() and bundled_path(p) is not None:  # e.g. configs/<recipe>.yaml of a wheel install
+        p = bundled_path(p)
+    if not p.is_file():
+        raise ConfigError(str(p), None, None, "config file does not exist")
+    data, _ = load_yaml_bounded(p.read_bytes().decode("utf-8", errors="replace"), str(p))
+    if not isinstance(data, dict):
+        raise ConfigError(str(p), 1, None, "the config must be a YAML mapping")
+    apply_overrides(data, overrides or [], str(p))
+    return data
 
 
 def _check_hardware_claims(cfg: "PipelineConfig", text: str, filename: str) -> None:
@@ -769,6 +827,9 @@ def validate_config(cfg: PipelineConfig) -> None:
             build_dataclass(DataSource, s, f"{name}.{i}", cfg.source_path, cfg.line_map)
             if not s.get("path"):
                 raise cfg.error(f"{name}.{i}.path", "missing or empty")
+            found = resolve_input(s["path"])  # not here, but shipped with the code (a wheel install's seed data)
+            if found.exists() and not Path(s["path"]).exists():
+                s["path"] = str(found)
     gen = sub_section(cfg, GenerationSection, "dpo.generation")
     if gen.backend not in {"transformers", "vllm"}:
         raise cfg.error("dpo.generation.backend", f"{gen.backend!r} is not one of ['transformers', 'vllm']")
@@ -911,6 +972,8 @@ def cuda_available() -> bool:
 
 def _check_device_consistency(cfg: PipelineConfig) -> None:
     """Settings that cannot work on the hardware at hand fail here, before any model is loaded."""
+    if getattr(cfg, "validation_target", None) == "cuda":
+        return  # validated for a CUDA machine (--dry-run --target cuda): GPU-only settings are what it runs
     on_cuda = cfg.device == "cuda" or (cfg.device == "auto" and cuda_available())
     if cfg.device == "cuda" and not cuda_available():
         raise cfg.error("device", "device is 'cuda' but no CUDA device is available")

@@ -63,12 +63,17 @@ log = logging.getLogger("staged_alignment.evaluate")
 
 # --------------------------------------------------------------------------------------------- inputs
 def resolve_input(path: str | os.PathLike) -> Path:
-    """A relative input path as given (from the working directory), else relative to the repository root."""
+    """A relative input path as given (from the working directory), else relative to the repository root, else
+    among the files a wheel install ships (:func:`stages.config.bundled_path`)."""
     p = Path(path)
     if p.is_absolute() or p.exists():
         return p
     alt = ROOT / p
-    return alt if alt.exists() else p
+    if alt.exists():
+        return alt
+    from stages.config import bundled_path
+
+    return bundled_path(p) or p  # a wheel install: configs/ and constitutions/ are under <prefix>/share
 
 
 def eval_file_path(cfg: PipelineConfig) -> Path:
@@ -734,6 +739,9 @@ def run(cfg: PipelineConfig) -> dict:
     models = pipeline_models(cfg)
     out = cfg.run_dir / "eval"
     metrics = evaluate_models(cfg, models, eval_file_path(cfg), out, run_dir=cfg.run_dir)
+    from evaluation.tracking import log_evaluation
+
+    log_evaluation(cfg, metrics, out)  # W&B / TensorBoard, as logging.report_to says
     summary = {label: {k: m.get(k) for k in ("attack_success_rate", "attack_success_rate_begins", "utility_clean",
                                              "utility_under_attack", "over_defence_compliance",
                                              "harmful_refusal_rate", "benign_over_refusal_rate")}

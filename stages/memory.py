@@ -38,14 +38,32 @@ class Estimate:
         return f"{self.stage:9s} ~{self.gib:6.2f} GiB{share}  ({parts})"
 
 
-def model_dims(name_or_path: str) -> dict | None:
-    """Dims from the known table or a local ``config.json``; None when unknown (no download is attempted)."""
-    if name_or_path in KNOWN:
-        return KNOWN[name_or_path]
-    cfg_file = Path(name_or_path) / "config.json"
-    if not cfg_file.exists():
+def config_file(name_or_path: str) -> Path | None:
+    """The model's ``config.json``: in a local folder, or for a Hub id in the local Hugging Face cache (never
+    downloaded); None when neither has it."""
+    local = Path(name_or_path) / "config.json"
+    if local.is_file():
+        return local
+    if "/" not in name_or_path or name_or_path.startswith("embedded:"):
         return None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        hit = try_to_load_from_cache(name_or_path, "config.json")
+    except Exception:  # noqa: BLE001 - an invalid id is simply not cached
+        return None
+    return Path(hit) if isinstance(hit, str) else None
+
+
+def model_dims(name_or_path: str) -> dict | None:
+    """Dims from the model's ``config.json`` (a local folder, or the Hub cache: :func:`config_file`; multimodal
+    configs read through their ``text_config``), else the shipped recipes' table :data:`KNOWN` (offline fallback);
+    None when unknown. Nothing is downloaded."""
+    cfg_file = config_file(name_or_path)
+    if cfg_file is None:
+        return KNOWN.get(name_or_path)
     c = json.loads(cfg_file.read_text())
+    c = c.get("text_config") or c
     h, L, V = c["hidden_size"], c["num_hidden_layers"], c["vocab_size"]
     inter = c.get("intermediate_size", 4 * h)
     heads = c.get("num_attention_heads", 1)

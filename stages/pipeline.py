@@ -1,6 +1,7 @@
 """The orchestrator: SFT → merge → critique-and-rewrite → DPO → merge → triplets → causal → merge → evaluate.
 
-    python stages/pipeline.py --config C [--dry-run] [--from-stage S] [--force] [--launcher L] [key=value …]
+    python stages/pipeline.py --config C [--dry-run [--target cuda]] [--smoke] [--from-stage S] [--force]
+                              [--launcher L] [key=value …]
 
 Before any model loads, every run (and ``--dry-run``) validates the whole plan: config, every input file,
 the constitution, the output folder (writable, free disk), and a per-stage memory estimate against
@@ -46,8 +47,9 @@ def stage_module(name: str):
     return importlib.import_module(STAGE_MODULES[name])
 
 
-def check_output_dir(cfg: PipelineConfig, need_gib: float) -> str:
-    """Create the run folder, prove it writable, and compare free disk with ``need_gib``; raises PlanError."""
+def check_output_dir(cfg: PipelineConfig, need_gib: float, *, elsewhere: bool = False) -> str:
+    """Create the run folder, prove it writable, and compare free disk with ``need_gib``; raises PlanError.
+    ``elsewhere`` (validating for another machine, ``--target``): too little disk here is reported, not raised."""
     run_dir = cfg.run_dir
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -57,14 +59,18 @@ def check_output_dir(cfg: PipelineConfig, need_gib: float) -> str:
     except OSError as e:
         raise PlanError(f"output folder {run_dir} is not writable ({e.strerror or e})") from None
     free = shutil.disk_usage(run_dir).free / 1024 ** 3
+    if free < need_gib and elsewhere:
+        return (f"{run_dir}: needs ~{need_gib:.1f} GiB; only {free:.1f} GiB free on this machine (checked again "
+                "where it runs)")
     if free < need_gib:
         raise PlanError(f"only {free:.1f} GiB free under {run_dir}; the run needs about {need_gib:.1f} GiB "
                         "(merged models, adapters, checkpoints)")
     return f"{run_dir}: writable, {free:.1f} GiB free (needs ~{need_gib:.1f} GiB)"
 
 
-def validate_plan(cfg: PipelineConfig, stages: list[str]) -> list[str]:
+def validate_plan(cfg: PipelineConfig, stages: list[str], target: str | None = None) -> list[str]:
     """Validate every enabled stage's inputs (no model loaded) and estimate memory; returns report lines.
+    ``target="cuda"``: the estimate is for the recipe's CUDA device, whatever this machine has.
 
     Raises DataError / ConfigError / PlanError on the first problem.
     """
@@ -80,7 +86,7 @@ def validate_plan(cfg: PipelineConfig, stages: list[str]) -> list[str]:
         stage_module(s).validate(cfg)
         lines.append(f"  {s}: inputs valid")
     dims = model_dims(cfg.model.name_or_path)
-    cuda = on_cuda(cfg)
+    cuda = on_cuda(cfg) if target is None else target == "cuda"
     dev = cfg.model.device_memory_gb
     if dims is None:
         lines.append("memory: unknown model dims (no local config.json); estimate skipped")
@@ -99,7 +105,7 @@ def validate_plan(cfg: PipelineConfig, stages: list[str]) -> list[str]:
 
         merged_bytes = 4 if merged_dtype(cfg.model, "cuda" if cuda else "cpu") == torch.float32 else 2
         need = 3 * dims["params"] * merged_bytes / GiB + 1.0  # three merged models in the merge precision
-    lines.append("disk: " + check_output_dir(cfg, need))
+    lines.append("disk: " + check_output_dir(cfg, need, elsewhere=target is not None))
     return lines
 
 
@@ -114,13 +120,31 @@ def run_pipeline(args) -> int:
     from stages.run_dir import Manifest
 
     setup_logging()
+    if args.target and not args.dry_run:
+        print("error: command line: --target only goes with --dry-run (validate a recipe for another machine)",
+              file=sys.stderr)
+        return 2
+    if args.smoke:
+        from stages.config import raw_config
+        from stages.smoke import format_table, smoke_plan
+
+        try:
+            extra, rows = smoke_plan(raw_config(args.config, args.overrides))
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(f"smoke run of {args.config} on this CPU with the embedded model; what changes:\n"
+              f"{format_table(rows)}\n", flush=True)
+        args.overrides = list(args.overrides) + extra  # the smoke mapping wins over the recipe and the overrides
+        os.environ["WANDB_MODE"] = "offline"
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, args.overrides, target=args.target)
         stages = enabled_stages(cfg)
         if args.from_stage and args.from_stage not in stages:
             raise ConfigError(cfg.source_path, None, "--from-stage", f"{args.from_stage!r} is not an enabled stage "
                                                                      f"({stages})")
-        plan = validate_plan(cfg, stages)
+        plan = validate_plan(cfg, stages, target=args.target)
     except (ConfigError, DataError, PlanError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -188,6 +212,10 @@ def main(argv=None) -> int:
     ap.add_argument("--dry-run", action="store_true", help="validate the plan, print estimates, exit")
     ap.add_argument("--from-stage", choices=ORDER, help="redo this stage and every later one")
     ap.add_argument("--force", action="store_true", help="redo every stage")
+    ap.add_argument("--smoke", action="store_true", help="run this recipe shrunk on the CPU with the embedded model "
+                    "(a few steps and rows per stage; prints what changes)")
+    ap.add_argument("--target", choices=["cuda", "cpu"], help="with --dry-run: validate for this device (e.g. a GPU "
+                    "recipe on a laptop) and estimate its memory there")
     ap.add_argument("--launcher", help='command that runs a stage script, e.g. "accelerate launch --config_file '
                                        'accelerate_config.yaml" (default: this python)')
     ap.add_argument("overrides", nargs="*", help="dotted key=value overrides")

@@ -1,4 +1,4 @@
-"""The run directory and its ``manifest.json`` (ARCHITECTURE.md, "Run directory").
+"""The run directory and its ``manifest.json`` (docs/architecture.md, "Run folder").
 
 ``manifest.json`` holds, per stage: ``status`` (pending|running|done|failed), ``config_hash``,
 ``input_hashes``, ``outputs``, ``started``/``finished`` (UTC ISO-8601), ``seconds`` and a ``metrics`` summary.

@@ -43,12 +43,17 @@ F_DIVERGENCE_LOSS_TYPES = {"sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair"
 
 
 def resolve_input(path: str) -> Path:
-    """A relative input path as given (from the working directory) if it exists, else relative to the repo root."""
+    """A relative input path as given (from the working directory) if it exists, else relative to the repo root,
+    else among the files a wheel install ships (:func:`stages.config.bundled_path`)."""
     p = Path(path)
     if p.is_absolute() or p.exists():
         return p
     alt = ROOT / p
-    return alt if alt.exists() else p
+    if alt.exists():
+        return alt
+    from stages.config import bundled_path
+
+    return bundled_path(p) or p  # a wheel install: configs/ and constitutions/ are under <prefix>/share
 
 
 def _sources(cfg: PipelineConfig) -> list[dict]:
@@ -131,7 +136,6 @@ def validate(cfg: PipelineConfig) -> dict:
     from trl import DPOConfig
 
     from data_builders.constitution import load_constitution
-    from data_builders.critique_rewrite import read_pairs
     from data_builders.redteam import read_redteam_sources
     from stages.common import build_training_args
 
@@ -149,13 +153,17 @@ def validate(cfg: PipelineConfig) -> dict:
         train = train[:d.max_prompts]
     pairs = None
     if d.pairs_file:
-        pairs = read_pairs(resolve_input(d.pairs_file))
+        from data_builders.critique_rewrite import read_pairs_source
+
+        pf = resolve_input(d.pairs_file)
+        pairs = read_pairs_source(str(pf) if pf.exists() else d.pairs_file)  # a file, or a Hub id / dataset
         held_ids = {p["id"] for p in held}
-        leaked = [p["id"] for p in pairs if p["id"] in held_ids]
+        # an external row's id is "<prompt id>-<hash>": its prompt part is compared too
+        leaked = [p["id"] for p in pairs if p["id"] in held_ids or p["id"].rsplit("-", 1)[0] in held_ids]
         if leaked:
             log.warning("dpo.pairs_file: %d pair(s) use held-out prompts and are left out of training: %s",
                         len(leaked), leaked[:5])
-            pairs = [p for p in pairs if p["id"] not in held_ids]
+            pairs = [p for p in pairs if p["id"] not in leaked]
         pairs = without_safety_eval(cfg, pairs, "dpo.pairs_file")
         if len(pairs) < d.min_pairs:
             raise cfg.error("dpo.pairs_file", f"only {len(pairs)} usable pair(s), dpo.min_pairs is {d.min_pairs}")

@@ -52,7 +52,7 @@ DATA_CASES = [
     ("sft_missing_file", "sft.data", [{"path": "/nonexistent/sft.jsonl"}], "/nonexistent/sft.jsonl", None, None),
     ("sft_huge_line", "sft.data", lambda t: [{"path": str(_huge_line(t))}], "sft_huge_line.jsonl", 2, None),
     ("sft_path_is_folder", "sft.data", lambda t: [{"path": str(_sft_as_dir(t))}], "sft_dir.jsonl", None, None),
-    ("sft_unknown_format", "sft.data", _src("sft_wrong_type.jsonl", format="sharegpt"), "sft_wrong_type.jsonl", None,
+    ("sft_unknown_format", "sft.data", _src("sft_wrong_type.jsonl", format="oasst-trees"), "sft_wrong_type.jsonl", None,
      "format"),
     # red-team prompt files
     ("redteam_malformed_json", "dpo.prompts", _src("redteam_malformed.jsonl"), "redteam_malformed.jsonl", 3, None),

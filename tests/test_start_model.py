@@ -145,3 +145,17 @@ def test_dpo_stage_from_a_model_folder_no_sft_produced_then_evaluate_its_adapter
     assert "dpo_adapter" in metrics["models"]
     assert metrics["settings"]["model_paths"]["dpo_adapter"] == str(out / "models" / "dpo_adapter")
     assert is_complete_model_dir(out / "models" / "dpo_adapter")
+
+
+def test_memory_estimate_reads_dims_from_the_hub_cache_before_the_table(tmp_path, tiny_model_dir, monkeypatch):
+    import huggingface_hub.constants
+
+    from stages.memory import KNOWN, model_dims
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert model_dims("org/unknown-model") is None
+    _hub_cache(tmp_path / "hub", "org/unknown-model", tiny_model_dir)
+    d = model_dims("org/unknown-model")
+    conf = json.loads((tiny_model_dir / "config.json").read_text())
+    assert d["hidden"] == conf["hidden_size"] and d["layers"] == conf["num_hidden_layers"]
+    assert model_dims("Qwen/Qwen2.5-32B") == KNOWN["Qwen/Qwen2.5-32B"]  # not cached here: the table's fallback

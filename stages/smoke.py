@@ -1,0 +1,122 @@
+"""``--smoke``: any recipe, shrunk, on this CPU with the embedded model, before paying for a GPU.
+
+:func:`smoke_plan` reads a recipe (the YAML dict after the user's overrides) and returns the dotted overrides that
+map it onto the CPU, with one table row per change (setting, the recipe's value, the smoke value). The recipe's
+stages, data sources, objectives and other settings stay as they are; only what a CPU cannot run and the sizes
+change:
+
+* hardware: ``device → cpu``; the model → the embedded SmolLM2-135M-Instruct (a Q4_1 GGUF copy converted to fp32:
+  the plumbing, not the recipe's figures); ``quantization 4bit → none``; ``dtype bf16/fp16 → auto`` (fp32);
+  ``loader unsloth → transformers``; FlashAttention → SDPA; Liger off; ``vllm → transformers`` generation;
+  ``bf16``/``fp16``/gradient checkpointing off; 8-bit and paged optimizers → ``adamw_torch``;
+  ``report_to: wandb`` runs with ``WANDB_MODE=offline``; Hub pushes become ``hub.push_dry_run``;
+* sizes: ``max_steps`` 2 per stage, batch 2, no accumulation, ``max_seq_length`` ≤ 256, at most
+  :data:`ROWS` rows per data source, a few DPO prompts and held-out answers, :data:`TRIPLETS` triplets, and an
+  evaluation of :data:`CASES` cases;
+* the run folder: ``<run_name>-smoke`` beside the recipe's.
+"""
+from __future__ import annotations
+
+import json
+
+EMBEDDED = "embedded:smollm2-135m-instruct"
+ROWS, TRIPLETS, CASES = 24, 8, 8
+SOURCE_LISTS = ("sft.data", "dpo.prompts", "causal.tasks")
+EIGHT_BIT_OPTIMIZERS = ("8bit", "paged", "bnb")
+
+
+def _get(data: dict, key: str, default=None):
+    node = data
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return default
+        node = node[part]
+    return node
+
+
+def smoke_plan(data: dict) -> tuple[list[str], list[tuple[str, str, str]]]:
+    """``(overrides, rows)`` for the recipe ``data`` (a raw config dict): dotted ``key=value`` overrides (values
+    in YAML/JSON) and the table rows ``(setting, recipe value, smoke value)`` of every change."""
+    over: list[str] = []
+    rows: list[tuple[str, str, str]] = []
+
+    def put(key: str, new, show_old=True, reason: str | None = None):
+        old = _get(data, key)
+        if old == new:
+            return
+        over.append(f"{key}={json.dumps(new)}")
+        rows.append((key, "(unset)" if old is None else str(old) if show_old else "…", str(new) +
+                     (f"  ({reason})" if reason else "")))
+
+    put("run_name", f"{_get(data, 'run_name', 'run')}-smoke")
+    put("device", "cpu")
+    put("model.name_or_path", EMBEDDED, reason="embedded SmolLM2-135M, a Q4_1 GGUF copy in fp32")
+    for key, bad, good in (("model.quantization", {"4bit"}, "none"), ("model.dtype", {"bfloat16", "float16"}, "auto"),
+                           ("model.loader", {"unsloth"}, "transformers"),
+                           ("model.attn_implementation", {"flash_attention_2", "flash_attention_3"}, "sdpa"),
+                           ("dpo.generation.backend", {"vllm"}, "transformers")):
+        if _get(data, key) in bad:
+            put(key, good)
+    if _get(data, "model.use_liger_kernel"):
+        put("model.use_liger_kernel", False)
+    if _get(data, "model.device_memory_gb") is not None:
+        put("model.device_memory_gb", None, reason="the CPU's RAM is checked instead")
+    if (_get(data, "model.max_seq_length") or 512) > 256:
+        put("model.max_seq_length", 256)
+    if _get(data, "model.chat_template") not in (None, "zephyr"):
+        put("model.chat_template", "zephyr", reason="the embedded model's tokenizer")
+    for stage in ("sft", "dpo", "causal"):
+        t = _get(data, f"{stage}.training") or {}
+        for flag in ("bf16", "fp16", "tf32", "gradient_checkpointing"):
+            if t.get(flag):
+                put(f"{stage}.training.{flag}", False)
+        if any(s in str(t.get("optim", "")) for s in EIGHT_BIT_OPTIMIZERS):
+            put(f"{stage}.training.optim", "adamw_torch")
+        put(f"{stage}.training.max_steps", 2)
+        put(f"{stage}.training.per_device_train_batch_size", 2)
+        if t.get("gradient_accumulation_steps", 1) != 1:
+            put(f"{stage}.training.gradient_accumulation_steps", 1)
+        for key in ("max_length", "max_prompt_length", "max_completion_length"):
+            if (t.get(key) or 0) > 256:
+                put(f"{stage}.training.{key}", 256)
+        for key in ("save_steps", "eval_steps"):
+            if key in t:
+                put(f"{stage}.training.{key}", 1)
+    for key in SOURCE_LISTS:
+        for i, src in enumerate(_get(data, key) or []):
+            entry = {"path": src} if isinstance(src, str) else dict(src)
+            if (entry.get("max_rows") or ROWS + 1) > ROWS:
+                entry["max_rows"] = ROWS
+                over.append(f"{key}.{i}={json.dumps(entry)}")
+                rows.append((f"{key}.{i}.max_rows", str(src.get("max_rows") if isinstance(src, dict) else None),
+                             str(ROWS)))
+    if _get(data, "dpo.generation.drop_truncated") is not False:
+        put("dpo.generation.drop_truncated", False, reason="answers cut at the smoke's token cap still make pairs")
+    for key, cap in (("dpo.max_prompts", 8), ("dpo.held_out", 2), ("dpo.generation.max_new_tokens", 48),
+                     ("dpo.generation.batch_size", 4), ("causal.max_triplets", TRIPLETS),
+                     ("evaluate.max_cases", CASES), ("evaluate.max_controls", 4), ("evaluate.max_redteam", 4),
+                     ("evaluate.max_benign", 4), ("evaluate.max_new_tokens", 16),
+                     ("evaluate.safety_max_new_tokens", 16), ("evaluate.batch_size", 8),
+                     ("evaluate.hsic_permutations", 20)):
+        old = _get(data, key)
+        if old is None or old > cap:
+            put(key, cap)
+    if _get(data, "causal.max_length") and _get(data, "causal.max_length") > 256:
+        put("causal.max_length", 256)
+    if _get(data, "dpo.min_pairs") is None or _get(data, "dpo.min_pairs") > 1:
+        put("dpo.min_pairs", 1, reason="a tiny model keeps few pairs")
+    if _get(data, "hub.push_to_hub"):
+        put("hub.push_to_hub", False)
+        put("hub.push_dry_run", True)
+    if "wandb" in (_get(data, "logging.report_to") or []):
+        rows.append(("logging.report_to", "wandb", "wandb with WANDB_MODE=offline"))
+    return over, rows
+
+
+def format_table(rows: list[tuple[str, str, str]]) -> str:
+    """The mapping table printed by ``--smoke``."""
+    w = max([len(r[0]) for r in rows] + [7])
+    v = max([min(len(r[1]), 48) for r in rows] + [6])
+    lines = [f"{'setting':{w}s}  {'recipe':{v}s}  smoke", f"{'-' * w}  {'-' * v}  {'-' * 5}"]
+    lines += [f"{k:{w}s}  {(old if len(old) <= 48 else old[:45] + '...'):{v}s}  {new}" for k, old, new in rows]
+    return "\n".join(lines)

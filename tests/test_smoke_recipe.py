@@ -1,0 +1,68 @@
+"""``--smoke`` (any recipe shrunk onto this CPU) and ``--dry-run --target cuda`` (a GPU recipe validated here)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from stages.smoke import EMBEDDED, smoke_plan
+
+ROOT = Path(__file__).resolve().parents[1]
+GPU_RECIPES = ["tinyllama-1.1b_pipeline_rtx3060-12gb.yaml", "llama3.1-8b_qlora-pipeline_rtx3060-12gb.yaml",
+               "qwen2.5-32b_qlora-pipeline_a100-80gb.yaml"]
+
+
+def _plan(data):
+    over, rows = smoke_plan(data)
+    return {o.split("=", 1)[0]: json.loads(o.split("=", 1)[1]) for o in over}, {r[0]: r for r in rows}
+
+
+def test_cuda_only_settings_map_to_their_cpu_equivalents_and_are_listed():
+    data = {"run_name": "r", "device": "cuda",
+            "model": {"name_or_path": "meta-llama/Llama-3.1-8B-Instruct", "quantization": "4bit", "dtype": "bfloat16",
+                      "loader": "unsloth", "attn_implementation": "flash_attention_2", "use_liger_kernel": True,
+                      "max_seq_length": 2048, "device_memory_gb": 12},
+            "sft": {"data": ["a.jsonl", {"path": "b.jsonl", "max_rows": 5}],
+                    "training": {"bf16": True, "optim": "paged_adamw_8bit", "gradient_checkpointing": True,
+                                 "gradient_accumulation_steps": 8, "num_train_epochs": 3}},
+            "dpo": {"generation": {"backend": "vllm"}, "max_prompts": 500},
+            "hub": {"push_to_hub": True}, "logging": {"report_to": ["wandb"]}}
+    over, rows = _plan(data)
+    assert over["device"] == "cpu" and over["model.name_or_path"] == EMBEDDED
+    assert over["model.quantization"] == "none" and over["model.dtype"] == "auto"
+    assert over["model.loader"] == "transformers" and over["model.attn_implementation"] == "sdpa"
+    assert over["model.use_liger_kernel"] is False and over["dpo.generation.backend"] == "transformers"
+    assert over["sft.training.bf16"] is False and over["sft.training.optim"] == "adamw_torch"
+    assert over["sft.training.max_steps"] == 2 and over["sft.training.gradient_accumulation_steps"] == 1
+    assert over["sft.data.0"] == {"path": "a.jsonl", "max_rows": 24} and "sft.data.1" not in over  # 5 ≤ 24 kept
+    assert over["hub.push_to_hub"] is False and over["hub.push_dry_run"] is True
+    assert over["run_name"] == "r-smoke" and over["dpo.max_prompts"] == 8
+    assert over["dpo.generation.drop_truncated"] is False
+    assert rows["model.quantization"][1:] == ("4bit", "none") and "WANDB_MODE=offline" in rows["logging.report_to"][2]
+    # what the recipe keeps: its data sources' paths, its objective, its epochs key (max_steps wins)
+    assert "sft.training.num_train_epochs" not in over and "causal.loss" not in str(over)
+
+
+def test_a_cpu_recipe_only_shrinks():
+    over, _ = _plan({"run_name": "x", "device": "cpu", "model": {"name_or_path": EMBEDDED, "max_seq_length": 128}})
+    assert "device" not in over and "model.name_or_path" not in over and "model.max_seq_length" not in over
+    assert over["sft.training.max_steps"] == 2
+
+
+@pytest.mark.parametrize("recipe", GPU_RECIPES)
+def test_gpu_recipe_dry_run_for_cuda_on_this_cpu(recipe, tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "stages" / "pipeline.py"), "--config",
+                           str(ROOT / "configs" / recipe), "--dry-run", "--target", "cuda",
+                           f"output_dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "memory estimate per stage (CUDA; device" in proc.stdout and "dry run: plan valid" in proc.stdout
+
+
+def test_target_needs_dry_run(tmp_path):
+    from stages.pipeline import main
+
+    assert main(["--config", str(ROOT / "configs" / GPU_RECIPES[0]), "--target", "cuda"]) == 2

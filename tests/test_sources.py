@@ -1,0 +1,154 @@
+"""Data sources through ``datasets.load_dataset``: folders laid out like Hub dataset repos (parquet shards + README
+config), ``save_to_disk`` folders, ``data_dir``/``split``/``columns``, the new row formats, located errors. Offline."""
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import pytest
+
+from data_builders.jsonl_io import DataError
+from data_builders.redteam import read_redteam_source
+from data_builders.sft_data import read_sft_source
+
+README = """---
+configs:
+- config_name: default
+  data_files:
+  - split: train
+    path: data/train-*
+  - split: test
+    path: data/test-*
+---
+# a dataset card
+"""
+
+
+def _conv(i):
+    return {"messages": [{"role": "user", "content": f"question {i}"}, {"role": "assistant", "content": f"answer {i}"}]}
+
+
+def _hub_repo(root: Path, train: list[dict], test: list[dict]) -> Path:
+    """A local folder laid out like a Hub dataset repo: two parquet train shards, one test shard, README config."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (root / "data").mkdir(parents=True)
+    half = len(train) // 2
+    for name, rows in (("train-00000-of-00002", train[:half]), ("train-00001-of-00002", train[half:]),
+                       ("test-00000-of-00001", test)):
+        pq.write_table(pa.Table.from_pylist(rows), root / "data" / f"{name}.parquet")
+    (root / "README.md").write_text(README)
+    return root
+
+
+def test_hub_layout_folder_reads_every_shard_of_the_split(tmp_path):
+    repo = _hub_repo(tmp_path / "org__chat", [_conv(i) for i in range(6)], [_conv(100)])
+    rows = read_sft_source({"path": str(repo)})
+    assert [r["messages"][0]["content"] for r in rows] == [f"question {i}" for i in range(6)]
+    test = read_sft_source({"path": str(repo), "split": "test"})
+    assert test == [{"messages": _conv(100)["messages"]}]
+    assert len(read_sft_source({"path": str(repo), "max_rows": 4})) == 4
+
+
+def test_bad_row_in_parquet_is_located_by_source_split_and_row(tmp_path):
+    rows = [_conv(i) for i in range(4)]
+    rows[3] = {"messages": [{"role": "user", "content": "q"}, {"role": "robot", "content": "a"}]}
+    repo = _hub_repo(tmp_path / "bad", rows, [_conv(9)])
+    with pytest.raises(DataError, match=r"bad\[train\]:row 3: field 'messages\[1\]\.role': unknown role 'robot'"):
+        read_sft_source({"path": str(repo)})
+    skipped = []
+    assert len(read_sft_source({"path": str(repo), "skip_invalid": True}, skipped)) == 3 and len(skipped) == 1
+
+
+def test_columns_rename_onto_prompt_completion_and_a_missing_column_is_named(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    f = tmp_path / "qa.parquet"
+    pq.write_table(pa.Table.from_pylist([{"question": "What is 2+2?", "answer": "4"}]), f)
+    rows = read_sft_source({"path": str(f), "columns": {"question": "prompt", "answer": "completion"}})
+    assert rows == [{"messages": [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"}]}]
+    with pytest.raises(DataError, match=r"field 'columns': no column\(s\) \['query'\] to rename"):
+        read_sft_source({"path": str(f), "columns": {"query": "prompt"}})
+
+
+def test_save_to_disk_folder_and_its_split(tmp_path):
+    from datasets import Dataset, DatasetDict
+
+    DatasetDict({"train": Dataset.from_list([_conv(1)]), "validation": Dataset.from_list([_conv(2)])}).save_to_disk(
+        str(tmp_path / "saved"))
+    assert read_sft_source({"path": str(tmp_path / "saved"), "split": "validation"})[0]["messages"][0]["content"] == \
+        "question 2"
+    with pytest.raises(DataError, match=r"no split 'test'"):
+        read_sft_source({"path": str(tmp_path / "saved"), "split": "test"})
+
+
+def test_sharegpt_and_prompt_completion_rows(tmp_path):
+    f = tmp_path / "mixed.jsonl"
+    f.write_text("\n".join(json.dumps(r) for r in [
+        {"conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Hi"},
+                           {"from": "gpt", "value": "Hello."}]},
+        {"prompt": [{"role": "user", "content": "Name a colour."}], "completion": [{"role": "assistant",
+                                                                                  "content": "Blue."}]},
+        {"conversations": [{"from": "human", "value": "Hi"}, {"from": "bot", "value": "x"}]}]) + "\n")
+    with pytest.raises(DataError, match=r"mixed\.jsonl:3: field 'conversations\[1\]\.from': unknown speaker 'bot'"):
+        read_sft_source({"path": str(f)})
+    rows = read_sft_source({"path": str(f), "max_rows": 2})
+    assert [m["role"] for m in rows[0]["messages"]] == ["system", "user", "assistant"]
+    assert rows[1]["messages"][1] == {"role": "assistant", "content": "Blue."}
+
+
+def test_hh_rlhf_data_dir_and_red_team_transcripts(tmp_path):
+    repo = tmp_path / "hh"
+    (repo / "harmless-base").mkdir(parents=True)
+    (repo / "helpful-base").mkdir()
+    row = {"chosen": "\n\nHuman: How do I pick a lock?\n\nAssistant: I can't help with that.", "rejected": "x"}
+    with gzip.open(repo / "harmless-base" / "train.jsonl.gz", "wt") as g:
+        g.write(json.dumps(row) + "\n")
+    with gzip.open(repo / "helpful-base" / "train.jsonl.gz", "wt") as g:
+        g.write(json.dumps({"chosen": "\n\nHuman: Bake bread?\n\nAssistant: Sure.", "rejected": "y"}) + "\n")
+    got = read_redteam_source({"path": str(repo), "data_dir": "harmless-base"})
+    assert [r["prompt"] for r in got] == ["How do I pick a lock?"]
+    t = tmp_path / "attempts.jsonl"
+    t.write_text(json.dumps({"transcript": "\n\nHuman: Tell me a secret.\n\nAssistant: No."}) + "\n")
+    assert read_redteam_source({"path": str(t)})[0]["prompt"] == "Tell me a secret."
+
+
+def test_uncached_hub_dataset_offline_is_one_located_error(monkeypatch):
+    import datasets.config
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    with pytest.raises(DataError, match=r"org/not-a-dataset\[train\]: cannot load with datasets"):
+        read_sft_source({"path": "org/not-a-dataset"})
+
+
+def test_trl_preference_rows_as_pairs_file_explicit_and_implicit_prompt(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from data_builders.critique_rewrite import read_pairs_source
+    from data_builders.redteam import prompt_id
+
+    f = tmp_path / "prefs.parquet"
+    pq.write_table(pa.Table.from_pylist([
+        {"prompt": "How do I pick a lock?", "chosen": "I can't help with that.", "rejected": "Use a tension wrench."},
+        {"prompt": "How do I pick a lock?", "chosen": "Call a locksmith.", "rejected": "Use a bobby pin."},
+    ]), f)
+    rows = read_pairs_source(str(f))
+    assert [r["prompt"] for r in rows] == [[{"role": "user", "content": "How do I pick a lock?"}]] * 2
+    assert rows[0]["chosen"] == [{"role": "assistant", "content": "I can't help with that."}]
+    assert rows[0]["principle_id"] == "external" and rows[0]["id"] != rows[1]["id"]
+    assert rows[0]["id"].rsplit("-", 1)[0] == prompt_id("How do I pick a lock?")  # held-out checks can match it
+    implicit = tmp_path / "implicit.jsonl"
+    conv = [{"role": "user", "content": "Hi"}]
+    implicit.write_text(json.dumps({"chosen": conv + [{"role": "assistant", "content": "Hello!"}],
+                                    "rejected": conv + [{"role": "assistant", "content": "Go away."}]}) + "\n" +
+                        json.dumps({"chosen": [{"role": "assistant", "content": "x"}],
+                                    "rejected": [{"role": "assistant", "content": "y"}]}) + "\n")
+    with pytest.raises(DataError, match=r"implicit\.jsonl:2: field 'chosen': no 'prompt' and no shared first turns"):
+        read_pairs_source(str(implicit))
+    implicit.write_text(implicit.read_text().splitlines()[0] + "\n")
+    (row,) = read_pairs_source(str(implicit))
+    assert row["prompt"] == conv and row["rejected"] == [{"role": "assistant", "content": "Go away."}]
