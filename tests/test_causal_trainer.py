@@ -487,7 +487,9 @@ def test_stage_validate_refuses_overlap_before_any_model(tmp_path):
         s2.validate(cfg)
     cfg.causal.eval_attacks = []
     s2.validate(cfg)
-    with pytest.raises(FileNotFoundError, match="sft/merged"):
+    from stages.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"causal\.base.*sft/merged is missing or incomplete.*causal\.base_model"):
         s2.run(cfg)
 
 
