@@ -432,16 +432,6 @@ def parse_pair(obj: dict, path, line) -> dict:
     return obj
 
 
-def _as_messages(value, role: str, path, line, field: str) -> list[dict]:
-    if isinstance(value, str):
-        if not value.strip():
-            raise DataError(path, line, field, "empty")
-        return [{"role": role, "content": value}]
-    if not isinstance(value, list) or not value:
-        raise DataError(path, line, field, "expected a string or a non-empty list of messages")
-    return value
-
-
 def trl_preference_to_pair(obj: dict, path, line, source: str) -> dict:
     """A TRL preference row as a project pair (``principle_id: external``, empty critique).
 
@@ -451,14 +441,15 @@ def trl_preference_to_pair(obj: dict, path, line, source: str) -> dict:
     part is :func:`data_builders.redteam.prompt_id` of the last user turn, so held-out and safety-set checks can
     match it). Raises :class:`DataError` naming the field."""
     from data_builders.redteam import prompt_id
+    from data_builders.sft_data import as_messages
 
     if "prompt" in obj:
-        prompt = _as_messages(obj["prompt"], "user", path, line, "prompt")
-        chosen = _as_messages(obj.get("chosen"), "assistant", path, line, "chosen")
-        rejected = _as_messages(obj.get("rejected"), "assistant", path, line, "rejected")
+        prompt = as_messages(obj["prompt"], path, line, "prompt", "user")
+        chosen = as_messages(obj.get("chosen"), path, line, "chosen", "assistant")
+        rejected = as_messages(obj.get("rejected"), path, line, "rejected", "assistant")
     else:
-        c = _as_messages(obj.get("chosen"), "assistant", path, line, "chosen")
-        r = _as_messages(obj.get("rejected"), "assistant", path, line, "rejected")
+        c = as_messages(obj.get("chosen"), path, line, "chosen", "assistant")
+        r = as_messages(obj.get("rejected"), path, line, "rejected", "assistant")
         n = 0
         while n < min(len(c), len(r)) - 1 and c[n] == r[n]:
             n += 1

@@ -20,7 +20,7 @@ import hashlib
 import re
 from pathlib import Path
 
-from data_builders.jsonl_io import DataError, iter_jsonl, require_file, require_str
+from data_builders.jsonl_io import DataError, iter_jsonl, require_str
 
 FORMATS = ("auto", "prompts", "hh-rlhf", "transcript")
 _HUMAN = re.compile(r"(?:^|\n\n)Human:[ \t]*")
@@ -96,15 +96,13 @@ def read_redteam_file(path: str, fmt: str = "auto", max_rows: int | None = None,
 def read_redteam_source(source: dict, skipped: list | None = None, stats: dict | None = None) -> list[dict]:
     """One red-team source (a ``DataSource`` mapping: a file, or a Hub id / dataset folder / parquet through
     ``datasets``, :mod:`data_builders.sources`); see :func:`read_redteam_file`."""
-    from data_builders.sources import LINE_SUFFIXES, iter_source
+    from data_builders.sources import iter_source
 
     path, fmt = source["path"], source.get("format") or "auto"
     max_rows, skip_invalid = source.get("max_rows"), source.get("skip_invalid", False)
-    if Path(path).suffix.lower() in LINE_SUFFIXES:
-        require_file(path, "red-team prompt file")
     if fmt not in FORMATS:
         raise DataError(path, None, "format", f"unknown format {fmt!r}; expected one of {list(FORMATS)}")
-    label, rows_iter = iter_source(source, iter_jsonl)
+    label, rows_iter = iter_source(source, iter_jsonl, "red-team prompt file")
     p = Path(label)
     rows: list[dict] = []
     seen: dict[str, tuple[str, int]] = {}

@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Iterable
 
 from data_builders.chat_template import ROLES
-from data_builders.jsonl_io import DataError, iter_jsonl, json_list_item_lines, load_json, require_file, require_str
+from data_builders.jsonl_io import DataError, iter_jsonl, json_list_item_lines, load_json, require_str
 
 FORMATS = ("auto", "messages", "alpaca", "self_instruct", "prompt_completion", "sharegpt")
-SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+SHAREGPT_ROLES = {"assistant": "assistant", "gpt": "assistant", "human": "user", "system": "system", "user": "user"}
 
 
 def user_turn(instruction: str, data: str) -> str:
@@ -30,20 +30,28 @@ def user_turn(instruction: str, data: str) -> str:
     return instruction.strip() + ("\n\n" + data.strip() if data and data.strip() else "")
 
 
-def parse_messages(messages, path, line, field: str = "messages") -> list[dict]:
-    """Validate a list of chat messages; returns it with only ``role`` and ``content`` kept."""
+def parse_messages(messages, path, line, field: str = "messages", *, keys: tuple[str, str] = ("role", "content"),
+                   roles: dict | None = None, kind: str = "messages", speaker: str = "role") -> list[dict]:
+    """Validate a list of chat messages; returns ``[{"role", "content"}]`` (other keys dropped).
+
+    ``keys`` names the role and content keys of the input turns and ``roles`` maps their role values onto the chat
+    roles (default: the chat roles themselves); ShareGPT turns are ``keys=("from", "value")`` with
+    :data:`SHAREGPT_ROLES`. ``kind`` and ``speaker`` word the errors. Raises :class:`DataError` naming the field."""
+    roles = roles if roles is not None else {r: r for r in ROLES}
+    role_key, content_key = keys
     if not isinstance(messages, list) or not messages:
-        raise DataError(path, line, field, "expected a non-empty list of messages")
+        raise DataError(path, line, field, f"expected a non-empty list of {kind}")
     out = []
     for i, m in enumerate(messages):
         f = f"{field}[{i}]"
         if not isinstance(m, dict):
             raise DataError(path, line, f, f"expected an object, got {type(m).__name__}")
-        role = require_str(m, "role", path, line, prefix=f + ".")
-        if role not in ROLES:
-            raise DataError(path, line, f + ".role", f"unknown role {role!r}; expected one of {list(ROLES)}")
-        content = require_str(m, "content", path, line, prefix=f + ".")
-        out.append({"role": role, "content": content})
+        role = require_str(m, role_key, path, line, prefix=f + ".")
+        if role not in roles:
+            raise DataError(path, line, f"{f}.{role_key}", f"unknown {speaker} {role!r}; expected one of "
+                                                           f"{list(roles)}")
+        content = require_str(m, content_key, path, line, prefix=f + ".")
+        out.append({"role": roles[role], "content": content})
     return out
 
 
@@ -85,7 +93,8 @@ def _self_instruct_row(obj, path, line) -> list[dict]:
     return rows
 
 
-def _turns(value, path, line, field: str, role: str) -> list[dict]:
+def as_messages(value, path, line, field: str, role: str) -> list[dict]:
+    """A string (one ``role`` message) or a message list (validated by :func:`parse_messages`), as messages."""
     if isinstance(value, str):
         if not value.strip():
             raise DataError(path, line, field, "empty")
@@ -96,24 +105,13 @@ def _turns(value, path, line, field: str, role: str) -> list[dict]:
 def _prompt_completion_row(obj, path, line) -> list[dict]:
     if "prompt" not in obj or "completion" not in obj:
         raise DataError(path, line, "prompt" if "prompt" not in obj else "completion", "missing")
-    return _messages_row({"messages": _turns(obj["prompt"], path, line, "prompt", "user")
-                          + _turns(obj["completion"], path, line, "completion", "assistant")}, path, line)
+    return _messages_row({"messages": as_messages(obj["prompt"], path, line, "prompt", "user")
+                          + as_messages(obj["completion"], path, line, "completion", "assistant")}, path, line)
 
 
 def _sharegpt_row(obj, path, line) -> list[dict]:
-    conv = obj.get("conversations")
-    if not isinstance(conv, list) or not conv:
-        raise DataError(path, line, "conversations", "expected a non-empty list of {from, value} turns")
-    msgs = []
-    for i, t in enumerate(conv):
-        f = f"conversations[{i}]"
-        if not isinstance(t, dict):
-            raise DataError(path, line, f, f"expected an object, got {type(t).__name__}")
-        who = require_str(t, "from", path, line, prefix=f + ".")
-        if who not in SHAREGPT_ROLES:
-            raise DataError(path, line, f + ".from", f"unknown speaker {who!r}; expected one of "
-                                                     f"{sorted(SHAREGPT_ROLES)}")
-        msgs.append({"role": SHAREGPT_ROLES[who], "content": require_str(t, "value", path, line, prefix=f + ".")})
+    msgs = parse_messages(obj.get("conversations"), path, line, "conversations", keys=("from", "value"),
+                          roles=SHAREGPT_ROLES, kind="{from, value} turns", speaker="speaker")
     return _messages_row({"messages": msgs}, path, line)
 
 
@@ -171,15 +169,13 @@ def read_sft_source(source: dict, skipped: list | None = None) -> list[dict]:
     Raises :class:`DataError` on the first bad row, or with ``skip_invalid`` drops bad rows and appends their
     errors to ``skipped`` (a malformed file, as opposed to a bad row, is always an error).
     """
-    from data_builders.sources import LINE_SUFFIXES, iter_source
+    from data_builders.sources import iter_source
 
     path, fmt = source["path"], source.get("format") or "auto"
     max_rows, skip_invalid = source.get("max_rows"), source.get("skip_invalid", False)
-    if Path(path).suffix.lower() in LINE_SUFFIXES:
-        require_file(path, "SFT data file")
     if fmt not in FORMATS:
         raise DataError(path, None, "format", f"unknown format {fmt!r}; expected one of {list(FORMATS)}")
-    p, rows_iter = iter_source(source, iter_rows)
+    p, rows_iter = iter_source(source, iter_rows, "SFT data file")
     rows: list[dict] = []
     for where, obj in rows_iter:
         f = fmt if fmt != "auto" else detect_format(obj)

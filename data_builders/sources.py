@@ -72,13 +72,18 @@ def load_rows(source: dict):
         raise DataError(label, None, None, f"cannot load with datasets ({type(e).__name__}: {msg})") from None
 
 
-def iter_source(source: dict, line_rows) -> tuple[str, Iterator[tuple[object, dict]]]:
+def iter_source(source: dict, line_rows, what: str = "input file") -> tuple[str, Iterator[tuple[object, dict]]]:
     """``(label, rows)`` of one source: ``rows`` yields ``(location, row dict)`` with ``columns`` renamed.
 
     ``line_rows(path)`` is the reader's own iterator for line files (``(line, row)``); other sources are read by
-    :func:`load_rows` and located as ``row N``."""
+    :func:`load_rows` and located as ``row N``. A path with a line-file suffix that does not exist is a
+    :class:`DataError` naming ``what`` (``require_file``)."""
+    from data_builders.jsonl_io import require_file
+
     renames = dict(source.get("columns") or {})
     path = source["path"]
+    if Path(path).suffix.lower() in LINE_SUFFIXES:
+        require_file(path, what)
     if is_line_file(path):
         label, rows = path, line_rows(Path(path))
     else:

@@ -39,11 +39,10 @@ if __package__ in (None, ""):  # run as a script: make the project importable wi
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data_builders.jsonl_io import DataError, append_jsonl, atomic_write_json, read_jsonl_tolerant  # noqa: E402
-from stages.config import CausalHeadSection, ConfigError, PipelineConfig, sub_section  # noqa: E402
+from stages.config import CausalHeadSection, ConfigError, PipelineConfig, resolve_input, sub_section  # noqa: E402
 
 STAGE = "evaluate"
 MAIN_PROCESS_ONLY = True  # stages.common.run_stage_main: under several processes only the main one evaluates
-ROOT = Path(__file__).resolve().parents[1]
 PIPELINE_LABELS = ("base", "sft", "dpo", "causal")
 SAFETY_KINDS = ("redteam", "benign")  # answered with evaluate.safety_max_new_tokens
 PAIRED_KEYS = ("attack", "utility_under_attack", "refused_harmful", "over_refused")  # McNemar, one Holm family
@@ -62,20 +61,6 @@ log = logging.getLogger("staged_alignment.evaluate")
 
 
 # --------------------------------------------------------------------------------------------- inputs
-def resolve_input(path: str | os.PathLike) -> Path:
-    """A relative input path as given (from the working directory), else relative to the repository root, else
-    among the files a wheel install ships (:func:`stages.config.bundled_path`)."""
-    p = Path(path)
-    if p.is_absolute() or p.exists():
-        return p
-    alt = ROOT / p
-    if alt.exists():
-        return alt
-    from stages.config import bundled_path
-
-    return bundled_path(p) or p  # a wheel install: configs/ and constitutions/ are under <prefix>/share
-
-
 def eval_file_path(cfg: PipelineConfig) -> Path:
     return resolve_input(cfg.evaluate.eval_file)
 

@@ -33,7 +33,7 @@ def escape_md(text: str) -> str:
     return text.replace("\n", " ")
 
 
-def _is_hub_id(name) -> bool:
+def is_hub_id(name) -> bool:
     """A Hub repo id by huggingface_hub's own rule (``validate_repo_id``), not an existing local path and not a
     data file's path (a suffix in :data:`DATA_SUFFIXES`)."""
     from huggingface_hub.utils import HFValidationError, validate_repo_id
@@ -80,7 +80,7 @@ def base_model_id(cfg, stage: str) -> str | None:
             from stages.models import EMBEDDED
 
             return EMBEDDED[name][3] if name in EMBEDDED else None
-        return name if _is_hub_id(name) else None
+        return name if is_hub_id(name) else None
     if cfg.hub.push_to_hub and cfg.hub.push_merged and stage_repo_id(cfg, prev):
         return stage_repo_id(cfg, prev, merged=True)
     return None
@@ -95,7 +95,7 @@ def card_data(cfg, stage: str, sources: list[str], merged: bool = False):
     base = base_model_id(cfg, stage)
     kw = dict(library_name="transformers" if merged else "peft", pipeline_tag="text-generation",
               tags=["staged-alignment", stage, "merged" if merged else "lora"],
-              datasets=[s for s in sources if _is_hub_id(s)] or None, model_name=stage_repo_id(cfg, stage, merged))
+              datasets=[s for s in sources if is_hub_id(s)] or None, model_name=stage_repo_id(cfg, stage, merged))
     if base:
         kw.update(base_model=base, base_model_relation="finetune" if merged else "adapter")
     return ModelCardData(**kw)

@@ -30,30 +30,15 @@ if __package__ in (None, ""):  # run as a script: make the project importable wi
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data_builders.jsonl_io import DataError, atomic_write_json  # noqa: E402
-from stages.config import GenerationSection, PipelineConfig, sub_section  # noqa: E402
+from stages.config import GenerationSection, PipelineConfig, resolve_input, sub_section  # noqa: E402
 
 STAGE = "dpo"
-ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("staged_alignment")
 
 # TRL 1.14.2's DPOTrainer loss types (trl/trainer/dpo_trainer.py, _compute_loss)
 TRL_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
                   "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
 F_DIVERGENCE_LOSS_TYPES = {"sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft"}
-
-
-def resolve_input(path: str) -> Path:
-    """A relative input path as given (from the working directory) if it exists, else relative to the repo root,
-    else among the files a wheel install ships (:func:`stages.config.bundled_path`)."""
-    p = Path(path)
-    if p.is_absolute() or p.exists():
-        return p
-    alt = ROOT / p
-    if alt.exists():
-        return alt
-    from stages.config import bundled_path
-
-    return bundled_path(p) or p  # a wheel install: configs/ and constitutions/ are under <prefix>/share
 
 
 def _sources(cfg: PipelineConfig) -> list[dict]:
@@ -220,12 +205,10 @@ def start_model_dir(cfg: PipelineConfig, state) -> Path:
     """The model DPO generates with and trains on: ``dpo.base_model`` resolved by
     :func:`stages.start_model.materialize` (an adapter merged into ``dpo/start_model`` by the main process first),
     else ``<run_dir>/sft/merged``."""
-    if not cfg.dpo.base_model:
-        return cfg.run_dir / "sft" / "merged"
-    from stages.start_model import materialize
+    from stages.start_model import start_dir
 
-    with state.main_process_first():
-        return materialize(cfg.dpo.base_model, cfg.run_dir / "dpo" / "start_model", cfg.model)
+    return start_dir(cfg.dpo.base_model, cfg.run_dir / "sft" / "merged", cfg.run_dir / "dpo" / "start_model", state,
+                     cfg.model)
 
 
 def run(cfg: PipelineConfig) -> dict:

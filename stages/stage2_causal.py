@@ -63,12 +63,10 @@ def start_model_dir(cfg: PipelineConfig, state) -> Path:
     """The model the causal stage trains on (``causal.base_model`` resolved by
     :func:`stages.start_model.materialize`, an adapter merged into ``causal/start_model`` by the main process
     first; else ``<run_dir>/<causal.base>/merged``)."""
-    if not cfg.causal.base_model:
-        return base_model_dir(cfg)
-    from stages.start_model import materialize
+    from stages.start_model import start_dir
 
-    with state.main_process_first():
-        return materialize(cfg.causal.base_model, cfg.run_dir / STAGE / "start_model", cfg.model)
+    return start_dir(cfg.causal.base_model, base_model_dir(cfg), cfg.run_dir / STAGE / "start_model", state,
+                     cfg.model)
 
 
 def input_paths(cfg: PipelineConfig) -> dict[str, str]:
@@ -376,7 +374,6 @@ def run(cfg: PipelineConfig) -> dict:
     parsed = validate(cfg)
     c = cfg.causal
     check_upstream(cfg)
-    base = start_model_dir(cfg, process_state(cfg))
     seed_everything(cfg.seed)
     report_to_env(cfg, STAGE)
     out = cfg.run_dir / STAGE
@@ -384,6 +381,7 @@ def run(cfg: PipelineConfig) -> dict:
     head_cfg = sub_section(cfg, CausalHeadSection, "causal.head")
     args = build_training_args(TrainingArguments, cfg, "causal", out / "checkpoints", **causal_defaults(cfg))
     state = process_state(cfg)  # the one TrainingArguments set up; one process: main, barriers are no-ops
+    base = start_model_dir(cfg, state)
     device = pick_device(cfg.device)
     tok = load_tokenizer(str(base), cfg.model)
     model = load_model(str(base), cfg.model, device=device)

@@ -20,15 +20,11 @@ import json
 import os
 from pathlib import Path
 
+from stages.hub import is_hub_id
+
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 MARKER = "start_model.json"
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.jinja", "*.txt", "tokenizer*"]
-
-
-def _is_hub_id(spec: str) -> bool:
-    from stages.hub import _is_hub_id as is_id
-
-    return is_id(spec)
 
 
 def _offline() -> bool:
@@ -41,7 +37,7 @@ def locate(spec: str, *, download: bool = False) -> Path | None:
     p = Path(spec).expanduser()
     if p.is_dir():
         return p
-    if not _is_hub_id(spec):
+    if not is_hub_id(spec):
         return None
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
@@ -77,7 +73,7 @@ def check_start(spec: str, error) -> dict:
         raise error("must be a model folder, a Hub id or a LoRA adapter (folder or Hub repo)")
     folder = locate(spec)
     if folder is None:
-        if _is_hub_id(spec):
+        if is_hub_id(spec):
             if _offline():
                 raise error(f"{spec} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set")
             return {"kind": "hub", "folder": None, "base": None}
@@ -140,3 +136,13 @@ def materialize(spec: str, merged_dir: str | os.PathLike, model_cfg) -> Path:
     tmp.write_text(json.dumps({"spec": spec, "adapter": str(folder), "adapter_sha256": fp, "base": base_spec}))
     os.replace(tmp, marker)
     return merged_dir
+
+
+def start_dir(spec: str | None, default: Path, merged_dir: Path, state, model_cfg) -> Path:
+    """Where a stage starts: ``default`` (the previous stage's merged model) when ``spec`` is empty, else
+    :func:`materialize` of ``spec``, the main process first (an adapter is merged once; the others then reuse it).
+    ``state``: accelerate's ``PartialState`` of the stage."""
+    if not spec:
+        return default
+    with state.main_process_first():
+        return materialize(spec, merged_dir, model_cfg)

@@ -16,9 +16,16 @@ def _run(cmd, cwd, env=None, timeout=600):
 
 
 def test_wheel_installs_and_its_console_script_runs_a_dry_run(tmp_path):
+    import shutil
+
+    # built from a copy: a build in the checkout would leave build/ and *.egg-info there (and a stale build/lib
+    # could slip old files into a later wheel)
+    src = tmp_path / "src"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", ".venv", "runs", "build", "*.egg-info",
+                                                              "__pycache__"))
     wheels = tmp_path / "wheels"
     proc = _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels),
-                 str(ROOT)], cwd=tmp_path)
+                 str(src)], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (wheel,) = wheels.glob("staged_alignment-*.whl")
     venv = tmp_path / "venv"

@@ -79,17 +79,6 @@ def _training(mode: str, stage: str, out: Path, resume: bool) -> dict:
     return t
 
 
-def _cfg(model_dir: Path, out: Path, stage: str, training: dict):
-    from stages.config import PipelineConfig
-
-    cfg = PipelineConfig(run_name="sharded", output_dir=str(out), device="cpu", seed=123)
-    cfg.model.name_or_path = str(model_dir)
-    cfg.model.max_seq_length = 64
-    cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout = 4, 8, 0.0
-    getattr(cfg, stage).training = dict(training)
-    return cfg
-
-
 def _sft_trainer(model_dir, cfg, args_dir):
     from datasets import Dataset
     from trl import SFTConfig
@@ -164,7 +153,9 @@ def _train_and_save(model_dir: Path, out: Path, stage: str, mode: str, resume: b
     from trainers.causal import HEAD_ATTR, save_projection_head
     from trainers.sharded import sub_state, trainable_state_dict
 
-    cfg = _cfg(model_dir, out, stage, _training(mode, stage, out, resume))
+    from test_distributed import _tiny_cfg
+
+    cfg = _tiny_cfg(model_dir, out, stage, _training(mode, stage, out, resume))
     seed_everything(cfg.seed)
     ckpt_dir = out / f"{stage}-ckpt"
     build = {"sft": _sft_trainer, "dpo": _dpo_trainer, "causal": _causal_trainer}[stage]
