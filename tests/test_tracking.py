@@ -51,7 +51,12 @@ def test_wandb_offline_run_holds_the_table(tmp_path, monkeypatch):
     assert log_evaluation(cfg, METRICS, tmp_path) == ["wandb"]
     runs = list((cfg.run_dir / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
+    import time
+
     (record,) = runs[0].glob("*.wandb")  # the offline run's record (protobuf): the scalars are in it
+    deadline = time.time() + 60  # W&B's service process may still be flushing it after run.finish() returns
+    while b"eval/causal" not in record.read_bytes() and time.time() < deadline:
+        time.sleep(0.5)
     assert b"eval/base/attack_success_rate" in record.read_bytes() and b"eval/causal" in record.read_bytes()
     (table,) = runs[0].glob("files/media/table/eval/generations_*.table.json")
     data = json.loads(table.read_text())
