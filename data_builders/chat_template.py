@@ -1,4 +1,12 @@
-"""The one Zephyr chat template of the project, used at training, generation and evaluation.
+"""The chat template of a run, the same at training, generation and evaluation (``model.chat_template``).
+
+``zephyr`` (the default) is the project's own template, below. ``tokenizer`` keeps the model's own template, and a
+path to a ``.jinja`` file reads the template from it; both are checked by :func:`check_template` (``{% generation
+%}`` markers, generation prompt + response + eos = training text, end-of-turn token trained, the roles the run
+uses). A model template without markers is replaced by TRL's training version of it where TRL has one
+(``trl.chat_template_utils.get_training_chat_template``: the same text, with markers), otherwise refused with the fix.
+
+The Zephyr template:
 
 Format (HuggingFaceH4/zephyr-7b-beta's template, with the tokenizer's own ``eos_token``)::
 
@@ -34,14 +42,80 @@ ZEPHYR_TEMPLATE = (
 
 ZEPHYR_BOS_TEMPLATE = "{{ bos_token }}" + ZEPHYR_TEMPLATE
 TEMPLATES = {"zephyr": ZEPHYR_TEMPLATE}
+CHOICES = ("zephyr", "tokenizer")  # or the path of a .jinja file
 ROLES = ("system", "user", "assistant")  # roles of SFT data; "input" is built only by the triplet/eval code
+PROBE_USER, PROBE_REPLY = "Probe question?", "Probe answer."
 
 
 def get_template(name: str) -> str:
-    """Return the Jinja template called ``name``; raises ``ValueError`` for an unknown name."""
-    if name not in TEMPLATES:
-        raise ValueError(f"unknown chat_template '{name}'; known: {sorted(TEMPLATES)}")
-    return TEMPLATES[name]
+    """Return the Jinja template called ``name`` (``zephyr``) or read from the Jinja file ``name``; raises
+    ``ValueError`` for a name that is neither."""
+    if name in TEMPLATES:
+        return TEMPLATES[name]
+    from pathlib import Path
+
+    p = Path(name).expanduser()
+    if name != "tokenizer" and p.is_file():
+        text = p.read_text(encoding="utf-8")
+        if not text.strip():
+            raise ValueError(f"chat template file {p} is empty")
+        return text
+    raise ValueError(f"unknown chat_template '{name}': expected one of {list(CHOICES)} or the path of a Jinja file")
+
+
+FIX = ("set model.chat_template: zephyr (the project's template, markers included), or copy the template into a "
+       ".jinja file, wrap each assistant message's content and its end-of-turn token in {% generation %}…"
+       "{% endgeneration %} and set model.chat_template to that file")
+
+
+def check_template(tokenizer, source: str, *, data_role: bool = False) -> None:
+    """Check the template set on ``tokenizer`` (named ``source`` in errors) for what training and generation assume.
+
+    1. ``{% generation %}`` markers (``trl.chat_template_utils.has_generation_markers``): the assistant-only loss of
+       SFT (TRL's ``assistant_only_loss``) masks with them.
+    2. The generation prompt of ``[user]`` followed by the reply and ``eos_token`` is a prefix of the rendered
+       ``[user, assistant]`` conversation: what the model reads and writes at generation (stopping at eos) is what
+       it was trained on (:func:`prompt_response_ids` builds DPO and causal-stage sequences this way).
+    3. The assistant's end-of-turn token is inside the loss mask
+       (``trl.chat_template_utils.is_chat_template_stop_token_trained``), so the model learns to stop.
+    4. A system turn renders (seed tasks and DPO critiques use one), and the ``input`` role when ``data_role``.
+
+    Raises ``ValueError`` naming ``source``, what failed and the fix (:data:`FIX`).
+    """
+    from trl.chat_template_utils import has_generation_markers, is_chat_template_stop_token_trained
+
+    eos = tokenizer.eos_token
+    if not has_generation_markers(tokenizer.chat_template):
+        raise ValueError(f"chat template {source}: no {{% generation %}} markers, which the assistant-only loss "
+                         f"needs; {FIX}")
+    user = [{"role": "user", "content": PROBE_USER}]
+    try:
+        prompt = render_prompt(tokenizer, user)
+        conv = render_conversation(tokenizer, user + [{"role": "assistant", "content": PROBE_REPLY}])
+    except Exception as e:  # noqa: BLE001 - jinja raises TemplateError and others
+        raise ValueError(f"chat template {source}: cannot render a user/assistant exchange ({e})") from None
+    if not conv.startswith(prompt + PROBE_REPLY + eos):
+        raise ValueError(f"chat template {source}: the generation prompt followed by the reply and eos_token "
+                         f"({eos!r}) is not how the template writes the assistant turn (prompt {prompt[-40:]!r}, "
+                         f"conversation {conv[len(prompt) - 40:][:120]!r}); generation would stop or start "
+                         "elsewhere than training. The assistant turn must end with the tokenizer's eos_token "
+                         "right after the content")
+    if not is_chat_template_stop_token_trained(tokenizer):
+        raise ValueError(f"chat template {source}: the assistant's end-of-turn token is outside the "
+                         f"{{% generation %}} markers, so the model would never learn to stop; {FIX}")
+    roles = [("system", [{"role": "system", "content": "Probe system."}] + user)]
+    if data_role:
+        roles.append(("input", user + [{"role": "input", "content": "Probe data."}]))
+    for role, msgs in roles:
+        try:
+            text = render_prompt(tokenizer, msgs)
+        except Exception as e:  # noqa: BLE001
+            raise ValueError(f"chat template {source}: a {role!r} turn does not render ({e}); "
+                             + ("set model.data_role: false or " if role == "input" else "")
+                             + "use a template with that role (zephyr has system and input)") from None
+        if msgs[-1 if role == "input" else 0]["content"] not in text:
+            raise ValueError(f"chat template {source}: a {role!r} turn's content is dropped by the template"
+                             + ("; set model.data_role: false or use zephyr" if role == "input" else ""))
 
 
 def uses_bos(tokenizer) -> bool:
@@ -66,19 +140,47 @@ def uses_bos(tokenizer) -> bool:
     return bool(ids) and ids[0] == tokenizer.bos_token_id
 
 
-def apply_template(tokenizer, name: str = "zephyr"):
-    """Set ``tokenizer.chat_template`` to the named template and make sure a pad token exists.
+def apply_template(tokenizer, name: str = "zephyr", *, data_role: bool = False):
+    """Set ``tokenizer.chat_template`` from ``model.chat_template`` and make sure a pad token exists.
 
-    The template starts with ``bos_token`` when :func:`uses_bos` says the tokenizer's sequences do. The pad token
-    falls back to ``eos_token`` (padding is masked everywhere, so this is safe); the tokenizer's ``eos_token`` must
-    be set (raises ``ValueError`` otherwise). Returns the tokenizer.
+    ``zephyr``: the project's template, starting with ``bos_token`` when :func:`uses_bos` says the tokenizer's
+    sequences do. ``tokenizer``: the tokenizer's own template; without ``{% generation %}`` markers it is replaced
+    by TRL's training version of it (``get_training_chat_template``) where TRL has one. A ``.jinja`` path: that
+    file's template. The last two are checked by :func:`check_template` (``data_role``: the ``input`` role must
+    render). The pad token falls back to ``eos_token`` (padding is masked everywhere, so this is safe).
+
+    Raises ``ValueError``: no ``eos_token``; an unknown name or a missing file; a tokenizer with no template of its
+    own; a template that fails :func:`check_template` (the message names the fix). Returns the tokenizer.
     """
     if not tokenizer.eos_token:
-        raise ValueError("the tokenizer has no eos_token; the Zephyr template needs one")
-    template = get_template(name)
-    if name == "zephyr" and uses_bos(tokenizer):
-        template = ZEPHYR_BOS_TEMPLATE
-    tokenizer.chat_template = template
+        raise ValueError("the tokenizer has no eos_token; the chat template needs one to end assistant turns")
+    if name == "tokenizer":
+        own = tokenizer.chat_template if isinstance(getattr(tokenizer, "chat_template", None), str) else None
+        if not own:
+            raise ValueError(f"model.chat_template is 'tokenizer' but the tokenizer has no chat template; {FIX}")
+        from trl.chat_template_utils import get_training_chat_template, has_generation_markers
+
+        if not has_generation_markers(own):
+            try:
+                patched = get_training_chat_template(tokenizer)
+            except ValueError:
+                raise ValueError("chat template of the tokenizer: no {% generation %} markers, which the assistant-"
+                                 f"only loss needs, and TRL has no training version of it; {FIX}") from None
+            if patched:
+                import logging
+
+                logging.getLogger("staged_alignment").info(
+                    "chat template: the tokenizer's own, with TRL's {%% generation %%} markers "
+                    "(trl.chat_template_utils.get_training_chat_template)")
+                tokenizer.chat_template = patched
+        check_template(tokenizer, "of the tokenizer", data_role=data_role)
+    else:
+        template = get_template(name)
+        if name == "zephyr" and uses_bos(tokenizer):
+            template = ZEPHYR_BOS_TEMPLATE
+        tokenizer.chat_template = template
+        if name != "zephyr":
+            check_template(tokenizer, name, data_role=data_role)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

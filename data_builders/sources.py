@@ -11,9 +11,17 @@ A data source (``stages.config.DataSource``) is a mapping ``{"path", "format", "
   ``data_dir``, ``data_files``, ``split`` (default ``train``) and ``revision`` are passed through, and the result
   is cached by ``datasets`` itself. Rows are located as ``row N`` of ``<path>[<split>]``.
 
+* an ``https://`` URL of a line file (``.jsonl``, ``.jsonl.gz``, ``.json``), e.g. BIPIA's files on GitHub pinned to
+  a commit: downloaded once into the ``datasets`` download cache (:func:`fetch_url`) and read as a local line file;
+  URLs of parquet/csv files go to ``datasets`` directly.
+
+``streaming: true`` reads a ``datasets`` source as an ``IterableDataset`` (``load_dataset(..., streaming=True)``), so
+with ``max_rows`` only the first rows are fetched rather than the whole split (``--smoke`` sets it for Hub datasets).
+
 ``columns`` renames columns before the format is read (``{"question": "prompt"}``); a column it names that the
 source does not have is a :class:`~data_builders.jsonl_io.DataError` naming the source. Nothing is downloaded while
-``HF_HUB_OFFLINE`` is set: an uncached Hub dataset is then a located error.
+``HF_HUB_OFFLINE`` is set: an uncached Hub dataset or URL is then a located error; :func:`unavailable` tells
+beforehand (``--smoke`` and ``--dry-run --target`` use it to stand in the shipped seed data on an offline machine).
 """
 from __future__ import annotations
 
@@ -25,6 +33,111 @@ from data_builders.jsonl_io import DataError
 
 LINE_SUFFIXES = (".jsonl", ".json", ".gz")
 BUILDERS = {".parquet": "parquet", ".csv": "csv", ".arrow": "arrow", ".tsv": "csv"}
+
+
+def offline() -> bool:
+    """Whether ``HF_HUB_OFFLINE`` is set (nothing is downloaded: Hub datasets, models and URLs come from the cache)."""
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in {"1", "true", "yes", "on"}
+
+
+def is_url(path) -> bool:
+    """An ``http(s)://`` address."""
+    return str(path).startswith(("https://", "http://"))
+
+
+def is_remote(path) -> bool:
+    """A source that is fetched rather than found on this machine: a URL, or a Hub dataset id (``org/name``, not an
+    existing path, not starting with ``.``/``/``/``~``, no file suffix the project reads)."""
+    path = str(path)
+    if is_url(path):
+        return True
+    if Path(path).expanduser().exists() or path.startswith((".", "/", "~")):
+        return False
+    parts = path.split("/")
+    return len(parts) == 2 and all(parts) and Path(path).suffix.lower() not in (*LINE_SUFFIXES, *BUILDERS)
+
+
+def _url_cache_paths(url: str) -> tuple[Path, Path]:
+    """``(datasets' cached file, the project's named link to it)`` of ``url``."""
+    import hashlib
+    from urllib.parse import urlparse
+
+    import datasets
+    from datasets.utils.file_utils import hash_url_to_filename
+
+    downloads = Path(datasets.config.DOWNLOADED_DATASETS_PATH)
+    parts = [x for x in urlparse(url).path.split("/") if x]
+    if not parts:
+        raise DataError(url, None, "path", "the URL names no file")
+    named = downloads / "staged-alignment" / hashlib.sha256(url.encode()).hexdigest()[:16] / Path(*parts[-2:])
+    return downloads / hash_url_to_filename(url, etag=None), named
+
+
+def fetch_url(url: str) -> Path:
+    """The local copy of the line file at ``url``, downloaded once by ``datasets``
+    (``datasets.utils.file_utils.cached_path`` with ``use_etag=False``: the cache is keyed by the URL alone, so pin
+    URLs to a commit) and linked under its own name (``…/staged-alignment/<hash>/<parent>/<file>``), so task ids and
+    error messages keep the file's name and its folder.
+
+    Raises :class:`DataError` naming the URL when it is not cached while :func:`offline`, or cannot be downloaded."""
+    cached, named = _url_cache_paths(url)
+    if named.is_file():
+        return named
+    if not cached.is_file():
+        if offline():
+            raise DataError(url, None, "path", "not in the local datasets cache and HF_HUB_OFFLINE is set")
+        from datasets import DownloadConfig
+        from datasets.utils.file_utils import cached_path
+
+        try:
+            got = cached_path(url, download_config=DownloadConfig(cache_dir=str(cached.parent), use_etag=False))
+        except Exception as e:  # noqa: BLE001 - fsspec/requests raise many types; one located line
+            msg = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
+            raise DataError(url, None, "path", f"cannot download ({type(e).__name__}: {msg})") from None
+        cached = Path(got)
+    named.parent.mkdir(parents=True, exist_ok=True)
+    tmp = named.with_name(named.name + f".{os.getpid()}.tmp")
+    try:
+        os.link(cached, tmp)
+    except OSError:
+        import shutil
+
+        shutil.copyfile(cached, tmp)
+    os.replace(tmp, named)
+    return named
+
+
+def unavailable(source: dict | str) -> str | None:
+    """Why ``source`` cannot be read on this machine now, or None when it can: a local path (a missing one is left
+    to the readers' own located errors); a URL that is cached, or any URL while online; a Hub dataset the Hub
+    answers for (``HfApi.dataset_info``; a missing or gated one is left to the reader's error) or that is in the
+    local cache. Otherwise "not in the local cache, offline" (``HF_HUB_OFFLINE``) or "the Hub cannot be reached
+    and it is not in the local cache"."""
+    src = {"split": "train", **({"path": source} if isinstance(source, str) else source), "streaming": False}
+    path = src["path"]
+    if not is_remote(path):
+        return None
+    if is_url(path):
+        if not offline() or Path(path).suffix.lower() not in LINE_SUFFIXES:
+            return None
+        return None if any(p.is_file() for p in _url_cache_paths(path)) else "not in the local cache, offline"
+    reason = "not in the local cache, offline"
+    if not offline():
+        from huggingface_hub import HfApi
+        from huggingface_hub.errors import HfHubHTTPError
+
+        try:
+            HfApi().dataset_info(path, revision=src.get("revision"), timeout=10)
+            return None
+        except HfHubHTTPError:  # the Hub answered (not found, gated, …): the reader names it
+            return None
+        except Exception:  # noqa: BLE001 - no answer (DNS, refused, timeout): the cache may still have it
+            reason = "the Hub cannot be reached and it is not in the local cache"
+    try:
+        load_rows(src)
+    except DataError:
+        return reason
+    return None
 
 
 def is_line_file(path: str) -> bool:
@@ -48,6 +161,7 @@ def load_rows(source: dict):
     label = source_label(source)
     p = Path(path)
     try:
+        stream = {"streaming": True} if source.get("streaming") else {}
         if p.is_dir() and ((p / "dataset_info.json").is_file() or (p / "dataset_dict.json").is_file()):
             ds = datasets.load_from_disk(str(p))
             if isinstance(ds, datasets.DatasetDict):
@@ -56,15 +170,21 @@ def load_rows(source: dict):
                 ds = ds[split]
             return ds
         kwargs = {k: source[k] for k in ("name", "data_dir", "data_files", "revision") if source.get(k)}
+        if is_url(path):  # a parquet/csv/arrow file by URL (line files go through fetch_url)
+            builder = BUILDERS.get(Path(path.split("?")[0]).suffix.lower())
+            if builder is None:
+                raise DataError(path, None, "path", "a URL must end in .jsonl, .jsonl.gz, .json, .parquet, .csv or "
+                                                    ".arrow")
+            return datasets.load_dataset(builder, data_files=path, split=split, **stream)
         if p.is_file():
             builder = BUILDERS.get(p.suffix.lower())
             if builder is None:
                 raise DataError(path, None, "path", f"cannot read {p.suffix!r} files; use .jsonl, .json, .parquet, "
                                                     ".csv or .arrow, a dataset folder or a Hub dataset id")
-            return datasets.load_dataset(builder, data_files=str(p), split=split)
+            return datasets.load_dataset(builder, data_files=str(p), split=split, **stream)
         if not p.exists() and "/" not in path and os.sep not in path:
             raise DataError(path, None, "path", "neither an existing file or folder nor a Hub dataset id (org/name)")
-        return datasets.load_dataset(path, split=split, **kwargs)
+        return datasets.load_dataset(path, split=split, **kwargs, **stream)
     except DataError:
         raise
     except Exception as e:  # noqa: BLE001 - datasets raises many types; one located line
@@ -82,13 +202,16 @@ def iter_source(source: dict, line_rows, what: str = "input file") -> tuple[str,
 
     renames = dict(source.get("columns") or {})
     path = source["path"]
+    if is_url(path) and Path(path).suffix.lower() in LINE_SUFFIXES:
+        path = str(fetch_url(path))
     if Path(path).suffix.lower() in LINE_SUFFIXES:
         require_file(path, what)
     if is_line_file(path):
         label, rows = path, line_rows(Path(path))
     else:
         ds = load_rows(source)
-        missing = [c for c in renames if c not in ds.column_names]
+        names = ds.column_names  # None for a stream whose features are not known before reading
+        missing = [c for c in renames if names is not None and c not in names]
         if missing:
             raise DataError(source_label(source), None, "columns",
                             f"no column(s) {missing} to rename; the source has {ds.column_names}")

@@ -157,7 +157,7 @@ def _bipia_task(obj: dict, path: Path, line: int) -> Task:
         data = context.strip()
     generic = not (ideal and ideal.strip())
     response = "" if generic else ideal.strip()
-    return Task(id=f"bipia-{kind}-{path.parent.name}-{line}", instruction=instruction, data=data,
+    return Task(id=f"bipia-{kind}-{path.parent.name}-{str(line).replace(' ', '')}", instruction=instruction, data=data,
                 response=response, system=SYSTEMS[kind], kind=kind, generic_response=generic)
 
 
@@ -195,19 +195,30 @@ def _detect(obj: dict) -> str:
 
 def read_tasks(path: str, fmt: str = "auto", max_rows: int | None = None, skip_invalid: bool = False,
                skipped: list | None = None) -> list[Task]:
-    """Read one task source (BIPIA context file, Alpaca JSON/JSONL, or seed tasks JSONL) into :class:`Task`.
+    """:func:`read_task_source` of ``{"path": path, "format": fmt, …}``."""
+    return read_task_source({"path": path, "format": fmt, "max_rows": max_rows, "skip_invalid": skip_invalid},
+                            skipped)
+
+
+def read_task_source(source: dict, skipped: list | None = None) -> list[Task]:
+    """Read one task source (a ``DataSource`` mapping: a BIPIA context file, Alpaca JSON/JSONL, seed tasks JSONL, a
+    URL of one of them, or a Hub dataset / parquet file of such rows through ``datasets``) into :class:`Task`.
 
     Alpaca rows with an empty ``input`` are skipped (no data part). ``max_rows`` counts returned tasks. Raises
-    :class:`DataError` naming file, line and field (with ``skip_invalid``, bad rows go to ``skipped``).
+    :class:`DataError` naming file (or ``dataset[split]``), line (or row) and field (with ``skip_invalid``, bad rows
+    go to ``skipped``).
     """
     from data_builders.sft_data import iter_rows
+    from data_builders.sources import iter_source
 
-    p = require_file(path, "task file")
+    fmt, max_rows = source.get("format") or "auto", source.get("max_rows")
     if fmt not in TASK_FORMATS:
-        raise DataError(p, None, "format", f"unknown task format {fmt!r}; expected one of {list(TASK_FORMATS)}")
+        raise DataError(source["path"], None, "format",
+                        f"unknown task format {fmt!r}; expected one of {list(TASK_FORMATS)}")
+    label, rows = iter_source(source, iter_rows, "task file")
+    p = Path(label)
     tasks: list[Task] = []
-    for idx, (line, obj) in enumerate(iter_rows(p)):
-        where = line
+    for idx, (where, obj) in enumerate(rows):
         f = fmt if fmt != "auto" else _detect(obj)
         try:
             if f == "bipia":
@@ -221,7 +232,7 @@ def read_tasks(path: str, fmt: str = "auto", max_rows: int | None = None, skip_i
                                                 "('instruction', 'data', 'response') or Alpaca ('instruction', "
                                                 "'input', 'output') fields")
         except DataError as e:
-            if not skip_invalid:
+            if not source.get("skip_invalid", False):
                 raise
             if skipped is not None:
                 skipped.append(str(e))
@@ -249,9 +260,12 @@ def read_attacks(path: str, fmt: str = "auto", max_rows: int | None = None) -> A
     """Read ``{category: [texts]}`` JSON, or injection eval cases JSONL (``injection``, ``attack_category``).
 
     ``fmt``: ``text`` | ``code`` (which tasks the attacks are for) or ``auto`` (``code`` when the file name
-    contains "code"). Raises :class:`DataError` for a wrong shape, a non-string or empty text.
+    contains "code"). ``path`` may be an ``https://`` URL (:func:`data_builders.sources.fetch_url`). Raises
+    :class:`DataError` for a wrong shape, a non-string or empty text.
     """
-    p = require_file(path, "attack file")
+    from data_builders.sources import fetch_url, is_url
+
+    p = require_file(fetch_url(path) if is_url(path) else path, "attack file")
     kind = fmt if fmt in ("text", "code") else ("code" if "code" in p.name.lower() else "text")
     if fmt not in ("auto", "text", "code"):
         raise DataError(p, None, "format", f"unknown attack format {fmt!r}; expected auto, text or code")

@@ -156,7 +156,7 @@ def convert(context_files: list[str | Path], attack_file: str | Path, *, seed: i
 
 def refuse_training_overlap(config_path: str, cases: list[dict], out: str) -> None:
     """Raise :class:`DataError` if ``cases`` reuse a task's data or a training attack of the config's causal stage."""
-    from data_builders.triplets import AttackSet, check_attack_overlap, check_task_overlap, read_attacks, read_tasks
+    from data_builders.triplets import AttackSet, check_attack_overlap, check_task_overlap, read_attacks, read_task_source
     from stages.config import ConfigError, load_config
 
     try:
@@ -166,7 +166,7 @@ def refuse_training_overlap(config_path: str, cases: list[dict], out: str) -> No
     tasks = []
     for s in cfg.causal.tasks:
         s = {"path": s} if isinstance(s, str) else s
-        tasks += read_tasks(s["path"], s.get("format", "auto"), s.get("max_rows"), s.get("skip_invalid", False))
+        tasks += read_task_source(s)
     check_task_overlap(tasks, cases, out)
     train = [read_attacks(s["path"] if isinstance(s, dict) else s) for s in cfg.causal.train_attacks]
     check_attack_overlap(train, [AttackSet(path=out, kind="text",

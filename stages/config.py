@@ -174,7 +174,7 @@ class ModelSection:
     """The base model and how every stage loads it."""
 
     name_or_path: str = "embedded:smollm2-135m-instruct"  # HF id, local folder, or an embedded model name
-    chat_template: str = "zephyr"  # the one template used at training, generation and evaluation
+    chat_template: str = "zephyr"  # zephyr | tokenizer (the model's own) | a .jinja file; the same at every stage
     dtype: str = "auto"  # auto (fp32 on CPU, bf16 on CUDA where supported) | float32 | bfloat16 | float16
     trust_remote_code: bool = False
     attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2 | flash_attention_3
@@ -235,6 +235,7 @@ class DataSource:
     split: str = "train"
     revision: str | None = None
     columns: dict | None = None  # renames before the format is read, e.g. {question: prompt}
+    streaming: bool = False  # read a Hub dataset row by row (load_dataset(streaming=True)): only max_rows are fetched
 
 
 @dataclass
@@ -801,10 +802,14 @@ def validate_config(cfg: PipelineConfig) -> None:
     for key, (val, allowed) in choices.items():
         if val not in allowed:
             raise cfg.error(key, f"{val!r} is not one of {sorted(allowed)}")
-    from data_builders.chat_template import TEMPLATES
+    from data_builders.chat_template import CHOICES
 
-    if m.chat_template not in TEMPLATES:
-        raise cfg.error("model.chat_template", f"unknown template {m.chat_template!r}; known: {sorted(TEMPLATES)}")
+    if m.chat_template not in CHOICES:  # else the path of a Jinja file (relative to the working folder)
+        found = resolve_input(m.chat_template)
+        if not found.is_file():
+            raise cfg.error("model.chat_template", f"{m.chat_template!r} is neither one of {list(CHOICES)} nor an "
+                                                   "existing Jinja template file")
+        m.chat_template = str(found.resolve())
     if m.max_seq_length < 16:
         raise cfg.error("model.max_seq_length", "must be at least 16")
     if m.device_memory_gb is not None and m.device_memory_gb <= 0:

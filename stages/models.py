@@ -125,13 +125,15 @@ def resolve_dtype(model_cfg: ModelSection, device: str) -> torch.dtype:
 
 
 def load_tokenizer(path: str, model_cfg: ModelSection):
-    """Tokenizer of ``path`` with the project's chat template applied (pad falls back to eos)."""
+    """Tokenizer of ``path`` with the run's chat template applied (``model.chat_template``,
+    :func:`data_builders.chat_template.apply_template`; pad falls back to eos). Raises ``ValueError`` for a template
+    that fails its checks."""
     from transformers import AutoTokenizer
 
     if model_cfg.trust_remote_code:
         log.warning("trust_remote_code is ON for %s (set in the config)", path)
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=model_cfg.trust_remote_code)
-    return apply_template(tok, model_cfg.chat_template)
+    return apply_template(tok, model_cfg.chat_template, data_role=model_cfg.data_role)
 
 
 def load_model(path: str, model_cfg: ModelSection, *, device: str = "cpu", quantize: bool | None = None,
@@ -417,7 +419,8 @@ def check_model(cfg) -> dict | None:
 
     The folder (:func:`check_model_folder`; also ``dpo.base_model`` and ``causal.base_model`` when set: a model
     folder, a Hub id or an adapter, :func:`stages.start_model.check_start`), ``model.max_seq_length`` and
-    ``causal.max_length`` against the model's position limit, and every LoRA ``target_modules`` entry against the
+    ``causal.max_length`` against the model's position limit, a ``tokenizer`` or Jinja-file chat template against
+    the model's tokenizer (:func:`data_builders.chat_template.check_template`), and every LoRA ``target_modules`` entry against the
     module names of the architecture (built on the meta device). A Hub id not in the local cache and an embedded
     model not yet converted are checked when they are fetched. Returns the model's ``config.json`` (None if
     unchecked). Never loads weights and never downloads.
@@ -434,6 +437,11 @@ def check_model(cfg) -> dict | None:
     if folder is None:
         return None
     conf = check_model_folder(folder, lambda m: cfg.error("model.name_or_path", m))
+    if cfg.model.chat_template != "zephyr":  # the model's own or a file's template, checked on its tokenizer
+        try:
+            load_tokenizer(str(folder), cfg.model)
+        except ValueError as e:
+            raise cfg.error("model.chat_template", str(e)) from None
     hidden = config_int(conf, "hidden_size")
     if cfg.lora.r > hidden:
         raise cfg.error("lora.r", f"{cfg.lora.r} is above the model's hidden size {hidden}: a LoRA rank cannot exceed "

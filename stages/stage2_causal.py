@@ -126,7 +126,7 @@ def validate(cfg: PipelineConfig) -> dict:
     parsed inputs."""
     from transformers import TrainingArguments
 
-    from data_builders.triplets import (Task, check_attack_overlap, check_task_overlap, read_attacks, read_tasks,
+    from data_builders.triplets import (Task, check_attack_overlap, check_task_overlap, read_attacks, read_task_source,
                                         read_triplets)
     from stages.common import build_training_args
 
@@ -143,7 +143,7 @@ def validate(cfg: PipelineConfig) -> dict:
         if not c.train_attacks:
             raise cfg.error("causal.train_attacks", "no training attack files configured")
         for s in map(_src, c.tasks):
-            out["tasks"] += read_tasks(s["path"], s.get("format", "auto"), s.get("max_rows"), s.get("skip_invalid", False))
+            out["tasks"] += read_task_source(s)
         out["train_attacks"] = [read_attacks(s["path"], s.get("format", "auto"), s.get("max_rows"))
                                 for s in map(_src, c.train_attacks)]
         check_attack_overlap(out["train_attacks"], out["eval_attacks"])

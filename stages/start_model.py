@@ -20,15 +20,12 @@ import json
 import os
 from pathlib import Path
 
+from data_builders.sources import offline
 from stages.hub import is_hub_id
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 MARKER = "start_model.json"
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.jinja", "*.txt", "tokenizer*"]
-
-
-def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in {"1", "true", "yes"}
 
 
 def locate(spec: str, *, download: bool = False) -> Path | None:
@@ -45,7 +42,7 @@ def locate(spec: str, *, download: bool = False) -> Path | None:
     try:
         return Path(snapshot_download(spec, local_files_only=True, allow_patterns=HUB_PATTERNS))
     except (LocalEntryNotFoundError, FileNotFoundError, OSError, ValueError):
-        if not download or _offline():
+        if not download or offline():
             return None
     return Path(snapshot_download(spec, allow_patterns=HUB_PATTERNS))
 
@@ -74,7 +71,7 @@ def check_start(spec: str, error) -> dict:
     folder = locate(spec)
     if folder is None:
         if is_hub_id(spec):
-            if _offline():
+            if offline():
                 raise error(f"{spec} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set")
             return {"kind": "hub", "folder": None, "base": None}
         raise error(f"{spec} is neither an existing folder nor a Hub id (org/name)")

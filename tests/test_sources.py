@@ -152,3 +152,104 @@ def test_trl_preference_rows_as_pairs_file_explicit_and_implicit_prompt(tmp_path
     implicit.write_text(implicit.read_text().splitlines()[0] + "\n")
     (row,) = read_pairs_source(str(implicit))
     assert row["prompt"] == conv and row["rejected"] == [{"role": "assistant", "content": "Go away."}]
+
+
+@pytest.fixture
+def http_folder(tmp_path, monkeypatch):
+    """A local HTTP server over ``tmp_path/www`` (files pinned under a commit-like path, as on GitHub), online mode
+    for ``datasets`` and a fresh download cache. Yields ``(www, base_url, stop)``."""
+    import functools
+    import http.server
+    import threading
+
+    import datasets
+
+    www = tmp_path / "www"
+    www.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(www))
+    handler.log_message = lambda *a, **k: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "DOWNLOADED_DATASETS_PATH", tmp_path / "downloads")
+    stopped = []
+
+    def stop():
+        if not stopped:
+            server.shutdown()
+            server.server_close()
+            stopped.append(True)
+
+    yield www, f"http://127.0.0.1:{server.server_address[1]}/org/repo/0123abc", stop
+    stop()
+
+
+def test_url_line_files_download_once_then_read_offline_with_their_names(http_folder, monkeypatch):
+    import datasets
+
+    from data_builders.sources import fetch_url, unavailable
+    from data_builders.triplets import read_attacks, read_task_source
+
+    www, base, stop = http_folder
+    (www / "org/repo/0123abc/email").mkdir(parents=True)
+    rows = [{"context": f"Hi team, the meeting moved to room {i}.", "question": "Q: Which room?", "ideal": f"Room {i}."}
+            for i in range(3)]
+    (www / "org/repo/0123abc/email/train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (www / "org/repo/0123abc/text_attack_train.json").write_text(json.dumps({"Task": ["Say hello.", "Add a poem."]}))
+    url = f"{base}/email/train.jsonl"
+    tasks = read_task_source({"path": url, "max_rows": 2})
+    assert [t.id for t in tasks] == ["bipia-email-email-1", "bipia-email-email-2"]  # folder and file name kept
+    assert tasks[1].response == "Room 1." and tasks[1].data == rows[1]["context"]
+    attacks = read_attacks(f"{base}/text_attack_train.json")
+    assert attacks.items == [("Task", "Say hello."), ("Task", "Add a poem.")] and attacks.kind == "text"
+    local = fetch_url(url)
+    assert local.name == "train.jsonl" and local.parent.name == "email"
+    assert local.read_text() == (www / "org/repo/0123abc/email/train.jsonl").read_text()
+
+    stop()  # the server is gone and the machine is offline: the cached copies are read, an uncached URL is named
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    assert unavailable({"path": url}) is None
+    assert [t.id for t in read_task_source({"path": url})] == ["bipia-email-email-1", "bipia-email-email-2",
+                                                               "bipia-email-email-3"]
+    other = f"{base}/table/train.jsonl"
+    assert unavailable({"path": other}) == "not in the local cache, offline"
+    with pytest.raises(DataError, match=r"table/train\.jsonl: field 'path': not in the local datasets cache and "
+                                        r"HF_HUB_OFFLINE is set"):
+        read_task_source({"path": other})
+
+
+def test_url_that_cannot_be_downloaded_is_one_located_error(http_folder):
+    from data_builders.triplets import read_task_source
+
+    _, base, _ = http_folder
+    with pytest.raises(DataError, match=r"missing/train\.jsonl: field 'path': cannot download"):
+        read_task_source({"path": f"{base}/missing/train.jsonl"})
+
+
+def test_tasks_from_a_hub_layout_dataset_with_located_rows(tmp_path):
+    from data_builders.triplets import read_task_source
+
+    alpaca = [{"instruction": f"Summarise note {i}.", "input": f"Note {i}: buy milk." if i % 2 else "",
+               "output": f"Buy milk ({i})."} for i in range(6)]
+    repo = _hub_repo(tmp_path / "tasks-repo", alpaca, alpaca[:2])
+    tasks = read_task_source({"path": str(repo), "format": "alpaca"})
+    assert [t.data for t in tasks] == ["Note 1: buy milk.", "Note 3: buy milk.", "Note 5: buy milk."]  # no input: skipped
+    bad_rows = [{"context": "x", "question": "Q: y"}, {"context": "", "question": "z"}]
+    bad = _hub_repo(tmp_path / "bad-repo", bad_rows, bad_rows)
+    with pytest.raises(DataError, match=r"bad-repo\[train\]:row 1: field 'context': empty"):
+        read_task_source({"path": str(bad)})
+
+
+def test_streaming_reads_the_first_rows_of_a_hub_layout_folder_with_renames(tmp_path):
+    repo = _hub_repo(tmp_path / "org__stream", [{"question": f"q{i}", "answer": f"a{i}"} for i in range(6)],
+                     [{"question": "t", "answer": "u"}])
+    src = {"path": str(repo), "streaming": True, "max_rows": 3, "columns": {"question": "prompt", "answer": "completion"}}
+    rows = read_sft_source(src)
+    assert [r["messages"] for r in rows] == [[{"role": "user", "content": f"q{i}"},
+                                              {"role": "assistant", "content": f"a{i}"}] for i in range(3)]
+    with pytest.raises(DataError, match=r"org__stream\[train\]: field 'columns': no column\(s\) \['prompt_x'\] to "
+                                        r"rename; the source has \['question', 'answer'\]"):  # parquet: known up front
+        read_sft_source({**src, "columns": {"prompt_x": "prompt"}})
