@@ -11,17 +11,26 @@ change:
   ``bf16``/``fp16``/gradient checkpointing off; 8-bit and paged optimizers → ``adamw_torch``;
   ``report_to: wandb`` runs with ``WANDB_MODE=offline``; Hub pushes become ``hub.push_dry_run``;
 * sizes: ``max_steps`` 2 per stage, batch 2, no accumulation, ``max_seq_length`` ≤ 256, at most
-  :data:`ROWS` rows per data source, a few DPO prompts and held-out answers, :data:`TRIPLETS` triplets, and an
-  evaluation of :data:`CASES` cases;
+  :data:`ROWS` rows per data source (a reachable Hub dataset is streamed, so only those rows are fetched), a few DPO
+  prompts and held-out answers, :data:`TRIPLETS` triplets, and an evaluation of :data:`CASES` cases;
+* data: every source stays as the recipe names it where this machine can read it (a local file, a cached Hub
+  dataset or URL, anything the network can fetch); a Hub dataset or URL that is neither cached nor reachable
+  (``HF_HUB_OFFLINE`` set, or no answer from the Hub) is replaced by the shipped seed data of the same role
+  (:func:`stand_ins`; ``--dry-run --target`` does the same for its checks);
 * the run folder: ``<run_name>-smoke`` beside the recipe's.
 """
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 EMBEDDED = "embedded:smollm2-135m-instruct"
 ROWS, TRIPLETS, CASES = 24, 8, 8
-SOURCE_LISTS = ("sft.data", "dpo.prompts", "causal.tasks")
+SOURCE_LISTS = ("sft.data", "dpo.prompts", "causal.tasks", "causal.train_attacks")
+SEED_DIR = Path(__file__).resolve().parents[1] / "data_builders" / "seed"
+# the shipped seed file that stands in for an unreadable source of each list (same role and row format family)
+STAND_INS = {"sft.data": "sft_seed.jsonl", "dpo.prompts": "redteam_prompts.jsonl", "causal.tasks": "tasks.jsonl",
+             "causal.train_attacks": "attacks_train.json"}
 EIGHT_BIT_OPTIMIZERS = ("8bit", "paged", "bnb")
 
 
@@ -34,9 +43,39 @@ def _get(data: dict, key: str, default=None):
     return node
 
 
+def stand_ins(lists: dict[str, list]) -> tuple[dict[str, list], list[tuple[str, str, str]]]:
+    """Replace the sources this machine cannot read now (:func:`data_builders.sources.unavailable`: a Hub dataset or
+    URL neither in the local cache nor reachable) by the shipped seed file of :data:`STAND_INS`.
+
+    ``lists`` maps a dotted key of :data:`SOURCE_LISTS` to its sources (paths or ``DataSource`` mappings). Returns
+    ``(changed, rows)``: the new lists of the keys that changed (a seed file appears once per list, with the
+    replaced source's ``max_rows``) and one table row ``(key.i, source, stand-in (reason))`` per replaced source."""
+    from data_builders.sources import unavailable
+
+    changed, rows = {}, []
+    for key, sources in lists.items():
+        if key not in STAND_INS:
+            continue
+        new, seed = [], str(SEED_DIR / STAND_INS[key])
+        for i, src in enumerate(sources or []):
+            entry = {"path": src} if isinstance(src, str) else dict(src)
+            why = unavailable(entry)
+            if why is None:
+                new.append(src)
+                continue
+            rows.append((f"{key}.{i}", entry["path"], f"{seed} ({why}: the shipped seed data stands in)"))
+            if not any((x if isinstance(x, str) else x.get("path")) == seed for x in new):
+                new.append({"path": seed, **({"max_rows": entry["max_rows"]} if entry.get("max_rows") else {})})
+        if new != list(sources or []):
+            changed[key] = new
+    return changed, rows
+
+
 def smoke_plan(data: dict) -> tuple[list[str], list[tuple[str, str, str]]]:
     """``(overrides, rows)`` for the recipe ``data`` (a raw config dict): dotted ``key=value`` overrides (values
     in YAML/JSON) and the table rows ``(setting, recipe value, smoke value)`` of every change."""
+    from data_builders.sources import is_remote, is_url, offline, unavailable
+
     over: list[str] = []
     rows: list[tuple[str, str, str]] = []
 
@@ -63,8 +102,8 @@ def smoke_plan(data: dict) -> tuple[list[str], list[tuple[str, str, str]]]:
         put("model.device_memory_gb", None, reason="the CPU's RAM is checked instead")
     if (_get(data, "model.max_seq_length") or 512) > 256:
         put("model.max_seq_length", 256)
-    if _get(data, "model.chat_template") not in (None, "zephyr"):
-        put("model.chat_template", "zephyr", reason="the embedded model's tokenizer")
+    if _get(data, "model.chat_template") == "tokenizer":  # a Jinja file is kept: it is the recipe's own text
+        put("model.chat_template", "zephyr", reason="the recipe model's own template is not the embedded model's")
     for stage in ("sft", "dpo", "causal"):
         t = _get(data, f"{stage}.training") or {}
         for flag in ("bf16", "fp16", "tf32", "gradient_checkpointing"):
@@ -83,13 +122,23 @@ def smoke_plan(data: dict) -> tuple[list[str], list[tuple[str, str, str]]]:
             if key in t:
                 put(f"{stage}.training.{key}", 1)
     for key in SOURCE_LISTS:
-        for i, src in enumerate(_get(data, key) or []):
+        sources, changed = list(_get(data, key) or []), False
+        for i, src in enumerate(sources):
             entry = {"path": src} if isinstance(src, str) else dict(src)
             if (entry.get("max_rows") or ROWS + 1) > ROWS:
                 entry["max_rows"] = ROWS
-                over.append(f"{key}.{i}={json.dumps(entry)}")
+                sources[i], changed = entry, True
                 rows.append((f"{key}.{i}.max_rows", str(src.get("max_rows") if isinstance(src, dict) else None),
                              str(ROWS)))
+            if is_remote(entry["path"]) and not is_url(entry["path"]) and not entry.get("streaming") and \
+                    unavailable(entry) is None and not offline():
+                entry["streaming"] = True  # a Hub dataset: fetch its first rows, not the whole split
+                sources[i], changed = entry, True
+                rows.append((f"{key}.{i}.streaming", "false", "true  (only the first rows are fetched)"))
+        replaced, stand_rows = stand_ins({key: sources})
+        rows += stand_rows
+        if changed or key in replaced:
+            over.append(f"{key}={json.dumps(replaced.get(key, sources))}")
     if _get(data, "dpo.generation.drop_truncated") is not False:
         put("dpo.generation.drop_truncated", False, reason="answers cut at the smoke's token cap still make pairs")
     for key, cap in (("dpo.max_prompts", 8), ("dpo.held_out", 2), ("dpo.generation.max_new_tokens", 48),

@@ -37,13 +37,52 @@ def test_cuda_only_settings_map_to_their_cpu_equivalents_and_are_listed():
     assert over["model.use_liger_kernel"] is False and over["dpo.generation.backend"] == "transformers"
     assert over["sft.training.bf16"] is False and over["sft.training.optim"] == "adamw_torch"
     assert over["sft.training.max_steps"] == 2 and over["sft.training.gradient_accumulation_steps"] == 1
-    assert over["sft.data.0"] == {"path": "a.jsonl", "max_rows": 24} and "sft.data.1" not in over  # 5 ≤ 24 kept
+    assert over["sft.data"] == [{"path": "a.jsonl", "max_rows": 24}, {"path": "b.jsonl", "max_rows": 5}]  # 5 ≤ 24 kept
     assert over["hub.push_to_hub"] is False and over["hub.push_dry_run"] is True
     assert over["run_name"] == "r-smoke" and over["dpo.max_prompts"] == 8
     assert over["dpo.generation.drop_truncated"] is False
     assert rows["model.quantization"][1:] == ("4bit", "none") and "WANDB_MODE=offline" in rows["logging.report_to"][2]
     # what the recipe keeps: its data sources' paths, its objective, its epochs key (max_steps wins)
     assert "sft.training.num_train_epochs" not in over and "causal.loss" not in str(over)
+
+
+def test_uncached_hub_datasets_and_urls_offline_get_the_seed_data_of_their_role(monkeypatch):
+    """The GPU recipes name Hub datasets and BIPIA's GitHub files; offline and uncached, --smoke stands in the
+    shipped seed data of the same role (once per list), lists each replacement, and keeps local sources."""
+    import yaml
+
+    from stages.config import load_config
+    from stages.smoke import SEED_DIR
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    recipe = ROOT / "configs" / GPU_RECIPES[0]
+    over, rows = _plan(yaml.safe_load(recipe.read_text()))
+    assert over["sft.data"] == [{"path": str(SEED_DIR / "sft_seed.jsonl"), "max_rows": 24}]
+    assert over["dpo.prompts"] == [{"path": str(SEED_DIR / "redteam_prompts.jsonl"), "max_rows": 24}]
+    assert over["causal.tasks"] == [{"path": str(SEED_DIR / "tasks.jsonl"), "max_rows": 24}]  # three URLs, one seed
+    assert over["causal.train_attacks"] == [{"path": str(SEED_DIR / "attacks_train.json"), "max_rows": 24},
+                                            {"path": "data_builders/seed/attacks_train_canary.json", "max_rows": 24}]
+    assert rows["sft.data.0"][1] == "HuggingFaceH4/ultrachat_200k"
+    assert rows["causal.tasks.2"][1].startswith("https://raw.githubusercontent.com/microsoft/BIPIA/")
+    assert "not in the local cache, offline: the shipped seed data stands in" in rows["dpo.prompts.0"][2]
+    cfg = load_config(recipe, [f"{k}={json.dumps(v)}" for k, v in over.items()])  # the overrides load as a config
+    assert [s["path"] for s in cfg.causal.tasks] == [str(SEED_DIR / "tasks.jsonl")] and cfg.device == "cpu"
+
+
+def test_reachable_hub_datasets_are_streamed_in_a_smoke_run(monkeypatch):
+    """Online, a Hub dataset is kept and streamed (only the first rows are fetched); a URL and a local file are
+    read as they are."""
+    import data_builders.sources as sources
+
+    monkeypatch.setattr(sources, "offline", lambda: False)
+    monkeypatch.setattr(sources, "unavailable", lambda source: None)  # the Hub answers
+    over, rows = _plan({"run_name": "r", "sft": {"data": [{"path": "HuggingFaceH4/ultrachat_200k", "split": "train_sft"},
+                                                          "https://example.org/a/b.jsonl", "local.jsonl"]}})
+    assert over["sft.data"] == [{"path": "HuggingFaceH4/ultrachat_200k", "split": "train_sft", "max_rows": 24,
+                                 "streaming": True},
+                                {"path": "https://example.org/a/b.jsonl", "max_rows": 24},
+                                {"path": "local.jsonl", "max_rows": 24}]
+    assert rows["sft.data.0.streaming"][2].startswith("true")
 
 
 def test_a_cpu_recipe_only_shrinks():
@@ -60,6 +99,9 @@ def test_gpu_recipe_dry_run_for_cuda_on_this_cpu(recipe, tmp_path):
                           env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "memory estimate per stage (CUDA; device" in proc.stdout and "dry run: plan valid" in proc.stdout
+    # the Hub datasets and BIPIA's pinned GitHub files are not cached on this offline machine: named, not fatal
+    assert "not checked here: sft.data.0 = HuggingFaceH4/ultrachat_200k (not in the local cache, offline" in proc.stdout
+    assert "not checked here: causal.tasks.0 = https://raw.githubusercontent.com/microsoft/BIPIA/" in proc.stdout
 
 
 def test_target_needs_dry_run(tmp_path):
