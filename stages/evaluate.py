@@ -727,12 +727,19 @@ def run(cfg: PipelineConfig) -> dict:
     from evaluation.tracking import log_evaluation
 
     log_evaluation(cfg, metrics, out)  # W&B / TensorBoard, as logging.report_to says
+    from stages.hub import push_eval_results
+
+    pushed = push_eval_results(cfg, metrics)  # model-index on the cards of the stages pushed in this run
     summary = {label: {k: m.get(k) for k in ("attack_success_rate", "attack_success_rate_begins", "utility_clean",
                                              "utility_under_attack", "over_defence_compliance",
                                              "harmful_refusal_rate", "benign_over_refusal_rate")}
                for label, m in metrics["models"].items()}
-    return {"outputs": {"metrics": str(out / "metrics.json"), "report": str(out / "report.md")},
-            "metrics": summary}
+    outputs = {"metrics": str(out / "metrics.json"), "report": str(out / "report.md")}
+    if pushed:
+        outputs["hub_cards"] = {k: v for k, v in pushed.items() if k != "hub_error"}
+        if pushed.get("hub_error"):
+            outputs["hub_error"] = pushed["hub_error"]
+    return {"outputs": outputs, "metrics": summary}
 
 
 # --------------------------------------------------------------------------------------------- CLI

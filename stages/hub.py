@@ -86,10 +86,44 @@ def base_model_id(cfg, stage: str) -> str | None:
     return None
 
 
-def card_data(cfg, stage: str, sources: list[str], merged: bool = False):
+# metrics.json keys reported as model-index results: (key, metric_type, readable name)
+EVAL_METRICS = (("attack_success_rate", "attack_success_rate", "attack success rate (held-out injections)"),
+                ("utility_clean", "utility_clean", "utility without injection"),
+                ("utility_under_attack", "utility_under_attack", "utility under attack"),
+                ("harmful_refusal_rate", "harmful_refusal_rate", "refusal rate on red-team prompts"),
+                ("benign_over_refusal_rate", "benign_over_refusal_rate", "over-refusal rate on benign prompts"))
+
+
+def eval_results(metrics: dict, label: str) -> list:
+    """``huggingface_hub.EvalResult`` entries (the card's ``model-index``) of the model ``label`` in an evaluation's
+    ``metrics.json``: attack success rate, utility clean and under attack (dataset: the injection eval file, its
+    case count in the name), refusal and over-refusal rates (the red-team and benign prompts). Metrics that are
+    missing or null are left out; [] when ``label`` was not evaluated."""
+    from huggingface_hub import EvalResult
+
+    m = (metrics.get("models") or {}).get(label)
+    if not m:
+        return []
+    eval_file = Path(str(metrics.get("eval_file") or "injection eval")).name
+    out = []
+    for key, mtype, name in EVAL_METRICS:
+        value = m.get(key)
+        if value is None:
+            continue
+        safety = key.endswith("refusal_rate")
+        n = m.get("n_redteam" if key == "harmful_refusal_rate" else "n_benign" if safety else "n_cases")
+        out.append(EvalResult(task_type="text-generation", task_name="prompt-injection robustness and safety",
+                              dataset_type=f"staged-alignment/{'safety-prompts' if safety else Path(eval_file).stem}",
+                              dataset_name=(("red-team and benign prompts" if safety else f"injection cases of "
+                                             f"{eval_file}") + (f" (n={n})" if n is not None else "")),
+                              metric_type=mtype, metric_name=name, metric_value=round(float(value), 4)))
+    return out
+
+
+def card_data(cfg, stage: str, sources: list[str], merged: bool = False, results: list | None = None):
     """``huggingface_hub.ModelCardData`` of a stage's adapter (``library_name: peft``) or merged model
     (``transformers``): base_model (:func:`base_model_id`, with ``base_model_relation``), tags, the sources that are
-    Hub datasets, pipeline tag."""
+    Hub datasets, pipeline tag, and ``results`` (:func:`eval_results`) as the ``model-index``."""
     from huggingface_hub import ModelCardData
 
     base = base_model_id(cfg, stage)
@@ -98,10 +132,13 @@ def card_data(cfg, stage: str, sources: list[str], merged: bool = False):
               datasets=[s for s in sources if is_hub_id(s)] or None, model_name=stage_repo_id(cfg, stage, merged))
     if base:
         kw.update(base_model=base, base_model_relation="finetune" if merged else "adapter")
+    if results:
+        kw["eval_results"] = results
     return ModelCardData(**kw)
 
 
-def model_card(cfg, stage: str, metrics: dict, sources: list[str], merged: bool = False) -> str:
+def model_card(cfg, stage: str, metrics: dict, sources: list[str], merged: bool = False,
+               results: list | None = None) -> str:
     """The card (``huggingface_hub.ModelCard`` text): YAML metadata from :func:`card_data` (written by
     huggingface_hub, so no Markdown escaping inside it), then a body naming the base, the stage, the data sources,
     the metrics and the resolved config, with every untrusted string escaped (:func:`escape_md`)."""
@@ -109,7 +146,7 @@ def model_card(cfg, stage: str, metrics: dict, sources: list[str], merged: bool 
 
     from stages.config import resolved_yaml
 
-    data = card_data(cfg, stage, sources, merged)
+    data = card_data(cfg, stage, sources, merged, results)
     prev = previous_stage(cfg, stage)
     trained_on = data.base_model or (f"the merged {prev} model of this run (`{prev}/merged`; push it with "
                                      "`hub.push_merged: true` to make this card name it)" if prev else
@@ -117,7 +154,7 @@ def model_card(cfg, stage: str, metrics: dict, sources: list[str], merged: bool 
     what = "merged model (the adapter folded into its base)" if merged else "LoRA adapter"
     lines = [f"# {escape_md(cfg.run_name)}: {STAGE_TITLES.get(stage, stage)} {what}", "",
              f"- **Trained on:** {escape_md(trained_on) if data.base_model else trained_on}",
-             f"- **Stage:** {stage}; chat template: {escape_md(cfg.model.chat_template)}",
+             f"- **Stage:** {stage}; chat template: {escape_md(Path(cfg.model.chat_template).name)}",
              "- **Data sources:** " + (", ".join(escape_md(s) for s in sources) or "none recorded")]
     if isinstance(cfg.model.name_or_path, str) and cfg.model.name_or_path.startswith("embedded:"):
         lines.append("- **Note:** trained on the project's embedded copy of the base, converted from a Q4_1 GGUF: "
@@ -195,3 +232,46 @@ def push_stage_adapter(cfg, stage: str, adapter_dir: str | Path, metrics: dict |
     urls = [_upload(cfg, rid, upload, f"{stage} {'merged model' if m else 'adapter'}", str(src))
             for rid, src, upload, m, _ in uploads]
     return urls[0]
+
+
+def push_eval_results(cfg, metrics: dict) -> dict:
+    """After evaluation: rewrite the card (``README.md``) of every stage whose adapter (and merged model) was pushed
+    or dry-run in this run (``<run>/<stage>/hub_upload*``) with that model's results as ``model-index``
+    (:func:`eval_results` of the stage's label in ``metrics``), and upload only that file (``hub.push_dry_run``: the
+    upload folder's card is rewritten, nothing is uploaded).
+
+    Returns ``{stage: repo id or folder}``, plus ``hub_error`` when an upload failed (the evaluation itself is kept).
+    """
+    if not (cfg.hub.push_to_hub or cfg.hub.push_dry_run):
+        return {}
+    from data_builders.jsonl_io import atomic_write_text
+
+    done: dict = {}
+    for stage in ("sft", "dpo", "causal"):
+        results = eval_results(metrics, stage)
+        if not results or not stage_repo_id(cfg, stage):
+            continue
+        for merged, folder in ((False, cfg.run_dir / stage / "hub_upload"),
+                               (True, cfg.run_dir / stage / "hub_upload_merged")):
+            card = folder / "README.md"
+            if not card.is_file():
+                continue
+            trained = folder / "training_metrics.json"
+            train_metrics = json.loads(trained.read_text()) if trained.is_file() else {}
+            atomic_write_text(card, model_card(cfg, stage, train_metrics, stage_sources(cfg, stage), merged=merged,
+                                               results=results))
+            rid = stage_repo_id(cfg, stage, merged=merged)
+            if cfg.hub.push_dry_run:
+                done[stage + ("-merged" if merged else "")] = str(folder)
+                continue
+            try:
+                from huggingface_hub import HfApi
+
+                HfApi().upload_file(path_or_fileobj=str(card), path_in_repo="README.md", repo_id=rid,
+                                    commit_message="Evaluation results (model-index) from staged-alignment")
+            except Exception as e:  # noqa: BLE001 - network and Hub errors: one line, local files kept
+                reason = type(e).__name__ + (": " + str(e).splitlines()[0][:200] if str(e) else "")
+                return {**done, "hub_error": f"upload of the evaluated card to {rid} failed ({reason}); the card "
+                                             f"is saved in {card}"}
+            done[stage + ("-merged" if merged else "")] = rid
+    return done

@@ -98,3 +98,40 @@ def test_trainer_push_keys_are_refused_with_a_pointer_to_hub(tmp_path, key):
     value = "true" if key == "push_to_hub" else "org/x"
     with pytest.raises(ConfigError, match=rf"dpo\.training\.{key}.*hub\.push_to_hub and dpo\.hub_model_id"):
         load_config(str(cfg), [f"dpo.training.{key}={value}", f"output_dir={tmp_path}"])
+
+
+def test_evaluation_results_reach_the_pushed_cards_as_model_index(tmp_path):
+    """After evaluation, the card of each stage pushed in the run (here the causal adapter, dry run) carries that
+    model's results as model-index, parsed back by huggingface_hub; a stage evaluated but not pushed, a null metric
+    and a model not evaluated are left out; the training metrics stay in the body."""
+    import json
+
+    from stages.hub import push_eval_results, push_stage_adapter
+
+    cfg = _cfg(tmp_path, push_dry_run=True)
+    stage = cfg.run_dir / "causal"
+    (stage / "adapter").mkdir(parents=True)
+    (stage / "adapter" / "adapter_model.safetensors").write_bytes(b"x")
+    (stage / "adapter" / "adapter_config.json").write_text("{}")
+    push_stage_adapter(cfg, "causal", stage / "adapter", {"train_loss": 1.25})
+    before = _load((stage / "hub_upload" / "README.md").read_text(), tmp_path)
+    assert before.data.eval_results is None
+    metrics = {"eval_file": "evaluation/heldout/injection_heldout.jsonl",
+               "models": {"causal": {"attack_success_rate": 0.0625, "n_cases": 48, "utility_clean": 0.8125,
+                                     "utility_under_attack": 0.5417, "harmful_refusal_rate": None,
+                                     "benign_over_refusal_rate": 0.25, "n_benign": 8},
+                          "dpo": {"attack_success_rate": 0.1}}}
+    done = push_eval_results(cfg, metrics)
+    assert done == {"causal": str(stage / "hub_upload")}  # dpo was evaluated but not pushed in this run
+    text = (stage / "hub_upload" / "README.md").read_text()
+    card = _load(text, tmp_path)
+    got = {(r.metric_type, r.metric_value, r.dataset_name) for r in card.data.eval_results}
+    assert got == {("attack_success_rate", 0.0625, "injection cases of injection_heldout.jsonl (n=48)"),
+                   ("utility_clean", 0.8125, "injection cases of injection_heldout.jsonl (n=48)"),
+                   ("utility_under_attack", 0.5417, "injection cases of injection_heldout.jsonl (n=48)"),
+                   ("benign_over_refusal_rate", 0.25, "red-team and benign prompts (n=8)")}
+    assert card.data.model_name == "org/causal_x" and "model-index:" in text
+    assert "| train\\_loss | 1.25 |" in text and json.loads((stage / "hub_upload" / "training_metrics.json").read_text()) == \
+        {"train_loss": 1.25}
+    cfg.hub.push_dry_run = False  # no push configured: nothing is touched
+    assert push_eval_results(cfg, metrics) == {}
