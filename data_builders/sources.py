@@ -57,7 +57,7 @@ def is_remote(path) -> bool:
     return len(parts) == 2 and all(parts) and Path(path).suffix.lower() not in (*LINE_SUFFIXES, *BUILDERS)
 
 
-def _url_cache_paths(url: str) -> tuple[Path, Path]:
+def url_cache_paths(url: str) -> tuple[Path, Path]:
     """``(datasets' cached file, the project's named link to it)`` of ``url``."""
     import hashlib
     from urllib.parse import urlparse
@@ -80,7 +80,7 @@ def fetch_url(url: str) -> Path:
     error messages keep the file's name and its folder.
 
     Raises :class:`DataError` naming the URL when it is not cached while :func:`offline`, or cannot be downloaded."""
-    cached, named = _url_cache_paths(url)
+    cached, named = url_cache_paths(url)
     if named.is_file():
         return named
     if not cached.is_file():
@@ -107,34 +107,79 @@ def fetch_url(url: str) -> Path:
     return named
 
 
+_UNAVAILABLE: dict = {}  # memo of unavailable(): (source, offline) → reason
+
+
+def forced_offline():
+    """A context in which ``datasets`` and ``huggingface_hub`` do not touch the network (their offline flags, read
+    once at import, set for its duration): reading the local cache without five retries per file."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def ctx():
+        import datasets
+        import huggingface_hub.constants as hub_constants
+
+        old = (datasets.config.HF_HUB_OFFLINE, hub_constants.HF_HUB_OFFLINE)
+        datasets.config.HF_HUB_OFFLINE = hub_constants.HF_HUB_OFFLINE = True
+        try:
+            yield
+        finally:
+            datasets.config.HF_HUB_OFFLINE, hub_constants.HF_HUB_OFFLINE = old
+
+    return ctx()
+
+
 def unavailable(source: dict | str) -> str | None:
     """Why ``source`` cannot be read on this machine now, or None when it can: a local path (a missing one is left
-    to the readers' own located errors); a URL that is cached, or any URL while online; a Hub dataset the Hub
+    to the readers' own located errors); a URL that is cached or whose server answers; a Hub dataset the Hub
     answers for (``HfApi.dataset_info``; a missing or gated one is left to the reader's error) or that is in the
-    local cache. Otherwise "not in the local cache, offline" (``HF_HUB_OFFLINE``) or "the Hub cannot be reached
-    and it is not in the local cache"."""
+    local cache (read without the network). Otherwise "not in the local cache, offline" (``HF_HUB_OFFLINE``), or
+    that the Hub (the address) cannot be reached and it is not in the local cache. Answers are remembered for the
+    process."""
     src = {"split": "train", **({"path": source} if isinstance(source, str) else source), "streaming": False}
     path = src["path"]
     if not is_remote(path):
         return None
-    if is_url(path):
-        if not offline() or Path(path).suffix.lower() not in LINE_SUFFIXES:
-            return None
-        return None if any(p.is_file() for p in _url_cache_paths(path)) else "not in the local cache, offline"
+    import json
+
+    key = (json.dumps({k: src.get(k) for k in ("path", "name", "data_dir", "data_files", "split", "revision")},
+                      sort_keys=True, default=str), offline())
+    if key not in _UNAVAILABLE:
+        _UNAVAILABLE[key] = _url_unavailable(path) if is_url(path) else _hub_unavailable(src)
+    return _UNAVAILABLE[key]
+
+
+def _url_unavailable(url: str) -> str | None:
+    if Path(url.split("?")[0]).suffix.lower() in LINE_SUFFIXES and any(p.is_file() for p in url_cache_paths(url)):
+        return None
+    if offline():
+        return "not in the local cache, offline"
+    from huggingface_hub import get_session
+
+    try:
+        get_session().head(url, timeout=10, follow_redirects=True)  # any status: the server answered
+    except Exception:  # noqa: BLE001 - no answer (DNS, refused, timeout)
+        return "the address cannot be reached and it is not in the local cache"
+    return None
+
+
+def _hub_unavailable(src: dict) -> str | None:
     reason = "not in the local cache, offline"
     if not offline():
         from huggingface_hub import HfApi
         from huggingface_hub.errors import HfHubHTTPError
 
         try:
-            HfApi().dataset_info(path, revision=src.get("revision"), timeout=10)
+            HfApi().dataset_info(src["path"], revision=src.get("revision"), timeout=10)
             return None
         except HfHubHTTPError:  # the Hub answered (not found, gated, …): the reader names it
             return None
         except Exception:  # noqa: BLE001 - no answer (DNS, refused, timeout): the cache may still have it
             reason = "the Hub cannot be reached and it is not in the local cache"
     try:
-        load_rows(src)
+        with forced_offline():
+            load_rows(src)
     except DataError:
         return reason
     return None

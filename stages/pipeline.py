@@ -150,7 +150,11 @@ def run_pipeline(args) -> int:
         print(f"smoke run of {args.config} on this CPU with the embedded model; what changes:\n"
               f"{format_table(rows)}\n", flush=True)
         args.overrides = list(args.overrides) + extra  # the smoke mapping wins over the recipe and the overrides
-        os.environ["WANDB_MODE"] = "offline"  # the Hub stays as the environment says: the recipe's data is fetched
+        os.environ["WANDB_MODE"] = "offline"
+        from stages.smoke import needs_network
+
+        if not needs_network(extra, raw_config(args.config, args.overrides)):
+            os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no source is fetched: nothing else needs the Hub
     try:
         cfg = load_config(args.config, args.overrides, target=args.target)
         stages = enabled_stages(cfg)

@@ -162,10 +162,42 @@ def smoke_plan(data: dict) -> tuple[list[str], list[tuple[str, str, str]]]:
     return over, rows
 
 
+def needs_network(overrides: list[str], data: dict) -> bool:
+    """Whether the smoke run reads a source from the network: after ``overrides`` (from :func:`smoke_plan`), a
+    source list of :data:`SOURCE_LISTS` still names a streamed Hub dataset, an uncached URL, or a Hub dataset read
+    without streaming that is not cached. Otherwise the run sets ``HF_HUB_OFFLINE=1``: the embedded model needs no
+    Hub, and libraries that probe an unreachable Hub retry for minutes (measured: a TinyLlama-recipe smoke took
+    365 s with the Hub unreachable, 145 s offline)."""
+    from data_builders.sources import url_cache_paths, is_remote, is_url, load_rows
+
+    final = {o.split("=", 1)[0]: json.loads(o.split("=", 1)[1]) for o in overrides
+             if o.split("=", 1)[0] in SOURCE_LISTS}
+    for key in SOURCE_LISTS:
+        for src in final.get(key, _get(data, key) or []):
+            entry = {"path": src} if isinstance(src, str) else src
+            if not is_remote(entry["path"]):
+                continue
+            if is_url(entry["path"]):
+                if not any(p.is_file() for p in url_cache_paths(entry["path"])):
+                    return True
+                continue
+            if entry.get("streaming"):
+                return True
+            from data_builders.sources import forced_offline
+
+            try:
+                with forced_offline():
+                    load_rows({"split": "train", **entry})
+            except Exception:  # noqa: BLE001 - not cached: the network is needed
+                return True
+    return False
+
+
 def format_table(rows: list[tuple[str, str, str]]) -> str:
     """The mapping table printed by ``--smoke``."""
     w = max([len(r[0]) for r in rows] + [7])
     v = max([min(len(r[1]), 48) for r in rows] + [6])
     lines = [f"{'setting':{w}s}  {'recipe':{v}s}  smoke", f"{'-' * w}  {'-' * v}  {'-' * 5}"]
-    lines += [f"{k:{w}s}  {(old if len(old) <= 48 else old[:45] + '...'):{v}s}  {new}" for k, old, new in rows]
+    lines += [f"{k:{w}s}  {(old if len(old) <= 48 else old[:16] + '...' + old[-29:]):{v}s}  {new}"
+              for k, old, new in rows]  # a long value keeps its start and its end (a URL's file name)
     return "\n".join(lines)

@@ -163,6 +163,7 @@ def http_folder(tmp_path, monkeypatch):
     import threading
 
     import datasets
+    import huggingface_hub.constants
 
     www = tmp_path / "www"
     www.mkdir()
@@ -173,6 +174,7 @@ def http_folder(tmp_path, monkeypatch):
     thread.start()
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(datasets.config, "DOWNLOADED_DATASETS_PATH", tmp_path / "downloads")
     stopped = []
 
@@ -188,6 +190,7 @@ def http_folder(tmp_path, monkeypatch):
 
 def test_url_line_files_download_once_then_read_offline_with_their_names(http_folder, monkeypatch):
     import datasets
+    import huggingface_hub.constants
 
     from data_builders.sources import fetch_url, unavailable
     from data_builders.triplets import read_attacks, read_task_source
@@ -208,9 +211,12 @@ def test_url_line_files_download_once_then_read_offline_with_their_names(http_fo
     assert local.name == "train.jsonl" and local.parent.name == "email"
     assert local.read_text() == (www / "org/repo/0123abc/email/train.jsonl").read_text()
 
+    assert unavailable({"path": f"{base}/table/train.jsonl"}) is None  # online: the server answers (a 404 is the
+    # reader's to name)
     stop()  # the server is gone and the machine is offline: the cached copies are read, an uncached URL is named
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     assert unavailable({"path": url}) is None
     assert [t.id for t in read_task_source({"path": url})] == ["bipia-email-email-1", "bipia-email-email-2",
                                                                "bipia-email-email-3"]
