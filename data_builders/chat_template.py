@@ -68,7 +68,7 @@ FIX = ("set model.chat_template: zephyr (the project's template, markers include
        "{% endgeneration %} and set model.chat_template to that file")
 
 
-def check_template(tokenizer, source: str, *, data_role: bool = False) -> None:
+def check_template(tokenizer, source: str, *, data_role: bool = False, needs_bos: bool = False) -> None:
     """Check the template set on ``tokenizer`` (named ``source`` in errors) for what training and generation assume.
 
     1. ``{% generation %}`` markers (``trl.chat_template_utils.has_generation_markers``): the assistant-only loss of
@@ -79,6 +79,8 @@ def check_template(tokenizer, source: str, *, data_role: bool = False) -> None:
     3. The assistant's end-of-turn token is inside the loss mask
        (``trl.chat_template_utils.is_chat_template_stop_token_trained``), so the model learns to stop.
     4. A system turn renders (seed tasks and DPO critiques use one), and the ``input`` role when ``data_role``.
+    5. With ``needs_bos`` (the tokenizer's sequences start with BOS, :func:`uses_bos`), the prompt starts with
+       ``bos_token``: every prompt is tokenized with ``add_special_tokens=False``, so only the template can write it.
 
     Raises ``ValueError`` naming ``source``, what failed and the fix (:data:`FIX`).
     """
@@ -100,6 +102,10 @@ def check_template(tokenizer, source: str, *, data_role: bool = False) -> None:
                          f"conversation {conv[len(prompt) - 40:][:120]!r}); generation would stop or start "
                          "elsewhere than training. The assistant turn must end with the tokenizer's eos_token "
                          "right after the content")
+    if needs_bos and not prompt.startswith(tokenizer.bos_token):
+        raise ValueError(f"chat template {source}: this tokenizer's sequences start with {tokenizer.bos_token!r}, but "
+                         "the template does not write it and prompts are tokenized without special tokens; start "
+                         "the template with {{ bos_token }}")
     if not is_chat_template_stop_token_trained(tokenizer):
         raise ValueError(f"chat template {source}: the assistant's end-of-turn token is outside the "
                          f"{{% generation %}} markers, so the model would never learn to stop; {FIX}")
@@ -154,6 +160,7 @@ def apply_template(tokenizer, name: str = "zephyr", *, data_role: bool = False):
     """
     if not tokenizer.eos_token:
         raise ValueError("the tokenizer has no eos_token; the chat template needs one to end assistant turns")
+    needs_bos = uses_bos(tokenizer)  # of the tokenizer as loaded, before its template is replaced
     if name == "tokenizer":
         own = tokenizer.chat_template if isinstance(getattr(tokenizer, "chat_template", None), str) else None
         if not own:
@@ -170,17 +177,17 @@ def apply_template(tokenizer, name: str = "zephyr", *, data_role: bool = False):
                 import logging
 
                 logging.getLogger("staged_alignment").info(
-                    "chat template: the tokenizer's own, with TRL's {%% generation %%} markers "
+                    "chat template: the tokenizer's own, with TRL's {% generation %} markers "
                     "(trl.chat_template_utils.get_training_chat_template)")
                 tokenizer.chat_template = patched
-        check_template(tokenizer, "of the tokenizer", data_role=data_role)
+        check_template(tokenizer, "of the tokenizer", data_role=data_role, needs_bos=needs_bos)
     else:
         template = get_template(name)
         if name == "zephyr" and uses_bos(tokenizer):
             template = ZEPHYR_BOS_TEMPLATE
         tokenizer.chat_template = template
         if name != "zephyr":
-            check_template(tokenizer, name, data_role=data_role)
+            check_template(tokenizer, name, data_role=data_role, needs_bos=needs_bos)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

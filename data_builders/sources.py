@@ -31,13 +31,30 @@ from typing import Iterator
 
 from data_builders.jsonl_io import DataError
 
-LINE_SUFFIXES = (".jsonl", ".json", ".gz")
+LINE_SUFFIXES = (".jsonl", ".json", ".gz")  # local files; is_line_name for names and URLs
 BUILDERS = {".parquet": "parquet", ".csv": "csv", ".arrow": "arrow", ".tsv": "csv"}
 
 
 def offline() -> bool:
-    """Whether ``HF_HUB_OFFLINE`` is set (nothing is downloaded: Hub datasets, models and URLs come from the cache)."""
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in {"1", "true", "yes", "on"}
+    """Whether ``HF_HUB_OFFLINE`` (or ``HF_DATASETS_OFFLINE``) is set: nothing is downloaded; Hub datasets, models
+    and URLs come from the cache."""
+    return any(os.environ.get(k, "0").lower() in {"1", "true", "yes", "on"}
+               for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+
+
+def file_suffix(path) -> str:
+    """The lower-case suffix of a file path or URL (of the URL's path only: no query or fragment)."""
+    from urllib.parse import urlparse
+
+    return Path(urlparse(str(path)).path if is_url(path) else str(path)).suffix.lower()
+
+
+def is_line_name(path) -> bool:
+    """A name the project reads line by line: ``.jsonl``, ``.json``, ``.jsonl.gz``, ``.json.gz`` (a file or URL)."""
+    from urllib.parse import urlparse
+
+    name = (urlparse(str(path)).path if is_url(path) else str(path)).lower()
+    return name.endswith((".jsonl", ".json", ".jsonl.gz", ".json.gz"))
 
 
 def is_url(path) -> bool:
@@ -51,10 +68,11 @@ def is_remote(path) -> bool:
     path = str(path)
     if is_url(path):
         return True
-    if Path(path).expanduser().exists() or path.startswith((".", "/", "~")):
+    code_root = Path(__file__).resolve().parents[1]  # where stages.config.resolve_input also looks
+    if Path(path).expanduser().exists() or (code_root / path).exists() or path.startswith((".", "/", "~")):
         return False
     parts = path.split("/")
-    return len(parts) == 2 and all(parts) and Path(path).suffix.lower() not in (*LINE_SUFFIXES, *BUILDERS)
+    return len(parts) == 2 and all(parts) and not is_line_name(path) and file_suffix(path) not in BUILDERS
 
 
 def url_cache_paths(url: str) -> tuple[Path, Path]:
@@ -108,6 +126,7 @@ def fetch_url(url: str) -> Path:
 
 
 _UNAVAILABLE: dict = {}  # memo of unavailable(): (source, offline) → reason
+_ANSWERED: dict = {}  # Hub dataset id → the Hub answered its dataset_info
 
 
 def forced_offline():
@@ -150,8 +169,24 @@ def unavailable(source: dict | str) -> str | None:
     return _UNAVAILABLE[key]
 
 
+def hub_answers(source: dict | str) -> bool:
+    """Whether the Hub answered for this Hub dataset in :func:`unavailable` (online and reachable)."""
+    unavailable(source)
+    return _ANSWERED.get(source if isinstance(source, str) else source["path"], False)
+
+
+def is_cached(source: dict) -> bool:
+    """Whether a Hub dataset reads from the local cache without the network (not streamed)."""
+    try:
+        with forced_offline():
+            load_rows({"split": "train", **source, "streaming": False})
+    except DataError:
+        return False
+    return True
+
+
 def _url_unavailable(url: str) -> str | None:
-    if Path(url.split("?")[0]).suffix.lower() in LINE_SUFFIXES and any(p.is_file() for p in url_cache_paths(url)):
+    if is_line_name(url) and any(p.is_file() for p in url_cache_paths(url)):
         return None
     if offline():
         return "not in the local cache, offline"
@@ -168,27 +203,41 @@ def _hub_unavailable(src: dict) -> str | None:
     reason = "not in the local cache, offline"
     if not offline():
         from huggingface_hub import HfApi
-        from huggingface_hub.errors import HfHubHTTPError
+        from huggingface_hub.errors import HfHubHTTPError, HFValidationError
 
         try:
             HfApi().dataset_info(src["path"], revision=src.get("revision"), timeout=10)
+            _ANSWERED[src["path"]] = True
             return None
-        except HfHubHTTPError:  # the Hub answered (not found, gated, …): the reader names it
-            return None
+        except (HfHubHTTPError, HFValidationError):  # the Hub answered (not found, gated, …) or a bad id: the
+            return None  # reader names it
         except Exception:  # noqa: BLE001 - no answer (DNS, refused, timeout): the cache may still have it
             reason = "the Hub cannot be reached and it is not in the local cache"
-    try:
-        with forced_offline():
-            load_rows(src)
-    except DataError:
-        return reason
-    return None
+    return None if is_cached(src) else reason
 
 
 def is_line_file(path: str) -> bool:
     """A local file the project reads line by line (JSON Lines, gzip JSON Lines, a JSON list)."""
     p = Path(path)
     return p.is_file() and p.suffix.lower() in LINE_SUFFIXES
+
+
+def local_folder_cache(folder: Path) -> Path:
+    """The ``datasets`` cache folder for a local dataset folder: one per folder and content (its absolute path and
+    every file's relative path, size and modification time), under the datasets cache.
+
+    datasets 4.8.5 keys a local folder's build by the folder's name and its README config only: a second folder of
+    the same name (other rows, another parent) got the first one's cached rows, and after a rebuild still its
+    cached features (measured in ``tests/test_sources.py``). Raises ``OSError`` when the folder cannot be listed."""
+    import hashlib
+
+    import datasets
+
+    h = hashlib.sha256(str(folder.resolve()).encode())
+    for f in sorted(x for x in folder.rglob("*") if x.is_file() and ".git" not in x.parts):
+        st = f.stat()
+        h.update(f"{f.relative_to(folder)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return Path(datasets.config.HF_DATASETS_CACHE) / "staged-alignment-local" / h.hexdigest()[:16]
 
 
 def source_label(source: dict) -> str:
@@ -216,7 +265,7 @@ def load_rows(source: dict):
             return ds
         kwargs = {k: source[k] for k in ("name", "data_dir", "data_files", "revision") if source.get(k)}
         if is_url(path):  # a parquet/csv/arrow file by URL (line files go through fetch_url)
-            builder = BUILDERS.get(Path(path.split("?")[0]).suffix.lower())
+            builder = BUILDERS.get(file_suffix(path))
             if builder is None:
                 raise DataError(path, None, "path", "a URL must end in .jsonl, .jsonl.gz, .json, .parquet, .csv or "
                                                     ".arrow")
@@ -229,6 +278,8 @@ def load_rows(source: dict):
             return datasets.load_dataset(builder, data_files=str(p), split=split, **stream)
         if not p.exists() and "/" not in path and os.sep not in path:
             raise DataError(path, None, "path", "neither an existing file or folder nor a Hub dataset id (org/name)")
+        if p.is_dir() and not stream:
+            kwargs["cache_dir"] = str(local_folder_cache(p))
         return datasets.load_dataset(path, split=split, **kwargs, **stream)
     except DataError:
         raise
@@ -247,7 +298,7 @@ def iter_source(source: dict, line_rows, what: str = "input file") -> tuple[str,
 
     renames = dict(source.get("columns") or {})
     path = source["path"]
-    if is_url(path) and Path(path).suffix.lower() in LINE_SUFFIXES:
+    if is_url(path) and is_line_name(path):
         path = str(fetch_url(path))
     if Path(path).suffix.lower() in LINE_SUFFIXES:
         require_file(path, what)
@@ -261,7 +312,9 @@ def iter_source(source: dict, line_rows, what: str = "input file") -> tuple[str,
             raise DataError(source_label(source), None, "columns",
                             f"no column(s) {missing} to rename; the source has {ds.column_names}")
         label = source_label(source)
-        rows = ((f"row {i}", dict(r)) for i, r in enumerate(ds))
+        # datasets fills a row's absent keys with None (a column of another row): absent again here, so format
+        # detection and the parsers see the row as it was written
+        rows = ((f"row {i}", {k: v for k, v in r.items() if v is not None}) for i, r in enumerate(ds))
 
     def renamed():
         for where, row in rows:

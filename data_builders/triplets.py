@@ -121,7 +121,7 @@ def _join(value, path, line, name) -> str:
     raise DataError(path, line, name, f"expected a string or a list of strings, got {type(value).__name__}")
 
 
-def _bipia_task(obj: dict, path: Path, line: int) -> Task:
+def _bipia_task(obj: dict, path: Path, line: int, tag: str | None = None) -> Task:
     if "context" not in obj:
         raise DataError(path, line, "context", "missing")
     context = _join(obj["context"], path, line, "context")
@@ -157,11 +157,12 @@ def _bipia_task(obj: dict, path: Path, line: int) -> Task:
         data = context.strip()
     generic = not (ideal and ideal.strip())
     response = "" if generic else ideal.strip()
-    return Task(id=f"bipia-{kind}-{path.parent.name}-{str(line).replace(' ', '')}", instruction=instruction, data=data,
+    where = str(line).replace("row ", "row") if tag else line
+    return Task(id=f"bipia-{kind}-{tag or path.parent.name}-{where}", instruction=instruction, data=data,
                 response=response, system=SYSTEMS[kind], kind=kind, generic_response=generic)
 
 
-def _alpaca_task(obj: dict, path: Path, where, idx) -> Task | None:
+def _alpaca_task(obj: dict, path: Path, where, idx, tag: str | None = None) -> Task | None:
     ins = require_str(obj, "instruction", path, where)
     inp = obj.get("input", "")
     if not isinstance(inp, str):
@@ -169,7 +170,7 @@ def _alpaca_task(obj: dict, path: Path, where, idx) -> Task | None:
     if not inp.strip():
         return None  # no data part: not usable for injection triplets
     out = require_str(obj, "output", path, where)
-    return Task(id=f"alpaca-{path.stem}-{idx}", instruction=ins.strip(), data=inp.strip(), response=out.strip())
+    return Task(id=f"alpaca-{tag or path.stem}-{idx}", instruction=ins.strip(), data=inp.strip(), response=out.strip())
 
 
 def _seed_task(obj: dict, path: Path, line: int) -> Task:
@@ -215,18 +216,22 @@ def read_task_source(source: dict, skipped: list | None = None) -> list[Task]:
     if fmt not in TASK_FORMATS:
         raise DataError(source["path"], None, "format",
                         f"unknown task format {fmt!r}; expected one of {list(TASK_FORMATS)}")
+    from data_builders.sources import is_line_file
+
     label, rows = iter_source(source, iter_rows, "task file")
     p = Path(label)
+    # ids of a datasets source: its name and split (two datasets of one owner, or two splits, never share ids)
+    tag = None if is_line_file(label) else re.sub(r"[^A-Za-z0-9_.]+", "-", label).strip("-")
     tasks: list[Task] = []
     for idx, (where, obj) in enumerate(rows):
         f = fmt if fmt != "auto" else _detect(obj)
         try:
             if f == "bipia":
-                t = _bipia_task(obj, p, where)
+                t = _bipia_task(obj, p, where, tag)
             elif f == "seed":
                 t = _seed_task(obj, p, where)
             elif f == "alpaca":
-                t = _alpaca_task(obj, p, where, idx)
+                t = _alpaca_task(obj, p, where, idx, tag)
             else:
                 raise DataError(p, where, None, "cannot tell the task format: expected BIPIA ('context'), seed "
                                                 "('instruction', 'data', 'response') or Alpaca ('instruction', "

@@ -459,6 +459,9 @@ class PipelineConfig:
         log more often), plus logging and hub settings.
         """
         d = self.to_dict()
+        template = Path(str(d.get("model", {}).get("chat_template") or ""))
+        if template.suffix and template.is_file():  # a Jinja file: its text, not its path, is the setting
+            d["model"]["chat_template"] = hashlib.sha256(template.read_bytes()).hexdigest()
         if section:
             d = {k: d[k] for k in ("model", "lora", "seed", section) if k in d}
         if for_resume:
@@ -809,7 +812,7 @@ def validate_config(cfg: PipelineConfig) -> None:
         if not found.is_file():
             raise cfg.error("model.chat_template", f"{m.chat_template!r} is neither one of {list(CHOICES)} nor an "
                                                    "existing Jinja template file")
-        m.chat_template = str(found.resolve())
+        m.chat_template = str(found)
     if m.max_seq_length < 16:
         raise cfg.error("model.max_seq_length", "must be at least 16")
     if m.device_memory_gb is not None and m.device_memory_gb <= 0:

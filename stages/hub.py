@@ -106,16 +106,21 @@ def eval_results(metrics: dict, label: str) -> list:
         return []
     eval_file = Path(str(metrics.get("eval_file") or "injection eval")).name
     out = []
+    import math
+
     for key, mtype, name in EVAL_METRICS:
         value = m.get(key)
-        if value is None:
+        if not isinstance(value, (int, float)) or not math.isfinite(value):  # the Hub refuses NaN in model-index
             continue
-        safety = key.endswith("refusal_rate")
-        n = m.get("n_redteam" if key == "harmful_refusal_rate" else "n_benign" if safety else "n_cases")
+        if key == "harmful_refusal_rate":
+            dtype, dname, n = "redteam-prompts", "held-out red-team prompts", m.get("n_redteam")
+        elif key == "benign_over_refusal_rate":
+            dtype, dname, n = "benign-prompts", "benign prompts", m.get("n_benign")
+        else:
+            dtype, dname, n = Path(eval_file).stem, f"injection cases of {eval_file}", m.get("n_cases")
         out.append(EvalResult(task_type="text-generation", task_name="prompt-injection robustness and safety",
-                              dataset_type=f"staged-alignment/{'safety-prompts' if safety else Path(eval_file).stem}",
-                              dataset_name=(("red-team and benign prompts" if safety else f"injection cases of "
-                                             f"{eval_file}") + (f" (n={n})" if n is not None else "")),
+                              dataset_type=f"staged-alignment/{dtype}",
+                              dataset_name=dname + (f" (n={n})" if n is not None else ""),
                               metric_type=mtype, metric_name=name, metric_value=round(float(value), 4)))
     return out
 
@@ -235,24 +240,40 @@ def push_stage_adapter(cfg, stage: str, adapter_dir: str | Path, metrics: dict |
 
 
 def push_eval_results(cfg, metrics: dict) -> dict:
-    """After evaluation: rewrite the card (``README.md``) of every stage whose adapter (and merged model) was pushed
-    or dry-run in this run (``<run>/<stage>/hub_upload*``) with that model's results as ``model-index``
-    (:func:`eval_results` of the stage's label in ``metrics``), and upload only that file (``hub.push_dry_run``: the
-    upload folder's card is rewritten, nothing is uploaded).
+    """After evaluation: rewrite the card (``README.md``) of every stage whose adapter was pushed in this run, as the
+    run's manifest records it (``hub`` after an upload, ``hub_upload`` after a dry run, the mode the config now
+    asks for), and of its merged model with ``hub.push_merged``, with that model's results as ``model-index``
+    (:func:`eval_results` of the stage's label in ``metrics``); upload only that file (dry run: the upload folder's
+    card is rewritten, nothing is uploaded).
 
-    Returns ``{stage: repo id or folder}``, plus ``hub_error`` when an upload failed (the evaluation itself is kept).
+    Returns ``{stage: repo id or folder}``, plus ``hub_error`` when anything failed (the evaluation is kept).
     """
     if not (cfg.hub.push_to_hub or cfg.hub.push_dry_run):
         return {}
-    from data_builders.jsonl_io import atomic_write_text
-
     done: dict = {}
+    try:
+        _push_eval_results(cfg, metrics, done)
+    except Exception as e:  # noqa: BLE001 - network, Hub, a bad training_metrics.json: one line, files kept
+        reason = type(e).__name__ + (": " + str(e).splitlines()[0][:200] if str(e) else "")
+        done["hub_error"] = f"updating the pushed cards with the evaluation results failed ({reason})"
+    return done
+
+
+def _push_eval_results(cfg, metrics: dict, done: dict) -> None:
+    from data_builders.jsonl_io import atomic_write_text
+    from stages.run_dir import Manifest
+
+    recorded = Manifest(cfg.run_dir).read()["stages"]
+    mark = "hub_upload" if cfg.hub.push_dry_run else "hub"
     for stage in ("sft", "dpo", "causal"):
         results = eval_results(metrics, stage)
-        if not results or not stage_repo_id(cfg, stage):
+        pushed = mark in ((recorded.get(stage) or {}).get("outputs") or {})
+        if not results or not stage_repo_id(cfg, stage) or not pushed:
             continue
-        for merged, folder in ((False, cfg.run_dir / stage / "hub_upload"),
-                               (True, cfg.run_dir / stage / "hub_upload_merged")):
+        folders = [(False, cfg.run_dir / stage / "hub_upload")]
+        if cfg.hub.push_merged:
+            folders.append((True, cfg.run_dir / stage / "hub_upload_merged"))
+        for merged, folder in folders:
             card = folder / "README.md"
             if not card.is_file():
                 continue
@@ -264,14 +285,8 @@ def push_eval_results(cfg, metrics: dict) -> dict:
             if cfg.hub.push_dry_run:
                 done[stage + ("-merged" if merged else "")] = str(folder)
                 continue
-            try:
-                from huggingface_hub import HfApi
+            from huggingface_hub import HfApi
 
-                HfApi().upload_file(path_or_fileobj=str(card), path_in_repo="README.md", repo_id=rid,
-                                    commit_message="Evaluation results (model-index) from staged-alignment")
-            except Exception as e:  # noqa: BLE001 - network and Hub errors: one line, local files kept
-                reason = type(e).__name__ + (": " + str(e).splitlines()[0][:200] if str(e) else "")
-                return {**done, "hub_error": f"upload of the evaluated card to {rid} failed ({reason}); the card "
-                                             f"is saved in {card}"}
+            HfApi().upload_file(path_or_fileobj=str(card), path_in_repo="README.md", repo_id=rid,
+                                commit_message="Evaluation results (model-index) from staged-alignment")
             done[stage + ("-merged" if merged else "")] = rid
-    return done

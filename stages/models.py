@@ -440,8 +440,8 @@ def check_model(cfg) -> dict | None:
     if cfg.model.chat_template != "zephyr":  # the model's own or a file's template, checked on its tokenizer
         try:
             load_tokenizer(str(folder), cfg.model)
-        except ValueError as e:
-            raise cfg.error("model.chat_template", str(e)) from None
+        except Exception as e:  # noqa: BLE001 - ValueError from the checks, jinja TemplateError, OSError: one line
+            raise cfg.error("model.chat_template", str(e).splitlines()[0] if str(e) else type(e).__name__) from None
     hidden = config_int(conf, "hidden_size")
     if cfg.lora.r > hidden:
         raise cfg.error("lora.r", f"{cfg.lora.r} is above the model's hidden size {hidden}: a LoRA rank cannot exceed "

@@ -85,13 +85,16 @@ def validate_plan(cfg: PipelineConfig, stages: list[str], target: str | None = N
 
     check_model(cfg)
     if target is not None:  # validating for another machine: what only that machine can fetch is not checked here
+        import copy
+
         from stages.smoke import SOURCE_LISTS, stand_ins
 
+        cfg = copy.deepcopy(cfg)  # the stand-ins are for these checks only
         section = {k: getattr(getattr(cfg, k.split(".")[0]), k.split(".")[1]) for k in SOURCE_LISTS}
         changed, rows = stand_ins(section)
         for key, new in changed.items():
             section[key][:] = new
-        lines += [f"  not checked here: {key} = {src} ({new.split(' (', 1)[1].split(':')[0]}; its stage's other "
+        lines += [f"  not checked here: {key} = {src} ({new.rsplit(' (', 1)[1].split(':')[0]}; its stage's other "
                   "checks ran with the shipped seed data in its place)" for key, src, new in rows]
         if "dpo.prompts" in changed and cfg.dpo.held_out > 2:  # sized for the real prompts, not the seed's 40
             lines.append(f"  not checked here: dpo.held_out = {cfg.dpo.held_out} against the number of prompts")

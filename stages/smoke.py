@@ -59,7 +59,7 @@ def stand_ins(lists: dict[str, list]) -> tuple[dict[str, list], list[tuple[str, 
         new, seed = [], str(SEED_DIR / STAND_INS[key])
         for i, src in enumerate(sources or []):
             entry = {"path": src} if isinstance(src, str) else dict(src)
-            why = unavailable(entry)
+            why = unavailable(entry) if entry.get("path") else None
             if why is None:
                 new.append(src)
                 continue
@@ -74,7 +74,7 @@ def stand_ins(lists: dict[str, list]) -> tuple[dict[str, list], list[tuple[str, 
 def smoke_plan(data: dict) -> tuple[list[str], list[tuple[str, str, str]]]:
     """``(overrides, rows)`` for the recipe ``data`` (a raw config dict): dotted ``key=value`` overrides (values
     in YAML/JSON) and the table rows ``(setting, recipe value, smoke value)`` of every change."""
-    from data_builders.sources import is_remote, is_url, offline, unavailable
+    from data_builders.sources import hub_answers, is_cached, is_remote, is_url
 
     over: list[str] = []
     rows: list[tuple[str, str, str]] = []
@@ -102,8 +102,8 @@ def smoke_plan(data: dict) -> tuple[list[str], list[tuple[str, str, str]]]:
         put("model.device_memory_gb", None, reason="the CPU's RAM is checked instead")
     if (_get(data, "model.max_seq_length") or 512) > 256:
         put("model.max_seq_length", 256)
-    if _get(data, "model.chat_template") == "tokenizer":  # a Jinja file is kept: it is the recipe's own text
-        put("model.chat_template", "zephyr", reason="the recipe model's own template is not the embedded model's")
+    if _get(data, "model.chat_template") not in (None, "zephyr"):  # the model's own, or a file written for its tokens
+        put("model.chat_template", "zephyr", reason="written for the recipe model's tokens, not the embedded model's")
     for stage in ("sft", "dpo", "causal"):
         t = _get(data, f"{stage}.training") or {}
         for flag in ("bf16", "fp16", "tf32", "gradient_checkpointing"):
@@ -130,8 +130,10 @@ def smoke_plan(data: dict) -> tuple[list[str], list[tuple[str, str, str]]]:
                 sources[i], changed = entry, True
                 rows.append((f"{key}.{i}.max_rows", str(src.get("max_rows") if isinstance(src, dict) else None),
                              str(ROWS)))
+            if not entry.get("path"):
+                continue  # validation names the missing path
             if is_remote(entry["path"]) and not is_url(entry["path"]) and not entry.get("streaming") and \
-                    unavailable(entry) is None and not offline():
+                    hub_answers(entry) and not is_cached(entry):
                 entry["streaming"] = True  # a Hub dataset: fetch its first rows, not the whole split
                 sources[i], changed = entry, True
                 rows.append((f"{key}.{i}.streaming", "false", "true  (only the first rows are fetched)"))
@@ -168,14 +170,14 @@ def needs_network(overrides: list[str], data: dict) -> bool:
     without streaming that is not cached. Otherwise the run sets ``HF_HUB_OFFLINE=1``: the embedded model needs no
     Hub, and libraries that probe an unreachable Hub retry for minutes (measured: a TinyLlama-recipe smoke took
     365 s with the Hub unreachable, 145 s offline)."""
-    from data_builders.sources import url_cache_paths, is_remote, is_url, load_rows
+    from data_builders.sources import is_cached, is_remote, is_url, url_cache_paths
 
     final = {o.split("=", 1)[0]: json.loads(o.split("=", 1)[1]) for o in overrides
              if o.split("=", 1)[0] in SOURCE_LISTS}
     for key in SOURCE_LISTS:
         for src in final.get(key, _get(data, key) or []):
             entry = {"path": src} if isinstance(src, str) else src
-            if not is_remote(entry["path"]):
+            if not isinstance(entry, dict) or not entry.get("path") or not is_remote(entry["path"]):
                 continue
             if is_url(entry["path"]):
                 if not any(p.is_file() for p in url_cache_paths(entry["path"])):
@@ -183,12 +185,7 @@ def needs_network(overrides: list[str], data: dict) -> bool:
                 continue
             if entry.get("streaming"):
                 return True
-            from data_builders.sources import forced_offline
-
-            try:
-                with forced_offline():
-                    load_rows({"split": "train", **entry})
-            except Exception:  # noqa: BLE001 - not cached: the network is needed
+            if not is_cached(entry):
                 return True
     return False
 

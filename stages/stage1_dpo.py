@@ -42,7 +42,9 @@ F_DIVERGENCE_LOSS_TYPES = {"sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair"
 
 
 def _sources(cfg: PipelineConfig) -> list[dict]:
-    return [dict(s, path=str(resolve_input(s["path"]))) for s in cfg.dpo.prompts]
+    from data_builders.sources import is_remote
+
+    return [dict(s, path=s["path"] if is_remote(s["path"]) else str(resolve_input(s["path"]))) for s in cfg.dpo.prompts]
 
 
 def input_paths(cfg: PipelineConfig) -> dict[str, str]:

@@ -131,8 +131,11 @@ def test_config_resolves_the_file_and_checks_it_before_any_model_load(smollm2_di
     monkeypatch.chdir(tmp_path)
     _write(tmp_path, CHATML)
     cfg = load_config(SMOKE, ["model.chat_template=chat.jinja", f"output_dir={tmp_path}"])
-    assert cfg.model.chat_template == str(tmp_path / "chat.jinja")
+    assert Path(cfg.model.chat_template).resolve() == tmp_path / "chat.jinja"
     check_model(cfg)  # the embedded model's tokenizer takes this template
+    before = cfg.config_hash("sft")
+    (tmp_path / "chat.jinja").write_text(CHATML.replace("'\n' }}{% endfor %}", "'\n\n' }}{% endfor %}"))
+    assert cfg.config_hash("sft") != before  # an edited template redoes the stages
     bad = _write(tmp_path, CHATML.replace("{% generation %}", "").replace("{% endgeneration %}", ""), "bad.jinja")
     cfg = load_config(SMOKE, [f"model.chat_template={bad}", f"output_dir={tmp_path}"])
     with pytest.raises(ConfigError, match=r"field 'model.chat_template': chat template .*bad.jinja: no "
@@ -143,10 +146,22 @@ def test_config_resolves_the_file_and_checks_it_before_any_model_load(smollm2_di
         check_model(cfg)
 
 
-def test_smoke_maps_the_recipe_model_template_but_keeps_a_file():
+def test_smoke_maps_the_recipe_model_template_to_zephyr():
+    """The model's own template or a file written for its tokens (a hard-coded <|eot_id|>) would not fit the embedded
+    model's tokenizer."""
     from stages.smoke import smoke_plan
 
-    over, rows = smoke_plan({"run_name": "r", "model": {"chat_template": "tokenizer"}})
-    assert 'model.chat_template="zephyr"' in over
-    over, _ = smoke_plan({"run_name": "r", "model": {"chat_template": "templates/chatml.jinja"}})
-    assert not any(o.startswith("model.chat_template") for o in over)
+    for template in ("tokenizer", "templates/llama3.jinja"):
+        over, rows = smoke_plan({"run_name": "r", "model": {"chat_template": template}})
+        assert 'model.chat_template="zephyr"' in over
+
+
+def test_a_template_must_write_the_bos_its_tokenizer_starts_sequences_with(spm_model_dir, tmp_path):
+    """A Llama-style SentencePiece tokenizer starts sequences with <s>; prompts are tokenized without special tokens,
+    so a template that does not write bos_token is refused, and accepted once it does."""
+    tok = _tok(spm_model_dir)
+    path = _write(tmp_path, CHATML)
+    with pytest.raises(ValueError, match=r"start the template with \{\{ bos_token \}\}"):
+        apply_template(tok, path)
+    tok = apply_template(_tok(spm_model_dir), _write(tmp_path, "{{ bos_token }}" + CHATML, "bos.jinja"))
+    assert render_prompt(tok, CONV[1:2]).startswith(tok.bos_token)

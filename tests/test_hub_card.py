@@ -114,22 +114,28 @@ def test_evaluation_results_reach_the_pushed_cards_as_model_index(tmp_path):
     (stage / "adapter" / "adapter_model.safetensors").write_bytes(b"x")
     (stage / "adapter" / "adapter_config.json").write_text("{}")
     push_stage_adapter(cfg, "causal", stage / "adapter", {"train_loss": 1.25})
+    from stages.run_dir import Manifest
+
+    Manifest(cfg.run_dir).finish("causal", {"hub_upload": str(stage / "hub_upload")})  # as maybe_push records it
+    (cfg.run_dir / "dpo" / "hub_upload").mkdir(parents=True)  # a stale folder of an earlier run: not this run's
+    (cfg.run_dir / "dpo" / "hub_upload" / "README.md").write_text("---\n---\nold")
     before = _load((stage / "hub_upload" / "README.md").read_text(), tmp_path)
     assert before.data.eval_results is None
     metrics = {"eval_file": "evaluation/heldout/injection_heldout.jsonl",
                "models": {"causal": {"attack_success_rate": 0.0625, "n_cases": 48, "utility_clean": 0.8125,
-                                     "utility_under_attack": 0.5417, "harmful_refusal_rate": None,
+                                     "utility_under_attack": 0.5417, "harmful_refusal_rate": float("nan"),
                                      "benign_over_refusal_rate": 0.25, "n_benign": 8},
                           "dpo": {"attack_success_rate": 0.1}}}
     done = push_eval_results(cfg, metrics)
     assert done == {"causal": str(stage / "hub_upload")}  # dpo was evaluated but not pushed in this run
+    assert (cfg.run_dir / "dpo" / "hub_upload" / "README.md").read_text() == "---\n---\nold"
     text = (stage / "hub_upload" / "README.md").read_text()
     card = _load(text, tmp_path)
     got = {(r.metric_type, r.metric_value, r.dataset_name) for r in card.data.eval_results}
     assert got == {("attack_success_rate", 0.0625, "injection cases of injection_heldout.jsonl (n=48)"),
                    ("utility_clean", 0.8125, "injection cases of injection_heldout.jsonl (n=48)"),
                    ("utility_under_attack", 0.5417, "injection cases of injection_heldout.jsonl (n=48)"),
-                   ("benign_over_refusal_rate", 0.25, "red-team and benign prompts (n=8)")}
+                   ("benign_over_refusal_rate", 0.25, "benign prompts (n=8)")}  # NaN left out
     assert card.data.model_name == "org/causal_x" and "model-index:" in text
     assert "| train\\_loss | 1.25 |" in text and json.loads((stage / "hub_upload" / "training_metrics.json").read_text()) == \
         {"train_loss": 1.25}

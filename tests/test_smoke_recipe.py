@@ -74,8 +74,9 @@ def test_reachable_hub_datasets_are_streamed_in_a_smoke_run(monkeypatch):
     read as they are."""
     import data_builders.sources as sources
 
-    monkeypatch.setattr(sources, "offline", lambda: False)
-    monkeypatch.setattr(sources, "unavailable", lambda source: None)  # the Hub answers
+    monkeypatch.setattr(sources, "unavailable", lambda source: None)
+    monkeypatch.setattr(sources, "hub_answers", lambda source: True)  # the Hub answers
+    monkeypatch.setattr(sources, "is_cached", lambda source: False)
     over, rows = _plan({"run_name": "r", "sft": {"data": [{"path": "HuggingFaceH4/ultrachat_200k", "split": "train_sft"},
                                                           "https://example.org/a/b.jsonl", "local.jsonl"]}})
     assert over["sft.data"] == [{"path": "HuggingFaceH4/ultrachat_200k", "split": "train_sft", "max_rows": 24,

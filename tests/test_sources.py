@@ -259,3 +259,44 @@ def test_streaming_reads_the_first_rows_of_a_hub_layout_folder_with_renames(tmp_
     with pytest.raises(DataError, match=r"org__stream\[train\]: field 'columns': no column\(s\) \['prompt_x'\] to "
                                         r"rename; the source has \['question', 'answer'\]"):  # parquet: known up front
         read_sft_source({**src, "columns": {"prompt_x": "prompt"}})
+
+
+def test_rows_of_mixed_shape_from_datasets_keep_their_own_fields_and_ids_name_the_dataset(tmp_path):
+    """A parquet dataset holding email and code tasks: datasets fills each row's absent columns with None; the rows
+    are read as written (the email row is not taken for a code task), and task ids name the dataset and split, so
+    two datasets of one owner never share ids."""
+    from data_builders.triplets import read_task_source
+
+    rows = [{"context": "Hi, lunch moved to 1 pm.", "question": "Q: When is lunch?", "ideal": "1 pm.", "code": None,
+             "error": None},
+            {"context": "Traceback: NameError x", "question": None, "ideal": None, "code": "print(x)",
+             "error": "NameError: x"}]  # a parquet table's nulls
+    org = tmp_path / "org"
+    a = read_task_source({"path": str(_hub_repo(org / "tasks-a", rows * 2, rows))})  # shards: both kinds
+    assert [t.kind for t in a] == ["email", "code", "email", "code"]
+    assert a[0].id.startswith("bipia-email-") and a[0].id.endswith(f"{org.name}-tasks-a-train-row0")
+    b = read_task_source({"path": str(_hub_repo(org / "tasks-b", rows * 2, rows))})
+    test = read_task_source({"path": str(org / "tasks-a"), "split": "test"})
+    ids = [t.id for t in a + b + test]
+    assert len(set(ids)) == 10 and test[0].id.endswith(f"{org.name}-tasks-a-test-row0")
+
+
+def test_url_names_ignore_query_and_only_json_lines_gz_is_a_line_file():
+    from data_builders.sources import file_suffix, is_line_name, is_remote
+
+    assert is_line_name("https://h/x/train.jsonl?raw=1") and file_suffix("https://h/x/t.parquet#f") == ".parquet"
+    assert is_line_name("data/a.jsonl.gz") and not is_line_name("https://h/x/table.csv.gz")
+    assert is_remote("HuggingFaceH4/ultrachat_200k") and not is_remote("data_builders/seed")  # code-root folder
+    assert not is_remote("org/file.jsonl") and is_remote("https://h/x/train.jsonl")
+
+
+def test_two_local_folders_with_one_name_give_their_own_rows(tmp_path):
+    """datasets reused the first folder's cached build for a second folder of the same name; each local folder now
+    has its own cache (sources.local_folder_cache), rebuilt when a file changes."""
+    one = _hub_repo(tmp_path / "x" / "same", [_conv(1), _conv(2)], [_conv(9)])
+    two = _hub_repo(tmp_path / "y" / "same", [_conv(3), _conv(4)], [_conv(9)])
+    for repo, want in ((one, ["question 1", "question 2"]), (two, ["question 3", "question 4"]),
+                       (one, ["question 1", "question 2"])):
+        assert [r["messages"][0]["content"] for r in read_sft_source({"path": str(repo)})] == want
+    (one / "data" / "train-00000-of-00002.parquet").unlink()  # the folder changes: its rows change
+    assert [r["messages"][0]["content"] for r in read_sft_source({"path": str(one)})] == ["question 2"]

@@ -159,3 +159,15 @@ def test_memory_estimate_reads_dims_from_the_hub_cache_before_the_table(tmp_path
     conf = json.loads((tiny_model_dir / "config.json").read_text())
     assert d["hidden"] == conf["hidden_size"] and d["layers"] == conf["num_hidden_layers"]
     assert model_dims("Qwen/Qwen2.5-32B") == KNOWN["Qwen/Qwen2.5-32B"]  # not cached here: the table's fallback
+
+
+def test_dpo_prompt_sources_keep_urls_and_hub_ids_as_written():
+    from stages.config import PipelineConfig
+    from stages.stage1_dpo import _sources
+
+    cfg = PipelineConfig()
+    url = "https://raw.githubusercontent.com/o/r/0123/redteam.jsonl"
+    cfg.dpo.prompts = [{"path": url}, {"path": "Anthropic/hh-rlhf", "data_dir": "harmless-base"},
+                       {"path": "data_builders/seed/redteam_prompts.jsonl"}]
+    got = [s["path"] for s in _sources(cfg)]
+    assert got[:2] == [url, "Anthropic/hh-rlhf"] and got[2].endswith("data_builders/seed/redteam_prompts.jsonl")
