@@ -7,7 +7,9 @@ recomputation, 2·s·b·h with full checkpointing; fp32 doubles them. Logits: b�
 gradient). DPO doubles the batch (chosen + rejected); the reference pass (adapter disabled) adds no weights.
 The causal stage multiplies it by the number of views its objective stacks (1–4: benign, injected, counterfactual,
 hijack; :func:`data_builders.token_cache.needed_views`) and uses ``causal.max_length`` when set; its logits exist
-only at the response positions (bounded here by the full length). Generation: merged weights + KV cache.
+only at the response positions (bounded here by the full length). Generation (``dpo-generate``: critique and
+rewrite at ``dpo.generation.batch_size``, prompt + ``max_new_tokens`` positions; ``evaluate``): merged 16-bit
+weights + KV cache.
 """
 from __future__ import annotations
 
@@ -35,7 +37,7 @@ class Estimate:
     def line(self, device_gib: float | None) -> str:
         share = f" = {100 * self.gib / device_gib:.0f}% of {device_gib:g} GiB" if device_gib else ""
         parts = ", ".join(f"{k} {v:.2f}" for k, v in self.parts.items())
-        return f"{self.stage:9s} ~{self.gib:6.2f} GiB{share}  ({parts})"
+        return f"{self.stage:12s} ~{self.gib:6.2f} GiB{share}  ({parts})"
 
 
 def config_file(name_or_path: str) -> Path | None:
@@ -94,10 +96,18 @@ def estimate(cfg, stage: str, dims: dict, *, on_cuda: bool) -> Estimate:
     """Peak-memory estimate in GiB of one stage on one device (see module docstring for the formula)."""
     tr = getattr(cfg, stage).training if stage in ("sft", "dpo", "causal") else {}
     b = int(tr.get("per_device_train_batch_size") or 8)
+    if stage == "dpo-generate":  # critique-and-rewrite on the merged model, at the generation batch size
+        from stages.config import GenerationSection, sub_section
+
+        gen = sub_section(cfg, GenerationSection, "dpo.generation")
+        b, s_gen = gen.batch_size, cfg.model.max_seq_length + gen.max_new_tokens
     s = int(tr.get("max_length") or (cfg.causal.max_length if stage == "causal" else None) or cfg.model.max_seq_length)
+    if stage == "dpo-generate":
+        s = s_gen
     ckpt = bool(tr.get("gradient_checkpointing", on_cuda and cfg.model.quantization == "4bit"))
     act_bytes = 2 if on_cuda else 4
-    wbytes = 0.5 + 0.07 if (cfg.model.quantization == "4bit" and stage != "generate") else (2 if on_cuda else 4)
+    training = stage in ("sft", "dpo", "causal")
+    wbytes = 0.5 + 0.07 if (cfg.model.quantization == "4bit" and training) else (2 if on_cuda else 4)
     h, L, V, a = dims["hidden"], dims["layers"], dims["vocab"], dims["heads"]
     mult = {"sft": 1, "dpo": 2, "causal": _causal_views(cfg), "evaluate": 1}.get(stage, 1)
     bb = b * mult

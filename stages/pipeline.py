@@ -111,7 +111,8 @@ def validate_plan(cfg: PipelineConfig, stages: list[str], target: str | None = N
     else:
         lines.append(f"memory estimate per stage ({'CUDA' if cuda else 'CPU'}; device "
                      f"{str(dev) + ' GiB' if dev else 'memory not configured'}):")
-        for s in stages:
+        phases = [p for s in stages for p in ([s, "dpo-generate"] if s == "dpo" and not cfg.dpo.pairs_file else [s])]
+        for s in phases:  # dpo-generate: critique-and-rewrite on the merged 16-bit model (never a 4-bit one)
             est = estimate(cfg, s, dims, on_cuda=cuda)
             lines.append("  " + est.line(dev))
             if dev and est.gib > 0.9 * dev:

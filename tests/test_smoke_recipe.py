@@ -103,6 +103,26 @@ def test_gpu_recipe_dry_run_for_cuda_on_this_cpu(recipe, tmp_path):
     # the Hub datasets and BIPIA's pinned GitHub files are not cached on this offline machine: named, not fatal
     assert "not checked here: sft.data.0 = HuggingFaceH4/ultrachat_200k (not in the local cache, offline" in proc.stdout
     assert "not checked here: causal.tasks.0 = https://raw.githubusercontent.com/microsoft/BIPIA/" in proc.stdout
+    assert "  dpo-generate ~" in proc.stdout  # critique-and-rewrite on the merged 16-bit model, its own line
+
+
+def test_dpo_generation_estimate_is_the_merged_16_bit_model_and_its_kv_cache():
+    """On a 12 GB card the Llama-3.1-8B QLoRA recipe trains in 4 bits but generates pairs on the merged bf16
+    model: 8.03e9 × 2 B = 14.96 GiB of weights, and a KV cache that grows with dpo.generation.batch_size."""
+    from stages.config import PipelineConfig
+    from stages.memory import KNOWN, estimate
+
+    cfg = PipelineConfig()
+    cfg.model.quantization, cfg.model.max_seq_length = "4bit", 1024
+    cfg.dpo.generation = {"batch_size": 16, "max_new_tokens": 256}
+    dims = KNOWN["meta-llama/Llama-3.1-8B-Instruct"]
+    gen = estimate(cfg, "dpo-generate", dims, on_cuda=True)
+    train = estimate(cfg, "dpo", dims, on_cuda=True)
+    assert round(gen.parts["weights"], 2) == 14.96 and round(train.parts["weights"], 2) == 4.26
+    # K and V: 2 × layers × batch × positions × kv width × 2 bytes = 2·32·16·1280·1024·2 B = 2.5 GiB
+    assert gen.parts["kv_cache"] == pytest.approx(2 * 32 * 16 * 1280 * 1024 * 2 / 1024 ** 3)
+    cfg.dpo.generation["batch_size"] = 32
+    assert estimate(cfg, "dpo-generate", dims, on_cuda=True).parts["kv_cache"] == pytest.approx(2 * gen.parts["kv_cache"])
 
 
 def test_target_needs_dry_run(tmp_path):
