@@ -127,6 +127,14 @@ def smollm2_dir(tmp_path_factory) -> Path:
 
 
 REPO = Path(__file__).resolve().parents[1]
+# a two-exchange conversation with a system turn: the chat-template tests' label masks and prompt prefixes
+CONV = [
+    {"role": "system", "content": "You are terse."},
+    {"role": "user", "content": "Say hello."},
+    {"role": "assistant", "content": "Hello there!"},
+    {"role": "user", "content": "And the capital of France?"},
+    {"role": "assistant", "content": "Paris."},
+]
 
 
 def write_tiny_pipeline_config(tmp_path: Path, model_dir: Path, extra: str = "", name: str = "tiny") -> Path:

@@ -6,14 +6,7 @@ from datasets import Dataset
 
 from data_builders.chat_template import (apply_template, prompt_ids, prompt_response_ids, render_conversation,
                                          render_prompt, uses_bos)
-
-CONV = [
-    {"role": "system", "content": "You are terse."},
-    {"role": "user", "content": "Say hello."},
-    {"role": "assistant", "content": "Hello there!"},
-    {"role": "user", "content": "And the capital of France?"},
-    {"role": "assistant", "content": "Paris."},
-]
+from tests.conftest import CONV
 
 
 def _tokenizer(path):

@@ -8,16 +8,9 @@ import pytest
 from datasets import Dataset
 
 from data_builders.chat_template import apply_template, prompt_response_ids, render_conversation, render_prompt
+from tests.conftest import CONV, REPO
 
-ROOT = Path(__file__).resolve().parents[1]
-SMOKE = ROOT / "configs" / "smollm2-135m_pipeline_cpu-smoke.yaml"
-CONV = [
-    {"role": "system", "content": "You are terse."},
-    {"role": "user", "content": "Say hello."},
-    {"role": "assistant", "content": "Hello there!"},
-    {"role": "user", "content": "And the capital of France?"},
-    {"role": "assistant", "content": "Paris."},
-]
+SMOKE = REPO / "configs" / "smollm2-135m_pipeline_cpu-smoke.yaml"
 # ChatML with the assistant content and its end-of-turn token (SmolLM2's eos, <|im_end|>) inside the markers
 CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' }}"
           "{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] + eos_token }}"
