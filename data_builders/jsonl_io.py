@@ -29,6 +29,14 @@ class DataError(ValueError):
         super().__init__(f"{where}: {what}{message}")
 
 
+def error_line(e: BaseException, limit: int = 300) -> str:
+    """An exception as one line for a located message: ``Type: first line of its text`` (cut at ``limit``
+    characters), or ``Type`` alone when it has no text. Libraries (datasets, fsspec, huggingface_hub) raise many
+    types with multi-line texts; the user gets one line."""
+    text = str(e)
+    return type(e).__name__ + (": " + text.splitlines()[0][:limit] if text.strip() else "")
+
+
 def require_file(path: str | os.PathLike, what: str = "input file") -> Path:
     """Return ``Path(path)``; raise :class:`DataError` if it is missing, not a file or empty."""
     p = Path(path)

@@ -25,11 +25,12 @@ beforehand (``--smoke`` and ``--dry-run --target`` use it to stand in the shippe
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Iterator
 
-from data_builders.jsonl_io import DataError
+from data_builders.jsonl_io import DataError, error_line
 
 LINE_SUFFIXES = (".jsonl", ".json", ".gz")  # local files; is_line_name for names and URLs
 BUILDERS = {".parquet": "parquet", ".csv": "csv", ".arrow": "arrow", ".tsv": "csv"}
@@ -42,19 +43,21 @@ def offline() -> bool:
                for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
 
 
-def file_suffix(path) -> str:
-    """The lower-case suffix of a file path or URL (of the URL's path only: no query or fragment)."""
+def _file_part(path) -> str:
+    """A path as given, or a URL's path (no query or fragment)."""
     from urllib.parse import urlparse
 
-    return Path(urlparse(str(path)).path if is_url(path) else str(path)).suffix.lower()
+    return urlparse(str(path)).path if is_url(path) else str(path)
+
+
+def file_suffix(path) -> str:
+    """The lower-case suffix of a file path or URL (of the URL's path only: no query or fragment)."""
+    return Path(_file_part(path)).suffix.lower()
 
 
 def is_line_name(path) -> bool:
     """A name the project reads line by line: ``.jsonl``, ``.json``, ``.jsonl.gz``, ``.json.gz`` (a file or URL)."""
-    from urllib.parse import urlparse
-
-    name = (urlparse(str(path)).path if is_url(path) else str(path)).lower()
-    return name.endswith((".jsonl", ".json", ".jsonl.gz", ".json.gz"))
+    return _file_part(path).lower().endswith((".jsonl", ".json", ".jsonl.gz", ".json.gz"))
 
 
 def is_url(path) -> bool:
@@ -78,13 +81,12 @@ def is_remote(path) -> bool:
 def url_cache_paths(url: str) -> tuple[Path, Path]:
     """``(datasets' cached file, the project's named link to it)`` of ``url``."""
     import hashlib
-    from urllib.parse import urlparse
 
     import datasets
     from datasets.utils.file_utils import hash_url_to_filename
 
     downloads = Path(datasets.config.DOWNLOADED_DATASETS_PATH)
-    parts = [x for x in urlparse(url).path.split("/") if x]
+    parts = [x for x in _file_part(url).split("/") if x]
     if not parts:
         raise DataError(url, None, "path", "the URL names no file")
     named = downloads / "staged-alignment" / hashlib.sha256(url.encode()).hexdigest()[:16] / Path(*parts[-2:])
@@ -110,8 +112,7 @@ def fetch_url(url: str) -> Path:
         try:
             got = cached_path(url, download_config=DownloadConfig(cache_dir=str(cached.parent), use_etag=False))
         except Exception as e:  # noqa: BLE001 - fsspec/requests raise many types; one located line
-            msg = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
-            raise DataError(url, None, "path", f"cannot download ({type(e).__name__}: {msg})") from None
+            raise DataError(url, None, "path", f"cannot download ({error_line(e)})") from None
         cached = Path(got)
     named.parent.mkdir(parents=True, exist_ok=True)
     tmp = named.with_name(named.name + f".{os.getpid()}.tmp")
@@ -125,28 +126,22 @@ def fetch_url(url: str) -> Path:
     return named
 
 
-_UNAVAILABLE: dict = {}  # memo of unavailable(): (source, offline) → reason
-_ANSWERED: dict = {}  # Hub dataset id → the Hub answered its dataset_info
+_PROBED: dict = {}  # (source, offline) → (why it is unavailable or None, whether the Hub answered for it)
 
 
+@contextlib.contextmanager
 def forced_offline():
     """A context in which ``datasets`` and ``huggingface_hub`` do not touch the network (their offline flags, read
     once at import, set for its duration): reading the local cache without five retries per file."""
-    import contextlib
+    import datasets
+    import huggingface_hub.constants as hub_constants
 
-    @contextlib.contextmanager
-    def ctx():
-        import datasets
-        import huggingface_hub.constants as hub_constants
-
-        old = (datasets.config.HF_HUB_OFFLINE, hub_constants.HF_HUB_OFFLINE)
-        datasets.config.HF_HUB_OFFLINE = hub_constants.HF_HUB_OFFLINE = True
-        try:
-            yield
-        finally:
-            datasets.config.HF_HUB_OFFLINE, hub_constants.HF_HUB_OFFLINE = old
-
-    return ctx()
+    old = (datasets.config.HF_HUB_OFFLINE, hub_constants.HF_HUB_OFFLINE)
+    datasets.config.HF_HUB_OFFLINE = hub_constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE, hub_constants.HF_HUB_OFFLINE = old
 
 
 def unavailable(source: dict | str) -> str | None:
@@ -156,27 +151,19 @@ def unavailable(source: dict | str) -> str | None:
     local cache (read without the network). Otherwise "not in the local cache, offline" (``HF_HUB_OFFLINE``), or
     that the Hub (the address) cannot be reached and it is not in the local cache. Answers are remembered for the
     process."""
-    src = {"split": "train", **({"path": source} if isinstance(source, str) else source), "streaming": False}
-    path = src["path"]
-    if not is_remote(path):
-        return None
-    import json
-
-    key = (json.dumps({k: src.get(k) for k in ("path", "name", "data_dir", "data_files", "split", "revision")},
-                      sort_keys=True, default=str), offline())
-    if key not in _UNAVAILABLE:
-        _UNAVAILABLE[key] = _url_unavailable(path) if is_url(path) else _hub_unavailable(src)
-    return _UNAVAILABLE[key]
+    return _probe(source)[0]
 
 
 def hub_answers(source: dict | str) -> bool:
     """Whether the Hub answered for this Hub dataset in :func:`unavailable` (online and reachable)."""
-    unavailable(source)
-    return _ANSWERED.get(source if isinstance(source, str) else source["path"], False)
+    return _probe(source)[1]
 
 
 def is_cached(source: dict) -> bool:
-    """Whether a Hub dataset reads from the local cache without the network (not streamed)."""
+    """Whether a remote source reads without the network: a line-file URL already downloaded (:func:`fetch_url`'s
+    files), or a Hub dataset in the local ``datasets`` cache (read with :func:`forced_offline`, not streamed)."""
+    if is_url(source["path"]):
+        return is_line_name(source["path"]) and any(p.is_file() for p in url_cache_paths(source["path"]))
     try:
         with forced_offline():
             load_rows({"split": "train", **source, "streaming": False})
@@ -185,21 +172,35 @@ def is_cached(source: dict) -> bool:
     return True
 
 
-def _url_unavailable(url: str) -> str | None:
-    if is_line_name(url) and any(p.is_file() for p in url_cache_paths(url)):
-        return None
+def _probe(source: dict | str) -> tuple[str | None, bool]:
+    """``(unavailable reason, the Hub answered)`` of a source, computed once per process and offline state."""
+    src = {"split": "train", **({"path": source} if isinstance(source, str) else source), "streaming": False}
+    if not is_remote(src["path"]):
+        return None, False
+    import json
+
+    key = (json.dumps({k: src.get(k) for k in ("path", "name", "data_dir", "data_files", "split", "revision")},
+                      sort_keys=True, default=str), offline())
+    if key not in _PROBED:
+        _PROBED[key] = _probe_url(src) if is_url(src["path"]) else _probe_hub(src)
+    return _PROBED[key]
+
+
+def _probe_url(src: dict) -> tuple[str | None, bool]:
+    if is_cached(src):
+        return None, False
     if offline():
-        return "not in the local cache, offline"
+        return "not in the local cache, offline", False
     from huggingface_hub import get_session
 
     try:
-        get_session().head(url, timeout=10, follow_redirects=True)  # any status: the server answered
+        get_session().head(src["path"], timeout=10, follow_redirects=True)  # any status: the server answered
     except Exception:  # noqa: BLE001 - no answer (DNS, refused, timeout)
-        return "the address cannot be reached and it is not in the local cache"
-    return None
+        return "the address cannot be reached and it is not in the local cache", False
+    return None, False
 
 
-def _hub_unavailable(src: dict) -> str | None:
+def _probe_hub(src: dict) -> tuple[str | None, bool]:
     reason = "not in the local cache, offline"
     if not offline():
         from huggingface_hub import HfApi
@@ -207,13 +208,12 @@ def _hub_unavailable(src: dict) -> str | None:
 
         try:
             HfApi().dataset_info(src["path"], revision=src.get("revision"), timeout=10)
-            _ANSWERED[src["path"]] = True
-            return None
+            return None, True
         except (HfHubHTTPError, HFValidationError):  # the Hub answered (not found, gated, …) or a bad id: the
-            return None  # reader names it
+            return None, False  # reader names it
         except Exception:  # noqa: BLE001 - no answer (DNS, refused, timeout): the cache may still have it
             reason = "the Hub cannot be reached and it is not in the local cache"
-    return None if is_cached(src) else reason
+    return (None if is_cached(src) else reason), False
 
 
 def is_line_file(path: str) -> bool:
@@ -284,8 +284,7 @@ def load_rows(source: dict):
     except DataError:
         raise
     except Exception as e:  # noqa: BLE001 - datasets raises many types; one located line
-        msg = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
-        raise DataError(label, None, None, f"cannot load with datasets ({type(e).__name__}: {msg})") from None
+        raise DataError(label, None, None, f"cannot load with datasets ({error_line(e)})") from None
 
 
 def iter_source(source: dict, line_rows, what: str = "input file") -> tuple[str, Iterator[tuple[object, dict]]]:

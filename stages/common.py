@@ -426,11 +426,11 @@ def maybe_push(cfg: PipelineConfig, stage: str, adapter_dir, metrics: dict, extr
     """
     if not (cfg.hub.push_to_hub or cfg.hub.push_dry_run):
         return {}
-    from stages.hub import HubPushError, push_stage_adapter
+    from stages.hub import HubPushError, push_stage_adapter, pushed_key
 
     try:
         where = push_stage_adapter(cfg, stage, adapter_dir, metrics, extra_files=extra_files)
     except (HubPushError, ValueError) as e:
         log.error("%s", e)
         return {"hub_error": str(e)}
-    return {"hub_upload" if cfg.hub.push_dry_run else "hub": str(where)}
+    return {pushed_key(cfg): str(where)}

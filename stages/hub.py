@@ -10,11 +10,12 @@ from __future__ import annotations
 import html
 import json
 import logging
+import math
 import os
 import shutil
 from pathlib import Path
 
-from data_builders.jsonl_io import atomic_directory
+from data_builders.jsonl_io import atomic_directory, error_line
 
 log = logging.getLogger(__name__)
 DATA_SUFFIXES = {".json", ".jsonl", ".gz", ".parquet", ".csv", ".tsv", ".txt", ".arrow", ".yaml", ".yml"}
@@ -86,12 +87,12 @@ def base_model_id(cfg, stage: str) -> str | None:
     return None
 
 
-# metrics.json keys reported as model-index results: (key, metric_type, readable name)
-EVAL_METRICS = (("attack_success_rate", "attack_success_rate", "attack success rate (held-out injections)"),
-                ("utility_clean", "utility_clean", "utility without injection"),
-                ("utility_under_attack", "utility_under_attack", "utility under attack"),
-                ("harmful_refusal_rate", "harmful_refusal_rate", "refusal rate on red-team prompts"),
-                ("benign_over_refusal_rate", "benign_over_refusal_rate", "over-refusal rate on benign prompts"))
+# metrics.json keys reported as model-index results (the key is the metric_type) and their readable names
+EVAL_METRICS = (("attack_success_rate", "attack success rate (held-out injections)"),
+                ("utility_clean", "utility without injection"),
+                ("utility_under_attack", "utility under attack"),
+                ("harmful_refusal_rate", "refusal rate on red-team prompts"),
+                ("benign_over_refusal_rate", "over-refusal rate on benign prompts"))
 
 
 def eval_results(metrics: dict, label: str) -> list:
@@ -106,9 +107,7 @@ def eval_results(metrics: dict, label: str) -> list:
         return []
     eval_file = Path(str(metrics.get("eval_file") or "injection eval")).name
     out = []
-    import math
-
-    for key, mtype, name in EVAL_METRICS:
+    for key, name in EVAL_METRICS:
         value = m.get(key)
         if not isinstance(value, (int, float)) or not math.isfinite(value):  # the Hub refuses NaN in model-index
             continue
@@ -121,7 +120,7 @@ def eval_results(metrics: dict, label: str) -> list:
         out.append(EvalResult(task_type="text-generation", task_name="prompt-injection robustness and safety",
                               dataset_type=f"staged-alignment/{dtype}",
                               dataset_name=dname + (f" (n={n})" if n is not None else ""),
-                              metric_type=mtype, metric_name=name, metric_value=round(float(value), 4)))
+                              metric_type=key, metric_name=name, metric_value=round(float(value), 4)))
     return out
 
 
@@ -199,10 +198,19 @@ def _upload(cfg, repo_id: str, folder: Path, what: str, local: str) -> str:
         api.create_repo(repo_id, private=cfg.hub.private, exist_ok=True)
         info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=f"{cfg.run_name}: {what}")
     except Exception as e:  # network, auth, permissions: one message, never the token
-        reason = type(e).__name__ + (": " + str(e).splitlines()[0][:200] if str(e) else "")
-        raise HubPushError(f"push of the {what} to {repo_id} failed ({reason}); local artifacts are saved in "
-                           f"{local} and {folder}") from None
+        raise HubPushError(f"push of the {what} to {repo_id} failed ({error_line(e, 200)}); local artifacts are "
+                           f"saved in {local} and {folder}") from None
     return str(getattr(info, "commit_url", repo_id))
+
+
+def upload_folder(cfg, stage: str, merged: bool = False) -> Path:
+    """The folder written for a stage's upload: ``<run>/<stage>/hub_upload`` (``hub_upload_merged``)."""
+    return cfg.run_dir / stage / ("hub_upload_merged" if merged else "hub_upload")
+
+
+def pushed_key(cfg) -> str:
+    """The manifest output key of a stage's push: ``hub_upload`` (the folder, dry run) or ``hub`` (the repo URL)."""
+    return "hub_upload" if cfg.hub.push_dry_run else "hub"
 
 
 def push_stage_adapter(cfg, stage: str, adapter_dir: str | Path, metrics: dict | None = None,
@@ -218,13 +226,13 @@ def push_stage_adapter(cfg, stage: str, adapter_dir: str | Path, metrics: dict |
     if not repo_id:
         raise ValueError(f"{stage}.hub_model_id is not set; set it or turn hub.push_to_hub off")
     sources = stage_sources(cfg, stage)
-    uploads = [(repo_id, Path(adapter_dir), cfg.run_dir / stage / "hub_upload", False, list(extra_files or []))]
+    uploads = [(repo_id, Path(adapter_dir), upload_folder(cfg, stage), False, list(extra_files or []))]
     if cfg.hub.push_merged:
         merged = Path(merged_dir) if merged_dir else Path(adapter_dir).parent / "merged"
         if not (merged / "config.json").is_file():
             raise ValueError(f"hub.push_merged: no merged model at {merged}")
-        uploads.append((stage_repo_id(cfg, stage, merged=True), merged, cfg.run_dir / stage / "hub_upload_merged",
-                        True, []))
+        uploads.append((stage_repo_id(cfg, stage, merged=True), merged, upload_folder(cfg, stage, merged=True), True,
+                        []))
     for rid, src, upload, is_merged, extra in uploads:
         with atomic_directory(upload) as tmp:
             _fill_upload(tmp, src, extra)
@@ -254,8 +262,7 @@ def push_eval_results(cfg, metrics: dict) -> dict:
     try:
         _push_eval_results(cfg, metrics, done)
     except Exception as e:  # noqa: BLE001 - network, Hub, a bad training_metrics.json: one line, files kept
-        reason = type(e).__name__ + (": " + str(e).splitlines()[0][:200] if str(e) else "")
-        done["hub_error"] = f"updating the pushed cards with the evaluation results failed ({reason})"
+        done["hub_error"] = f"updating the pushed cards with the evaluation results failed ({error_line(e, 200)})"
     return done
 
 
@@ -264,16 +271,13 @@ def _push_eval_results(cfg, metrics: dict, done: dict) -> None:
     from stages.run_dir import Manifest
 
     recorded = Manifest(cfg.run_dir).read()["stages"]
-    mark = "hub_upload" if cfg.hub.push_dry_run else "hub"
     for stage in ("sft", "dpo", "causal"):
         results = eval_results(metrics, stage)
-        pushed = mark in ((recorded.get(stage) or {}).get("outputs") or {})
+        pushed = pushed_key(cfg) in ((recorded.get(stage) or {}).get("outputs") or {})
         if not results or not stage_repo_id(cfg, stage) or not pushed:
             continue
-        folders = [(False, cfg.run_dir / stage / "hub_upload")]
-        if cfg.hub.push_merged:
-            folders.append((True, cfg.run_dir / stage / "hub_upload_merged"))
-        for merged, folder in folders:
+        for merged in (False, True) if cfg.hub.push_merged else (False,):
+            folder = upload_folder(cfg, stage, merged)
             card = folder / "README.md"
             if not card.is_file():
                 continue

@@ -420,8 +420,8 @@ def check_model(cfg) -> dict | None:
     The folder (:func:`check_model_folder`; also ``dpo.base_model`` and ``causal.base_model`` when set: a model
     folder, a Hub id or an adapter, :func:`stages.start_model.check_start`), ``model.max_seq_length`` and
     ``causal.max_length`` against the model's position limit, a ``tokenizer`` or Jinja-file chat template against
-    the model's tokenizer (:func:`data_builders.chat_template.check_template`), and every LoRA ``target_modules`` entry against the
-    module names of the architecture (built on the meta device). A Hub id not in the local cache and an embedded
+    the model's tokenizer (:func:`data_builders.chat_template.check_template`), and every LoRA ``target_modules``
+    entry against the module names of the architecture (built on the meta device). A Hub id not in the local cache and an embedded
     model not yet converted are checked when they are fetched. Returns the model's ``config.json`` (None if
     unchecked). Never loads weights and never downloads.
     """
