@@ -91,11 +91,11 @@ def validate_plan(cfg: PipelineConfig, stages: list[str], target: str | None = N
 
         cfg = copy.deepcopy(cfg)  # the stand-ins are for these checks only
         section = {k: getattr(getattr(cfg, k.split(".")[0]), k.split(".")[1]) for k in SOURCE_LISTS}
-        changed, rows = stand_ins(section)
+        changed, replaced = stand_ins(section)
         for key, new in changed.items():
             section[key][:] = new
-        lines += [f"  not checked here: {key} = {src} ({new.rsplit(' (', 1)[1].split(':')[0]}; its stage's other "
-                  "checks ran with the shipped seed data in its place)" for key, src, new in rows]
+        lines += [f"  not checked here: {key} = {src} ({why}; its stage's other checks ran with the shipped seed data "
+                  "in its place)" for key, src, _, why in replaced]
         if "dpo.prompts" in changed and cfg.dpo.held_out > 2:  # sized for the real prompts, not the seed's 40
             lines.append(f"  not checked here: dpo.held_out = {cfg.dpo.held_out} against the number of prompts")
             cfg.dpo.held_out = 2
@@ -157,7 +157,7 @@ def run_pipeline(args) -> int:
         os.environ["WANDB_MODE"] = "offline"
         from stages.smoke import needs_network
 
-        if not needs_network(extra, raw_config(args.config, args.overrides)):
+        if not needs_network(raw_config(args.config, args.overrides)):  # the recipe with the smoke overrides
             os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no source is fetched: nothing else needs the Hub
     try:
         cfg = load_config(args.config, args.overrides, target=args.target)

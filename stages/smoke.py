@@ -43,32 +43,37 @@ def _get(data: dict, key: str, default=None):
     return node
 
 
-def stand_ins(lists: dict[str, list]) -> tuple[dict[str, list], list[tuple[str, str, str]]]:
+def _entry(src) -> dict:
+    """A source of a raw config list as a ``DataSource``-like mapping (a copy; a bare path becomes ``{"path"}``)."""
+    return {"path": src} if isinstance(src, str) else dict(src)
+
+
+def stand_ins(lists: dict[str, list]) -> tuple[dict[str, list], list[tuple[str, str, str, str]]]:
     """Replace the sources this machine cannot read now (:func:`data_builders.sources.unavailable`: a Hub dataset or
     URL neither in the local cache nor reachable) by the shipped seed file of :data:`STAND_INS`.
 
     ``lists`` maps a dotted key of :data:`SOURCE_LISTS` to its sources (paths or ``DataSource`` mappings). Returns
-    ``(changed, rows)``: the new lists of the keys that changed (a seed file appears once per list, with the
-    replaced source's ``max_rows``) and one table row ``(key.i, source, stand-in (reason))`` per replaced source."""
+    ``(changed, replaced)``: the new lists of the keys that changed (a seed file appears once per list, with the
+    replaced source's ``max_rows``) and ``(key.i, source, seed file, reason)`` per replaced source."""
     from data_builders.sources import unavailable
 
-    changed, rows = {}, []
+    changed, replaced = {}, []
     for key, sources in lists.items():
         if key not in STAND_INS:
             continue
         new, seed = [], str(SEED_DIR / STAND_INS[key])
         for i, src in enumerate(sources or []):
-            entry = {"path": src} if isinstance(src, str) else dict(src)
+            entry = _entry(src)
             why = unavailable(entry) if entry.get("path") else None
             if why is None:
                 new.append(src)
                 continue
-            rows.append((f"{key}.{i}", entry["path"], f"{seed} ({why}: the shipped seed data stands in)"))
+            replaced.append((f"{key}.{i}", entry["path"], seed, why))
             if not any((x if isinstance(x, str) else x.get("path")) == seed for x in new):
                 new.append({"path": seed, **({"max_rows": entry["max_rows"]} if entry.get("max_rows") else {})})
         if new != list(sources or []):
             changed[key] = new
-    return changed, rows
+    return changed, replaced
 
 
 def smoke_plan(data: dict) -> tuple[list[str], list[tuple[str, str, str]]]:
@@ -124,7 +129,7 @@ def smoke_plan(data: dict) -> tuple[list[str], list[tuple[str, str, str]]]:
     for key in SOURCE_LISTS:
         sources, changed = list(_get(data, key) or []), False
         for i, src in enumerate(sources):
-            entry = {"path": src} if isinstance(src, str) else dict(src)
+            entry = _entry(src)
             if (entry.get("max_rows") or ROWS + 1) > ROWS:
                 entry["max_rows"] = ROWS
                 sources[i], changed = entry, True
@@ -137,8 +142,8 @@ def smoke_plan(data: dict) -> tuple[list[str], list[tuple[str, str, str]]]:
                 entry["streaming"] = True  # a Hub dataset: fetch its first rows, not the whole split
                 sources[i], changed = entry, True
                 rows.append((f"{key}.{i}.streaming", "false", "true  (only the first rows are fetched)"))
-        replaced, stand_rows = stand_ins({key: sources})
-        rows += stand_rows
+        replaced, stood_in = stand_ins({key: sources})
+        rows += [(k, src, f"{seed} ({why}: the shipped seed data stands in)") for k, src, seed, why in stood_in]
         if changed or key in replaced:
             over.append(f"{key}={json.dumps(replaced.get(key, sources))}")
     if _get(data, "dpo.generation.drop_truncated") is not False:
@@ -164,28 +169,20 @@ def smoke_plan(data: dict) -> tuple[list[str], list[tuple[str, str, str]]]:
     return over, rows
 
 
-def needs_network(overrides: list[str], data: dict) -> bool:
-    """Whether the smoke run reads a source from the network: after ``overrides`` (from :func:`smoke_plan`), a
-    source list of :data:`SOURCE_LISTS` still names a streamed Hub dataset, an uncached URL, or a Hub dataset read
-    without streaming that is not cached. Otherwise the run sets ``HF_HUB_OFFLINE=1``: the embedded model needs no
-    Hub, and libraries that probe an unreachable Hub retry for minutes (measured: a TinyLlama-recipe smoke took
-    365 s with the Hub unreachable, 145 s offline)."""
-    from data_builders.sources import is_cached, is_remote, is_url, url_cache_paths
+def needs_network(data: dict) -> bool:
+    """Whether the smoke run reads a source from the network: a source list of :data:`SOURCE_LISTS` in ``data``
+    (the raw config with the smoke overrides applied) still names a streamed Hub dataset, or a URL or Hub dataset
+    that is not cached (:func:`data_builders.sources.is_cached`). Otherwise the run sets ``HF_HUB_OFFLINE=1``: the
+    embedded model needs no Hub, and libraries that probe an unreachable Hub retry for minutes (measured: a
+    TinyLlama-recipe smoke took 365 s with the Hub unreachable, 145 s offline)."""
+    from data_builders.sources import is_cached, is_remote
 
-    final = {o.split("=", 1)[0]: json.loads(o.split("=", 1)[1]) for o in overrides
-             if o.split("=", 1)[0] in SOURCE_LISTS}
     for key in SOURCE_LISTS:
-        for src in final.get(key, _get(data, key) or []):
-            entry = {"path": src} if isinstance(src, str) else src
-            if not isinstance(entry, dict) or not entry.get("path") or not is_remote(entry["path"]):
-                continue
-            if is_url(entry["path"]):
-                if not any(p.is_file() for p in url_cache_paths(entry["path"])):
-                    return True
-                continue
-            if entry.get("streaming"):
-                return True
-            if not is_cached(entry):
+        for src in _get(data, key) or []:
+            if not isinstance(src, (str, dict)):
+                continue  # validation names it
+            entry = _entry(src)
+            if entry.get("path") and is_remote(entry["path"]) and (entry.get("streaming") or not is_cached(entry)):
                 return True
     return False
 

@@ -134,8 +134,8 @@ def test_target_needs_dry_run(tmp_path):
 def test_a_smoke_run_goes_offline_unless_a_source_is_fetched(monkeypatch, tmp_path):
     from stages.smoke import needs_network
 
-    assert not needs_network(['sft.data=[{"path": "local.jsonl"}]'], {})
-    assert needs_network(['sft.data=[{"path": "org/data", "streaming": true}]'], {})
-    assert needs_network([], {"causal": {"tasks": ["https://example.org/never/fetched.jsonl"]}})
+    assert not needs_network({"sft": {"data": [{"path": "local.jsonl"}]}})
+    assert needs_network({"sft": {"data": [{"path": "org/data", "streaming": True}]}})
+    assert needs_network({"causal": {"tasks": ["https://example.org/never/fetched.jsonl"]}})
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    assert needs_network([], {"dpo": {"prompts": [{"path": "org/not-cached"}]}})  # read without streaming: fetched
+    assert needs_network({"dpo": {"prompts": [{"path": "org/not-cached"}]}})  # read without streaming: fetched
