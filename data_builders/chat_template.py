@@ -124,6 +124,12 @@ def check_template(tokenizer, source: str, *, data_role: bool = False, needs_bos
                              + ("; set model.data_role: false or use zephyr" if role == "input" else ""))
 
 
+def _own_template(tokenizer) -> str:
+    """The tokenizer's own chat template text, or "" (none, or a dict of named templates)."""
+    own = getattr(tokenizer, "chat_template", None)
+    return own if isinstance(own, str) else ""
+
+
 def uses_bos(tokenizer) -> bool:
     """Whether sequences of this tokenizer start with its BOS token: its own chat template writes ``bos_token``, or
     plain tokenization adds it (``add_bos_token``, e.g. Llama's SentencePiece tokenizers). False without a BOS token.
@@ -134,7 +140,7 @@ def uses_bos(tokenizer) -> bool:
     bos = getattr(tokenizer, "bos_token", None)
     if not bos or tokenizer.bos_token_id is None:
         return False
-    own = tokenizer.chat_template if isinstance(getattr(tokenizer, "chat_template", None), str) else ""
+    own = _own_template(tokenizer)
     if own and own not in (ZEPHYR_TEMPLATE, ZEPHYR_BOS_TEMPLATE) and "bos_token" in own:
         return True
     if own == ZEPHYR_BOS_TEMPLATE:  # already applied (a merged model's saved tokenizer)
@@ -162,7 +168,7 @@ def apply_template(tokenizer, name: str = "zephyr", *, data_role: bool = False):
         raise ValueError("the tokenizer has no eos_token; the chat template needs one to end assistant turns")
     needs_bos = uses_bos(tokenizer)  # of the tokenizer as loaded, before its template is replaced
     if name == "tokenizer":
-        own = tokenizer.chat_template if isinstance(getattr(tokenizer, "chat_template", None), str) else None
+        own = _own_template(tokenizer)
         if not own:
             raise ValueError(f"model.chat_template is 'tokenizer' but the tokenizer has no chat template; {FIX}")
         from trl.chat_template_utils import get_training_chat_template, has_generation_markers
@@ -183,7 +189,7 @@ def apply_template(tokenizer, name: str = "zephyr", *, data_role: bool = False):
         check_template(tokenizer, "of the tokenizer", data_role=data_role, needs_bos=needs_bos)
     else:
         template = get_template(name)
-        if name == "zephyr" and uses_bos(tokenizer):
+        if name == "zephyr" and needs_bos:
             template = ZEPHYR_BOS_TEMPLATE
         tokenizer.chat_template = template
         if name != "zephyr":

@@ -96,14 +96,12 @@ def estimate(cfg, stage: str, dims: dict, *, on_cuda: bool) -> Estimate:
     """Peak-memory estimate in GiB of one stage on one device (see module docstring for the formula)."""
     tr = getattr(cfg, stage).training if stage in ("sft", "dpo", "causal") else {}
     b = int(tr.get("per_device_train_batch_size") or 8)
-    if stage == "dpo-generate":  # critique-and-rewrite on the merged model, at the generation batch size
+    s = int(tr.get("max_length") or (cfg.causal.max_length if stage == "causal" else None) or cfg.model.max_seq_length)
+    if stage == "dpo-generate":  # critique-and-rewrite on the merged model: the generation batch, prompt + answer
         from stages.config import GenerationSection, sub_section
 
         gen = sub_section(cfg, GenerationSection, "dpo.generation")
-        b, s_gen = gen.batch_size, cfg.model.max_seq_length + gen.max_new_tokens
-    s = int(tr.get("max_length") or (cfg.causal.max_length if stage == "causal" else None) or cfg.model.max_seq_length)
-    if stage == "dpo-generate":
-        s = s_gen
+        b, s = gen.batch_size, cfg.model.max_seq_length + gen.max_new_tokens
     ckpt = bool(tr.get("gradient_checkpointing", on_cuda and cfg.model.quantization == "4bit"))
     act_bytes = 2 if on_cuda else 4
     training = stage in ("sft", "dpo", "causal")
