@@ -30,6 +30,7 @@ BENCHES = {
     "length_grouping": "bench_length_grouping.py",
     "memory": "bench_memory.py",
     "utilisation": "bench_utilisation.py",
+    "attacks": "bench_attacks.py",
 }
 
 

@@ -380,6 +380,52 @@ class CausalSection:
 
 
 @dataclass
+class SuiteSection:
+    """``evaluate.suite``: the security suite by name (:mod:`evaluation.suite`; ``--suite injection``).
+
+    Each benchmark reads a local file (the papers' own files; nothing is shipped) or is left out when its file is
+    unset; ``heldout`` is the project's shipped set and always available."""
+
+    benchmarks: list[str] = field(default_factory=lambda: ["alpacafarm", "sep", "bipia", "heldout"])
+    alpacafarm_file: str | None = None  # davinci_003_outputs.json (original or combined layout)
+    sep_file: str | None = None  # SEP_dataset.json or SEP_1000_keyword.json
+    bipia_file: str | None = None  # an eval file made by evaluation.bipia_convert from BIPIA's test split
+    heldout_file: str = "evaluation/heldout/injection_heldout.jsonl"  # utility clean and under attack (gold answers)
+    alpacafarm_attacks: list[str] | None = None  # None = every StruQ/SecAlign attack (alpacafarm_convert.ATTACKS)
+    sep_attacks: list[str] | None = None  # keyword layout; None = Meta SecAlign's six (sep_convert.KEYWORD_ATTACKS)
+    positions: list[str] = field(default_factory=lambda: ["after", "before"])  # AlpacaFarm: after | before the data
+    template_variants: list[str] | None = None  # model-specific completion (template_attacks.VARIANTS); [] = off
+    ignore_sentences: str | None = None  # JSON list with {injected_prompt} (e.g. StruQ's test list); None = own
+    hackaprompt_sentences: str | None = None  # likewise for hackaprompt; None = the project's own
+    max_samples: int | None = None  # samples (rows) per benchmark: a seeded sample; None = all
+    seed: int = 0
+
+
+@dataclass
+class AdaptiveSection:
+    """``evaluate.adaptive``: attacks that adapt to the model under test (:mod:`evaluation.adaptive`), each with its
+    budget; a budget curve records the ASR at every ``checkpoints`` budget. Defaults are CPU-sized; the GPU recipes
+    set the papers' budgets (GCG: SecAlign's 20-token suffix, top-k 256, 512 candidates, 500 steps)."""
+
+    attacks: list[str] = field(default_factory=lambda: ["bon", "random_search", "gcg"])
+    n_cases: int = 30  # a fixed, seeded subset of AlpacaFarm rows (or held-out cases), the same for every model
+    seed: int = 0
+    max_new_tokens: int = 16  # greedy answer length when a checkpoint is judged
+    bon_n: int = 16  # best-of-N: augmented injections per case (queries)
+    bon_sigma: float = 0.4  # best-of-N: augmentation strength (Hughes et al. 2024's σ)
+    rs_iterations: int = 64  # random search: accepted-or-rejected proposals (forward-only queries)
+    rs_suffix_tokens: int = 20
+    rs_change_tokens: int = 4  # tokens replaced per proposal at the start (halved as the search goes on)
+    gcg_steps: int = 8
+    gcg_suffix_tokens: int = 20
+    gcg_topk: int = 256
+    gcg_batch: int = 64  # candidates per step (SecAlign: 512)
+    gcg_mini_batch: int = 64  # candidates per forward pass at the cached prefix
+    checkpoints: list[int] | None = None  # budgets at which success is judged (None = 0 and powers of 2 to the max)
+    target: str = "Hacked"  # what the optimisation attacks make the answer begin with (AlpacaFarm's word)
+
+
+@dataclass
 class EvaluateSection:
     """Stage 3: evaluation and verification."""
 
@@ -404,6 +450,8 @@ class EvaluateSection:
     safety_classifier: str | None = None  # optional Llama Guard–style classifier (folder or Hub id) beside the rules
     utility_f1_threshold: float = 0.5  # benign utility: token-F1 ≥ this also counts as a match
     ci_test: str = "fisherz"  # conditional-independence test of the PC algorithm: fisherz | kci
+    suite: dict = field(default_factory=dict)  # SuiteSection keys (--suite)
+    adaptive: dict = field(default_factory=dict)  # AdaptiveSection keys (--adaptive)
 
 
 @dataclass
@@ -786,6 +834,43 @@ def _check_strings(cfg: PipelineConfig, obj, prefix: str = "") -> None:
                 raise cfg.error(dotted, f"contains a control character ({value!r})")
 
 
+def validate_suite(cfg: PipelineConfig) -> None:
+    """Checks of ``evaluate.suite`` and ``evaluate.adaptive`` (names, ranges, budgets). Raises :class:`ConfigError`."""
+    from evaluation.alpacafarm_convert import ATTACKS, POSITIONS
+    from evaluation.sep_convert import KEYWORD_ATTACKS
+    from evaluation.template_attacks import VARIANTS
+
+    st = sub_section(cfg, SuiteSection, "evaluate.suite")
+    known = ("alpacafarm", "sep", "bipia", "heldout")
+    for key, values, allowed in (("benchmarks", st.benchmarks, known), ("alpacafarm_attacks", st.alpacafarm_attacks,
+                                 ATTACKS), ("sep_attacks", st.sep_attacks, KEYWORD_ATTACKS),
+                                 ("positions", st.positions, POSITIONS), ("template_variants", st.template_variants,
+                                                                         VARIANTS)):
+        if values is None:
+            continue
+        bad = [v for v in values if v not in allowed]
+        if bad or (not values and key not in ("template_variants",)):
+            raise cfg.error(f"evaluate.suite.{key}", f"use a non-empty subset of {list(allowed)} (bad: {bad})")
+    if st.max_samples is not None and st.max_samples < 1:
+        raise cfg.error("evaluate.suite.max_samples", "must be ≥ 1 (or null for all)")
+    ad = sub_section(cfg, AdaptiveSection, "evaluate.adaptive")
+    bad = [a for a in ad.attacks if a not in ("bon", "random_search", "gcg")]
+    if bad:
+        raise cfg.error("evaluate.adaptive.attacks", f"use a subset of ['bon', 'random_search', 'gcg'] (bad: {bad})")
+    for key in ("n_cases", "max_new_tokens", "bon_n", "rs_iterations", "rs_suffix_tokens", "rs_change_tokens",
+                "gcg_steps", "gcg_suffix_tokens", "gcg_topk", "gcg_batch", "gcg_mini_batch"):
+        if getattr(ad, key) < 1:
+            raise cfg.error(f"evaluate.adaptive.{key}", "must be ≥ 1")
+    if ad.rs_change_tokens > ad.rs_suffix_tokens:
+        raise cfg.error("evaluate.adaptive.rs_change_tokens", "cannot exceed rs_suffix_tokens")
+    if not 0 < ad.bon_sigma <= 1:
+        raise cfg.error("evaluate.adaptive.bon_sigma", "must be in (0, 1]")
+    if ad.checkpoints is not None and (not ad.checkpoints or min(ad.checkpoints) < 0):
+        raise cfg.error("evaluate.adaptive.checkpoints", "a non-empty list of budgets ≥ 0")
+    if not ad.target.strip():
+        raise cfg.error("evaluate.adaptive.target", "is empty")
+
+
 def validate_config(cfg: PipelineConfig) -> None:
     """Range and consistency checks that need no model and no data. Raises :class:`ConfigError`."""
     _check_strings(cfg, cfg)
@@ -943,9 +1028,13 @@ def validate_config(cfg: PipelineConfig) -> None:
             raise cfg.error(f"evaluate.{key}", "must be ≥ 1")
     if e.safety_max_new_tokens < 1:
         raise cfg.error("evaluate.safety_max_new_tokens", "must be ≥ 1")
-    for key in ("max_cases", "max_controls", "max_redteam", "max_benign"):
+    for key in ("max_cases", "max_controls"):
         if getattr(e, key) is not None and getattr(e, key) < 1:
             raise cfg.error(f"evaluate.{key}", "must be ≥ 1 (or null for all)")
+    for key in ("max_redteam", "max_benign"):
+        if getattr(e, key) is not None and getattr(e, key) < 0:
+            raise cfg.error(f"evaluate.{key}", "must be ≥ 0 (0 leaves that safety measure out; null for all)")
+    validate_suite(cfg)
     if e.hsic_permutations < 20:
         raise cfg.error("evaluate.hsic_permutations", "at least 20 permutations (the p-value is ≥ 1/(1+reps))")
     if e.do_sample and e.temperature <= 0:

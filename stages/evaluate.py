@@ -124,6 +124,18 @@ def pipeline_models(cfg: PipelineConfig) -> dict[str, str]:
     return out
 
 
+def parse_models(args: list[str]) -> dict[str, str]:
+    """``{label: path}`` of the ``--model`` arguments (:func:`parse_model_arg`); raises :class:`ConfigError` for a
+    label given twice."""
+    models = {}
+    for m in args:
+        label, path = parse_model_arg(m)
+        if label in models:
+            raise ConfigError(None, None, "--model", f"label {label!r} given twice")
+        models[label] = path
+    return models
+
+
 def parse_model_arg(arg: str) -> tuple[str, str]:
     """``label=path`` or ``path`` → ``(label, path)``; the label of ``…/sft/merged`` is ``sft``."""
     if "=" in arg and not Path(arg).exists():
@@ -142,6 +154,8 @@ def read_redteam(cfg: PipelineConfig) -> tuple[list[dict], str | None]:
     of ``evaluate.max_redteam`` prompts, :func:`evaluation.safety.read_harmful_file`), else the first
     ``max_redteam`` of the DPO held-out slice in ``<run_dir>/dpo/assessment.json``, else ``([], None)``."""
     n = cfg.evaluate.max_redteam
+    if n == 0:  # the safety measure left out (an injection-only evaluation)
+        return [], None
     if cfg.evaluate.redteam_file:
         from evaluation.safety import read_harmful_file
 
@@ -159,7 +173,7 @@ def read_redteam(cfg: PipelineConfig) -> tuple[list[dict], str | None]:
 def read_benign(cfg: PipelineConfig) -> tuple[list[dict], str | None]:
     """Benign look-alike prompts ``[{"id", "prompt", "category"}]`` of ``evaluate.benign_file`` (the first
     ``max_benign``) and the path, or ``([], None)`` when unset. Raises :class:`DataError`."""
-    if not cfg.evaluate.benign_file:
+    if not cfg.evaluate.benign_file or cfg.evaluate.max_benign == 0:
         return [], None
     from evaluation.safety import read_benign_file
 
@@ -561,8 +575,9 @@ def safety_prompts(cfg: PipelineConfig, run_dir: str | os.PathLike | None, notes
                          "them (data/pairs.jsonl)")
         redteam = kept
     if not redteam:
-        notes.append("harmful_refusal_rate is null: no harmful prompts (evaluate.redteam_file unset and no "
-                     "dpo/assessment.json)")
+        notes.append("harmful_refusal_rate is null: " + ("the safety measure is off (evaluate.max_redteam: 0)"
+                     if cfg.evaluate.max_redteam == 0 else "no harmful prompts (evaluate.redteam_file unset and no "
+                     "dpo/assessment.json)"))
     return {"redteam": redteam, "benign": benign, "redteam_source": rsrc, "benign_source": bsrc, "left_out": left}
 
 
@@ -578,12 +593,14 @@ def classify_answers(cfg: PipelineConfig, redteam: list[dict], answers: dict) ->
 # --------------------------------------------------------------------------------------------- evaluation
 def evaluate_models(cfg: PipelineConfig, models: dict[str, str], eval_file: str | os.PathLike, out_dir: str | os.PathLike,
                     *, run_dir: str | os.PathLike | None = None, references: dict[str, str] | None = None,
-                    margins: bool = False) -> dict:
+                    margins: bool = False, representations: bool = True) -> dict:
     """Evaluate ``models`` (``{label: path}``) on ``eval_file``; write ``metrics.json``, ``report.md``, plots and
     ``generations.jsonl`` under ``out_dir``. Returns the metrics dict (``metrics.json``'s content).
 
     ``references``: ``{label: reference label}`` for the paired tests (default: each pipeline stage against the
-    model it started from, :func:`stage_references`). ``margins``: also compute the teacher-forced margins."""
+    model it started from, :func:`stage_references`). ``margins``: also compute the teacher-forced margins.
+    ``representations``: False skips the representations and their verification (the security suite, whose
+    benchmarks have no counterfactual views worth the forward passes)."""
     from evaluation import report
     from evaluation.metrics import model_metrics, paired_comparisons, score_case
     from evaluation.safety import disagreement, safety_metrics, safety_outcomes
@@ -622,7 +639,7 @@ def evaluate_models(cfg: PipelineConfig, models: dict[str, str], eval_file: str 
         t0 = time.time()
         ev = ModelEvaluator(cfg, label, path, out, cases, redteam, eval_sha, benign)
         answers = ev.generate()
-        reps = ev.representations()
+        reps = ev.representations() if representations else None
         mg = ev.margins() if margins else None
         ev.release()
         safety = safety_outcomes(redteam, benign, answers)
@@ -660,8 +677,10 @@ def evaluate_models(cfg: PipelineConfig, models: dict[str, str], eval_file: str 
             metrics[key][label] = {k: {"rate": v["rate"], "ci95": v["ci95"], "k": v["k"], "n": v["n"]}
                                    for k, v in groups[key].items()}
         if reps is None:
-            metrics["verification"][label] = {"skipped": "no case has what the representation needs (a response-"
-                                                         "pooled head needs an ideal)", "tests": [], "pc": None}
+            metrics["verification"][label] = {"skipped": "representations not computed (evaluate_models("
+                                                         "representations=False))" if not representations else
+                                              "no case has what the representation needs (a response-"
+                                              "pooled head needs an ideal)", "tests": [], "pc": None}
         else:
             rep_cases = [c for c in inj_cases if c["id"] in set(reps["ids"])]
             metrics["verification"][label] = verify(reps["benign"], reps["injected"], reps["counterfactual"],
@@ -752,7 +771,13 @@ def main(argv=None) -> int:
     ap.add_argument("--config", required=True)
     ap.add_argument("--model", action="append", default=[], help="label=path or path (repeatable)")
     ap.add_argument("--eval-file", help="injection eval JSONL (default: evaluate.eval_file)")
-    ap.add_argument("--output", help="output folder (default: <run_dir>/eval)")
+    ap.add_argument("--output", help="output folder (default: <run_dir>/eval; <run_dir>/suite with --suite)")
+    ap.add_argument("--suite", help="run a security suite by name (evaluation.suite.SUITES: injection)")
+    ap.add_argument("--benchmark", action="append", default=[],
+                    help="one benchmark of the suite (alpacafarm, sep, bipia, heldout; repeatable)")
+    ap.add_argument("--adaptive", action="store_true", help="also run evaluate.adaptive's attacks (budget curves)")
+    ap.add_argument("--reference", action="append", default=[],
+                    help="model=reference for the suite's paired tests (default: each model against the one before)")
     ap.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     try:
         args = ap.parse(argv)
@@ -760,6 +785,8 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     overrides = list(args.overrides) + ([f"evaluate.eval_file={args.eval_file}"] if args.eval_file else [])
+    if args.suite or args.benchmark or args.adaptive:
+        return suite_main(args, overrides)
     if not args.model and not args.output:  # the pipeline stage (manifest, run_dir/eval)
         return run_stage_main(sys.modules[__name__], "Evaluation stage", ["--config", args.config, *overrides])
     setup_logging()
@@ -767,12 +794,7 @@ def main(argv=None) -> int:
 
     try:
         cfg = load_config(args.config, overrides)
-        models = {}
-        for m in args.model:
-            label, path = parse_model_arg(m)
-            if label in models:
-                raise ConfigError(None, None, "--model", f"label {label!r} given twice")
-            models[label] = path
+        models = parse_models(args.model)
         validate(cfg, None, models)
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -781,20 +803,119 @@ def main(argv=None) -> int:
 
     if not main_process_only(cfg, "evaluation"):
         return 0
-    if not models:
-        models = pipeline_models(cfg)
     out = Path(args.output) if args.output else cfg.run_dir / "eval"
-    from stages.start_model import materialize
-
-    # a Hub id → its cached (or downloaded) snapshot; an adapter → merged into its base under <out>/models/<label>
-    models = {label: str(materialize(path, out / "models" / label, cfg.model)) if not path.startswith("embedded:")
-              else path for label, path in models.items()}
+    models = materialized(cfg, models, out)
     metrics = evaluate_models(cfg, models, eval_file_path(cfg), out, run_dir=cfg.run_dir)
     from evaluation.report import metrics_table
 
     print(metrics_table(metrics))
     print(f"\nreport: {out / 'report.md'}")
     return 0
+
+
+def materialized(cfg: PipelineConfig, models: dict[str, str], out: Path) -> dict[str, str]:
+    """``{label: local model folder}``: the pipeline's models when ``models`` is empty; a Hub id → its cached (or
+    downloaded) snapshot; an adapter → merged into its base under ``<out>/models/<label>``."""
+    from stages.start_model import materialize
+
+    models = models or pipeline_models(cfg)
+    return {label: str(materialize(path, out / "models" / label, cfg.model)) if not path.startswith("embedded:")
+            else path for label, path in models.items()}
+
+
+def suite_benchmarks(cfg: PipelineConfig, suite: str | None, named: list[str]) -> tuple[list[str], list[str]]:
+    """``(benchmarks to run, notes)``: the ``--benchmark`` names, else the suite's benchmarks that
+    ``evaluate.suite.benchmarks`` lists and whose file is set (a note for each left out). Raises
+    :class:`ConfigError` for an unknown suite or benchmark, or a named benchmark without its file."""
+    from evaluation.suite import SUITES, sub_suite
+
+    st = sub_suite(cfg)
+    if suite is not None and suite not in SUITES:
+        raise ConfigError(None, None, "--suite", f"unknown suite {suite!r}; expected one of {sorted(SUITES)}")
+    known = SUITES["injection"]
+    for b in named:
+        if b not in known:
+            raise ConfigError(None, None, "--benchmark", f"unknown benchmark {b!r}; expected one of {list(known)}")
+    has_file = {b: b == "heldout" or bool(getattr(st, f"{b}_file")) for b in known}
+    if named:
+        for b in named:
+            if not has_file[b]:
+                raise cfg.error(f"evaluate.suite.{b}_file", f"--benchmark {b} needs this file")
+        return list(named), []
+    names = [b for b in SUITES[suite or "injection"] if b in st.benchmarks]
+    notes = [f"{b}: left out (evaluate.suite.{b}_file unset)" for b in names if not has_file[b]]
+    return [b for b in names if has_file[b]], notes
+
+
+def suite_main(args, overrides: list[str]) -> int:
+    """``--suite`` / ``--benchmark`` / ``--adaptive``: every file and model checked first, then the suite's tables
+    (:func:`evaluation.suite.run_suite`) and the adaptive attacks' budget curves
+    (:func:`evaluation.adaptive.run_adaptive`) under ``--output`` (default ``<run_dir>/suite``)."""
+    from stages.common import setup_logging
+    from stages.config import load_config
+
+    setup_logging()
+    try:
+        cfg = load_config(args.config, overrides)
+        models = parse_models(args.model)
+        validate(cfg, None, models)
+        benchmarks, notes = suite_benchmarks(cfg, args.suite, args.benchmark) if (args.suite or args.benchmark) \
+            else ([], [])
+        refs = {}
+        for r in args.reference:
+            if "=" not in r:
+                raise ConfigError(None, None, "--reference", f"expected model=reference, got {r!r}")
+            k, v = r.split("=", 1)
+            refs[k] = v
+        from evaluation.suite import build_benchmark, sub_suite
+
+        for b in benchmarks:  # every file read and every case checked before any model loads
+            build_benchmark(b, sub_suite(cfg))
+        if args.adaptive:
+            from evaluation.adaptive import adaptive_cases
+            from stages.config import AdaptiveSection
+
+            ad = sub_section(cfg, AdaptiveSection, "evaluate.adaptive")
+            adaptive_cases(cfg, ad.n_cases, ad.seed)
+    except (ConfigError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from stages.common import main_process_only
+
+    if not main_process_only(cfg, "the security suite"):
+        return 0
+    out = Path(args.output) if args.output else cfg.run_dir / "suite"
+    models = materialized(cfg, models, out)
+    for n in notes:
+        print(f"note: {n}")
+    labels = list(models)
+    from evaluation.suite import suite_pairs
+
+    pairs = suite_pairs(labels, refs or None)
+    if benchmarks:
+        from evaluation.suite import run_suite
+
+        tok = run_tokenizer(cfg, next(iter(models.values())))
+        run_suite(cfg, models, out, benchmarks, references=dict(pairs), tokenizer=tok)
+        print((out / "suite.md").read_text(encoding="utf-8"))
+    if args.adaptive:
+        from evaluation.adaptive import run_adaptive
+
+        run_adaptive(cfg, models, out, pairs=pairs)
+        print((out / "adaptive.md").read_text(encoding="utf-8"))
+    print(f"\nresults: {out}")
+    return 0
+
+
+def run_tokenizer(cfg: PipelineConfig, path: str):
+    """The tokenizer of ``path`` with the run's chat template (the template every model of the run is prompted in:
+    the model-specific completion attacks are written in it)."""
+    from stages.config import ModelSection
+    from stages.models import load_tokenizer, resolve_model_path
+
+    if path.startswith("embedded:"):
+        path = resolve_model_path(ModelSection(name_or_path=path, cache_dir=cfg.model.cache_dir))
+    return load_tokenizer(path, cfg.model)
 
 
 if __name__ == "__main__":
