@@ -67,6 +67,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from data_builders.canary import fresh_canary
+from data_builders.completion_attacks import TEMPLATE_SLOTS, fill_template
 from data_builders.jsonl_io import (DataError, iter_jsonl, load_json, require_file, require_str,
                                     write_jsonl_atomic)
 from data_builders.sft_data import user_turn
@@ -651,7 +652,8 @@ def build_triplets(tasks: Sequence[Task], train_attacks: Sequence[AttackSet], *,
                    max_triplets: int | None = None, positions: Sequence[str] = POSITIONS,
                    max_data_chars: int | None = None, eval_attacks: Sequence[AttackSet] = (),
                    counterfactuals: dict[str, str] | None = None, triplets_per_task: int = 1,
-                   control_fraction: float = 0.0, max_response_chars: int | None = None) -> BuildResult:
+                   control_fraction: float = 0.0, max_response_chars: int | None = None,
+                   template_segments: tuple[str, str] | None = None) -> BuildResult:
     """``triplets_per_task`` triplets per task (each with the next attack of the pool and the next position),
     tasks taken in a seeded shuffle until ``max_triplets`` triplets exist. Tasks whose data is longer than
     ``max_data_chars`` (or whose gold answer is longer than ``max_response_chars``) are skipped. Triplet ids are the
@@ -668,6 +670,10 @@ def build_triplets(tasks: Sequence[Task], train_attacks: Sequence[AttackSet], *,
     asks for a tag (:data:`TRAIN_CONTROL_SUFFIXES`, tag from :data:`TRAIN_CONTROL_WORDS`) and the target complies
     (:func:`compose_control_target`), while the data still carries an injection — so the stage learns to follow
     requests in the instruction and ignore those in the data.
+
+    Attack texts holding ``{close_user}`` / ``{close_answer}`` (:mod:`data_builders.completion_attacks`'s
+    template category) get ``template_segments``, the run's own chat-template strings
+    (:func:`evaluation.template_attacks.role_segments`; the Zephyr strings when None).
 
     ``counterfactuals`` maps task id → a model paraphrase already checked by :func:`accept_paraphrase`; other
     tasks get :func:`reword`. Raises :class:`DataError` on train/eval attack overlap, and ``ValueError`` if there
@@ -730,6 +736,8 @@ def build_triplets(tasks: Sequence[Task], train_attacks: Sequence[AttackSet], *,
         ids.add(tid)
         forbidden = "\n".join([task.instruction, task.data, task.response])
         canary = ""
+        if any(slot in injection for slot in TEMPLATE_SLOTS):
+            injection = fill_template(injection, template_segments)
         injection = injection.strip()
         if CANARY_SLOT in injection:
             canary = fresh_canary(crng, TRAIN_CANARY_WORDS, used_canaries, forbidden, digits=3)

@@ -242,6 +242,17 @@ def causal_defaults(cfg: PipelineConfig) -> dict:
                 train_sampling_strategy="group_by_length")
 
 
+def template_segments(tokenizer) -> tuple[str, str] | None:
+    """The run's chat-template strings around an assistant turn (``(close_user, close_answer)``,
+    :func:`evaluation.template_attacks.role_segments`) for the template-completion training attacks; None without a
+    tokenizer (the attack file's Zephyr default is used)."""
+    if tokenizer is None:
+        return None
+    from evaluation.template_attacks import role_segments
+
+    return role_segments(tokenizer)
+
+
 def build_triplet_file(cfg: PipelineConfig, parsed: dict, model=None, tokenizer=None,
                        model_fingerprint: str | None = None) -> tuple[Path, dict]:
     """Write ``data/triplets.jsonl`` (atomically) from the parsed inputs, with every target and hijacked response
@@ -269,7 +280,8 @@ def build_triplet_file(cfg: PipelineConfig, parsed: dict, model=None, tokenizer=
                              positions=c.positions, max_data_chars=c.max_data_chars,
                              max_response_chars=c.max_response_chars,
                              eval_attacks=parsed["eval_attacks"], counterfactuals=cfs,
-                             triplets_per_task=c.triplets_per_task, control_fraction=c.control_fraction)
+                             triplets_per_task=c.triplets_per_task, control_fraction=c.control_fraction,
+                             template_segments=template_segments(tokenizer))
         rows, stats = res.triplets, dict(res.stats)
         if cf_stats:
             stats["model_paraphrases"] = cf_stats

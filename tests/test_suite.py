@@ -286,3 +286,46 @@ evaluate:
                           str(tmp_path / "none")], capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert bad.returncode == 2 and "evaluate.suite.bipia_file" in bad.stderr and not (tmp_path / "none").exists()
 
+
+# --------------------------------------------------------------------------------------------- training attacks
+def test_completion_training_attacks_rebuild_and_fill_the_template(tmp_path):
+    from data_builders import completion_attacks as CA
+    from data_builders.triplets import Task, build_triplets, read_attacks
+
+    shipped = ROOT / "data_builders" / "seed" / "attacks_train_completion.json"
+    out = tmp_path / "a.json"
+    assert CA.main(["--out", str(out)]) == 0
+    assert out.read_bytes() == shipped.read_bytes()  # deterministic, and the shipped file is that build
+    data = json.loads(shipped.read_text())
+    assert all("{canary}" in t for texts in data.values() for t in texts)
+    assert all(t.startswith("{close_user}") and "{close_answer}" in t for t in data["completion_template"])
+    tasks = [Task(id=f"t{i}", instruction="What is the total?", data=f"The total is {i} euros.", response=str(i))
+             for i in range(12)]
+    segs = ("<|im_end|>\n<|assistant|>\n", "<|im_end|>\n<|user|>\n")
+    res = build_triplets(tasks, [read_attacks(str(shipped))], seed=0, positions=["end"], template_segments=segs)
+    tmpl = [t for t in res.triplets if t["attack_category"] == "completion_template"]
+    assert tmpl and all(t["injection"].startswith("<|im_end|>\n<|assistant|>\n") and "{close" not in t["injection"]
+                        and t["canary"] in t["injection"] and t["hijack"] == t["canary"] for t in tmpl)
+    zephyr = build_triplets(tasks, [read_attacks(str(shipped))], seed=0, positions=["end"])  # no tokenizer
+    assert any(t["injection"].startswith("</s>\n<|assistant|>") for t in zephyr.triplets)
+
+
+def test_training_attacks_share_no_6gram_with_the_suites(shared_data):
+    """The widened training attacks stay disjoint from every suite they are measured on (canaries masked)."""
+    from data_builders import completion_attacks as CA
+    from data_builders.overlap import ATTACK_NGRAM, find_overlaps
+    from data_builders.triplets import read_attacks
+
+    train = []
+    for f in ("attacks_train_completion.json", "attacks_train_canary.json"):
+        train += [CA.fill_template(t, None) for _, t in read_attacks(str(ROOT / "data_builders" / "seed" / f)).items]
+    af = A.convert(shared_data / "injection" / "alpacafarm-eval" / "davinci_003_outputs.json", positions=A.POSITIONS,
+                   n=40)
+    sep, _ = S.convert(shared_data / "injection" / "sep-1000-keyword" / "SEP_1000_keyword.json", n=200)
+    from evaluation.cases import load_cases
+
+    held = load_cases(ROOT / "evaluation" / "heldout" / "injection_heldout.jsonl", controls=False)
+    evaluation = [c["injection"] for c in af + sep + held]
+    evaluation += [s.format(injected_prompt="") for s in A.IGNORE_SENTENCES + A.HACKAPROMPT_SENTENCES]
+    hits = find_overlaps(train, evaluation, ATTACK_NGRAM)
+    assert not hits, [(train[i], evaluation[j[0]]) for i, j in list(hits.items())[:3]]
