@@ -59,7 +59,7 @@ def delimiter(kind: str, rng: random.Random) -> str:
     return _case(rng.choice(MARKS).format(s=f"{rng.choice(ROLES[kind])} {rng.choice(WORDS[kind])}"), rng) + ":"
 
 
-def build(seed: int = 0, n_random: int = 24, n_template: int = 12) -> dict[str, list[str]]:
+def build(seed: int = 0, n_random: int = 12, n_template: int = 6) -> dict[str, list[str]]:
     """``{"completion_random_delims": [...], "completion_template": [...]}`` (module docstring), seeded."""
     rng = random.Random(seed)
     rand, tmpl = [], []
