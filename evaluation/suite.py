@@ -57,9 +57,8 @@ def _read_sentences(path: str | None):
         return None
     from data_builders.jsonl_io import load_json
     from evaluation.alpacafarm_convert import check_sentences
-    from stages.config import resolve_input
 
-    return check_sentences(load_json(resolve_input(path)), path)
+    return check_sentences(load_json(source_path(path)), path)
 
 
 def injected_prompt_of(case: dict) -> str:
@@ -72,11 +71,21 @@ def injected_prompt_of(case: dict) -> str:
     return case.get("probe") or case["injection"]
 
 
+def source_path(path: str):
+    """A benchmark file: a local path (:func:`stages.config.resolve_input`), or an ``https://`` URL (pin it to a
+    commit) downloaded once into the ``datasets`` cache (:func:`data_builders.sources.fetch_url`; a located error
+    offline when it is not cached)."""
+    from data_builders.sources import fetch_url, is_url
+    from stages.config import resolve_input
+
+    return fetch_url(path) if is_url(path) else resolve_input(path)
+
+
 def build_benchmark(name: str, suite, tokenizer=None) -> list[dict]:
     """Eval cases of one benchmark (module docstring), each with ``benchmark``, ``sample_id`` and ``attack``;
-    ``tokenizer`` (the run's, template applied) adds the model-specific completion attacks. Raises
-    :class:`DataError` for a missing or malformed file, ``ValueError`` for an unknown benchmark."""
-    from stages.config import resolve_input
+    ``tokenizer`` (the run's, template applied) adds the model-specific completion attacks. Files may be local
+    paths or URLs (:func:`source_path`). Raises :class:`DataError` for a missing or malformed file, ``ValueError``
+    for an unknown benchmark."""
 
     kw = {k: v for k, v in (("ignore_sentences", _read_sentences(suite.ignore_sentences)),) if v is not None}
     if name == "alpacafarm":
@@ -88,7 +97,7 @@ def build_benchmark(name: str, suite, tokenizer=None) -> list[dict]:
         hk = _read_sentences(suite.hackaprompt_sentences)
         if hk is not None:
             kw["hackaprompt_sentences"] = hk
-        cases = A.convert(resolve_input(suite.alpacafarm_file), suite.alpacafarm_attacks or A.ATTACKS,
+        cases = A.convert(source_path(suite.alpacafarm_file), suite.alpacafarm_attacks or A.ATTACKS,
                           positions=suite.positions, seed=suite.seed, **kw)
     elif name == "sep":
         from evaluation import sep_convert as S
@@ -96,7 +105,7 @@ def build_benchmark(name: str, suite, tokenizer=None) -> list[dict]:
         if not suite.sep_file:
             raise DataError("evaluate.suite", None, "sep_file", "unset: give the path of SEP_dataset.json or "
                                                                "SEP_1000_keyword.json")
-        cases, _ = S.convert(resolve_input(suite.sep_file), attacks=suite.sep_attacks or S.KEYWORD_ATTACKS,
+        cases, _ = S.convert(source_path(suite.sep_file), attacks=suite.sep_attacks or S.KEYWORD_ATTACKS,
                              seed=suite.seed, **kw)
     elif name in ("bipia", "heldout"):
         from evaluation.cases import load_cases
@@ -105,7 +114,7 @@ def build_benchmark(name: str, suite, tokenizer=None) -> list[dict]:
         if not path:
             raise DataError("evaluate.suite", None, f"{name}_file", "unset: give the path of an eval file made by "
                                                                     "python -m evaluation.bipia_convert")
-        cases = [c for c in load_cases(resolve_input(path), controls=False)]
+        cases = load_cases(source_path(path), controls=False)
         for c in cases:
             c.setdefault("benchmark", name)
             c["sample_id"] = c.get("sample_id") or c.get("task_id") or c["id"]

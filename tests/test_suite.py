@@ -329,3 +329,15 @@ def test_training_attacks_share_no_6gram_with_the_suites(shared_data):
     evaluation += [s.format(injected_prompt="") for s in A.IGNORE_SENTENCES + A.HACKAPROMPT_SENTENCES]
     hits = find_overlaps(train, evaluation, ATTACK_NGRAM)
     assert not hits, [(train[i], evaluation[j[0]]) for i, j in list(hits.items())[:3]]
+
+
+def test_a_benchmark_url_offline_and_uncached_is_one_located_error(monkeypatch):
+    import dataclasses
+
+    from stages.config import SuiteSection
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    url = "https://raw.githubusercontent.com/example/none/0000000/data/davinci_003_outputs.json"
+    with pytest.raises(DataError, match="not in the local datasets cache") as e:
+        SU.build_benchmark("alpacafarm", dataclasses.replace(SuiteSection(), alpacafarm_file=url))
+    assert url in str(e.value)
