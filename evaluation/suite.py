@@ -227,15 +227,17 @@ def markdown_table(bench: str, table: dict, labels: Sequence[str], criterion: st
 
 
 # --------------------------------------------------------------------------------------------- running
-def suite_pairs(labels: Sequence[str], references: dict[str, str] | None = None) -> list[tuple[str, str]]:
-    """(model, reference) pairs: ``references`` when given, else each model against the one listed before it."""
+def suite_pairs(labels: Sequence[str],
+                references: Sequence[tuple[str, str]] | None = None) -> list[tuple[str, str]]:
+    """(model, reference) pairs: ``references`` (those whose two labels are evaluated) when given, else each model
+    against the one listed before it."""
     if references:
-        return [(m, r) for m, r in references.items() if m in labels and r in labels]
+        return [(m, r) for m, r in references if m in labels and r in labels]
     return [(labels[i], labels[i - 1]) for i in range(1, len(labels))]
 
 
 def run_suite(cfg, models: dict[str, str], out_dir: str | Path, benchmarks: Sequence[str], *,
-              references: dict[str, str] | None = None, tokenizer=None) -> dict:
+              references: Sequence[tuple[str, str]] | None = None, tokenizer=None) -> dict:
     """Build every benchmark, evaluate every model on it and write ``<out>/suite.json`` and ``<out>/suite.md``.
 
     All benchmarks are built (and so every file checked) before any model loads. Returns ``suite.json``'s
@@ -259,8 +261,8 @@ def run_suite(cfg, models: dict[str, str], out_dir: str | Path, benchmarks: Sequ
         bdir.mkdir(parents=True, exist_ok=True)
         write_jsonl_atomic(bdir / "cases.jsonl", cases)
         log.info("suite: %s, %d cases of %d samples", name, len(cases), len({c["sample_id"] for c in cases}))
-        m = evaluate_models(cfg_suite, models, bdir / "cases.jsonl", bdir, references=dict(pairs),
-                            representations=False)
+        m = evaluate_models(cfg_suite, models, bdir / "cases.jsonl", bdir, references=dict(reversed(pairs)),
+                            representations=False)  # its own tests take one reference a model: the first given
         table = suite_table(cases, m["case_outcomes"], pairs)
         util = {label: {k: mm.get(k) for k in ("utility_clean", "utility_clean_ci95", "utility_clean_n",
                                               "utility_under_attack", "utility_under_attack_ci95")}

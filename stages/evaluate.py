@@ -777,7 +777,8 @@ def main(argv=None) -> int:
                     help="one benchmark of the suite (alpacafarm, sep, bipia, heldout; repeatable)")
     ap.add_argument("--adaptive", action="store_true", help="also run evaluate.adaptive's attacks (budget curves)")
     ap.add_argument("--reference", action="append", default=[],
-                    help="model=reference for the suite's paired tests (default: each model against the one before)")
+                    help="model=reference for the suite's paired tests, repeatable, a model may have several "
+                         "(default: each model against the one before)")
     ap.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     try:
         args = ap.parse(argv)
@@ -861,12 +862,11 @@ def suite_main(args, overrides: list[str]) -> int:
         validate(cfg, None, models)
         benchmarks, notes = suite_benchmarks(cfg, args.suite, args.benchmark) if (args.suite or args.benchmark) \
             else ([], [])
-        refs = {}
+        refs = []
         for r in args.reference:
             if "=" not in r:
                 raise ConfigError(None, None, "--reference", f"expected model=reference, got {r!r}")
-            k, v = r.split("=", 1)
-            refs[k] = v
+            refs.append(tuple(r.split("=", 1)))
         from evaluation.suite import build_benchmark, sub_suite
 
         for b in benchmarks:  # every file read and every case checked before any model loads
@@ -896,7 +896,7 @@ def suite_main(args, overrides: list[str]) -> int:
         from evaluation.suite import run_suite
 
         tok = run_tokenizer(cfg, next(iter(models.values())))
-        run_suite(cfg, models, out, benchmarks, references=dict(pairs), tokenizer=tok)
+        run_suite(cfg, models, out, benchmarks, references=pairs, tokenizer=tok)
         print((out / "suite.md").read_text(encoding="utf-8"))
     if args.adaptive:
         from evaluation.adaptive import run_adaptive
