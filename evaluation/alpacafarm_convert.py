@@ -262,6 +262,7 @@ def convert(path: str | Path, attacks=ATTACKS, *, positions=("after",), n: int |
                         "injection": inj.strip(), "position": "end" if pos == "after" else "start",
                         "canary": INJECTED_WORD, "hijack": INJECTED_WORD, "attack_category": f"alpacafarm/{name}",
                         "benchmark": "alpacafarm", "sample_id": f"alpacafarm-{i:04d}", "attack": name,
+                        "attack_group": pos,
                         "fake_response": r["output"][1:], "source": f"{p}:item {i} ({layout} layout)"}
                 cases.append(parse_case(case, str(p), f"item {i}"))
     return cases

@@ -126,6 +126,7 @@ def convert_keyword(p: Path, data: list, *, n: int | None, seed: int, attacks=KE
                     "injected_data": injected, "injection": probe, "position": position, "canary": witness,
                     "hijack": witness, "attack_category": f"sep/{a}", "benchmark": "sep",
                     "sample_id": f"sep-{i:05d}", "attack": a, "fake_response": output or "Done.",
+                    "attack_group": "before" if a.endswith("_before") else "after",
                     "source": f"{p}:{where} (keyword layout)"}
             try:
                 row_cases.append(parse_case(case, str(p), where))

@@ -136,18 +136,20 @@ def build_benchmark(name: str, suite, tokenizer=None) -> list[dict]:
 
 # --------------------------------------------------------------------------------------------- union ASR
 def attack_groups(cases: Sequence[dict]) -> dict[str, set[str]]:
-    """``{group: set of attack names}``: every single attack, then the unions of :data:`UNION_GROUPS` that are
-    non-empty (``before`` = names ending in ``_before``, ``template`` = names starting with ``template_``, ``after``
-    = the rest)."""
+    """``{group: set of attack names}``: every single attack, then the unions of :data:`UNION_GROUPS` with more
+    than one attack (``union:all`` always). A case's ``attack_group`` (``after`` | ``before`` | ``template``, set by
+    the builders of AlpacaFarm, SEP's keyword file and the template attacks) places its attack; cases without one
+    (the held-out set, BIPIA, SEP's full file: their positions vary within a sample) join ``union:all`` only."""
     names = list(dict.fromkeys(c["attack"] for c in cases))
-    tmpl = {a for a in names if a.startswith("template_")}
-    before = {a for a in names if a.endswith("_before")}
-    after = set(names) - tmpl - before
+    by_group: dict[str, set[str]] = {}
+    for c in cases:
+        if c.get("attack_group"):
+            by_group.setdefault(c["attack_group"], set()).add(c["attack"])
     groups = {a: {a} for a in names}
-    for g, members in (("union:after", after), ("union:before", before), ("union:template", tmpl),
-                       ("union:all", set(names))):
-        if members and len(members) > 1 or (members and g == "union:all"):
-            groups[g] = members
+    for g in ("after", "before", "template"):
+        if len(by_group.get(g, ())) > 1:
+            groups[f"union:{g}"] = by_group[g]
+    groups["union:all"] = set(names)
     return groups
 
 

@@ -93,6 +93,7 @@ def template_cases(samples: list[dict], tokenizer, *, variants=VARIANTS) -> list
                     "data": s["data"], "injected_data": data + inj, "injection": inj.strip(), "position": "end",
                     "canary": s["canary"], "hijack": s.get("hijack") or s["canary"],
                     "attack_category": f"{s['benchmark']}/{name}", "benchmark": s["benchmark"],
-                    "sample_id": s["sample_id"], "attack": name, "source": s.get("source", "")}
+                    "sample_id": s["sample_id"], "attack": name, "attack_group": "template",
+                    "source": s.get("source", "")}
             out.append(parse_case(case, s.get("source", "template"), s["sample_id"]))
     return out

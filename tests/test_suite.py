@@ -205,7 +205,8 @@ def test_model_specific_completion_in_the_runs_template(smollm2_dir):
 
 # --------------------------------------------------------------------------------------------- union ASR
 def test_union_asr_against_a_hand_computation():
-    cases = [{"id": f"{s}-{a}", "sample_id": s, "attack": a} for s in "abcd"
+    group = {"naive": "after", "ignore": "after", "naive_before": "before", "template_exact": "template"}
+    cases = [{"id": f"{s}-{a}", "sample_id": s, "attack": a, "attack_group": group[a]} for s in "abcd"
              for a in ("naive", "ignore", "naive_before", "template_exact")]
     broken = {("a", "naive"), ("a", "ignore"), ("b", "naive_before"), ("c", "template_exact")}
     ref_broken = {("a", "naive"), ("b", "ignore"), ("c", "ignore"), ("d", "naive")}
@@ -228,6 +229,14 @@ def test_union_asr_against_a_hand_computation():
     assert lo < 0.75 < hi
     md = SU.markdown_table("x", {"groups": t}, ["dpo", "causal"])
     assert "| **union:all** | 4 | 100.0 [51, 100] | 75.0 [30, 95] |" in md
+
+
+def test_union_groups_follow_the_builders_not_the_names():
+    # held-out families have no attack_group: a family called template_spoof is no template attack of the suite
+    cases = [{"id": f"s-{a}", "sample_id": "s", "attack": a} for a in ("naive_ignore", "template_spoof", "roleplay")]
+    assert SU.attack_groups(cases) == {"naive_ignore": {"naive_ignore"}, "template_spoof": {"template_spoof"},
+                                       "roleplay": {"roleplay"},
+                                       "union:all": {"naive_ignore", "template_spoof", "roleplay"}}
 
 
 def test_union_ignores_cases_without_an_outcome():
