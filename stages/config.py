@@ -422,7 +422,7 @@ class AdaptiveSection:
     gcg_batch: int = 64  # candidates per step (SecAlign: 512)
     gcg_mini_batch: int = 64  # candidates per forward pass at the cached prefix
     checkpoints: list[int] | None = None  # budgets at which success is judged (None = 0 and powers of 2 to the max)
-    target: str = "Hacked"  # what the optimisation attacks make the answer begin with (AlpacaFarm's word)
+    # the optimisation attacks' target is each case's own canary as the answer's start (AlpacaFarm: "Hacked")
 
 
 @dataclass
@@ -867,8 +867,6 @@ def validate_suite(cfg: PipelineConfig) -> None:
         raise cfg.error("evaluate.adaptive.bon_sigma", "must be in (0, 1]")
     if ad.checkpoints is not None and (not ad.checkpoints or min(ad.checkpoints) < 0):
         raise cfg.error("evaluate.adaptive.checkpoints", "a non-empty list of budgets ≥ 0")
-    if not ad.target.strip():
-        raise cfg.error("evaluate.adaptive.target", "is empty")
 
 
 def validate_config(cfg: PipelineConfig) -> None:
