@@ -96,17 +96,25 @@ class Prepared:
     extra: dict = field(default_factory=dict)
 
 
-def with_suffix(case: dict, suffix_text: str) -> dict:
-    """The case with ``suffix_text`` right after its injection (no separator: a BPE suffix carries its own
-    leading space, ``" ! ! …"``), as an ordinary eval case."""
+def replace_injection(case: dict, text: str, missing_sep: str = "") -> str:
+    """The case's injected data with its injection (last occurrence) replaced by ``text``; when the injection is not
+    found verbatim, the data with ``missing_sep + text`` appended."""
     from evaluation.cases import injected_data
 
     base = injected_data(case)
     inj = case["injection"].strip()
     at = base.rfind(inj)
-    if at < 0:
-        return {**case, "injected_data": base + suffix_text}
-    return {**case, "injected_data": base[:at + len(inj)] + suffix_text + base[at + len(inj):]}
+    return base + missing_sep + text if at < 0 else base[:at] + text + base[at + len(inj):]
+
+
+def with_suffix(case: dict, suffix_text: str) -> dict:
+    """The case with ``suffix_text`` right after its injection (no separator: a BPE suffix carries its own
+    leading space, ``" ! ! …"``), or after the data when the injection is not found verbatim; an eval case."""
+    from evaluation.cases import injected_data
+
+    inj = case["injection"].strip()
+    found = inj in injected_data(case)
+    return {**case, "injected_data": replace_injection(case, inj + suffix_text if found else suffix_text)}
 
 
 def prepare(tokenizer, case: dict, *, data_role: bool = False) -> Prepared:
@@ -307,24 +315,17 @@ class AdaptiveRunner:
         first N broke it."""
         n = self.s.bon_n
         per_case = []
-        for ci, c in enumerate(self.cases):
+        for c in self.cases:
             rng = random.Random(f"bon:{self.s.seed}:{c['id']}")
-            attacked = [{**c, "injected_data": self._replace_injection(
-                c, bon_augment(c["injection"], rng, self.s.bon_sigma, keep=[c["canary"]]))} for _ in range(n)]
+            attacked = [{**c, "injected_data": replace_injection(
+                c, bon_augment(c["injection"], rng, self.s.bon_sigma, keep=[c["canary"]]).strip(), " ")}
+                for _ in range(n)]
             verdicts = self.judge(attacked)
             first = next((k + 1 for k, v in enumerate(verdicts) if v["attack"]), None)
             per_case.append({"id": c["id"], "budget_to_break": first,
                              "example": attacked[first - 1]["injected_data"] if first else None,
                              "answer": verdicts[first - 1]["answer"] if first else verdicts[0]["answer"]})
         return {"budget_unit": "queries", "budget": n, "checkpoints": self.checkpoints(n), "cases": per_case}
-
-    @staticmethod
-    def _replace_injection(case: dict, new_injection: str) -> str:
-        from evaluation.cases import injected_data
-
-        base = injected_data(case)
-        inj = case["injection"].strip()
-        return base.replace(inj, new_injection.strip(), 1) if inj in base else base + " " + new_injection
 
     def _search(self, kind: str) -> dict:
         import torch
