@@ -24,6 +24,8 @@ marks exactly those tokens as trained. With ``add_generation_prompt=True`` the r
 """
 from __future__ import annotations
 
+from typing import Any, Callable
+
 ZEPHYR_TEMPLATE = (
     "{% for message in messages %}"
     "{% if message['role'] == 'system' %}"
@@ -68,7 +70,74 @@ FIX = ("set model.chat_template: zephyr (the project's template, markers include
        "{% endgeneration %} and set model.chat_template to that file")
 
 
+TEMPLATE_CHECK_SECONDS = 20.0  # the probes render in milliseconds; a template past this is refused
+TEMPLATE_CHECK_EXTRA_BYTES = 1 << 30  # memory the rendering may add (an output or loop bomb stops there)
+
+
+def run_bounded(fn: Callable[[], Any], *, seconds: float, extra_bytes: int, what: str) -> Any:
+    """Run ``fn()`` in a forked child process under a wall-clock budget (``seconds``) and a memory budget
+    (``extra_bytes`` of address space above the parent's, ``RLIMIT_AS``); return its result (picklable).
+
+    A ``ValueError`` raised by ``fn`` is raised again here with its message; running past the time budget, being
+    killed or failing for memory raises ``ValueError`` naming ``what``. Used for code that user input controls and
+    that cannot be interrupted in-process (a Jinja template's nested loops). Without ``fork`` (not Linux/macOS),
+    ``fn`` runs in-process, unbounded."""
+    import multiprocessing as mp
+    import resource
+
+    try:
+        ctx = mp.get_context("fork")
+    except ValueError:
+        return fn()
+    parent, child = ctx.Pipe(duplex=False)
+
+    def target():
+        try:
+            with open("/proc/self/statm") as f:
+                vsize = int(f.read().split()[0]) * resource.getpagesize()
+            resource.setrlimit(resource.RLIMIT_AS, (vsize + extra_bytes, vsize + extra_bytes))
+        except (OSError, ValueError):
+            pass  # no /proc (macOS): the time budget still holds
+        try:
+            child.send(("ok", fn()))
+        except ValueError as e:
+            child.send(("value_error", str(e)))
+        except MemoryError:
+            child.send(("error", f"{what} needs more than {extra_bytes >> 20} MiB"))
+        except BaseException as e:  # noqa: BLE001 - reported to the parent as one line
+            child.send(("error", f"{what} failed ({type(e).__name__}: {str(e)[:200]})"))
+
+    proc = ctx.Process(target=target, daemon=True)
+    proc.start()
+    child.close()
+    ready = parent.poll(seconds)
+    if not ready:
+        proc.kill()
+        proc.join()
+        raise ValueError(f"{what} did not finish within {seconds:g} s (a template's loops or output out of bounds)")
+    try:
+        kind, value = parent.recv()
+    except EOFError:
+        proc.join()
+        raise ValueError(f"{what} was killed (exit {proc.exitcode}); it ran out of its "
+                         f"{extra_bytes >> 20} MiB memory budget or crashed") from None
+    proc.join()
+    if kind == "ok":
+        return value
+    raise ValueError(value)
+
+
 def check_template(tokenizer, source: str, *, data_role: bool = False, needs_bos: bool = False) -> None:
+    """:func:`check_template_unbounded` in a child process under a time and memory budget
+    (:func:`run_bounded`: :data:`TEMPLATE_CHECK_SECONDS`, :data:`TEMPLATE_CHECK_EXTRA_BYTES`), so that a template
+    with nested ``range(100000)`` loops or a huge output is refused in seconds instead of hanging validation.
+    Raises ``ValueError``."""
+    run_bounded(lambda: check_template_unbounded(tokenizer, source, data_role=data_role, needs_bos=needs_bos),
+                seconds=TEMPLATE_CHECK_SECONDS, extra_bytes=TEMPLATE_CHECK_EXTRA_BYTES,
+                what=f"rendering the chat template {source}")
+
+
+def check_template_unbounded(tokenizer, source: str, *, data_role: bool = False, needs_bos: bool = False) -> None:
     """Check the template set on ``tokenizer`` (named ``source`` in errors) for what training and generation assume.
 
     1. ``{% generation %}`` markers (``trl.chat_template_utils.has_generation_markers``): the assistant-only loss of
@@ -152,7 +221,84 @@ def uses_bos(tokenizer) -> bool:
     return bool(ids) and ids[0] == tokenizer.bos_token_id
 
 
-def apply_template(tokenizer, name: str = "zephyr", *, data_role: bool = False):
+ZWSP = "\u200b"  # ZERO WIDTH SPACE: splits a control string so that it tokenizes as ordinary text
+ZEPHYR_ROLE_MARKERS = ("<|system|>", "<|user|>", "<|assistant|>", "<|input|>")
+CONTROL_POLICIES = ("escape", "refuse")
+
+
+class ControlTokenError(ValueError):
+    """Content holds a control string while ``model.control_tokens: refuse``."""
+
+
+def control_strings(tokenizer) -> list[str]:
+    """The strings that must never reach the tokenizer from content: every special and added-special token of the
+    tokenizer (``<|im_end|>``, ``</s>``, ``<|eot_id|>``, …) and the Zephyr template's role markers (plain text for
+    most tokenizers, but the very tokens the template's own turn headers produce). Longest first."""
+    found = set(ZEPHYR_ROLE_MARKERS)
+    for t in getattr(tokenizer, "all_special_tokens", []) or []:
+        if isinstance(t, str) and len(t) > 1:
+            found.add(t)
+    for t in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values():
+        if getattr(t, "special", False) and len(str(t)) > 1:
+            found.add(str(t))
+    return sorted(found, key=len, reverse=True)
+
+
+def neutralise(text: str, controls: list[str], policy: str = "escape") -> str:
+    """``text`` with every occurrence of a control string made harmless (the project's one policy for content).
+
+    ``escape``: a ZERO WIDTH SPACE (U+200B) goes after the first character of each occurrence (``<|im_end|>`` →
+    ``<\u200b|im_end|>``), so the tokenizer reads it as ordinary text and no content can close a turn or open one;
+    the text reads the same to a person. ``refuse``: raise :class:`ControlTokenError` naming the string.
+    Idempotent; text without control strings is returned unchanged."""
+    if not isinstance(text, str) or not text:
+        return text
+    for c in controls:
+        if c in text:
+            if policy == "refuse":
+                i = text.index(c)
+                raise ControlTokenError(f"content holds the control string {c!r} (…{text[max(0, i - 30):i + 40]!r}…) "
+                                        "and model.control_tokens is 'refuse'; remove it or set 'escape'")
+            text = text.replace(c, c[0] + ZWSP + c[1:])
+    return text
+
+
+def guard_control_tokens(tokenizer, policy: str = "escape"):
+    """Make ``tokenizer.apply_chat_template`` (used by this project's rendering and by TRL's trainers) pass every
+    message's content through :func:`neutralise` first; responses tokenized by :func:`prompt_response_ids` go
+    through it too. Returns the tokenizer. ``policy`` is ``escape`` or ``refuse`` (``model.control_tokens``)."""
+    if policy not in CONTROL_POLICIES:
+        raise ValueError(f"model.control_tokens must be one of {CONTROL_POLICIES}, got {policy!r}")
+    original = getattr(tokenizer, "_unguarded_apply_chat_template", None) or tokenizer.apply_chat_template
+    controls = control_strings(tokenizer)
+    tokenizer._unguarded_apply_chat_template = original
+    tokenizer._control_strings, tokenizer._control_policy = controls, policy
+
+    def guarded(conversation, *args, **kwargs):
+        return original(_neutralise_messages(conversation, controls, policy), *args, **kwargs)
+
+    tokenizer.apply_chat_template = guarded
+    return tokenizer
+
+
+def _neutralise_messages(conversation, controls, policy):
+    if isinstance(conversation, (list, tuple)) and conversation and isinstance(conversation[0], (list, tuple)):
+        return [_neutralise_messages(c, controls, policy) for c in conversation]  # a batch of conversations
+    out = []
+    for m in conversation or []:
+        if isinstance(m, dict) and isinstance(m.get("content"), str):
+            m = dict(m, content=neutralise(m["content"], controls, policy))
+        out.append(m)
+    return out
+
+
+def neutralise_for(tokenizer, text: str) -> str:
+    """:func:`neutralise` with the tokenizer's guard settings (no change for an unguarded tokenizer)."""
+    controls = getattr(tokenizer, "_control_strings", None)
+    return neutralise(text, controls, tokenizer._control_policy) if controls else text
+
+
+def apply_template(tokenizer, name: str = "zephyr", *, data_role: bool = False, control_tokens: str = "escape"):
     """Set ``tokenizer.chat_template`` from ``model.chat_template`` and make sure a pad token exists.
 
     ``zephyr``: the project's template, starting with ``bos_token`` when :func:`uses_bos` says the tokenizer's
@@ -160,6 +306,9 @@ def apply_template(tokenizer, name: str = "zephyr", *, data_role: bool = False):
     by TRL's training version of it (``get_training_chat_template``) where TRL has one. A ``.jinja`` path: that
     file's template. The last two are checked by :func:`check_template` (``data_role``: the ``input`` role must
     render). The pad token falls back to ``eos_token`` (padding is masked everywhere, so this is safe).
+
+    Content is then guarded against control strings (:func:`guard_control_tokens`, ``control_tokens``: ``escape``
+    or ``refuse``): no message or response can write a special id or the template's turn markers.
 
     Raises ``ValueError``: no ``eos_token``; an unknown name or a missing file; a tokenizer with no template of its
     own; a template that fails :func:`check_template` (the message names the fix). Returns the tokenizer.
@@ -196,7 +345,7 @@ def apply_template(tokenizer, name: str = "zephyr", *, data_role: bool = False):
             check_template(tokenizer, name, data_role=data_role, needs_bos=needs_bos)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
+    return guard_control_tokens(tokenizer, control_tokens)
 
 
 def render_prompt(tokenizer, messages: list[dict]) -> str:
@@ -230,7 +379,7 @@ def prompt_response_ids(tokenizer, messages: list[dict], response: str) -> tuple
         tokens of the joint text differ from :func:`prompt_ids` (generation would then see another prompt).
     """
     prompt = render_prompt(tokenizer, messages)
-    text = prompt + response + tokenizer.eos_token
+    text = prompt + neutralise_for(tokenizer, response) + tokenizer.eos_token
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = enc["input_ids"], enc["offset_mapping"]
     cut = len(prompt)

@@ -8,14 +8,17 @@ left by a killed writer so an append-only file can always be resumed.
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
+MAX_JSON_DOCUMENT_BYTES = 1 << 30  # a .json list is parsed whole; JSONL is streamed line by line
 MAX_LINE_BYTES = 1_000_000  # a line above 1 MB is almost surely not a data row (e.g. a binary file)
 
 
@@ -110,6 +113,11 @@ def iter_jsonl(path: str | os.PathLike, *, allow_empty: bool = False) -> Iterato
 def load_json(path: str | os.PathLike) -> Any:
     """Load one JSON document, raising :class:`DataError` with the line of a syntax error."""
     p = require_file(path)
+    size = p.stat().st_size
+    if size > MAX_JSON_DOCUMENT_BYTES:
+        raise DataError(p, None, None, f"{size / 2 ** 30:.1f} GiB: a JSON document (not JSONL) is read whole, and "
+                                       f"this one is above the {MAX_JSON_DOCUMENT_BYTES >> 30} GiB limit; convert "
+                                       "it to JSONL (one row per line), which is streamed")
     try:
         text = p.read_bytes().decode("utf-8")
     except UnicodeDecodeError as e:
@@ -259,3 +267,59 @@ def atomic_directory(target: str | os.PathLike, *, overwrite: bool = True) -> It
 def validate_rows(path, parse: Callable[[dict, str, int], Any]) -> list:
     """Parse every row of a JSONL file with ``parse(obj, path, line)``; errors propagate as :class:`DataError`."""
     return [parse(obj, str(path), line) for line, obj in iter_jsonl(path)]
+
+
+class ConverterParser(argparse.ArgumentParser):
+    """``argparse`` for the data converters and builders, with the project's one-line error format: a usage error
+    raises :class:`DataError` (``error: command line: …``) instead of printing argparse's usage block."""
+
+    def error(self, message):  # argparse's hook for every usage error
+        raise DataError("command line", None, None, f"{self.prog}: {message} (see --help)")
+
+
+def positive_int(text: str) -> int:
+    """``argparse`` type: an integer ≥ 1 (``--n -5`` would slice rows off the end of a list)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be ≥ 1 (got {value})")
+    return value
+
+
+def check_output_file(path: str | os.PathLike, field: str = "--out") -> Path:
+    """``path`` as the file a converter will write (atomically, afterwards): refused with :class:`DataError`
+    naming ``field`` when it is a folder, an existing non-regular file, or its parent is a file or not writable."""
+    p = Path(path)
+    if p.is_dir():
+        raise DataError(str(p), None, field, "is a folder; give the output file's path (e.g. cases.jsonl)")
+    if p.exists() and not p.is_file():
+        raise DataError(str(p), None, field, "exists and is not a regular file")
+    parent = p.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise DataError(str(p), None, field, f"{parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK):
+        raise DataError(str(p), None, field, f"{parent} is not writable")
+    return p
+
+
+def run_converter(main_fn: Callable[[], int]) -> int:
+    """Run a converter's body under the project's one error handler: a :class:`DataError` (bad input, bad command
+    line) or an ``OSError`` (permission, name too long, disk full) becomes one ``error:`` line and exit 2."""
+    try:
+        return main_fn()
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:
+        if not hasattr(e, "message"):  # a located config error (stages.config.ConfigError) has one; a bug has not
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        where = getattr(e, "filename", None) or "output"
+        print(f"error: {where}: {e.strerror or e}", file=sys.stderr)
+        return 2

@@ -63,7 +63,31 @@ def _messages_row(obj, path, line) -> list[dict]:
         raise DataError(path, line, f"messages[{len(msgs) - 1}].role", "the last message must be the assistant's")
     if not any(m["role"] == "user" for m in msgs):
         raise DataError(path, line, "messages", "no user message")
+    check_turn_order(msgs, path, line)
     return [{"messages": msgs}]
+
+
+def check_turn_order(msgs: list[dict], path, line) -> None:
+    """A conversation the chat template renders as meant: an optional system turn first and nowhere else, then
+    turns alternating user → assistant (an ``input`` turn, the data role, may follow a user turn). Raises
+    :class:`DataError` naming the first turn out of order."""
+    prev = None
+    for i, m in enumerate(msgs):
+        role = m["role"]
+        if role == "system":
+            if i != 0:
+                raise DataError(path, line, f"messages[{i}].role", "a system turn mid-conversation; it must come first "
+                                                                   "(the template renders it as the conversation's "
+                                                                   "preamble)")
+            prev = role
+            continue
+        allowed = {None: {"user"}, "system": {"user"}, "user": {"assistant", "input"}, "input": {"assistant"},
+                   "assistant": {"user"}}[prev]
+        if role not in allowed:
+            raise DataError(path, line, f"messages[{i}].role", f"{role!r} after {prev or 'the start'!r}: turns must "
+                                                               f"alternate user → assistant (expected "
+                                                               f"{' or '.join(sorted(allowed))})")
+        prev = role
 
 
 def _alpaca_row(obj, path, line) -> list[dict]:
@@ -136,7 +160,8 @@ def detect_format(obj: dict) -> str:
 
 def iter_rows(path: Path) -> Iterable[tuple[int, dict]]:
     """``(line, row)``: JSONL rows, or the items of a top-level JSON list (Alpaca's ``.json``) with the line each starts on."""
-    head = path.read_bytes()[:64].lstrip()
+    with open(path, "rb") as fh:  # the first bytes only: a data file is never read whole to sniff its layout
+        head = fh.read(64).lstrip()
     if path.suffix == ".json" or head.startswith(b"["):
         data = load_json(path)
         if not isinstance(data, list):

@@ -50,7 +50,6 @@ headline criterion and SecAlign's ``begins`` (``outp.strip().lower().startswith(
 """
 from __future__ import annotations
 
-import argparse
 import random
 import sys
 from pathlib import Path
@@ -58,7 +57,8 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data_builders.jsonl_io import DataError, load_json, require_str, write_jsonl_atomic  # noqa: E402
+from data_builders.jsonl_io import (ConverterParser, DataError, check_output_file, positive_int, run_converter,  # noqa: E402
+                                     load_json, require_str, write_jsonl_atomic)
 from evaluation.cases import parse_case  # noqa: E402
 
 INJECTED_WORD = "Hacked"
@@ -269,29 +269,30 @@ def convert(path: str | Path, attacks=ATTACKS, *, positions=("after",), n: int |
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description="AlpacaFarm rows → injection eval cases (StruQ/SecAlign attacks)")
+    ap = ConverterParser(description="AlpacaFarm rows → injection eval cases (StruQ/SecAlign attacks)")
     ap.add_argument("--input", required=True, help="AlpacaFarm JSON list (davinci_003_outputs.json, either layout)")
     ap.add_argument("--out", required=True)
     ap.add_argument("--attacks", nargs="+", default=list(ATTACKS))
     ap.add_argument("--positions", nargs="+", default=["after"], help="after and/or before (Meta SecAlign)")
     ap.add_argument("--ignore-sentences", help="JSON list of 'ignore' templates with an {injected_prompt} slot")
     ap.add_argument("--hackaprompt-sentences", help="JSON list of hackaprompt templates with an {injected_prompt} slot")
-    ap.add_argument("--n", type=int, default=None, help="rows with an input to use (default: all)")
+    ap.add_argument("--n", type=positive_int, default=None, help="rows with an input to use (default: all)")
     ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args(argv)
-    try:
+
+    def body() -> int:
+        args = ap.parse_args(argv)
+        check_output_file(args.out)
         kw = {}
         for key, arg in (("ignore_sentences", args.ignore_sentences),
                          ("hackaprompt_sentences", args.hackaprompt_sentences)):
             if arg:
                 kw[key] = check_sentences(load_json(Path(arg)), arg)
         cases = convert(args.input, args.attacks, positions=args.positions, n=args.n, seed=args.seed, **kw)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    write_jsonl_atomic(args.out, cases)
-    print(f"wrote {len(cases)} cases to {args.out}")
-    return 0
+        write_jsonl_atomic(args.out, cases)
+        print(f"wrote {len(cases)} cases to {args.out}")
+        return 0
+
+    return run_converter(body)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,6 @@ check to its ``evaluate.eval_file`` at start-up.
 """
 from __future__ import annotations
 
-import argparse
 import random
 import sys
 from pathlib import Path
@@ -36,7 +35,8 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data_builders.canary import fresh_canary  # noqa: E402
-from data_builders.jsonl_io import DataError, iter_jsonl, load_json, require_str, write_jsonl_atomic  # noqa: E402
+from data_builders.jsonl_io import (ConverterParser, DataError, check_output_file, positive_int, run_converter,  # noqa: E402
+                                     iter_jsonl, load_json, require_str, write_jsonl_atomic)
 from evaluation.cases import POSITIONS, parse_case  # noqa: E402
 
 SYSTEMS = {  # written for this project (BIPIA's task framing, not its wording)
@@ -174,26 +174,27 @@ def refuse_training_overlap(config_path: str, cases: list[dict], out: str) -> No
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description="Convert BIPIA context + attack files to injection eval cases")
+    ap = ConverterParser(description="Convert BIPIA context + attack files to injection eval cases")
     ap.add_argument("--contexts", nargs="+", required=True, help="BIPIA context JSONL file(s) (task = folder name)")
     ap.add_argument("--attacks", required=True, help="BIPIA attack JSON {category: [texts]}")
     ap.add_argument("--out", required=True, help="output JSONL (written atomically)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--n", type=int, default=None, help="number of cases (default: every short enough context)")
-    ap.add_argument("--max-context-chars", type=int, default=1500)
+    ap.add_argument("--n", type=positive_int, default=None, help="number of cases (default: every short enough context)")
+    ap.add_argument("--max-context-chars", type=positive_int, default=1500)
     ap.add_argument("--config", help="refuse contexts/attacks that this pipeline config's causal stage trains on")
-    args = ap.parse_args(argv)
-    try:
+
+    def body() -> int:
+        args = ap.parse_args(argv)
+        check_output_file(args.out)
         cases = convert(args.contexts, args.attacks, seed=args.seed, n=args.n, max_context_chars=args.max_context_chars)
         if args.config:
             refuse_training_overlap(args.config, cases, args.out)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    write_jsonl_atomic(args.out, cases)
-    cats = sorted({c["attack_category"] for c in cases})
-    print(f"wrote {len(cases)} cases ({len(cats)} attack categories) to {args.out}")
-    return 0
+        write_jsonl_atomic(args.out, cases)
+        cats = sorted({c["attack_category"] for c in cases})
+        print(f"wrote {len(cases)} cases ({len(cats)} attack categories) to {args.out}")
+        return 0
+
+    return run_converter(body)
 
 
 if __name__ == "__main__":

@@ -90,13 +90,35 @@ def parse_case(obj: dict, path, line) -> dict:
                                                   "answer could repeat it")
     if ideal and low in ideal.casefold():
         raise DataError(path, line, "canary", f"the canary {canary!r} occurs in 'ideal'")
+    if low in common_words():
+        raise DataError(path, line, "canary", f"{canary!r} is a common English word (scikit-learn's English stop-word "
+                                              "list): a benign answer would contain it by chance; use a rare token "
+                                              "such as ZIRCON-5841")
     out["canary"] = canary
-    out["hijack"] = _optional_text(obj, "hijack", path, line) or canary
+    hijack = _optional_text(obj, "hijack", path, line)
+    if hijack is None and low not in out["injection"].casefold():
+        raise DataError(path, line, "injection", f"does not contain its canary {canary!r}, and no 'hijack' is given: "
+                                                 "an answer that obeys it could not be recognised")
+    if hijack is not None:
+        for key in ("system", "instruction", "data"):
+            if hijack.strip().casefold() in out[key].casefold():
+                raise DataError(path, line, "hijack", f"the hijack string {hijack.strip()!r} already occurs in '{key}': "
+                                                      "a benign answer could repeat it")
+    out["hijack"] = hijack or canary
     injected_data = _optional_text(obj, "injected_data", path, line)
-    if injected_data is not None and injected_data.strip() == out["data"].strip():
-        raise DataError(path, line, "injected_data", "identical to 'data': the attack is missing")
+    if injected_data is not None and " ".join(injected_data.split()) == " ".join(out["data"].split()):
+        raise DataError(path, line, "injected_data", "the same as 'data' up to whitespace: the attack is missing")
     out["injected_data"] = injected_data
     return out
+
+
+def common_words() -> frozenset[str]:
+    """The words a canary may not be: scikit-learn's English stop-word list (318 of the most frequent English
+    words, ``sklearn.feature_extraction.text.ENGLISH_STOP_WORDS``). Benchmarks whose witness is an ordinary noun
+    (SEP's "dog", "Paris") pass; "that", "the", "about" do not."""
+    from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
+
+    return ENGLISH_STOP_WORDS
 
 
 def load_cases(path: str | Path, max_cases: int | None = None, *, controls: bool = True,

@@ -39,7 +39,6 @@ per-sample union) and ``attack``. The layout is detected from the first row (``i
 """
 from __future__ import annotations
 
-import argparse
 import random
 import sys
 from collections import Counter
@@ -48,7 +47,8 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data_builders.jsonl_io import DataError, load_json, require_str, write_jsonl_atomic  # noqa: E402
+from data_builders.jsonl_io import (ConverterParser, DataError, check_output_file, positive_int, run_converter,  # noqa: E402
+                                     load_json, require_str, write_jsonl_atomic)
 from evaluation.alpacafarm_convert import IGNORE_SENTENCES, check_sentences  # noqa: E402
 from evaluation.cases import MIN_CANARY_CHARS, parse_case  # noqa: E402
 
@@ -205,24 +205,25 @@ def convert(path: str | Path, *, n: int | None = None, seed: int = 0, attacks=KE
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description="SEP dataset → injection eval cases")
+    ap = ConverterParser(description="SEP dataset → injection eval cases")
     ap.add_argument("--input", required=True, help="SEP_dataset.json or SEP_1000_keyword.json")
     ap.add_argument("--attacks", nargs="+", default=list(KEYWORD_ATTACKS), help="keyword layout: the attacks")
     ap.add_argument("--ignore-sentences", help="JSON list of 'ignore' templates with an {injected_prompt} slot")
     ap.add_argument("--out", required=True)
-    ap.add_argument("--n", type=int, default=None, help="a seeded sample of this many rows (default: all)")
+    ap.add_argument("--n", type=positive_int, default=None, help="a seeded sample of this many rows (default: all)")
     ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args(argv)
-    try:
+
+    def body() -> int:
+        args = ap.parse_args(argv)
+        check_output_file(args.out)
         kw = {"ignore_sentences": check_sentences(load_json(Path(args.ignore_sentences)), args.ignore_sentences)
               } if args.ignore_sentences else {}
         cases, skipped = convert(args.input, n=args.n, seed=args.seed, attacks=args.attacks, **kw)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    write_jsonl_atomic(args.out, cases)
-    print(f"wrote {len(cases)} cases to {args.out}; skipped {sum(skipped.values())}: {skipped}")
-    return 0
+        write_jsonl_atomic(args.out, cases)
+        print(f"wrote {len(cases)} cases to {args.out}; skipped {sum(skipped.values())}: {skipped}")
+        return 0
+
+    return run_converter(body)
 
 
 if __name__ == "__main__":

@@ -418,25 +418,37 @@ def main(argv=None) -> int:
         args = ap.parse(argv)
         cfg = load_config(args.config, args.overrides)
         arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+        if not arms:
+            raise ConfigError("command line", None, "--arms", f"names no arm; give a comma-separated list of "
+                                                              f"{list(ORDER[1:])}")
         bad = [a for a in arms if a not in ORDER or a == "A0"]
         if bad:
-            raise ConfigError(None, None, "--arms", f"unknown arm(s) {bad}; choose from {list(ORDER[1:])}")
+            raise ConfigError("command line", None, "--arms", f"unknown arm(s) {bad}; choose from {list(ORDER[1:])}")
         if {"A7", "A8"} & set(arms) and not set(CANDIDATES) & set(arms):
-            raise ConfigError(None, None, "--arms", f"A7/A8 build on the best of {list(CANDIDATES)}: include them")
+            raise ConfigError("command line", None, "--arms", f"A7/A8 build on the best of {list(CANDIDATES)}: include them")
         base = args.base or str(cfg.run_dir / "dpo" / "merged")
-        from stages.models import is_complete_model_dir
+        from stages.models import check_model_folder, is_complete_model_dir
 
         if not is_complete_model_dir(base):
-            raise ConfigError(None, None, "--base", f"{base} is not a complete model folder (config.json + "
-                                                   "*.safetensors); run the pipeline up to the DPO stage or pass --base")
+            raise ConfigError("command line", None, "--base", f"{base} is not a complete model folder (config.json "
+                                                             "+ *.safetensors); run the pipeline up to the DPO stage "
+                                                             "or pass --base")
+        check_model_folder(base, lambda m: ConfigError("command line", None, "--base", m))
         from stages import stage2_causal as s2
 
         s2.validate(cfg)  # every input before any model
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    from stages.run_dir import RunFolderBusy, RunLock
+
     t0 = time.time()
-    out = run_ablation(cfg, base, arms, adopt=args.adopt)
+    try:
+        with RunLock(cfg.run_dir):
+            out = run_ablation(cfg, base, arms, adopt=args.adopt)
+    except RunFolderBusy as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(ablation_markdown(out))
     print(f"ablation: {cfg.run_dir / 'ablation' / 'ablation.md'} ({time.time() - t0:.0f} s)")
     return 0

@@ -28,7 +28,10 @@ def stage_cli(description: str, argv=None, stage: str | None = None) -> tuple[ar
                     "args), --max_prompts 8 (its section), --model_name_or_path M, --lora_r 8")
     setup_logging()
     try:
+        from stages.redaction import overrides_from_env
+
         args = ap.parse(argv)
+        args.overrides = list(args.overrides) + overrides_from_env()  # secret overrides the pipeline passed
         cfg = load_config(args.config, args.overrides)
     except (ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -39,6 +42,9 @@ def stage_cli(description: str, argv=None, stage: str | None = None) -> tuple[ar
 def setup_logging(level: int = logging.INFO) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    from stages.redaction import install_log_redaction
+
+    install_log_redaction()  # credentials in values (URL user-info, hf_/sk- tokens) never reach a log line
 
 
 def seed_everything(seed: int) -> None:
@@ -292,22 +298,46 @@ def save_adapter(model, tokenizer, out_dir: str | Path, extra_files: dict | None
     return Path(out_dir)
 
 
-def clear_resume_state(paths) -> None:
-    """Make a stage start fresh: delete its checkpoint folders, keep its generated records as ``*.superseded``.
+def clear_resume_state(paths) -> list[tuple[Path, Path]]:
+    """Make a stage start fresh without losing its earlier work: move each checkpoint folder and generated record
+    aside as ``<name>.superseded`` (replacing an older one); returns the ``(original, superseded)`` moves.
 
     Called when the stage's last attempt did not stop part-way with the same config and inputs (first run,
     a finished stage rerun alone, ``--from-stage``/``--force``, or a changed config or input): resuming from
-    those checkpoints or records would silently reuse work done under other settings.
+    those checkpoints or records would silently reuse work done under other settings. Nothing is deleted here:
+    :func:`run_stage_main` removes the superseded checkpoint folders once the new attempt has finished, and moves
+    them back if it fails before writing any of its own (a model that does not load, for instance).
     """
     import shutil
 
+    moved = []
     for p in map(Path, paths):
-        if p.is_dir():
-            log.info("starting fresh: removing %s", p)
-            shutil.rmtree(p)
-        elif p.is_file():
-            log.info("starting fresh: keeping the previous %s as %s.superseded", p.name, p.name)
-            os.replace(p, p.with_name(p.name + ".superseded"))
+        if not p.exists():
+            continue
+        aside = p.with_name(p.name + ".superseded")
+        if aside.is_dir():
+            shutil.rmtree(aside)
+        elif aside.exists():
+            aside.unlink()
+        log.info("starting fresh: the previous %s is kept as %s until this attempt finishes", p.name, aside.name)
+        os.replace(p, aside)
+        moved.append((p, aside))
+    return moved
+
+
+def settle_resume_state(moved: list[tuple[Path, Path]], succeeded: bool) -> None:
+    """After an attempt that started fresh: on success delete the superseded checkpoint *folders* (records stay as
+    ``*.superseded`` files, as before); on failure move back every superseded path whose original the attempt did
+    not recreate, so that a failed attempt leaves the earlier work where it was."""
+    import shutil
+
+    for original, aside in moved:
+        if succeeded:
+            if aside.is_dir():
+                shutil.rmtree(aside, ignore_errors=True)
+        elif not original.exists() and aside.exists():
+            os.replace(aside, original)
+            log.info("the attempt failed: %s put back", original)
 
 
 DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
@@ -351,10 +381,7 @@ def run_stage_main(stage_module, description: str, argv=None) -> int:
     its file writes to the main process). A module with ``MAIN_PROCESS_ONLY = True`` (evaluation) runs on the main
     process alone: the others exit 0 after the barrier (:func:`main_process_only`).
     """
-    import time
-
     from data_builders.jsonl_io import DataError
-    from stages.run_dir import Manifest, path_sha256
 
     args, cfg = stage_cli(description, argv, stage=getattr(stage_module, "STAGE", None))
     try:
@@ -374,19 +401,47 @@ def run_stage_main(stage_module, description: str, argv=None) -> int:
         return 0
     state = process_state(cfg)
     main = state.is_main_process
+    if not main:
+        return _run_stage(stage_module, cfg, state, main, alone)
+    from stages.run_dir import RunFolderBusy, RunLock
+
+    try:  # every check is done: the run folder is locked (a stage the pipeline started shares its lock)
+        with RunLock(cfg.run_dir):
+            return _run_stage(stage_module, cfg, state, main, alone)
+    except RunFolderBusy as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run_stage(stage_module, cfg: PipelineConfig, state, main: bool, alone: bool) -> int:
+    """The part of :func:`run_stage_main` after validation: manifest, resume state, run, outcome."""
+    import time
+
+    from stages.run_dir import Manifest, path_sha256
+
+    name = stage_module.STAGE
     manifest = Manifest(cfg.run_dir) if main else None  # written by the main process only
+    moved, before = [], None
     if main:
         inputs = {k: path_sha256(v) for k, v in stage_module.input_paths(cfg).items()}
         resume_hash = cfg.config_hash(name, for_resume=True)
+        before = manifest.read()["stages"].get(name)
         if not manifest.should_resume(name, resume_hash, inputs):
-            clear_resume_state(getattr(stage_module, "resume_state", lambda c: [])(cfg))
+            moved = clear_resume_state(getattr(stage_module, "resume_state", lambda c: [])(cfg))
         manifest.start(name, cfg.config_hash(name), inputs, resume_hash)
     if not alone:  # the others start once checkpoints are cleared (or kept for resuming)
         state.wait_for_everyone()
 
     def record_failure(e) -> None:
-        if main:
-            _record_failure(manifest, name, e)
+        if not main:
+            return
+        settle_resume_state(moved, succeeded=False)
+        if moved and all(aside.exists() is False for _, aside in moved) and before is not None:
+            # the attempt wrote nothing of its own: the run folder is as it was, manifest entry included
+            manifest.restore(name, before)
+            log.info("%s: the attempt failed before writing anything; the run folder is as it was", name)
+            return
+        _record_failure(manifest, name, e)
 
     t0 = time.time()
     try:
@@ -411,6 +466,7 @@ def run_stage_main(stage_module, description: str, argv=None) -> int:
     if not main:
         return 0
     manifest.finish(name, result.get("outputs", {}), result.get("metrics", {}), seconds=round(time.time() - t0, 1))
+    settle_resume_state(moved, succeeded=True)
     hub_error = result.get("outputs", {}).get("hub_error")
     if hub_error:
         print(f"error: {hub_error}", file=sys.stderr)

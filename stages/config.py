@@ -186,6 +186,9 @@ class ModelSection:
     use_liger_kernel: bool = False  # TRL/transformers Liger kernels (CUDA + liger-kernel)
     data_role: bool = False  # put a prompt's data part in its own <|input|> turn (training, generation, evaluation)
     merge_dtype: str = "auto"  # dtype of merged copies: auto (the training compute dtype) | float32 | bfloat16 | float16
+    # control strings (special tokens, template role markers) inside any content: escape (split by U+200B, read as
+    # text) | refuse (error when the row is rendered); data_builders.chat_template.neutralise
+    control_tokens: str = "escape"
 
 
 @dataclass
@@ -247,6 +250,8 @@ class SFTSection:
     eval_fraction: float = 0.0
     sample_prompts: list[str] = field(default_factory=lambda: ["Give three tips for writing clear emails."])
     hub_model_id: str | None = None
+    # share of rows whose prompt fills max_length so that no assistant token is trained; above it validation fails
+    max_truncated_share: float = 0.05
     training: dict = field(default_factory=dict)  # trl.SFTConfig keys
 
 
@@ -532,26 +537,124 @@ MAX_YAML_NODES = 20_000  # entries after alias expansion (the shipped configs ha
 MAX_YAML_DEPTH = 64
 
 
+class Yaml12Loader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` reading plain scalars by the YAML 1.2 core schema (YAML 1.2.2, section 10.3).
+
+    PyYAML implements YAML 1.1, whose implicit types change values a user did not mean to write as numbers or
+    booleans: ``1:30`` is 90 (sexagesimal), ``010`` is 8 (octal), ``off``/``yes``/``on`` are booleans and
+    ``2026-12-01`` is a date. Here only the 1.2 core forms are typed: ``null``/``~``/empty, ``true``/``false``
+    (three spellings each), decimal, ``0o`` and ``0x`` integers (``010`` is 10), and floats including ``1e-4``
+    (a string in YAML 1.1), ``.inf`` and ``.nan``; everything else is a string, which the typed config fields then
+    refuse with their file and line where they expect a number or a boolean.
+    """
+
+
+Yaml12Loader.yaml_implicit_resolvers = {}
+for _tag, _regexp, _first in (
+        ("tag:yaml.org,2002:null", r"^(?:~|null|Null|NULL|)$", ["~", "n", "N", ""]),
+        ("tag:yaml.org,2002:bool", r"^(?:true|True|TRUE|false|False|FALSE)$", list("tTfF")),
+        ("tag:yaml.org,2002:int", r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$", list("-+0123456789")),
+        ("tag:yaml.org,2002:float",
+         r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$",
+         list("-+.0123456789"))):
+    Yaml12Loader.add_implicit_resolver(_tag, re.compile(_regexp), _first)
+
+
+def _construct_int12(loader, node):
+    text = loader.construct_scalar(node)
+    if text.startswith("0o"):
+        return int(text[2:], 8)
+    if text.startswith("0x"):
+        return int(text[2:], 16)
+    return int(text, 10)  # "010" is ten: YAML 1.2 has no leading-zero octal
+
+
+def _construct_float12(loader, node):
+    text = loader.construct_scalar(node).lower()
+    if text.endswith(".inf"):
+        return float("-inf") if text.startswith("-") else float("inf")
+    if text == ".nan":
+        return float("nan")
+    return float(text)
+
+
+Yaml12Loader.add_constructor("tag:yaml.org,2002:int", _construct_int12)
+Yaml12Loader.add_constructor("tag:yaml.org,2002:float", _construct_float12)
+
+
+def _prescan(text: str, path: str | None, line_offset: int = 0) -> None:
+    """Bound a YAML document on its event stream, before any tree is built: nesting depth
+    (:data:`MAX_YAML_DEPTH`) and size after alias expansion (:data:`MAX_YAML_NODES`), counted with the size of
+    every anchored node so that an alias bomb is refused in time linear in the file's length; a recursive alias
+    is refused here too. Raises :class:`ConfigError` naming ``path`` and the line."""
+    sizes: dict[str, int] = {}
+    stack: list[list] = []  # [entries so far, anchor]
+    total = 0
+    try:
+        for ev in yaml.parse(text, Loader=Yaml12Loader):
+            line = ev.start_mark.line + 1 + line_offset
+            if isinstance(ev, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+                stack.append([0, ev.anchor])
+                if len(stack) > MAX_YAML_DEPTH:
+                    raise ConfigError(path, line, None, f"nested deeper than {MAX_YAML_DEPTH} levels")
+                add = 0
+            elif isinstance(ev, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+                count, anchor = stack.pop()
+                if anchor is not None:
+                    sizes[anchor] = count + 1
+                if stack:
+                    stack[-1][0] += count + 1
+                continue
+            elif isinstance(ev, yaml.ScalarEvent):
+                add = 1
+                if ev.anchor is not None:
+                    sizes[ev.anchor] = 1
+            elif isinstance(ev, yaml.AliasEvent):
+                if ev.anchor not in sizes:
+                    open_anchors = {a for _, a in stack}
+                    if ev.anchor in open_anchors:
+                        raise ConfigError(path, line, None, "recursive alias (a node that contains itself)")
+                    continue  # an undefined alias: the composer reports it with its line
+                add = sizes[ev.anchor]
+            else:
+                continue
+            total += add
+            if stack and not isinstance(ev, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+                stack[-1][0] += add
+            if total > MAX_YAML_NODES:
+                raise ConfigError(path, line, None, f"the YAML expands to more than {MAX_YAML_NODES} entries "
+                                                    "(nested aliases?); a pipeline config is far smaller")
+    except yaml.YAMLError:
+        return  # malformed: the composer reports the error with its line
+
+
+def _yaml_error(e: yaml.YAMLError, path: str | None, line_offset: int = 0) -> "ConfigError":
+    mark = getattr(e, "problem_mark", None)
+    problem = " ".join(str(getattr(e, "problem", None) or e).split())  # one line
+    return ConfigError(path, mark.line + 1 + line_offset if mark else None, None, f"malformed YAML: {problem}")
+
+
 def load_yaml_bounded(text: str, path: str | None) -> tuple[Any, dict[str, int]]:
-    """Parse YAML ``text`` safely; return ``(data, line_map)``.
+    """Parse YAML ``text`` safely by the YAML 1.2 core schema (:class:`Yaml12Loader`); return ``(data, line_map)``.
 
     ``line_map`` maps dotted key paths (``sft.training.learning_rate``; list items as ``sft.data.0``) to 1-based
     lines. Aliases are allowed, but the document must stay small once they are expanded: more than
-    :data:`MAX_YAML_NODES` entries (a "billion laughs" file), nesting deeper than :data:`MAX_YAML_DEPTH`, a
-    recursive alias or a key given twice in one mapping (YAML lets the second silently win) raise
-    :class:`ConfigError` naming the file and line. Only ``yaml.SafeLoader`` constructors are used.
+    :data:`MAX_YAML_NODES` entries (a "billion laughs" file), nesting deeper than :data:`MAX_YAML_DEPTH` (both
+    checked on the event stream before a tree is built, :func:`_prescan`), a recursive alias, a key given twice
+    in one mapping (YAML lets the second silently win), a key that is not a string (``~:``, ``1:``) or that holds a
+    ``.`` (``sft.training:`` at the top level reads as one key, not a nested one) raise :class:`ConfigError`
+    naming the file and line. Only safe constructors are used.
     """
-    def malformed(e: yaml.YAMLError) -> ConfigError:
-        mark = getattr(e, "problem_mark", None)
-        return ConfigError(path, mark.line + 1 if mark else None, None,
-                           f"malformed YAML: {getattr(e, 'problem', None) or e}")
-
-    loader = yaml.SafeLoader(text)
+    _prescan(text, path)
+    try:
+        loader = Yaml12Loader(text)
+    except yaml.YAMLError as e:  # a character YAML does not allow (a lone surrogate, a control character)
+        raise _yaml_error(e, path) from None
     try:
         try:
             root = loader.get_single_node()
         except yaml.YAMLError as e:
-            raise malformed(e) from None
+            raise _yaml_error(e, path) from None
         lines: dict[str, int] = {}
         count = 0
 
@@ -569,18 +672,25 @@ def load_yaml_bounded(text: str, path: str | None) -> tuple[Any, dict[str, int]]
             if isinstance(node, yaml.MappingNode):
                 seen: dict[str, int] = {}
                 for k, v in node.value:
+                    kline = k.start_mark.line + 1
                     if not isinstance(k, yaml.ScalarNode):
-                        raise ConfigError(path, k.start_mark.line + 1, prefix or None, "keys must be plain scalars")
+                        raise ConfigError(path, kline, prefix or None, "keys must be plain scalars")
                     if k.tag == "tag:yaml.org,2002:merge":
                         walk(v, prefix, depth + 1, on_path | {id(node)})
                         continue
                     key = f"{prefix}.{k.value}" if prefix else str(k.value)
+                    if k.tag != "tag:yaml.org,2002:str":
+                        raise ConfigError(path, kline, key, f"a key must be a name; {k.value!r} reads as "
+                                                            f"{k.tag.rsplit(':', 1)[-1]} (quote it if you mean it)")
+                    if "." in k.value:
+                        raise ConfigError(path, kline, key, "a key may not contain '.'; write the nested "
+                                                            "mapping (sft:\\n  training: …)")
                     if k.value in seen:
-                        raise ConfigError(path, k.start_mark.line + 1, key,
+                        raise ConfigError(path, kline, key,
                                           f"duplicate key (first given on line {seen[k.value]}); YAML would keep "
                                           "only the last one")
-                    seen[k.value] = k.start_mark.line + 1
-                    lines.setdefault(key, k.start_mark.line + 1)
+                    seen[k.value] = kline
+                    lines.setdefault(key, kline)
                     walk(v, key, depth + 1, on_path | {id(node)})
             elif isinstance(node, yaml.SequenceNode):
                 for i, v in enumerate(node.value):
@@ -594,10 +704,28 @@ def load_yaml_bounded(text: str, path: str | None) -> tuple[Any, dict[str, int]]
         try:
             data = loader.construct_document(root)
         except yaml.YAMLError as e:
-            raise malformed(e) from None
+            raise _yaml_error(e, path) from None
         return _unshare(data), lines
     finally:
         loader.dispose()
+
+
+def load_yaml_value(raw: str, where: str) -> Any:
+    """One YAML 1.2 value (a command-line override's right-hand side), bounded like a file
+    (:func:`load_yaml_bounded`). A value with `` #`` in it is taken as the literal string: a shell argument holds no
+    YAML comment, and dropping the rest (``/x/good #1.jsonl`` read as ``/x/good``) would change a path silently.
+    Raises :class:`ConfigError` located at ``where``."""
+    if raw == "":
+        return ""
+    if " #" in raw or raw.startswith("#") or "\t#" in raw:
+        return raw
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError("command line", None, where, f"override value longer than {MAX_CONFIG_BYTES} bytes")
+    try:
+        data, _ = load_yaml_bounded(raw, "command line")
+    except ConfigError as e:
+        raise ConfigError("command line", None, where, f"override value: {e.message}") from None
+    return data
 
 
 def _unshare(value):
@@ -673,18 +801,14 @@ def build_dataclass(cls, data: dict | None, prefix: str, path: str | None, lines
 
 
 def parse_override(item: str) -> tuple[str, Any]:
-    """Parse ``a.b.c=value`` (value as YAML) into ``("a.b.c", value)``; raises :class:`ConfigError`."""
+    """Parse ``a.b.c=value`` (value as YAML 1.2, :func:`load_yaml_value`) into ``("a.b.c", value)``; raises :class:`ConfigError`."""
     if "=" not in item:
         raise ConfigError("command line", None, item, "override must look like key=value (e.g. sft.training.max_steps=5)")
     key, raw = item.split("=", 1)
     key = key.strip().removeprefix("--")
     if not key or any(not part for part in key.split(".")):
         raise ConfigError("command line", None, item, "override key is empty or has an empty part (a.b.c=value)")
-    try:
-        value = yaml.safe_load(raw) if raw != "" else ""
-    except yaml.YAMLError as e:
-        raise ConfigError("command line", None, key, f"override value is not valid YAML: {e}") from None
-    return key, value
+    return key, load_yaml_value(raw, key)
 
 
 def apply_overrides(data: dict, overrides: list[str], path: str | None = None) -> list[str]:
@@ -721,24 +845,40 @@ def apply_overrides(data: dict, overrides: list[str], path: str | None = None) -
     return keys
 
 
+def read_config_text(path: str | os.PathLike) -> tuple[Path, str]:
+    """``(path, text)`` of a config file (a recipe name of a wheel install is found under its share folder).
+    Raises :class:`ConfigError` for a missing path, a folder, anything but a regular file (a FIFO, ``/dev/zero``:
+    never opened), a file above :data:`MAX_CONFIG_BYTES` (read no further than that) or text that is not UTF-8."""
+    p = Path(path)
+    try:
+        if not p.exists() and bundled_path(p) is not None:  # e.g. configs/<recipe>.yaml of a wheel install
+            p = bundled_path(p)
+        if not p.exists():
+            raise ConfigError(str(p), None, None, "config file does not exist")
+        if p.is_dir():
+            raise ConfigError(str(p), None, None, "is a folder, not a config file (give the .yaml file)")
+        if not p.is_file():
+            raise ConfigError(str(p), None, None, "not a regular file (a device, FIFO or socket); give a .yaml file")
+        with open(p, "rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+    except OSError as e:
+        raise ConfigError(str(p), None, None, f"cannot read the config: {e.strerror or e}") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(str(p), None, None, f"more than {MAX_CONFIG_BYTES} bytes; a config file may hold at most "
+                                              f"{MAX_CONFIG_BYTES}")
+    try:
+        return p, raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(str(p), None, None, f"not valid UTF-8 (byte {e.start})") from None
+
+
 def load_config(path: str | os.PathLike, overrides: list[str] | None = None, *,
                 target: str | None = None) -> PipelineConfig:
     """Read, override and validate a pipeline YAML. Raises :class:`ConfigError` (never loads a model).
 
     ``target="cuda"`` validates for a CUDA machine from any machine (``--dry-run --target cuda``): the settings
     only a GPU can run are accepted and no CUDA device is required; everything else is checked as usual."""
-    p = Path(path)
-    if not p.is_file() and bundled_path(p) is not None:  # e.g. configs/<recipe>.yaml of a wheel install
-        p = bundled_path(p)
-    if not p.is_file():
-        raise ConfigError(str(p), None, None, "config file does not exist")
-    size = p.stat().st_size
-    if size > MAX_CONFIG_BYTES:
-        raise ConfigError(str(p), None, None, f"{size} bytes; a config file may hold at most {MAX_CONFIG_BYTES}")
-    try:
-        text = p.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ConfigError(str(p), None, None, f"not valid UTF-8 (byte {e.start})") from None
+    p, text = read_config_text(path)
     data, lines = load_yaml_bounded(text, str(p))
     if data is None:
         raise ConfigError(str(p), None, None, "config file is empty")
@@ -766,12 +906,8 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None, *,
 def raw_config(path: str | os.PathLike, overrides: list[str] | None = None) -> dict:
     """The YAML dict of ``path`` with ``overrides`` applied, not validated (for ``--smoke``'s mapping).
     Raises :class:`ConfigError` when the file cannot be read or parsed."""
-    p = Path(path)
-    if not p.is_file() and bundled_path(p) is not None:  # e.g. configs/<recipe>.yaml of a wheel install
-        p = bundled_path(p)
-    if not p.is_file():
-        raise ConfigError(str(p), None, None, "config file does not exist")
-    data, _ = load_yaml_bounded(p.read_bytes().decode("utf-8", errors="replace"), str(p))
+    p, text = read_config_text(path)
+    data, _ = load_yaml_bounded(text, str(p))
     if not isinstance(data, dict):
         raise ConfigError(str(p), 1, None, "the config must be a YAML mapping")
     apply_overrides(data, overrides or [], str(p))
@@ -906,8 +1042,7 @@ def validate_config(cfg: PipelineConfig) -> None:
         raise cfg.error("lora.dropout", "must be in [0, 1)")
     if not cfg.lora.target_modules:
         raise cfg.error("lora.target_modules", "must name at least one module")
-    if not cfg.run_name or "/" in cfg.run_name or cfg.run_name.startswith("."):
-        raise cfg.error("run_name", "must be a plain folder name")
+    _check_names(cfg)
     for name, srcs in (("sft.data", cfg.sft.data), ("dpo.prompts", cfg.dpo.prompts), ("causal.tasks", cfg.causal.tasks),
                        ("causal.train_attacks", cfg.causal.train_attacks), ("causal.eval_attacks", cfg.causal.eval_attacks)):
         for i, s in enumerate(srcs):
@@ -976,6 +1111,10 @@ def validate_config(cfg: PipelineConfig) -> None:
     if cfg.causal.generation_max_new_tokens < 1 or cfg.causal.generation_batch_size < 1:
         raise cfg.error("causal.generation_max_new_tokens", "generation_max_new_tokens and generation_batch_size "
                                                             "must be ≥ 1")
+    if not 0.0 <= cfg.sft.max_truncated_share <= 1.0:
+        raise cfg.error("sft.max_truncated_share", "must be in [0, 1]")
+    if m.control_tokens not in {"escape", "refuse"}:
+        raise cfg.error("model.control_tokens", f"{m.control_tokens!r} is not one of ['escape', 'refuse']")
     if m.merge_dtype not in {"auto", "float32", "bfloat16", "float16"}:
         raise cfg.error("model.merge_dtype", f"{m.merge_dtype!r} is not one of ['auto', 'bfloat16', 'float16', "
                                              "'float32']")
@@ -1059,6 +1198,42 @@ def validate_config(cfg: PipelineConfig) -> None:
     _check_device_consistency(cfg)
 
 
+RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=-]{0,99}$")
+
+
+def _check_names(cfg: PipelineConfig) -> None:
+    """Names that become folders or Hub repos: ``run_name`` is 1-100 characters of ``[A-Za-z0-9._+=-]`` starting
+    with a letter or digit (no ``/``, ``..``, control or non-encodable characters, nothing a file system refuses);
+    no name or path holds a credential (it would be written into folder names, logs and the Hub); Hub ids and
+    ``hub.organization`` pass ``huggingface_hub``'s own validator (``../../etc/passwd`` is not a repo id)."""
+    from stages.redaction import has_secret
+
+    if not isinstance(cfg.run_name, str) or not RUN_NAME.match(cfg.run_name) or ".." in cfg.run_name:
+        shown = cfg.run_name.encode("utf-8", "backslashreplace").decode("ascii", "backslashreplace")[:60]
+        raise cfg.error("run_name", f"must be a plain folder name: 1-100 characters of letters, digits and ._+=- "
+                                    f"starting with a letter or digit (got {shown!r})")
+    for dotted in ("run_name", "output_dir", "hub.organization", "sft.hub_model_id", "dpo.hub_model_id",
+                   "causal.hub_model_id", "model.name_or_path"):
+        section, _, key = dotted.rpartition(".")
+        value = getattr(getattr(cfg, section) if section else cfg, key)
+        if has_secret(value):
+            raise cfg.error(dotted, "holds a credential (a token or a URL's user:password@); it would be written "
+                                    "into folder names and logs: pass credentials in the environment (HF_TOKEN)")
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    org = cfg.hub.organization
+    ids = [("hub.organization", f"{org}/x")] if org else []
+    ids += [(f"{sec}.hub_model_id", getattr(cfg, sec).hub_model_id) for sec in ("sft", "dpo", "causal")
+            if getattr(cfg, sec).hub_model_id]
+    for dotted, repo_id in ids:
+        try:
+            validate_repo_id(repo_id)
+            if any(part in ("..", ".") for part in repo_id.split("/")) or repo_id.count("/") > 1:
+                raise HFValidationError("a repo id is 'name' or 'namespace/name'")
+        except HFValidationError as e:
+            raise cfg.error(dotted, f"{repo_id!r} is not a Hub repo id: {str(e).splitlines()[0]}") from None
+
+
 def cuda_available() -> bool:
     import torch
 
@@ -1093,5 +1268,9 @@ def _check_device_consistency(cfg: PipelineConfig) -> None:
 
 
 def resolved_yaml(cfg: PipelineConfig) -> str:
-    """The config after overrides, as YAML (it holds no secrets: :func:`load_config` rejects secret keys)."""
-    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    """The config after overrides, as YAML, with no secret in it: :func:`load_config` rejects secret keys, and
+    credentials inside values (a URL's ``user:password@``, ``hf_…``/``sk-…`` tokens) are replaced by ``***``
+    (:func:`stages.redaction.redact_tree`)."""
+    from stages.redaction import redact_tree
+
+    return yaml.safe_dump(redact_tree(cfg.to_dict()), sort_keys=False)

@@ -785,11 +785,18 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    overrides = list(args.overrides) + ([f"evaluate.eval_file={args.eval_file}"] if args.eval_file else [])
+    import json
+
+    from stages.redaction import overrides_from_env
+
+    # a path from the command line is a literal string (JSON-quoted), never re-read as YAML
+    overrides = list(args.overrides) + ([f"evaluate.eval_file={json.dumps(args.eval_file)}"] if args.eval_file else [])
+    if not args.model and not args.output and not (args.suite or args.benchmark or args.adaptive):
+        # the pipeline stage (manifest, run_dir/eval); run_stage_main adds the secret overrides itself
+        return run_stage_main(sys.modules[__name__], "Evaluation stage", ["--config", args.config, *overrides])
+    overrides += overrides_from_env()
     if args.suite or args.benchmark or args.adaptive:
         return suite_main(args, overrides)
-    if not args.model and not args.output:  # the pipeline stage (manifest, run_dir/eval)
-        return run_stage_main(sys.modules[__name__], "Evaluation stage", ["--config", args.config, *overrides])
     setup_logging()
     from stages.config import load_config
 

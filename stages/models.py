@@ -16,6 +16,7 @@ import logging
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -130,10 +131,10 @@ def load_tokenizer(path: str, model_cfg: ModelSection):
     that fails its checks."""
     from transformers import AutoTokenizer
 
-    if model_cfg.trust_remote_code:
-        log.warning("trust_remote_code is ON for %s (set in the config)", path)
+    warn_remote_code(path, model_cfg)
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=model_cfg.trust_remote_code)
-    return apply_template(tok, model_cfg.chat_template, data_role=model_cfg.data_role)
+    return apply_template(tok, model_cfg.chat_template, data_role=model_cfg.data_role,
+                          control_tokens=model_cfg.control_tokens)
 
 
 def load_model(path: str, model_cfg: ModelSection, *, device: str = "cpu", quantize: bool | None = None,
@@ -149,8 +150,7 @@ def load_model(path: str, model_cfg: ModelSection, *, device: str = "cpu", quant
 
     quantize = (model_cfg.quantization == "4bit") if quantize is None else quantize
     dtype = resolve_dtype(model_cfg, device)
-    if model_cfg.trust_remote_code:
-        log.warning("trust_remote_code is ON for %s (set in the config)", path)
+    warn_remote_code(path, model_cfg)
     if model_cfg.loader == "unsloth":
         return _load_unsloth(path, model_cfg, dtype, quantize)
     kwargs = dict(dtype=dtype, trust_remote_code=model_cfg.trust_remote_code,
@@ -323,6 +323,97 @@ def model_folder(cfg) -> Path | None:
     return Path(hit).parent if isinstance(hit, str) else None
 
 
+MAX_JSON_BYTES = 64 << 20  # a config.json, adapter_config.json or safetensors index is far smaller
+# bounds on config.json dimensions, checked before any module is built (even on the meta device): no released
+# causal LM comes near them (Llama-3.1-405B: 126 layers, hidden 16384, vocab 128256)
+MAX_LAYERS, MAX_HIDDEN, MAX_VOCAB = 1024, 65536, 1 << 22
+
+
+def read_json_file(path: str | os.PathLike, error) -> Any:
+    """The JSON value in ``path``; a file that is missing, not a regular file, larger than :data:`MAX_JSON_BYTES`,
+    not UTF-8 or not valid JSON raises ``error(message)`` (one line naming the file)."""
+    p = Path(path)
+    try:
+        if not p.is_file():
+            raise error(f"{p} is not a regular file")
+        with open(p, "rb") as f:
+            raw = f.read(MAX_JSON_BYTES + 1)
+    except OSError as e:
+        raise error(f"cannot read {p}: {e.strerror or e}") from None
+    if len(raw) > MAX_JSON_BYTES:
+        raise error(f"{p} is larger than {MAX_JSON_BYTES >> 20} MiB: not a model's JSON file")
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise error(f"{p} is not valid UTF-8 (byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise error(f"{p} is not valid JSON (line {e.lineno} column {e.colno}: {e.msg})") from None
+
+
+def remote_code_files(folder: str | os.PathLike) -> list[str]:
+    """The Python files of ``folder`` that remote code (``model.trust_remote_code``) would import: the modules its
+    ``config.json`` and ``tokenizer_config.json`` ``auto_map`` entries name (a ``repo--module.Class`` entry names
+    another repo's module), else every ``*.py`` beside the weights. Empty when the folder has no remote code."""
+    p = Path(folder)
+    named = []
+    for name in ("config.json", "tokenizer_config.json"):
+        try:
+            d = json.loads((p / name).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            continue
+        amap = d.get("auto_map") if isinstance(d, dict) else None
+        if isinstance(amap, dict):
+            for v in amap.values():
+                for ref in (v if isinstance(v, list) else [v]):
+                    if isinstance(ref, str) and "." in ref:
+                        named.append(ref.rsplit(".", 1)[0].replace("--", ":") + ".py")
+    if named:
+        return sorted(set(named))
+    return sorted(q.name for q in p.glob("*.py")) if p.is_dir() else []
+
+
+def warn_remote_code(path, model_cfg) -> None:
+    """At a real load with ``model.trust_remote_code: true``: log which files of ``path`` will run."""
+    if model_cfg.trust_remote_code:
+        files = remote_code_files(path) if Path(str(path)).is_dir() else ["(the Hub repo's *.py files)"]
+        log.warning("trust_remote_code is ON for %s (set in the config): it will import and run %s", path,
+                    ", ".join(files) or "no Python file (the folder has none)")
+
+
+def check_weights(p: Path, error) -> None:
+    """Open every safetensors file the folder would load, header only (``safetensors.safe_open``): a corrupt or
+    truncated header, a shard named outside the folder (``../../etc/passwd``) or a missing shard raises
+    ``error(message)``. Reads a few KiB per file; never the tensors."""
+    from safetensors import safe_open
+
+    index = p / "model.safetensors.index.json"
+    if index.is_file():
+        d = read_json_file(index, error)
+        wmap = d.get("weight_map") if isinstance(d, dict) else None
+        if not isinstance(wmap, dict) or not wmap or not all(isinstance(v, str) for v in wmap.values()):
+            raise error(f"{index} is not a safetensors index (no weight_map of tensor name → shard file)")
+        shards = sorted(set(wmap.values()))
+        root = p.resolve()
+        outside = [s for s in shards if "/" in s or "\\" in s or s in ("", ".", "..")
+                   or (p / s).resolve().parent != root]
+        if outside:
+            raise error(f"{index} names shard(s) outside the model folder ({outside[:3]}); a shard is a file name "
+                        "beside the index")
+        missing = [s for s in shards if not (p / s).is_file()]
+        if missing:
+            raise error(f"{p}: {len(missing)} weight shard(s) named in {index.name} are missing ({missing[:3]})")
+        files = [p / s for s in shards]
+    else:
+        files = sorted(p.glob("*.safetensors"))
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as h:
+                h.keys()
+        except Exception as e:  # noqa: BLE001 - SafetensorError, OSError: the header cannot be read
+            raise error(f"{f} is not a readable safetensors file ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''})") from None
+
+
 def check_model_folder(folder: str | os.PathLike, error) -> dict:
     """Check that ``folder`` holds a model this project can load, without loading it; return its ``config.json``.
 
@@ -340,10 +431,7 @@ def check_model_folder(folder: str | os.PathLike, error) -> dict:
     conf = p / "config.json"
     if not conf.is_file():
         raise error(f"{p} has no config.json: not a model folder")
-    try:
-        c = json.loads(conf.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise error(f"{conf} is not valid JSON ({e})") from None
+    c = read_json_file(conf, error)
     if not isinstance(c, dict) or not c:
         raise error(f"{conf} is not a JSON object with the model's settings")
     if not isinstance(c.get("model_type"), str):
@@ -351,21 +439,20 @@ def check_model_folder(folder: str | os.PathLike, error) -> dict:
     for key in ("hidden_size", "num_hidden_layers"):
         if config_int(c, key) is None:
             raise error(f"{conf}: {key} is missing or not a positive integer ({c.get(key)!r})")
+    for key, top in (("num_hidden_layers", MAX_LAYERS), ("hidden_size", MAX_HIDDEN), ("vocab_size", MAX_VOCAB),
+                     ("intermediate_size", 4 * MAX_HIDDEN)):
+        v = config_int(c, key)
+        if v is not None and v > top:
+            raise error(f"{conf}: {key} {v} is above {top}; no released causal LM is that large (a corrupt or "
+                        "hostile config: nothing is built from it)")
     index = p / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
-        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-            raise error(f"{index} is not a safetensors index ({type(e).__name__}: {e})") from None
-        missing = sorted(s for s in shards if not (p / s).is_file())
-        if missing:
-            raise error(f"{p}: {len(missing)} weight shard(s) named in {index.name} are missing ({missing[:3]})")
-    elif not any(p.glob("*.safetensors")):
+    if not index.is_file() and not any(p.glob("*.safetensors")):
         pickles = [n for n in PICKLE_WEIGHTS if (p / n).exists()]
         if pickles:
             raise error(f"{p} has only PyTorch/pickle weights ({pickles[0]}); this project loads safetensors only "
                         "(convert with transformers: from_pretrained then save_pretrained(safe_serialization=True))")
         raise error(f"{p} has no *.safetensors weights")
+    check_weights(p, error)
     if not any((p / n).is_file() for n in TOKENIZER_FILES):
         raise error(f"{p} has no tokenizer (one of {list(TOKENIZER_FILES)})")
     return c
@@ -437,9 +524,15 @@ def check_model(cfg) -> dict | None:
     if folder is None:
         return None
     conf = check_model_folder(folder, lambda m: cfg.error("model.name_or_path", m))
-    if cfg.model.chat_template != "zephyr":  # the model's own or a file's template, checked on its tokenizer
+    remote = remote_code_files(folder) if cfg.model.trust_remote_code else []
+    if remote:  # validation and --dry-run never run a model's code: what needs it is checked when it loads
+        log.warning("model.trust_remote_code: %s has remote code (%s); it is not run at validation: its tokenizer "
+                    "and module names are checked when the stage loads it", folder, ", ".join(remote))
+    if cfg.model.chat_template != "zephyr" and not remote:  # the model's own or a file's template
+        import dataclasses
+
         try:
-            load_tokenizer(str(folder), cfg.model)
+            load_tokenizer(str(folder), dataclasses.replace(cfg.model, trust_remote_code=False))
         except Exception as e:  # noqa: BLE001 - ValueError from the checks, jinja TemplateError, OSError: one line
             raise cfg.error("model.chat_template", str(e).splitlines()[0] if str(e) else type(e).__name__) from None
     hidden = config_int(conf, "hidden_size")
@@ -456,8 +549,8 @@ def check_model(cfg) -> dict | None:
             raise cfg.error("causal.max_length", f"{cfg.causal.max_length} is above the model's maximum of {limit} "
                                                  "positions")
     targets = cfg.lora.target_modules
-    if isinstance(targets, list) and targets and targets != ["all-linear"]:
-        names = module_names_from_config(folder, cfg.model.trust_remote_code)
+    if isinstance(targets, list) and targets and targets != ["all-linear"] and not remote:
+        names = module_names_from_config(folder, trust_remote_code=False)
         if names is not None:
             leaves = {n.rsplit(".", 1)[-1] for n in names}
             unknown = [t for t in targets if t not in leaves and t not in names]

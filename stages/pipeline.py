@@ -135,7 +135,6 @@ def stage_inputs(cfg: PipelineConfig, name: str) -> dict:
 
 def run_pipeline(args) -> int:
     from stages.common import setup_logging
-    from stages.run_dir import Manifest
 
     setup_logging()
     if args.target and not args.dry_run:
@@ -147,7 +146,7 @@ def run_pipeline(args) -> int:
         from stages.smoke import format_table, smoke_plan
 
         try:
-            extra, rows = smoke_plan(raw_config(args.config, args.overrides))
+            extra, rows = smoke_plan(raw_config(args.config, args.overrides), str(args.config))
         except ConfigError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
@@ -166,6 +165,7 @@ def run_pipeline(args) -> int:
             raise ConfigError(cfg.source_path, None, "--from-stage", f"{args.from_stage!r} is not an enabled stage "
                                                                      f"({stages})")
         plan = validate_plan(cfg, stages, target=args.target)
+        launcher = parse_launcher(args.launcher)
     except (ConfigError, DataError, PlanError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -173,10 +173,45 @@ def run_pipeline(args) -> int:
     if args.dry_run:
         print("dry run: plan valid, nothing trained")
         return 0
+    from stages.run_dir import RunFolderBusy, RunLock
+
+    try:  # every check is done: the run folder is locked, then written
+        with RunLock(cfg.run_dir):
+            return _run_stages(args, cfg, stages, launcher)
+    except RunFolderBusy as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def parse_launcher(text: str | None) -> list[str]:
+    """``--launcher`` as an argument list (default: this Python). Raises :class:`ConfigError` (before anything is
+    written) when it does not split as a shell command (an unclosed quote), is empty, or names a program that is
+    neither on ``PATH`` nor an executable file."""
+    import shutil
+
+    if text is None:
+        return [sys.executable]
+    try:
+        parts = shlex.split(text)
+    except ValueError as e:
+        raise ConfigError("command line", None, "--launcher", f"{text!r} is not a command ({e})") from None
+    if not parts:
+        raise ConfigError("command line", None, "--launcher", "is empty; give a command such as "
+                                                             "\"accelerate launch --num_processes 2\"")
+    if shutil.which(parts[0]) is None:
+        raise ConfigError("command line", None, "--launcher", f"{parts[0]!r} is not an executable program on PATH")
+    return parts
+
+
+def _run_stages(args, cfg: PipelineConfig, stages: list[str], launcher: list[str]) -> int:
+    """Run the enabled stages in order (the run folder is locked by the caller); returns the exit code."""
+    from stages.redaction import SECRET_OVERRIDES_ENV, child_env, redact, split_secret_overrides
+    from stages.run_dir import Manifest
+
     atomic_write_text(cfg.run_dir / "resolved_config.yaml", resolved_yaml(cfg))
     manifest = Manifest(cfg.run_dir)
     redo_from = 0 if args.force else (stages.index(args.from_stage) if args.from_stage else len(stages))
-    launcher = shlex.split(args.launcher) if args.launcher else [sys.executable]
+    public_overrides, secret_overrides = split_secret_overrides(list(args.overrides))
     timings = {}
     hub_failed = False
     for i, name in enumerate(stages):
@@ -187,10 +222,13 @@ def run_pipeline(args) -> int:
         if i >= redo_from:  # the stage starts fresh: no checkpoint or record of an earlier attempt is reused
             manifest.update(name, status="pending", redo=True)
         script = ROOT / (STAGE_MODULES[name].replace(".", "/") + ".py")
-        cmd = launcher + [str(script), "--config", str(args.config), *args.overrides]
-        print(f"[{name}] running: {' '.join(shlex.quote(c) for c in cmd)}", flush=True)
+        cmd = launcher + [str(script), "--config", str(args.config), *public_overrides]
+        shown = " ".join(shlex.quote(c) for c in cmd) + (f"  (+{len(secret_overrides)} override(s) holding a "
+                                                          f"credential, passed in ${SECRET_OVERRIDES_ENV})"
+                                                          if secret_overrides else "")
+        print(f"[{name}] running: {redact(shown)}", flush=True)
         t0 = time.time()
-        rc = subprocess.call(cmd, cwd=os.getcwd())
+        rc = subprocess.call(cmd, cwd=os.getcwd(), env=child_env(secret_overrides))
         timings[name] = time.time() - t0
         if rc == 3:  # stage done, Hub push failed: local artifacts are saved, go on and report at the end
             hub_failed = True

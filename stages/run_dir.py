@@ -103,6 +103,16 @@ class Manifest:
             atomic_write_json(self.path, data)
             return entry
 
+    def restore(self, stage: str, entry: dict | None) -> None:
+        """Put back the stage's entry as :meth:`entry` returned it before an attempt (``None``: no entry)."""
+        with self._locked():
+            data = self.read()
+            if entry is None:
+                data["stages"].pop(stage, None)
+            else:
+                data["stages"][stage] = entry
+            atomic_write_json(self.path, data)
+
     def entry(self, stage: str) -> dict:
         return self.read()["stages"].get(stage, {"status": "pending"})
 
@@ -133,3 +143,54 @@ class Manifest:
         e = self.entry(stage)
         return (e.get("status") in ("running", "failed") and not e.get("redo")
                 and e.get("resume_hash") == resume_hash and e.get("input_hashes") == input_hashes)
+
+
+LOCK_HELD_ENV = "STAGED_ALIGNMENT_RUN_LOCK"
+
+
+class RunFolderBusy(RuntimeError):
+    """Another process holds the run folder's lock (its message names the holder)."""
+
+
+class RunLock:
+    """Exclusive lock on a run folder for the duration of a run (``filelock.FileLock`` on ``<run_dir>/.run.lock``;
+    released by the operating system if the holder dies). The holder's pid, host and start time are kept in
+    ``.run.lock.holder`` so that a second run on the folder stops with one line naming it. A stage started by the
+    pipeline inherits the pipeline's lock through :data:`LOCK_HELD_ENV` and does not take it again.
+
+    Raises :class:`RunFolderBusy` at ``__enter__`` when the folder is locked (never waits)."""
+
+    def __init__(self, run_dir: str | os.PathLike):
+        self.run_dir = Path(run_dir)
+        self._lock = None
+        self._inherited = os.environ.get(LOCK_HELD_ENV) == str(self.run_dir.resolve())
+
+    def __enter__(self) -> "RunLock":
+        import socket
+
+        from filelock import FileLock, Timeout
+
+        if self._inherited:
+            return self
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        holder = self.run_dir / ".run.lock.holder"
+        self._lock = FileLock(str(self.run_dir / ".run.lock"))
+        try:
+            self._lock.acquire(timeout=0)
+        except Timeout:
+            try:
+                who = json.loads(holder.read_text())
+                by = f"pid {who.get('pid')} on {who.get('host')}, since {who.get('since')}"
+            except (OSError, ValueError):
+                by = "another process"
+            raise RunFolderBusy(f"{self.run_dir} is in use by another run ({by}); wait for it to finish or choose "
+                                "another run_name") from None
+        holder.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": now()}))
+        os.environ[LOCK_HELD_ENV] = str(self.run_dir.resolve())  # children (the stage scripts) share it
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._lock is not None:
+            os.environ.pop(LOCK_HELD_ENV, None)
+            (self.run_dir / ".run.lock.holder").unlink(missing_ok=True)
+            self._lock.release()

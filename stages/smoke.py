@@ -76,10 +76,42 @@ def stand_ins(lists: dict[str, list]) -> tuple[dict[str, list], list[tuple[str, 
     return changed, replaced
 
 
-def smoke_plan(data: dict) -> tuple[list[str], list[tuple[str, str, str]]]:
+def check_shapes(data: dict, path: str | None = None) -> None:
+    """The parts of a raw recipe the smoke mapping reads have the shapes the config declares: every section a
+    mapping (``model``, ``sft.training``, ``dpo.generation``, …) and every source list (:data:`SOURCE_LISTS`) a list
+    of paths or mappings with a string ``path``. Raises :class:`stages.config.ConfigError` naming the field
+    (``sft.data=5`` or ``causal.tasks=[5]`` used to end in a ``TypeError``); everything else is validated with the
+    smoke overrides applied, as usual."""
+    from stages.config import ConfigError
+
+    for key in ("model", "lora", "hub", "logging", "sft", "dpo", "causal", "evaluate", "sft.training",
+                "dpo.training", "dpo.generation", "causal.training", "causal.loss", "causal.head"):
+        v = _get(data, key)
+        if v is not None and not isinstance(v, dict):
+            raise ConfigError(path, None, key, f"expected a mapping, got {type(v).__name__} ({v!r})")
+    for key in SOURCE_LISTS:
+        v = _get(data, key)
+        if v is None:
+            continue
+        if not isinstance(v, list):
+            raise ConfigError(path, None, key, f"expected a list of sources (paths or mappings with 'path'), got "
+                                               f"{type(v).__name__} ({v!r})")
+        for i, src in enumerate(v):
+            if isinstance(src, dict) and isinstance(src.get("path"), str):
+                continue
+            if not isinstance(src, str):
+                raise ConfigError(path, None, f"{key}.{i}", f"expected a path or a mapping with a string 'path', got "
+                                                            f"{src!r}")
+
+
+def smoke_plan(data: dict, path: str | None = None) -> tuple[list[str], list[tuple[str, str, str]]]:
     """``(overrides, rows)`` for the recipe ``data`` (a raw config dict): dotted ``key=value`` overrides (values
-    in YAML/JSON) and the table rows ``(setting, recipe value, smoke value)`` of every change."""
+    in YAML/JSON) and the table rows ``(setting, recipe value, smoke value)`` of every change. Raises
+    :class:`stages.config.ConfigError` for a recipe whose sections or sources are not shaped as declared
+    (:func:`check_shapes`)."""
     from data_builders.sources import hub_answers, is_cached, is_remote, is_url
+
+    check_shapes(data, path)
 
     over: list[str] = []
     rows: list[tuple[str, str, str]] = []

@@ -11,6 +11,7 @@ Several processes: every process trains (the Trainer shards the data, DDP all-re
 """
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 
@@ -20,6 +21,8 @@ if __package__ in (None, ""):  # run as a script: make the project importable wi
 from data_builders.jsonl_io import atomic_write_json  # noqa: E402
 from data_builders.sft_data import read_sft_sources  # noqa: E402
 from stages.config import PipelineConfig  # noqa: E402
+
+log = logging.getLogger("staged_alignment")
 
 STAGE = "sft"
 
@@ -44,8 +47,46 @@ def validate(cfg: PipelineConfig) -> list[dict]:
     rows = read_sft_sources(cfg.sft.data)
     if len(rows) < 2:
         raise cfg.error("sft.data", f"only {len(rows)} usable row(s)")
-    build_training_args(SFTConfig, cfg, "sft", cfg.run_dir / "sft" / "checkpoints", **sft_defaults(cfg))
+    args = build_training_args(SFTConfig, cfg, "sft", cfg.run_dir / "sft" / "checkpoints", **sft_defaults(cfg))
+    check_truncation(cfg, rows, args.max_length or cfg.model.max_seq_length)
     return rows
+
+
+def check_truncation(cfg: PipelineConfig, rows: list[dict], max_length: int) -> int:
+    """Count the rows whose prompt (every turn before the last assistant turn, rendered by the run's template)
+    takes ``max_length`` tokens or more: truncation leaves them no assistant token, so they train nothing. Raises
+    ``ConfigError`` at ``sft.data`` naming the first such row when their share exceeds
+    ``sft.max_truncated_share``; returns the count. Uses the model folder's tokenizer (no weights, no remote
+    code); skipped (returns -1) when the model is not a local folder yet (a Hub id not cached, an embedded model
+    not converted)."""
+    import dataclasses
+
+    from data_builders.chat_template import render_prompt
+    from stages.models import load_tokenizer, model_folder
+
+    folder = model_folder(cfg)
+    if folder is None:
+        return -1
+    try:
+        tok = load_tokenizer(str(folder), dataclasses.replace(cfg.model, trust_remote_code=False))
+    except Exception:  # noqa: BLE001 - a tokenizer that needs remote code is checked when the stage loads it
+        return -1
+    bad = []
+    for i, row in enumerate(rows):
+        msgs = row["messages"]
+        last = max(j for j, m in enumerate(msgs) if m["role"] == "assistant")
+        prompt = render_prompt(tok, msgs[:last])
+        if len(tok(prompt, add_special_tokens=False)["input_ids"]) >= max_length:
+            bad.append(i)
+    if rows and len(bad) / len(rows) > cfg.sft.max_truncated_share:
+        raise cfg.error("sft.data", f"{len(bad)} of {len(rows)} rows ({len(bad) / len(rows):.0%}, first: row "
+                                    f"{bad[0] + 1}) have a prompt of {max_length} tokens or more, so truncation "
+                                    "leaves no assistant token to train; raise model.max_seq_length, drop those "
+                                    f"rows, or raise sft.max_truncated_share (now {cfg.sft.max_truncated_share})")
+    if bad:
+        log.warning("sft.data: %d of %d rows train no assistant token after truncation to %d tokens", len(bad),
+                    len(rows), max_length)
+    return len(bad)
 
 
 def sft_defaults(cfg: PipelineConfig) -> dict:
