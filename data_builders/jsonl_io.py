@@ -27,7 +27,8 @@ class DataError(ValueError):
 
     def __init__(self, path: str | os.PathLike, line: int | None, field: str | None, message: str):
         self.path, self.line, self.field, self.message = str(path), line, field, message
-        where = self.path if line is None else f"{self.path}:{line}"
+        shown = short_path(self.path)
+        where = shown if line is None else f"{shown}:{line}"
         what = f"field '{field}': " if field else ""
         super().__init__(f"{where}: {what}{message}")
 
@@ -40,10 +41,48 @@ def error_line(e: BaseException, limit: int = 300) -> str:
     return type(e).__name__ + (": " + text.splitlines()[0][:limit] if text.strip() else "")
 
 
+def short_path(path: str, limit: int = 200) -> str:
+    """``path`` for a message: as it is up to ``limit`` characters, else its start and end around ``…``."""
+    return path if len(path) <= limit else f"{path[:100]}…{path[-60:]}"
+
+
+NAME_MAX, PATH_MAX = 255, 4096  # bytes, as Linux file systems count them
+
+
+def path_name_problem(path: str | os.PathLike) -> str | None:
+    """Why ``path`` cannot name a file on this system, before any ``stat``: a NUL byte, a character that is not
+    encodable, a component over :data:`NAME_MAX` bytes or a path over :data:`PATH_MAX`; None when it can."""
+    text = os.fspath(path)
+    if "\x00" in text:
+        return "holds a NUL byte"
+    try:
+        raw = os.fsencode(text)
+    except UnicodeEncodeError:
+        return "holds a character the file system cannot encode"
+    if len(raw) > PATH_MAX:
+        return f"is {len(raw)} bytes long; a path may be at most {PATH_MAX}"
+    longest = max((len(c) for c in raw.split(b"/")), default=0)
+    if longest > NAME_MAX:
+        return f"has a name of {longest} bytes; a file or folder name may be at most {NAME_MAX}"
+    return None
+
+
+def exists(path: str | os.PathLike) -> bool:
+    """``Path(path).exists()`` that answers False instead of raising for a name the system cannot stat."""
+    try:
+        return Path(path).exists()
+    except (OSError, ValueError):
+        return False
+
+
 def require_file(path: str | os.PathLike, what: str = "input file") -> Path:
-    """Return ``Path(path)``; raise :class:`DataError` if it is missing, not a file or empty."""
+    """Return ``Path(path)``; raise :class:`DataError` if it cannot name a file (:func:`path_name_problem`), is
+    missing, not a file or empty."""
     p = Path(path)
-    if not p.exists():
+    problem = path_name_problem(p)
+    if problem:
+        raise DataError(p, None, None, f"{what} {problem}")
+    if not exists(p):
         raise DataError(p, None, None, f"{what} does not exist")
     if not p.is_file():
         raise DataError(p, None, None, f"{what} is not a regular file")

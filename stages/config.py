@@ -39,6 +39,8 @@ class ConfigError(ValueError):
     """A bad config value: names the file, the YAML line (when known) and the dotted field."""
 
     def __init__(self, path: str | None, line: int | None, field_name: str | None, message: str):
+        if len(message) > 600:  # a 5000-character value echoed back helps no one
+            message = message[:480] + " … " + message[-100:]
         self.path, self.line, self.field, self.message = path, line, field_name, message
         if line == OVERRIDE:
             where = f"{path or '<config>'} (command-line override)"
@@ -159,11 +161,15 @@ def resolve_input(path: str | os.PathLike) -> Path:
     (a checkout, or the site-packages of a wheel install, where ``data_builders/seed`` and ``evaluation/heldout``
     are package data), else among the files a wheel ships under ``<prefix>/share`` (:func:`bundled_path`), else
     as given (the reader then names it as missing)."""
+    from data_builders.jsonl_io import exists, path_name_problem
+
     p = Path(path)
-    if p.is_absolute() or p.exists():
+    if path_name_problem(p):
+        return p  # the reader (or _check_path_names) names what is wrong with it
+    if p.is_absolute() or exists(p):
         return p
     alt = Path(__file__).resolve().parents[1] / p
-    if alt.exists():
+    if exists(alt):
         return alt
     return bundled_path(p) or p
 
@@ -1043,6 +1049,7 @@ def validate_config(cfg: PipelineConfig) -> None:
     if not cfg.lora.target_modules:
         raise cfg.error("lora.target_modules", "must name at least one module")
     _check_names(cfg)
+    _check_path_names(cfg)
     for name, srcs in (("sft.data", cfg.sft.data), ("dpo.prompts", cfg.dpo.prompts), ("causal.tasks", cfg.causal.tasks),
                        ("causal.train_attacks", cfg.causal.train_attacks), ("causal.eval_attacks", cfg.causal.eval_attacks)):
         for i, s in enumerate(srcs):
@@ -1196,6 +1203,36 @@ def validate_config(cfg: PipelineConfig) -> None:
                                 "model) with a model card after saving; the Trainer's own push would upload "
                                 "checkpoints to a second repo")
     _check_device_consistency(cfg)
+
+
+PATH_KEYS = {"path", "name_or_path", "cache_dir", "chat_template", "constitution", "base_model", "output_dir"}
+
+
+def _check_path_names(cfg: PipelineConfig) -> None:
+    """Every value that names a file or folder (keys of :data:`PATH_KEYS`, ``*_file`` and ``*_dir`` keys, the items
+    of source lists) can name one on this system (:func:`data_builders.jsonl_io.path_name_problem`: no NUL byte,
+    no component over 255 bytes): a name the OS refuses is one located error, not an ``OSError`` later."""
+    from data_builders.jsonl_io import path_name_problem
+
+    def walk(node, prefix):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                dotted = f"{prefix}.{k}" if prefix else str(k)
+                if isinstance(v, str) and (k in PATH_KEYS or str(k).endswith(("_file", "_dir"))):
+                    problem = path_name_problem(v)
+                    if problem:
+                        raise cfg.error(dotted, f"cannot name a file: it {problem}")
+                walk(v, dotted)
+        elif isinstance(node, list):
+            for i, v in enumerate(node):
+                if isinstance(v, str) and prefix.rsplit(".", 1)[-1] in {"data", "prompts", "tasks", "train_attacks",
+                                                                         "eval_attacks"}:
+                    problem = path_name_problem(v)
+                    if problem:
+                        raise cfg.error(f"{prefix}.{i}", f"cannot name a file: it {problem}")
+                walk(v, f"{prefix}.{i}")
+
+    walk(dataclasses.asdict(cfg), "")
 
 
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=-]{0,99}$")

@@ -436,9 +436,13 @@ def check_model_folder(folder: str | os.PathLike, error) -> dict:
         raise error(f"{conf} is not a JSON object with the model's settings")
     if not isinstance(c.get("model_type"), str):
         raise error(f"{conf} has no model_type")
-    for key in ("hidden_size", "num_hidden_layers"):
+    for key in ("hidden_size", "num_hidden_layers", "vocab_size"):
         if config_int(c, key) is None:
             raise error(f"{conf}: {key} is missing or not a positive integer ({c.get(key)!r})")
+    text = c.get("text_config") if isinstance(c.get("text_config"), dict) else c
+    for key in ("intermediate_size", "num_attention_heads", "num_key_value_heads", "max_position_embeddings"):
+        if text.get(key) is not None and config_int(c, key) is None:
+            raise error(f"{conf}: {key} is not a positive integer ({text.get(key)!r})")
     for key, top in (("num_hidden_layers", MAX_LAYERS), ("hidden_size", MAX_HIDDEN), ("vocab_size", MAX_VOCAB),
                      ("intermediate_size", 4 * MAX_HIDDEN)):
         v = config_int(c, key)

@@ -2,7 +2,9 @@
 
 Each example mutates one shipped config (a value swapped for another type, NaN/inf, a negative or huge number, an
 empty or blank string, a list or mapping; or the YAML text itself: truncated, re-encoded, given a duplicate key or
-an alias bomb) or one row of a shipped seed file, and runs ``pipeline.py --dry-run`` in-process. The property:
+an alias bomb), one row of a shipped seed file, a hostile raw override (YAML 1.1 forms, aliases, tags, deep
+nesting), a model folder (a config.json value, truncated or flipped safetensors bytes, a shard index naming a path
+outside the folder, a broken tokenizer) or one row of the held-out eval file, and runs ``pipeline.py --dry-run`` in-process. The property:
 the run ends within the time and memory bound with exit 0 or 2, never a traceback; exit 2 prints exactly one
 ``error:`` line; and an exit-0 plan holds no value a stage would refuse later (every stage's TRL/transformers
 training arguments and the LoRA config build from it).
@@ -30,7 +32,7 @@ SHIPPED = sorted((REPO / "configs").glob("*.yaml"))
 SEED_FILES = sorted(p for p in (REPO / "data_builders" / "seed").iterdir() if p.suffix in {".jsonl", ".json"})
 TIME_BOUND_S = 30.0
 RSS_BOUND_KB = 6 * 1024 * 1024  # the whole pytest process, after any example
-FUZZ_EXAMPLES = 60
+FUZZ_EXAMPLES = 80
 
 VALUES = st.one_of(
     st.none(), st.booleans(), st.integers(-10, 10), st.integers(-(10 ** 30), 10 ** 30),
@@ -114,6 +116,60 @@ def _text_mutation(text: str, kind: str, at: float) -> str | bytes:
     return text
 
 
+# raw right-hand sides of a key=value override, as a shell would pass them
+RAW_OVERRIDES = st.one_of(
+    st.text(alphabet="[]{}:,&*!|>#'\"%@`-? 0aZ\n\t\\", max_size=24),
+    st.sampled_from(["1:30", "010", "0o17", "0x1f", "off", "yes", "~", "2026-12-01", ".inf", "-.nan", "1e-4",
+                     "&a [*a]", "!!python/object:os.system [ls]", "{a: &a [x, x], b: [*a, *a]}",
+                     "[" * 100 + "]" * 100, "/x/good #c.jsonl", "\udcff", "a" * 5000]),
+)
+
+
+def _model_variant(tiny: Path, work: Path, data) -> Path:
+    """A copy of the tiny model folder with one thing broken: a config.json value, the weights' bytes, an index."""
+    import shutil
+
+    d = work / "model"
+    shutil.copytree(tiny, d)
+    kind = data.draw(st.sampled_from(["config_value", "weights_bytes", "index", "tokenizer"]), label="model part")
+    if kind == "config_value":
+        c = json.loads((d / "config.json").read_text())
+        key = data.draw(st.sampled_from(sorted(c)), label="config key")
+        c[key] = data.draw(st.one_of(VALUES, st.integers(10 ** 5, 10 ** 12)), label="config value")
+        (d / "config.json").write_text(json.dumps(c, allow_nan=True))
+    elif kind == "weights_bytes":
+        w = (d / "model.safetensors").read_bytes()
+        cut = data.draw(st.integers(0, min(len(w), 4096)), label="cut")
+        flip = data.draw(st.integers(0, 15), label="flipped header byte")
+        w = bytearray(w[:cut] if data.draw(st.booleans(), label="truncate") else w)
+        if len(w) > flip:
+            w[flip] ^= 0xFF
+        (d / "model.safetensors").write_bytes(bytes(w))
+    elif kind == "index":
+        shard = data.draw(st.sampled_from(["model.safetensors", "../model.safetensors", "/etc/passwd", "",
+                                           "missing.safetensors", "sub/x.safetensors"]), label="shard")
+        (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"lm_head.weight": shard}}))
+    else:
+        (d / "tokenizer.json").write_text(data.draw(st.sampled_from(["", "{", "[]", '{"model": 5}']), label="tok"))
+    return d
+
+
+def _eval_variant(work: Path, data) -> Path:
+    """The held-out eval file with one row's field replaced."""
+    src = REPO / "evaluation" / "heldout" / "injection_heldout.jsonl"
+    lines = src.read_text(encoding="utf-8").splitlines()[:20]
+    i = data.draw(st.integers(0, len(lines) - 1), label="eval row")
+    row = json.loads(lines[i])
+    key = data.draw(st.sampled_from(sorted(row) + ["injected_data", "hijack"]), label="eval field")
+    row[key] = data.draw(st.one_of(VALUES, st.sampled_from(
+        ["that", "the", row.get("data", ""), " " + row.get("data", "") + " ", row.get("instruction", ""),
+         "<|assistant|>", "</s>"])), label="eval value")
+    lines[i] = json.dumps(row, allow_nan=True)
+    out = work / "eval.jsonl"
+    out.write_text("\n".join(lines) + "\n")
+    return out
+
+
 def _configs(tiny_model_dir, tmp_path_factory) -> list[tuple[Path, dict]]:
     tmp = tmp_path_factory.mktemp("fuzzcfg")
     tiny = write_tiny_pipeline_config(tmp, tiny_model_dir, name="fz")
@@ -132,9 +188,20 @@ def _fuzz(tiny_model_dir, tmp_path_factory, monkeypatch, data):
     src, base = data.draw(st.sampled_from(configs), label="config")
     work = tmp_path_factory.mktemp("fz")
     target = work / src.name
-    mode = data.draw(st.sampled_from(["value", "value", "value", "override", "text", "seed"]), label="mode")
+    mode = data.draw(st.sampled_from(["value", "value", "override", "raw_override", "text", "seed", "model",
+                                      "eval"]), label="mode")
     extra = []
-    if mode == "override":  # the same mutation given as key=value on the command line
+    if mode == "raw_override":  # a hostile YAML text on the command line
+        target.write_text(src.read_text())
+        path = data.draw(st.sampled_from([k for k in _leaves(base) if k != ("output_dir",)]), label="key")
+        extra = [".".join(str(p) for p in path) + "=" + data.draw(RAW_OVERRIDES, label="raw")]
+    elif mode == "model":
+        target.write_text(src.read_text())
+        extra = [f"model.name_or_path={json.dumps(str(_model_variant(tiny_model_dir, work, data)))}"]
+    elif mode == "eval":
+        target.write_text(src.read_text())
+        extra = [f"evaluate.eval_file={json.dumps(str(_eval_variant(work, data)))}"]
+    elif mode == "override":  # the same mutation given as key=value on the command line
         target.write_text(src.read_text())
         path = data.draw(st.sampled_from([k for k in _leaves(base) if k != ("output_dir",)]), label="key")
         value = data.draw(VALUES, label="value")
