@@ -48,17 +48,25 @@ def stage_module(name: str):
 
 
 def check_output_dir(cfg: PipelineConfig, need_gib: float, *, elsewhere: bool = False) -> str:
-    """Create the run folder, prove it writable, and compare free disk with ``need_gib``; raises PlanError.
-    ``elsewhere`` (validating for another machine, ``--target``): too little disk here is reported, not raised."""
+    """Prove the run folder writable and compare free disk with ``need_gib``, writing nothing that stays: the
+    folder (or its nearest existing parent, when it does not exist yet) gets a temporary file that is removed at
+    once; no folder is created. Raises :class:`ConfigError` at ``output_dir`` (not writable, a file in the way)
+    or :class:`PlanError` (too little disk). ``elsewhere`` (validating for another machine, ``--target``): too
+    little disk here is reported, not raised."""
+    import tempfile
+
     run_dir = cfg.run_dir
+    probe_dir = run_dir
+    while not probe_dir.exists() and probe_dir != probe_dir.parent:
+        probe_dir = probe_dir.parent
+    if not probe_dir.is_dir():
+        raise cfg.error("output_dir", f"output folder {run_dir} is not writable: {probe_dir} is a file, not a folder")
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write_probe"
-        probe.write_text("ok")
-        probe.unlink()
+        with tempfile.TemporaryFile(dir=probe_dir, prefix=".write_probe"):
+            pass
     except OSError as e:
-        raise PlanError(f"output folder {run_dir} is not writable ({e.strerror or e})") from None
-    free = shutil.disk_usage(run_dir).free / 1024 ** 3
+        raise cfg.error("output_dir", f"output folder {run_dir} is not writable ({e.strerror or e})") from None
+    free = shutil.disk_usage(probe_dir).free / 1024 ** 3
     if free < need_gib and elsewhere:
         return (f"{run_dir}: needs ~{need_gib:.1f} GiB; only {free:.1f} GiB free on this machine (checked again "
                 "where it runs)")
