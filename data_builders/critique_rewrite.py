@@ -51,7 +51,6 @@ Command line (small, used by the resumability test and for standalone runs)::
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
@@ -501,22 +500,22 @@ def read_pairs(path: str | Path, provenance: bool = True) -> list[dict]:
 
 # ------------------------------------------------------------------------------------------------- CLI
 def main(argv=None) -> int:
-    """Command line: generate pairs from a model folder (see module docstring). Exit 2 on bad input."""
-    from data_builders.constitution import load_constitution
-    from data_builders.redteam import read_redteam_sources
+    """Command line: generate pairs from a model folder (see module docstring). Exit 2 on bad input (one
+    ``error:`` line, :func:`data_builders.jsonl_io.run_converter`)."""
+    from data_builders.jsonl_io import ConverterParser, check_output_file, positive_int, run_converter
 
-    ap = argparse.ArgumentParser(description="Constitutional critique-and-rewrite pairs from a merged model folder")
+    ap = ConverterParser(description="Constitutional critique-and-rewrite pairs from a merged model folder")
     ap.add_argument("--model", required=True, help="merged 16-bit model folder (e.g. runs/<name>/sft/merged)")
     ap.add_argument("--prompts", required=True, action="append", help="red-team prompt file (repeatable)")
     ap.add_argument("--prompts-format", default="auto", choices=["auto", "prompts", "hh-rlhf"])
-    ap.add_argument("--max-prompts", type=int, default=None)
+    ap.add_argument("--max-prompts", type=positive_int, default=None)
     ap.add_argument("--constitution", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--rejected-out", default=None)
     ap.add_argument("--seed", type=int, default=42)
-    ap.add_argument("--num-few-shot", type=int, default=1)
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--num-few-shot", type=positive_int, default=1)
+    ap.add_argument("--batch-size", type=positive_int, default=8)
+    ap.add_argument("--max-new-tokens", type=positive_int, default=128)
     ap.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
     ap.add_argument("--temperature", type=float, default=0.7)
     ap.add_argument("--top-p", type=float, default=0.9)
@@ -532,18 +531,24 @@ def main(argv=None) -> int:
                                                               "first it lists)")
     ap.add_argument("--no-content-filters", action="store_true",
                     help="keep every pair the structural filters pass (no similarity/overlap/judge filters)")
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    return run_converter(lambda: _main(ap.parse_args(argv), check_output_file))
 
+
+def _main(args, check_output_file) -> int:
+    from data_builders.constitution import load_constitution
+    from data_builders.redteam import read_redteam_sources
+    from stages.redaction import install_log_redaction
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    install_log_redaction()  # a critic URL's user:password@ never reaches a log line
     from stages.config import GenerationSection, ModelSection
 
-    try:
-        constitution = load_constitution(args.constitution)
-        sources = [{"path": p, "format": args.prompts_format} for p in args.prompts]
-        prompts = read_redteam_sources(sources)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    check_output_file(args.out)
+    if args.rejected_out:
+        check_output_file(args.rejected_out, "--rejected-out")
+    constitution = load_constitution(args.constitution)
+    sources = [{"path": p, "format": args.prompts_format} for p in args.prompts]
+    prompts = read_redteam_sources(sources)
     if args.max_prompts:
         prompts = prompts[:args.max_prompts]
     gen = GenerationSection(backend=args.backend, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,

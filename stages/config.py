@@ -24,6 +24,8 @@ from typing import Any, Callable
 
 import yaml
 
+from trainers.causal_objective import CausalHeadSettings, CausalLossSettings
+
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SECRET_KEY_PARTS = ("token", "api_key", "password", "secret")
 
@@ -314,43 +316,10 @@ class DPOSection:
     training: dict = field(default_factory=dict)  # trl.DPOConfig keys
 
 
-@dataclass
-class CausalLossSection:
-    """Objective of the causal stage: a weighted sum of terms (formulas and sources in trainers/causal_losses.py).
-
-    Defaults are the arm the ablation measured best (A5: benign LM + injected LM + KL invariance; README,
-    "Causal-stage ablation", and docs/causal-stage.md); every other term stays an option. v1 is the seed's
-    prompt-level contrast, kept for comparison: it collapsed utility in the ablation."""
-
-    lambda_task: float = 1.0  # NLL(y | x_b): the benign prompt toward the target
-    lambda_lm_injected: float = 1.0  # NLL(y | x_i): the injected prompt toward the same target (StruQ)
-    lambda_lm_counterfactual: float = 0.0  # NLL(y | x_c)
-    lambda_kl: float = 1.0  # KL(sg[p(·|x_b, y<t)] ‖ p(·|x_i, y<t)) over response tokens (consistency training)
-    lambda_pref: float = 0.0  # DPO sigmoid on x_i with y ≻ y_a against the adapter-disabled reference (SecAlign)
-    pref_beta: float = 0.1  # β of the preference term
-    contrastive: str = "none"  # none | v1 (seed: prompt-pooled states) | v2 (response states, hijack negative)
-    lambda_contrastive: float = 1.0  # weight of the v2 term
-    contrastive_counterfactual: bool = True  # v2: z(x_c, y) as a second positive (adds the counterfactual view)
-    variant: str = "cosine"  # v1: cosine | infonce | margin
-    temperature: float = 0.1  # τ of v1 and v2, 0.01 ≤ τ ≤ 1
-    lambda_causal: float = 1.0  # v1: weight of the benign/counterfactual pull
-    lambda_spurious: float = 1.0  # v1: weight of the benign/injected push
-    margin_floor: float = 0.0  # v1 margin variant: separation term stops at cos ≤ floor
-    in_batch_negatives: bool = False  # v1 infonce: other triplets' counterfactuals/injections as extra negatives
-    lambda_retain_sft: float = 0.0  # retention: NLL(chosen | prompt) of replayed DPO-stage pairs (causal.retain_*)
-    lambda_retain_dpo: float = 0.0  # retention: DPO sigmoid on replayed pairs against the adapter-disabled reference
-    retain_beta: float = 0.1  # β of the retention DPO term
-
-
-@dataclass
-class CausalHeadSection:
-    """The projection head on pooled hidden states."""
-
-    type: str = "mlp"  # linear | mlp | bottleneck
-    dim: int = 128
-    hidden: int = 256
-    pool_layer: int = -1  # hidden-state layer to pool (-1 = last)
-    learning_rate: float | None = None  # the head's own learning rate (None = causal.training.learning_rate)
+# The causal stage's objective and head: declared once, in trainers/causal_objective.py (defaults = the measured
+# best objective, help text, constraints); trainers.causal.CausalConfig has the same fields, flat.
+CausalLossSection = CausalLossSettings
+CausalHeadSection = CausalHeadSettings
 
 
 @dataclass
@@ -1093,13 +1062,13 @@ def validate_config(cfg: PipelineConfig) -> None:
             raise cfg.error(f"causal.loss.{old_key}", f"renamed: set causal.loss.{new_key} (a weight; 0 turns the "
                                                      "term off)")
     loss = sub_section(cfg, CausalLossSection, "causal.loss")
-    if loss.contrastive not in {"none", "v1", "v2"}:
-        raise cfg.error("causal.loss.contrastive", f"{loss.contrastive!r} is not one of ['none', 'v1', 'v2']")
-    if max(loss.lambda_task, loss.lambda_lm_injected, loss.lambda_lm_counterfactual) <= 0:
-        raise cfg.error("causal.loss.lambda_task", "at least one LM weight (lambda_task, lambda_lm_injected, "
-                                                   "lambda_lm_counterfactual) must be > 0")
-    if loss.lambda_pref > 0 and loss.pref_beta <= 0:
-        raise cfg.error("causal.loss.pref_beta", "must be > 0")
+    head = sub_section(cfg, CausalHeadSection, "causal.head")
+    for section, settings in (("causal.loss", loss), ("causal.head", head)):
+        try:
+            settings.validate()
+        except ValueError as e:
+            name, _, message = str(e).partition(": ")
+            raise cfg.error(f"{section}.{name}", message) from None
     if cfg.dpo.retain_sft_weight < 0:
         raise cfg.error("dpo.retain_sft_weight", "must be ≥ 0")
     if cfg.dpo.retain_sft_rows < 1:
@@ -1125,25 +1094,6 @@ def validate_config(cfg: PipelineConfig) -> None:
     if m.merge_dtype not in {"auto", "float32", "bfloat16", "float16"}:
         raise cfg.error("model.merge_dtype", f"{m.merge_dtype!r} is not one of ['auto', 'bfloat16', 'float16', "
                                              "'float32']")
-    if not 0.01 <= loss.temperature <= 1.0:
-        raise cfg.error("causal.loss.temperature", f"τ={loss.temperature} is outside [0.01, 1]")
-    if loss.variant not in {"cosine", "infonce", "margin"}:
-        raise cfg.error("causal.loss.variant", f"{loss.variant!r} is not one of ['cosine', 'infonce', 'margin']")
-    if not -1.0 <= loss.margin_floor <= 1.0:
-        raise cfg.error("causal.loss.margin_floor", "must be a cosine in [-1, 1]")
-    head = sub_section(cfg, CausalHeadSection, "causal.head")
-    if head.type not in {"linear", "mlp", "bottleneck"}:
-        raise cfg.error("causal.head.type", f"{head.type!r} is not one of ['bottleneck', 'linear', 'mlp']")
-    if head.dim < 1 or head.hidden < 1:
-        raise cfg.error("causal.head.dim", "dim and hidden must be ≥ 1")
-    if head.type == "bottleneck" and head.hidden >= head.dim:
-        raise cfg.error("causal.head.hidden", f"a bottleneck head needs hidden < dim (got {head.hidden} ≥ {head.dim})")
-    if head.learning_rate is not None and head.learning_rate <= 0:
-        raise cfg.error("causal.head.learning_rate", "must be positive")
-    for k in ("lambda_task", "lambda_lm_injected", "lambda_lm_counterfactual", "lambda_kl", "lambda_pref",
-              "lambda_contrastive", "lambda_causal", "lambda_spurious", "lambda_retain_sft", "lambda_retain_dpo"):
-        if getattr(loss, k) < 0:
-            raise cfg.error(f"causal.loss.{k}", "the λ weights must be ≥ 0")
     c = cfg.causal
     bad_pos = [p for p in c.positions if p not in ("start", "middle", "end")]
     if not c.positions or bad_pos:

@@ -124,11 +124,9 @@ def validate(cfg: PipelineConfig) -> dict:
     """Parse task files, attack files (train/eval disjointness of attacks and of task data), an existing
     ``triplets_file`` and the training args; raises DataError/ConfigError before any model is loaded. Returns the
     parsed inputs."""
-    from transformers import TrainingArguments
 
     from data_builders.triplets import (Task, check_attack_overlap, check_task_overlap, read_attacks, read_task_source,
                                         read_triplets)
-    from stages.common import build_training_args
 
     c = cfg.causal
     sub_section(cfg, CausalLossSection, "causal.loss")
@@ -161,8 +159,32 @@ def validate(cfg: PipelineConfig) -> dict:
         out["retain_prompts"] = self_replay_prompts(cfg)
     elif retention_on(cfg) and (cfg.causal.retain_pairs_file or retain_pairs_path(cfg).is_file()):
         out["retain_pairs"] = read_retain_pairs(cfg)  # (the default file may not exist before the DPO stage runs)
-    build_training_args(TrainingArguments, cfg, "causal", cfg.run_dir / "causal" / "checkpoints", **causal_defaults(cfg))
+    causal_training_args(cfg, cfg.run_dir / "causal" / "checkpoints")
     return out
+
+
+def causal_training_args(cfg: PipelineConfig, output_dir):
+    """The stage's :class:`trainers.causal.CausalConfig`: ``causal.training`` (TrainingArguments' keys) over the
+    stage defaults (:func:`causal_defaults`), with the objective and head from ``causal.loss``/``causal.head`` and
+    the batch settings from ``causal``. Raises ``ConfigError``."""
+    import dataclasses
+
+    from stages.common import build_training_args
+    from trainers.causal import CausalConfig
+    from trainers.causal_objective import HEAD_PREFIX
+
+    loss = sub_section(cfg, CausalLossSection, "causal.loss")
+    head = sub_section(cfg, CausalHeadSection, "causal.head")
+    objective = {**dataclasses.asdict(loss), **{HEAD_PREFIX + k: v for k, v in dataclasses.asdict(head).items()},
+                 "max_length": cfg.causal.max_length or cfg.model.max_seq_length,
+                 "padding_side": cfg.causal.padding_side, "data_role": cfg.model.data_role}
+    for key in cfg.causal.training:
+        if key in objective:
+            where = ("causal.loss" if key in dataclasses.asdict(loss) else "causal.head" if key.startswith(HEAD_PREFIX)
+                     else "causal" if key != "data_role" else "model")
+            raise cfg.error(f"causal.training.{key}", f"is set in {where} (causal.training holds TrainingArguments' "
+                                                      "own keys)")
+    return build_training_args(CausalConfig, cfg, "causal", output_dir, **{**causal_defaults(cfg), **objective})
 
 
 def loss_and_head_kwargs(cfg: PipelineConfig) -> dict:
@@ -371,15 +393,14 @@ def first_last(log_history: list[dict]) -> dict:
 def run(cfg: PipelineConfig) -> dict:
     """Build triplets, train, save adapter + head, merge; returns ``{"outputs": …, "metrics": …}``."""
     import torch
-    from transformers import TrainingArguments
 
     from data_builders.token_cache import TripletCollator, build_token_cache
-    from stages.common import (build_training_args, last_checkpoint, log, maybe_push, process_state,
+    from stages.common import (last_checkpoint, log, maybe_push, process_state,
                                raise_if_terminated, report_to_env, save_adapter, seed_everything)
     from stages.models import (load_model, load_tokenizer, attach_lora, merge_adapter,
                                pick_device)
     from trainers.callbacks import LossGuardCallback, SigtermCheckpointCallback
-    from trainers.causal import HEAD_ATTR, HEAD_CONFIG, HEAD_WEIGHTS, CausalContrastiveTrainer, save_projection_head
+    from trainers.causal import HEAD_ATTR, HEAD_CONFIG, HEAD_WEIGHTS, CausalTrainer, save_projection_head
     from trainers.sharded import sub_state, trainable_state_dict
     from trainers.causal_losses import build_projection_head
 
@@ -391,7 +412,7 @@ def run(cfg: PipelineConfig) -> dict:
     out = cfg.run_dir / STAGE
     loss_cfg = sub_section(cfg, CausalLossSection, "causal.loss")
     head_cfg = sub_section(cfg, CausalHeadSection, "causal.head")
-    args = build_training_args(TrainingArguments, cfg, "causal", out / "checkpoints", **causal_defaults(cfg))
+    args = causal_training_args(cfg, out / "checkpoints")
     state = process_state(cfg)  # the one TrainingArguments set up; one process: main, barriers are no-ops
     base = start_model_dir(cfg, state)
     device = pick_device(cfg.device)
@@ -456,9 +477,8 @@ def run(cfg: PipelineConfig) -> dict:
     # The loss can be negative (v1: −λ·cos/τ), so the explosion check of LossGuardCallback (relative to the best
     # loss) does not apply; NaN/inf are still caught here and in compute_loss.
     callbacks = [LossGuardCallback(explode_factor=None), SigtermCheckpointCallback()]
-    trainer = CausalContrastiveTrainer(
-        model=peft_model, args=args, train_dataset=ds, eval_dataset=eval_ds, data_collator=collator,
-        processing_class=tok, callbacks=callbacks, projection_head=head, **kwargs)
+    trainer = CausalTrainer(model=peft_model, args=args, train_dataset=ds, eval_dataset=eval_ds,
+                            data_collator=collator, processing_class=tok, callbacks=callbacks, projection_head=head)
     ckpt = last_checkpoint(args.output_dir)
     before_file = out / "eval_before.json"
     if ckpt:

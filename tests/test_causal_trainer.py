@@ -77,8 +77,14 @@ OBJECTIVES = {  # name → CausalContrastiveTrainer loss kwargs
 }
 
 
+# every term off but the benign LM: each objective above names exactly the terms it tests (the trainer's own
+# defaults are the measured-best objective, tested in test_causal_config_defaults_are_the_measured_best)
+TERMS_OFF = dict(lambda_task=1.0, lambda_lm_injected=0.0, lambda_lm_counterfactual=0.0, lambda_kl=0.0,
+                 lambda_pref=0.0, contrastive="none")
+
+
 def objective(name, **extra):
-    kw = {**OBJECTIVES[name], **extra}
+    kw = {**TERMS_OFF, **OBJECTIVES[name], **extra}
     views, lm = needed_views(**kw)
     return {**kw, "views": views, "lm_views": lm}
 

@@ -49,6 +49,7 @@ resume and with ``load_best_model_at_end``; :func:`load_projection_head` loads i
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -62,6 +63,8 @@ from torch import nn
 from transformers import Trainer
 from transformers.utils import ModelOutput
 
+from trainers.causal_objective import (HEAD_PREFIX, CausalHeadSettings, CausalLossSettings,  # noqa: F401
+                                       head_field_names, loss_field_names)
 from trainers.causal_losses import (CONTRASTIVE, ProjectionHead, anchored_infonce, build_projection_head,
                                     check_temperature, contrastive_loss, dpo_sigmoid_loss,
                                     logits_agree, pool_hidden_states, sequence_logps, token_kl)
@@ -369,33 +372,50 @@ class CausalPeftModel(_peft_causal_lm()):
 class CausalContrastiveTrainer(Trainer):
     """``transformers.Trainer`` with the causal stage's objective (module docstring).
 
+    The objective comes from ``loss`` (a :class:`trainers.causal_objective.CausalLossSettings`), else from
+    ``args`` when it is a :class:`CausalConfig`, else the settings' defaults (the measured-best objective: task +
+    injected LM + KL); any loss field given as a keyword (``lambda_kl=0.5``) replaces the one it names. Most code
+    wants :class:`CausalTrainer`, which also builds the head, tokenizes raw triplets and picks the collator.
+
     Args (besides Trainer's):
         projection_head: the :class:`ProjectionHead` (registered on the model as ``causal_projection_head`` so the
             Trainer's optimizer, device placement and train/eval mode cover it); required when ``contrastive`` is
             ``v1`` or ``v2``, ignored (may be None) otherwise.
-        views: the views of the collator's batches, in order (:func:`data_builders.token_cache.needed_views`);
-            ``lm_views``: those carrying labels.
-        lambda_task, lambda_lm_injected, lambda_lm_counterfactual, lambda_kl, lambda_pref, pref_beta: term weights.
-        lambda_retain_sft, lambda_retain_dpo, retain_beta: the retention terms on replayed DPO-stage pairs (views
-            ``retain_chosen``/``retain_rejected``, :func:`data_builders.token_cache.attach_retention`).
-        contrastive: ``none`` | ``v1`` | ``v2``; lambda_contrastive (v2 weight), contrastive_counterfactual (v2
-            uses z(x_c, y) as a second positive); v1: variant, lambda_causal, lambda_spurious, margin_floor,
-            in_batch_negatives; temperature τ (v1 and v2).
-        pool_layer: index into ``hidden_states`` (−1 = last layer) for pooling.
+        views, lm_views: the views of the collator's batches, in order, and those carrying labels (default:
+            :func:`data_builders.token_cache.needed_views` of the objective).
+        loss: the objective's weights and settings (field meanings in :class:`CausalLossSettings`).
+        pool_layer: index into ``hidden_states`` (−1 = last layer) for pooling (default: ``args.head_pool_layer``).
         head_learning_rate: learning rate of the head's parameter group (None = ``args.learning_rate``).
-    Raises ``ValueError`` at construction for τ outside [0.01, 1], an unknown variant or contrastive version, no LM
-    view, or a term whose views are missing.
+    Raises ``ValueError`` at construction for a setting outside its constraint (:meth:`CausalLossSettings.validate`),
+    no LM view, or a term whose views are missing.
     """
 
-    def __init__(self, *args, projection_head: ProjectionHead | None = None,
-                 views: Sequence[str] = ("benign", "counterfactual", "injected"), lm_views: Sequence[str] = ("benign",),
-                 lambda_task: float = 1.0, lambda_lm_injected: float = 0.0, lambda_lm_counterfactual: float = 0.0,
-                 lambda_kl: float = 0.0, lambda_pref: float = 0.0, pref_beta: float = 0.1,
-                 contrastive: str = "v1", lambda_contrastive: float = 1.0, contrastive_counterfactual: bool = True,
-                 variant: str = "cosine", temperature: float = 0.1, lambda_causal: float = 1.0,
-                 lambda_spurious: float = 1.0, margin_floor: float = 0.0, in_batch_negatives: bool = False,
-                 pool_layer: int = -1, head_learning_rate: float | None = None, lambda_retain_sft: float = 0.0,
-                 lambda_retain_dpo: float = 0.0, retain_beta: float = 0.1, **kwargs):
+    def __init__(self, *args, projection_head: ProjectionHead | None = None, views: Sequence[str] | None = None,
+                 lm_views: Sequence[str] | None = None, loss: CausalLossSettings | None = None,
+                 pool_layer: int | None = None, head_learning_rate: float | None = None, **kwargs):
+        import dataclasses
+
+        from data_builders.token_cache import needed_views
+
+        targs = kwargs.get("args") if "args" in kwargs else (args[1] if len(args) > 1 else None)
+        given = {k: kwargs.pop(k) for k in list(kwargs) if k in _LOSS_FIELDS}  # the loss settings as keywords
+        if loss is None:
+            loss = targs.loss_settings() if isinstance(targs, CausalConfig) else CausalLossSettings()
+        loss = dataclasses.replace(loss, **given)
+        loss.validate()
+        if isinstance(targs, CausalConfig):
+            pool_layer = targs.head_pool_layer if pool_layer is None else pool_layer
+            head_learning_rate = targs.head_learning_rate if head_learning_rate is None else head_learning_rate
+        pool_layer = -1 if pool_layer is None else pool_layer
+        if views is None or lm_views is None:
+            auto_views, auto_lm = needed_views(**dataclasses.asdict(loss))
+            views = auto_views if views is None else views
+            lm_views = auto_lm if lm_views is None else lm_views
+        self.loss_settings = loss
+        (lambda_task, lambda_lm_injected, lambda_lm_counterfactual, lambda_kl, lambda_pref, pref_beta, contrastive,
+         lambda_contrastive, contrastive_counterfactual, variant, temperature, lambda_causal, lambda_spurious,
+         margin_floor, in_batch_negatives, lambda_retain_sft, lambda_retain_dpo, retain_beta) = (
+            getattr(loss, f) for f in _LOSS_FIELDS)
         check_temperature(temperature)
         if variant not in ("cosine", "infonce", "margin"):
             raise ValueError(f"unknown loss variant {variant!r}")
@@ -425,7 +445,6 @@ class CausalContrastiveTrainer(Trainer):
         # Every parameter (LoRA, lm_head, head) is used inside the one wrapped forward and every trainable one gets
         # a gradient each step, so DDP's unused-parameter search (which Trainer turns on for peft models) is not
         # needed; it is off unless the user sets it.
-        targs = kwargs.get("args") if "args" in kwargs else (args[1] if len(args) > 1 else None)
         if targs is not None and targs.ddp_find_unused_parameters is None:
             targs.ddp_find_unused_parameters = False
         self.views, self.lm_views = views, lm_views
@@ -749,3 +768,139 @@ class CausalContrastiveTrainer(Trainer):
 def make_head(head_type: str, hidden_size: int, dim: int, hidden: int, seed: int) -> ProjectionHead:
     """Convenience alias of :func:`build_projection_head` with the model's hidden size."""
     return build_projection_head(head_type, hidden_size, dim, hidden, seed=seed)
+
+
+# --------------------------------------------------------------------------------------------- config + trainer
+_LOSS_FIELDS = tuple(loss_field_names())
+
+
+class _CausalConfigChecks:
+    """``__post_init__`` of :class:`CausalConfig`: TrainingArguments' own, then the objective's and head's
+    constraints (:meth:`CausalLossSettings.validate`, :meth:`CausalHeadSettings.validate`), and the batch layout."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.loss_settings().validate()
+        self.head_settings().validate(HEAD_PREFIX)
+        if self.padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side: {self.padding_side!r} is not 'left' or 'right'")
+        if self.max_length < 8:
+            raise ValueError(f"max_length: {self.max_length} is below 8 tokens")
+
+    def loss_settings(self) -> CausalLossSettings:
+        """The objective as a :class:`CausalLossSettings`."""
+        return CausalLossSettings(**{f: getattr(self, f) for f in _LOSS_FIELDS})
+
+    def head_settings(self) -> CausalHeadSettings:
+        """The head as a :class:`CausalHeadSettings` (``head_type`` → ``type``, …)."""
+        return CausalHeadSettings(**{f.name: getattr(self, HEAD_PREFIX + f.name)
+                                     for f in dataclasses.fields(CausalHeadSettings)})
+
+    @property
+    def views(self) -> list[str]:
+        """The views a batch stacks for this objective (:func:`data_builders.token_cache.needed_views`)."""
+        from data_builders.token_cache import needed_views
+
+        return needed_views(**dataclasses.asdict(self.loss_settings()))[0]
+
+    @property
+    def lm_views(self) -> list[str]:
+        from data_builders.token_cache import needed_views
+
+        return needed_views(**dataclasses.asdict(self.loss_settings()))[1]
+
+
+def _make_causal_config():
+    from transformers import TrainingArguments
+
+    extra = [(f.name, f.type, dataclasses.field(default=f.default, metadata=dict(f.metadata)))
+             for f in dataclasses.fields(CausalLossSettings)]
+    extra += [(HEAD_PREFIX + f.name, f.type, dataclasses.field(default=f.default, metadata=dict(f.metadata)))
+              for f in dataclasses.fields(CausalHeadSettings)]
+    extra += [("max_length", int, dataclasses.field(default=512, metadata={
+                  "help": "triplets whose longest view (prompt + answer + eos) is longer are left out"})),
+              ("padding_side", str, dataclasses.field(default="right", metadata={"help": "right | left"})),
+              ("data_role", bool, dataclasses.field(default=False, metadata={
+                  "help": "put a triplet's data in its own <|input|> turn (model.data_role)"})),
+              ("remove_unused_columns", bool, dataclasses.field(default=False, metadata={
+                  "help": "TrainingArguments' column pruning; off, since the collator reads the view columns"}))]
+    cls = dataclasses.make_dataclass("CausalConfig", extra, bases=(_CausalConfigChecks, TrainingArguments))
+    cls.__module__ = __name__
+    cls.__doc__ = (
+        "Training arguments of the causal stage: ``transformers.TrainingArguments`` plus one field per loss weight, "
+        "head and batch setting (the pattern of ``trl.DPOConfig``).\n\n"
+        "The loss fields are :class:`trainers.causal_objective.CausalLossSettings`' (defaults: the objective the "
+        "ablation measured best, task + injected LM + KL, no contrastive term), the head fields "
+        "``head_<name>`` are :class:`CausalHeadSettings`', each with its ``help``; they are declared there once. "
+        "``__post_init__`` raises ``ValueError`` naming the field for a value outside its constraint.")
+    return cls
+
+
+CausalConfig = _make_causal_config()
+
+
+class CausalTrainer(CausalContrastiveTrainer):
+    """The causal stage's trainer as TRL users expect one: ``CausalTrainer(model, args=CausalConfig(...),
+    train_dataset=..., processing_class=tokenizer)``.
+
+    - ``model``: a ``peft`` LoRA model, or a plain causal LM together with ``peft_config`` (a ``LoraConfig``,
+      applied with ``peft.get_peft_model``, as TRL's trainers do).
+    - ``train_dataset`` / ``eval_dataset``: triplet rows (``data_builders.triplets``: ``instruction``, ``data``,
+      ``counterfactual_data``, ``injected_data``, ``target``, ``hijack``, …) are tokenized with
+      ``processing_class`` (its chat template, the control-token guard included) and the rows longer than
+      ``args.max_length`` dropped; rows already tokenized (``benign_input_ids`` …) are used as they are.
+    - ``data_collator``: default :class:`data_builders.token_cache.TripletCollator` of the objective's views.
+    - ``projection_head``: default built from ``args.head_*`` and the model's hidden size when the objective has a
+      contrastive term (seeded by ``args.seed``).
+
+    The objective is ``args``' (:class:`CausalConfig`); with no loss argument anywhere it is the measured best.
+    Raises ``ValueError`` when ``args`` is not a :class:`CausalConfig`, ``processing_class`` is missing for raw
+    triplets, or no triplet fits ``max_length``.
+    """
+
+    def __init__(self, model, args: "CausalConfig", train_dataset=None, eval_dataset=None, processing_class=None,
+                 data_collator=None, projection_head=None, peft_config=None, **kwargs):
+        if not isinstance(args, CausalConfig):
+            raise ValueError(f"CausalTrainer needs args=CausalConfig(...), got {type(args).__name__}")
+        if peft_config is not None:
+            from peft import get_peft_model
+
+            model = get_peft_model(model, peft_config)
+        train_dataset = self._tokenized(train_dataset, processing_class, args)
+        eval_dataset = self._tokenized(eval_dataset, processing_class, args)
+        loss = args.loss_settings()
+        if data_collator is None:
+            from data_builders.token_cache import TripletCollator
+
+            pad = processing_class.pad_token_id if processing_class is not None else 0
+            data_collator = TripletCollator(pad, padding_side=args.padding_side, views=args.views,
+                                            lm_views=args.lm_views)
+        if projection_head is None and loss.contrastive != "none":
+            head = args.head_settings()
+            hidden = model.get_base_model().config.get_text_config().hidden_size
+            projection_head = build_projection_head(head.type, hidden, head.dim, head.hidden, seed=args.seed)
+        super().__init__(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+                         processing_class=processing_class, data_collator=data_collator,
+                         projection_head=projection_head, loss=loss, **kwargs)
+
+    @staticmethod
+    def _tokenized(ds, tokenizer, args):
+        if ds is None:
+            return None
+        columns = getattr(ds, "column_names", None) or (list(ds[0]) if len(ds) else [])
+        if "benign_input_ids" in columns:
+            return ds
+        if tokenizer is None:
+            raise ValueError("CausalTrainer: raw triplets need processing_class (the tokenizer) to be tokenized")
+        from datasets import Dataset
+
+        from data_builders.token_cache import tokenize_triplet
+
+        rows = [dict(r, **tokenize_triplet(r, tokenizer, args.max_length, data_role=args.data_role)) for r in ds]
+        kept = [r for r in rows if r["fits"]]
+        if not kept:
+            raise ValueError(f"CausalTrainer: none of the {len(rows)} triplets fits in max_length={args.max_length}")
+        if len(kept) < len(rows):
+            log.info("CausalTrainer: %d of %d triplets are longer than %d tokens and are left out",
+                     len(rows) - len(kept), len(rows), args.max_length)
+        return Dataset.from_list(kept)
