@@ -88,6 +88,8 @@ def require_file(path: str | os.PathLike, what: str = "input file") -> Path:
         raise DataError(p, None, None, f"{what} is not a regular file")
     if p.stat().st_size == 0:
         raise DataError(p, None, None, f"{what} is empty")
+    if not os.access(p, os.R_OK):
+        raise DataError(p, None, None, f"{what} is not readable (permission denied)")
     return p
 
 

@@ -395,6 +395,9 @@ def run_stage_main(stage_module, description: str, argv=None) -> int:
     except (DataError, ConfigError, FileNotFoundError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # permission, name too long, not a regular file: one line naming the file
+        print(f"error: {getattr(e, 'filename', None) or 'input'}: {e.strerror or e}", file=sys.stderr)
+        return 2
     name = stage_module.STAGE
     alone = getattr(stage_module, "MAIN_PROCESS_ONLY", False)
     if alone and not main_process_only(cfg, f"stage {name}"):

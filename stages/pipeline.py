@@ -177,6 +177,9 @@ def run_pipeline(args) -> int:
     except (ConfigError, DataError, PlanError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # permission, name too long, not a regular file: one line naming the file
+        print(f"error: {getattr(e, 'filename', None) or 'input'}: {e.strerror or e}", file=sys.stderr)
+        return 2
     print("\n".join(plan), flush=True)
     if args.dry_run:
         print("dry run: plan valid, nothing trained")
