@@ -237,7 +237,16 @@ def model_fingerprint(path: str) -> str:
     return h.hexdigest()[:16]
 
 
-def messages_sha(messages: list[dict]) -> str:
+def messages_sha(messages: list[dict], tokenizer=None) -> str:
+    """Short sha256 of ``messages`` as the model reads them: with ``tokenizer`` (guarded by
+    :func:`data_builders.chat_template.guard_control_tokens`), of the contents after the control-token escape, so
+    that an answer generated before the escape was applied to a prompt with control strings is not reused; for
+    every other prompt the sha is the same as without a tokenizer."""
+    if tokenizer is not None and getattr(tokenizer, "_control_strings", None):
+        from data_builders.chat_template import neutralise
+
+        messages = [dict(m, content=neutralise(m["content"], tokenizer._control_strings, "escape"))
+                    if isinstance(m.get("content"), str) else m for m in messages]
     return hashlib.sha256(json.dumps(messages, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
 
 
@@ -386,10 +395,22 @@ class ModelEvaluator:
                 path = resolve_model_path(ModelSection(name_or_path=path, cache_dir=self.cfg.model.cache_dir))
             device = pick_device(self.cfg.device)
             log.info("[%s] loading %s on %s", self.label, path, device)
-            self._tok = load_tokenizer(path, self.cfg.model)
+            self._tok = self._tok or load_tokenizer(path, self.cfg.model)
             self._model = load_model(path, self.cfg.model, device=device, quantize=False, for_training=False)
             self._model.eval()
         return self._model, self._tok
+
+    def _tokenizer(self):
+        """The model's tokenizer with the run's template and control-token guard (no weights loaded)."""
+        if self._tok is None:
+            from stages.config import ModelSection
+            from stages.models import load_tokenizer, resolve_model_path
+
+            path = self.path
+            if path.startswith("embedded:"):
+                path = resolve_model_path(ModelSection(name_or_path=path, cache_dir=self.cfg.model.cache_dir))
+            self._tok = load_tokenizer(path, self.cfg.model)
+        return self._tok
 
     def key_of(self, kind: str) -> str:
         """The settings key of a kind of answer (the safety prompts have their own answer length)."""
@@ -436,9 +457,10 @@ class ModelEvaluator:
 
         done = self.generations()
         todo: dict[tuple[str, int], list] = {}
+        tok = self._tokenizer()
         for kind, item, msgs in self.prompts():
             r = done.get((kind, item["id"]))
-            sha = messages_sha(msgs)
+            sha = messages_sha(msgs, tok)
             if r is None or r.get("prompt_sha") != sha:
                 todo.setdefault((sha, self.max_new_tokens(kind)), [msgs, []])[1].append((kind, item))
         if todo:
