@@ -275,15 +275,16 @@ def guard_control_tokens(tokenizer, policy: str = "escape"):
     tokenizer._control_strings, tokenizer._control_policy = controls, policy
 
     def guarded(conversation, *args, **kwargs):
-        return original(_neutralise_messages(conversation, controls, policy), *args, **kwargs)
+        return original(neutralise_messages(conversation, controls, policy), *args, **kwargs)
 
     tokenizer.apply_chat_template = guarded
     return tokenizer
 
 
-def _neutralise_messages(conversation, controls, policy):
+def neutralise_messages(conversation, controls, policy):
+    """``conversation`` (or a batch of them) with every message's content passed through :func:`neutralise`."""
     if isinstance(conversation, (list, tuple)) and conversation and isinstance(conversation[0], (list, tuple)):
-        return [_neutralise_messages(c, controls, policy) for c in conversation]  # a batch of conversations
+        return [neutralise_messages(c, controls, policy) for c in conversation]  # a batch of conversations
     out = []
     for m in conversation or []:
         if isinstance(m, dict) and isinstance(m.get("content"), str):

@@ -347,6 +347,12 @@ def check_output_file(path: str | os.PathLike, field: str = "--out") -> Path:
     return p
 
 
+def os_error_line(e: OSError, unnamed: str = "input") -> str:
+    """An ``OSError`` as the one ``error:`` line of an entry point: the file it names (else ``unnamed``) and the
+    system's reason."""
+    return f"error: {getattr(e, 'filename', None) or unnamed}: {e.strerror or e}"
+
+
 def run_converter(main_fn: Callable[[], int]) -> int:
     """Run a converter's body under the project's one error handler: a :class:`DataError` (bad input, bad command
     line) or an ``OSError`` (permission, name too long, disk full) becomes one ``error:`` line and exit 2."""
@@ -361,6 +367,5 @@ def run_converter(main_fn: Callable[[], int]) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:
-        where = getattr(e, "filename", None) or "output"
-        print(f"error: {where}: {e.strerror or e}", file=sys.stderr)
+        print(os_error_line(e, "output"), file=sys.stderr)
         return 2

@@ -396,7 +396,9 @@ def run_stage_main(stage_module, description: str, argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # permission, name too long, not a regular file: one line naming the file
-        print(f"error: {getattr(e, 'filename', None) or 'input'}: {e.strerror or e}", file=sys.stderr)
+        from data_builders.jsonl_io import os_error_line
+
+        print(os_error_line(e), file=sys.stderr)
         return 2
     name = stage_module.STAGE
     alone = getattr(stage_module, "MAIN_PROCESS_ONLY", False)
@@ -439,7 +441,7 @@ def _run_stage(stage_module, cfg: PipelineConfig, state, main: bool, alone: bool
         if not main:
             return
         settle_resume_state(moved, succeeded=False)
-        if moved and all(aside.exists() is False for _, aside in moved) and before is not None:
+        if moved and not any(aside.exists() for _, aside in moved) and before is not None:
             # the attempt wrote nothing of its own: the run folder is as it was, manifest entry included
             manifest.restore(name, before)
             log.info("%s: the attempt failed before writing anything; the run folder is as it was", name)

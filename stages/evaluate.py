@@ -243,10 +243,9 @@ def messages_sha(messages: list[dict], tokenizer=None) -> str:
     that an answer generated before the escape was applied to a prompt with control strings is not reused; for
     every other prompt the sha is the same as without a tokenizer."""
     if tokenizer is not None and getattr(tokenizer, "_control_strings", None):
-        from data_builders.chat_template import neutralise
+        from data_builders.chat_template import neutralise_messages
 
-        messages = [dict(m, content=neutralise(m["content"], tokenizer._control_strings, "escape"))
-                    if isinstance(m.get("content"), str) else m for m in messages]
+        messages = neutralise_messages(messages, tokenizer._control_strings, "escape")
     return hashlib.sha256(json.dumps(messages, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
 
 

@@ -178,7 +178,9 @@ def run_pipeline(args) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # permission, name too long, not a regular file: one line naming the file
-        print(f"error: {getattr(e, 'filename', None) or 'input'}: {e.strerror or e}", file=sys.stderr)
+        from data_builders.jsonl_io import os_error_line
+
+        print(os_error_line(e), file=sys.stderr)
         return 2
     print("\n".join(plan), flush=True)
     if args.dry_run:

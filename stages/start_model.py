@@ -87,14 +87,9 @@ def check_start(spec: str, error) -> dict:
         base = conf.get("base_model_name_or_path") if isinstance(conf, dict) else None
         if not isinstance(base, str) or not base:
             raise error(f"{folder}/adapter_config.json names no base_model_name_or_path")
-        check_weights_file = folder / "adapter_model.safetensors"
-        try:
-            from safetensors import safe_open
+        from stages.models import check_weights
 
-            with safe_open(str(check_weights_file), framework="pt") as h:
-                h.keys()
-        except Exception as e:  # noqa: BLE001 - SafetensorError, OSError
-            raise error(f"{check_weights_file} is not a readable safetensors file ({type(e).__name__})") from None
+        check_weights(folder, error)  # the adapter's safetensors header
         sub = check_start(base, lambda m: error(f"the adapter's base: {m}"))
         if sub["kind"] == "adapter":
             raise error(f"the adapter's base {base} is itself an adapter; merge it first")
