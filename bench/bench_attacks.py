@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, interleave, median, report, setup, smollm2_path, timed  # noqa: E402
+from common import ROOT, interleave, median, report, setup, smollm2_path, timed
 
 GOAL = 1.3
 
@@ -48,10 +48,10 @@ def main(argv=None) -> int:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from evaluation import adaptive as AD
-    from evaluation.cases import load_cases
-    from stages.config import ModelSection
-    from stages.models import load_tokenizer
+    from staged_alignment.core.config import ModelSection
+    from staged_alignment.core.models import load_tokenizer
+    from staged_alignment.evaluation import adaptive as AD
+    from staged_alignment.evaluation.cases import load_cases
 
     path = smollm2_path()
     tok = load_tokenizer(path, ModelSection())

@@ -31,8 +31,19 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (ATTACKS_SEED, ATTACKS_SEED_CANARY, TASKS_SEED, fill_hijacks, interleave, median,  # noqa: E402
-                    report, setup, smoke_config, smollm2_path, step_timer)
+from common import (
+    ATTACKS_SEED,
+    ATTACKS_SEED_CANARY,
+    TASKS_SEED,
+    fill_hijacks,
+    interleave,
+    median,
+    report,
+    setup,
+    smoke_config,
+    smollm2_path,
+    step_timer,
+)
 
 IDEAL = 3.0
 
@@ -52,8 +63,8 @@ class RecordingCollator:
 
 
 def build_data(tmp: Path, tok, max_length: int, n: int):
-    from data_builders.token_cache import build_token_cache
-    from data_builders.triplets import build_triplets, read_attacks, read_tasks, write_triplets
+    from staged_alignment.data_builders.token_cache import build_token_cache
+    from staged_alignment.data_builders.triplets import build_triplets, read_attacks, read_tasks, write_triplets
 
     res = build_triplets(read_tasks(str(TASKS_SEED)), [read_attacks(str(ATTACKS_SEED)),
                                                        read_attacks(str(ATTACKS_SEED_CANARY))], seed=42, max_triplets=n)
@@ -64,7 +75,7 @@ def build_data(tmp: Path, tok, max_length: int, n: int):
 
 def separate_loss(trainer, model, inputs: dict):
     """The fused ``compute_loss`` (no ``num_items_in_batch``) with three forwards, one per view."""
-    from trainers.causal_losses import contrastive_loss, lm_token_nll, pool_hidden_states
+    from staged_alignment.trainers.causal_losses import contrastive_loss, lm_token_nll, pool_hidden_states
 
     B = inputs["input_ids"].shape[0] // 3
     emb = trainer._output_embeddings(model)
@@ -142,17 +153,17 @@ def main(argv=None) -> int:
     from transformers import TrainingArguments
     from trl import SFTConfig
 
-    from data_builders.token_cache import TripletCollator
-    from data_builders.triplets import triplet_messages
-    from stages.common import build_training_args, seed_everything, standard_callbacks
-    from stages.config import CausalHeadSection, sub_section
-    from stages.models import load_model, load_tokenizer, lora_config
-    from stages.stage0_sft import sft_defaults
-    from stages.stage2_causal import causal_defaults, loss_and_head_kwargs
-    from trainers.callbacks import LossGuardCallback, SigtermCheckpointCallback
-    from trainers.causal import CausalContrastiveTrainer
-    from trainers.causal_losses import build_projection_head
-    from trainers.sft import ZephyrSFTTrainer
+    from staged_alignment.core.callbacks import LossGuardCallback, SigtermCheckpointCallback
+    from staged_alignment.core.common import build_training_args, seed_everything, standard_callbacks
+    from staged_alignment.core.config import CausalHeadSection, sub_section
+    from staged_alignment.core.models import load_model, load_tokenizer, lora_config
+    from staged_alignment.data_builders.token_cache import TripletCollator
+    from staged_alignment.data_builders.triplets import triplet_messages
+    from staged_alignment.stages.stage0_sft import sft_defaults
+    from staged_alignment.stages.stage2_causal import causal_defaults, loss_and_head_kwargs
+    from staged_alignment.trainers.causal import CausalContrastiveTrainer
+    from staged_alignment.trainers.causal_losses import build_projection_head
+    from staged_alignment.trainers.sft import ZephyrSFTTrainer
 
     figures = {}
     with tempfile.TemporaryDirectory() as d:

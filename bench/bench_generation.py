@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REDTEAM_SEED, interleave, median, report, setup, smollm2_path  # noqa: E402
+from common import REDTEAM_SEED, interleave, median, report, setup, smollm2_path
 
 GOAL = 3.0
 BATCH = 8
@@ -40,9 +40,9 @@ def main(argv=None) -> int:
         a.prompts, a.max_new_tokens, a.reps = 8, 24, 1
     setup(a.threads)
 
-    from data_builders.generation import generate_chat
-    from stages.config import ModelSection
-    from stages.models import load_model, load_tokenizer
+    from staged_alignment.core.config import ModelSection
+    from staged_alignment.core.models import load_model, load_tokenizer
+    from staged_alignment.data_builders.generation import generate_chat
 
     path = smollm2_path()
     mcfg = ModelSection()

@@ -27,8 +27,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_causal_step import RecordingCollator, build_data  # noqa: E402
-from common import interleave, median, report, setup, sft_rows, smoke_config, smollm2_path  # noqa: E402
+from bench_causal_step import RecordingCollator, build_data
+from common import interleave, median, report, setup, sft_rows, smoke_config, smollm2_path
 
 STRATEGIES = ("random", "group_by_length")
 
@@ -49,15 +49,15 @@ def main(argv=None) -> int:
     from transformers import TrainingArguments
     from trl import SFTConfig
 
-    from data_builders.token_cache import TripletCollator
-    from stages.common import build_training_args, seed_everything
-    from stages.config import CausalHeadSection, CausalLossSection, sub_section
-    from stages.models import load_model, load_tokenizer, lora_config
-    from stages.stage0_sft import sft_defaults
-    from stages.stage2_causal import causal_defaults, loss_and_head_kwargs
-    from trainers.causal import CausalContrastiveTrainer
-    from trainers.causal_losses import build_projection_head
-    from trainers.sft import ZephyrSFTTrainer
+    from staged_alignment.core.common import build_training_args, seed_everything
+    from staged_alignment.core.config import CausalHeadSection, CausalLossSection, sub_section
+    from staged_alignment.core.models import load_model, load_tokenizer, lora_config
+    from staged_alignment.data_builders.token_cache import TripletCollator
+    from staged_alignment.stages.stage0_sft import sft_defaults
+    from staged_alignment.stages.stage2_causal import causal_defaults, loss_and_head_kwargs
+    from staged_alignment.trainers.causal import CausalContrastiveTrainer
+    from staged_alignment.trainers.causal_losses import build_projection_head
+    from staged_alignment.trainers.sft import ZephyrSFTTrainer
 
     figures: dict = {}
     with tempfile.TemporaryDirectory() as d:

@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import median, report, rss_mib, setup, sft_rows, smoke_config, smollm2_path  # noqa: E402
+from common import median, report, rss_mib, setup, sft_rows, smoke_config, smollm2_path
 
 GOAL = 1.15
 SIDES = ("load", "sft", "dpo", "dpo_half")
@@ -58,8 +58,8 @@ def run_side(side: str, steps: int, threads: int) -> dict:
     t0 = time.perf_counter()
     from datasets import Dataset
 
-    from stages.common import build_training_args, seed_everything, standard_callbacks
-    from stages.models import load_model, load_tokenizer, lora_config
+    from staged_alignment.core.common import build_training_args, seed_everything, standard_callbacks
+    from staged_alignment.core.models import load_model, load_tokenizer, lora_config
 
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
@@ -75,8 +75,8 @@ def run_side(side: str, steps: int, threads: int) -> dict:
         if side == "sft":
             from trl import SFTConfig
 
-            from stages.stage0_sft import sft_defaults
-            from trainers.sft import ZephyrSFTTrainer
+            from staged_alignment.stages.stage0_sft import sft_defaults
+            from staged_alignment.trainers.sft import ZephyrSFTTrainer
 
             args = build_training_args(SFTConfig, cfg, "sft", tmp / "sft", **sft_defaults(cfg))
             tr = ZephyrSFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok,
@@ -86,8 +86,8 @@ def run_side(side: str, steps: int, threads: int) -> dict:
         elif side in ("dpo", "dpo_half"):
             from trl import DPOConfig
 
-            from stages.stage1_dpo import dpo_defaults
-            from trainers.dpo import ConstitutionalDPOTrainer
+            from staged_alignment.stages.stage1_dpo import dpo_defaults
+            from staged_alignment.trainers.dpo import ConstitutionalDPOTrainer
 
             args = build_training_args(DPOConfig, cfg, "dpo", tmp / "dpo", **dpo_defaults(cfg))
             if side == "dpo_half":  # as many sequences a step as SFT: B/2 pairs = B sequences

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import report, setup  # noqa: E402
+from common import report, setup
 
 PROMPTS = ["Summarise the note below in one sentence.\n\nThe kitchen is closed on Friday.",
            "What is the capital of France?", "Give three tips for writing clear emails."]
@@ -37,9 +37,9 @@ def main(argv=None) -> int:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from data_builders.chat_template import prompt_ids
-    from stages.config import ModelSection
-    from stages.models import load_tokenizer
+    from staged_alignment.core.chat_template import prompt_ids
+    from staged_alignment.core.config import ModelSection
+    from staged_alignment.core.models import load_tokenizer
 
     base = AutoModelForCausalLM.from_pretrained(a.base, dtype=torch.float32)
     W0 = {n: p.detach().clone() for n, p in base.named_parameters()}

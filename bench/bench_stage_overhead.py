@@ -1,6 +1,6 @@
 """Stage overhead: the project's trainers vs bare TRL on the same model, data and settings (step time ratio).
 
-SFT: ``trainers.sft.ZephyrSFTTrainer`` with the args of ``stages.common.build_training_args`` (+ the stage's
+SFT: ``trainers.sft.ZephyrSFTTrainer`` with the args of ``core.common.build_training_args`` (+ the stage's
 callbacks) vs a bare ``trl.SFTTrainer`` built the way a plain TRL script would. DPO: ``trainers.dpo.
 ConstitutionalDPOTrainer`` (+ per-principle metrics) vs a bare ``trl.DPOTrainer``. Both sides: SmolLM2-135M, the
 smoke config's LoRA (r=8, all seven projections), batch 4, max_length 256, fp32 on CPU, logging every step.
@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import interleave, median, report, setup, sft_rows, smoke_config, smollm2_path, step_timer  # noqa: E402
+from common import interleave, median, report, setup, sft_rows, smoke_config, smollm2_path, step_timer
 
 GOAL = 1.05
 
@@ -60,10 +60,10 @@ def bench_sft(steps: int, reps: int, tmp: Path) -> dict:
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    from stages.common import build_training_args, seed_everything, standard_callbacks
-    from stages.models import load_model, load_tokenizer, lora_config
-    from stages.stage0_sft import sft_defaults
-    from trainers.sft import ZephyrSFTTrainer
+    from staged_alignment.core.common import build_training_args, seed_everything, standard_callbacks
+    from staged_alignment.core.models import load_model, load_tokenizer, lora_config
+    from staged_alignment.stages.stage0_sft import sft_defaults
+    from staged_alignment.trainers.sft import ZephyrSFTTrainer
 
     cfg = smoke_config(tmp, [f"sft.training.max_steps={steps}", "sft.training.save_strategy='no'",
                              "sft.training.disable_tqdm=true"])
@@ -97,10 +97,10 @@ def bench_dpo(steps: int, reps: int, tmp: Path) -> dict:
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
-    from stages.common import build_training_args, seed_everything, standard_callbacks
-    from stages.models import load_model, load_tokenizer, lora_config
-    from stages.stage1_dpo import dpo_defaults
-    from trainers.dpo import ConstitutionalDPOTrainer
+    from staged_alignment.core.common import build_training_args, seed_everything, standard_callbacks
+    from staged_alignment.core.models import load_model, load_tokenizer, lora_config
+    from staged_alignment.stages.stage1_dpo import dpo_defaults
+    from staged_alignment.trainers.dpo import ConstitutionalDPOTrainer
 
     cfg = smoke_config(tmp, [f"dpo.training.max_steps={steps}", "dpo.training.save_strategy='no'",
                              "dpo.training.disable_tqdm=true"])
@@ -164,7 +164,7 @@ def main(argv=None) -> int:
             figures.update(bench_sft(a.steps, a.reps, Path(d) / "sft"))
         if a.only in (None, "dpo"):
             try:
-                import trainers.dpo  # noqa: F401
+                import staged_alignment.trainers.dpo  # noqa: F401
             except ImportError as e:
                 figures["dpo_skipped"] = f"trainers/dpo.py not importable: {e}"
             else:

@@ -26,15 +26,25 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (ATTACKS_SEED, ATTACKS_SEED_CANARY, ROOT, TASKS_SEED, fill_hijacks, interleave,  # noqa: E402
-                    median, report, setup, smollm2_path)
+from common import (
+    ATTACKS_SEED,
+    ATTACKS_SEED_CANARY,
+    ROOT,
+    TASKS_SEED,
+    fill_hijacks,
+    interleave,
+    median,
+    report,
+    setup,
+    smollm2_path,
+)
 
 GOAL = 20.0
 BIPIA = ROOT.parent / "shared" / "data" / "injection" / "bipia-train"
 
 
 def write_sources(tmp: Path, names: list[str], max_bipia: int | None) -> dict[str, Path]:
-    from data_builders.triplets import build_triplets, read_attacks, read_tasks, write_triplets
+    from staged_alignment.data_builders.triplets import build_triplets, read_attacks, read_tasks, write_triplets
 
     out = {}
     if "seed" in names:
@@ -56,7 +66,7 @@ def write_sources(tmp: Path, names: list[str], max_bipia: int | None) -> dict[st
 
 
 def bench_source(name: str, path: Path, tok, max_length: int, reps: int, tmp: Path) -> dict:
-    from data_builders.token_cache import build_token_cache
+    from staged_alignment.data_builders.token_cache import build_token_cache
 
     warm_dir = tmp / f"{name}-warm"
     build_token_cache(path, tok, max_length, warm_dir)  # fill the warm cache once
@@ -95,8 +105,8 @@ def bench_source(name: str, path: Path, tok, max_length: int, reps: int, tmp: Pa
 
 def warm_breakdown(path: Path, tok, max_length: int, tmp: Path) -> dict:
     """Where the warm build's time goes (one call each, for the README): read+validate, fingerprint, load."""
-    from data_builders.token_cache import cache_fingerprint
-    from data_builders.triplets import read_triplets
+    from staged_alignment.data_builders.token_cache import cache_fingerprint
+    from staged_alignment.data_builders.triplets import read_triplets
 
     t0 = time.perf_counter()
     read_triplets(path)
@@ -118,8 +128,8 @@ def main(argv=None) -> int:
     if a.quick:
         a.reps, a.max_bipia = 2, a.max_bipia or 100
     setup(a.threads)
-    from stages.config import ModelSection
-    from stages.models import load_tokenizer
+    from staged_alignment.core.config import ModelSection
+    from staged_alignment.core.models import load_tokenizer
 
     tok = load_tokenizer(smollm2_path(), ModelSection())
     figures = {}

@@ -33,14 +33,14 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import SFT_SEED, median, report, setup, smoke_config, smollm2_path, step_timer  # noqa: E402
+from common import SFT_SEED, median, report, setup, smoke_config, smollm2_path, step_timer
 
 SEQ = 256
 
 
 def long_rows(n_rows: int, words: int = 400) -> list[dict]:
     """Conversations longer than 256 tokens from the seed SFT text (the trainer truncates them to 256)."""
-    from data_builders.sft_data import read_sft_file
+    from staged_alignment.data_builders.sft_data import read_sft_file
 
     seed = read_sft_file(str(SFT_SEED))
     text = " ".join(m["content"] for r in seed for m in r["messages"]).split()
@@ -93,10 +93,10 @@ def main(argv=None) -> int:
     from datasets import Dataset
     from trl import SFTConfig
 
-    from stages.common import build_training_args, seed_everything, standard_callbacks
-    from stages.models import load_model, load_tokenizer, lora_config
-    from stages.stage0_sft import sft_defaults
-    from trainers.sft import ZephyrSFTTrainer
+    from staged_alignment.core.common import build_training_args, seed_everything, standard_callbacks
+    from staged_alignment.core.models import load_model, load_tokenizer, lora_config
+    from staged_alignment.stages.stage0_sft import sft_defaults
+    from staged_alignment.trainers.sft import ZephyrSFTTrainer
 
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)

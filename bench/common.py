@@ -61,8 +61,8 @@ def setup(threads: int | None = None) -> None:
 
 def smollm2_path() -> str:
     """The embedded SmolLM2-135M-Instruct as an HF folder (converted once into ~/.cache/staged-alignment)."""
-    from stages.config import ModelSection
-    from stages.models import resolve_model_path
+    from staged_alignment.core.config import ModelSection
+    from staged_alignment.core.models import resolve_model_path
 
     return resolve_model_path(ModelSection())
 
@@ -70,7 +70,7 @@ def smollm2_path() -> str:
 def smoke_config(out_dir: str | Path, overrides: list[str] | None = None):
     """The CPU smoke config (``configs/smollm2-135m_pipeline_cpu-smoke.yaml``: r=8, max_seq_length=256, batch 4)
     with its run directory under ``out_dir``, no checkpoints and no reporting."""
-    from stages.config import load_config
+    from staged_alignment.core.config import load_config
 
     base = [f"output_dir={out_dir}", "run_name=bench", "device=cpu"]
     return load_config(SMOKE_CONFIG, base + list(overrides or []))
@@ -78,7 +78,7 @@ def smoke_config(out_dir: str | Path, overrides: list[str] | None = None):
 
 def sft_rows(n: int | None = None) -> list[dict]:
     """The project's seed SFT conversations (``data_builders/seed/sft_seed.jsonl``), repeated to ``n`` rows."""
-    from data_builders.sft_data import read_sft_file
+    from staged_alignment.data_builders.sft_data import read_sft_file
 
     rows = read_sft_file(str(SFT_SEED))
     if n is None:

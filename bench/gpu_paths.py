@@ -39,8 +39,8 @@ if any("unsloth" in a for a in sys.argv[1:]):  # Unsloth patches transformers/tr
     except ImportError:
         pass  # the variant reports "skipped: unsloth not installed"
 
-import torch  # noqa: E402
-from transformers import TrainerCallback  # noqa: E402
+import torch
+from transformers import TrainerCallback
 
 TINYLLAMA = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
                  num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048)
@@ -107,7 +107,7 @@ def build_model_dir(root: Path, dims: dict) -> Path:
 
 
 def long_rows(n_rows: int, words: int) -> list[dict]:
-    from data_builders.sft_data import read_sft_file
+    from staged_alignment.data_builders.sft_data import read_sft_file
 
     seed = read_sft_file(str(Path(__file__).resolve().parents[1] / "data_builders/seed/sft_seed.jsonl"))
     text = " ".join(m["content"] for r in seed for m in r["messages"]).split()
@@ -136,8 +136,8 @@ def run_train_variant(model_dir: Path, name: str, *, kind: str = "sft", quant: b
     peak GPU memory."""
     from datasets import Dataset
 
-    from stages.config import LoraSection, ModelSection, PipelineConfig
-    from stages.models import attach_lora, load_model, load_tokenizer
+    from staged_alignment.core.config import LoraSection, ModelSection, PipelineConfig
+    from staged_alignment.core.models import attach_lora, load_model, load_tokenizer
 
     cuda = torch.cuda.is_available()
     mcfg = ModelSection(name_or_path=str(model_dir), quantization="4bit" if quant else "none", loader=loader,
@@ -157,7 +157,7 @@ def run_train_variant(model_dir: Path, name: str, *, kind: str = "sft", quant: b
     if kind == "sft":
         from trl import SFTConfig
 
-        from trainers.sft import ZephyrSFTTrainer
+        from staged_alignment.trainers.sft import ZephyrSFTTrainer
 
         model, peft_config = attach_lora(model, cfg, for_trl=True)
         args = SFTConfig(**common, assistant_only_loss=True, max_length=seq)
@@ -167,7 +167,7 @@ def run_train_variant(model_dir: Path, name: str, *, kind: str = "sft", quant: b
     elif kind == "dpo":
         from trl import DPOConfig
 
-        from trainers.dpo import ConstitutionalDPOTrainer
+        from staged_alignment.trainers.dpo import ConstitutionalDPOTrainer
 
         model, peft_config = attach_lora(model, cfg, for_trl=True)
         args = DPOConfig(**common, max_length=seq, precompute_ref_log_probs=False, beta=0.1)
@@ -179,10 +179,11 @@ def run_train_variant(model_dir: Path, name: str, *, kind: str = "sft", quant: b
     elif kind == "causal":
         from transformers import TrainingArguments
 
-        from data_builders.token_cache import TripletCollator, build_token_cache, needed_views
-        from data_builders.triplets import build_triplets, read_attacks, read_tasks, write_triplets
-        from trainers.causal import CausalContrastiveTrainer
-        from trainers.causal_losses import build_projection_head
+        from staged_alignment.core.causal_objective import needed_views
+        from staged_alignment.data_builders.token_cache import TripletCollator, build_token_cache
+        from staged_alignment.data_builders.triplets import build_triplets, read_attacks, read_tasks, write_triplets
+        from staged_alignment.trainers.causal import CausalContrastiveTrainer
+        from staged_alignment.trainers.causal_losses import build_projection_head
 
         seed = Path(__file__).resolve().parents[1] / "data_builders" / "seed"
         trips = build_triplets(read_tasks(str(seed / "tasks.jsonl")), [read_attacks(str(seed / "attacks_train.json"))],
@@ -225,10 +226,10 @@ def run_train_variant(model_dir: Path, name: str, *, kind: str = "sft", quant: b
 def run_vllm_variant(model_dir: Path, name: str, *, n_prompts: int = 64, max_new_tokens: int = 128, **_) -> dict:
     """Critique-and-rewrite generation on the same bf16 model folder: the vLLM backend against
     ``generate_chat`` (transformers, batch 16); tokens/s of each and their ratio."""
-    from data_builders.critique_rewrite import VLLMBackend
-    from data_builders.generation import generate_chat
-    from stages.config import GenerationSection, ModelSection
-    from stages.models import load_model, load_tokenizer
+    from staged_alignment.core.config import GenerationSection, ModelSection
+    from staged_alignment.core.models import load_model, load_tokenizer
+    from staged_alignment.data_builders.critique_rewrite import VLLMBackend
+    from staged_alignment.data_builders.generation import generate_chat
 
     mcfg = ModelSection(name_or_path=str(model_dir), dtype="bfloat16")
     tok = load_tokenizer(str(model_dir), mcfg)
@@ -257,9 +258,9 @@ def run_vllm_variant(model_dir: Path, name: str, *, n_prompts: int = 64, max_new
 
 def merge_and_generate(trainer, tok, model_dir: Path, mcfg, work: Path) -> dict:
     """Save the QLoRA adapter, merge into a 16-bit copy, generate from the merged copy."""
-    from data_builders.generation import generate_chat
-    from stages.common import save_adapter
-    from stages.models import load_model, merge_adapter
+    from staged_alignment.core.common import save_adapter
+    from staged_alignment.core.models import load_model, merge_adapter
+    from staged_alignment.data_builders.generation import generate_chat
 
     t0 = time.perf_counter()
     save_adapter(trainer.model, tok, work / "qlora_adapter")

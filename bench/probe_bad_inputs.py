@@ -99,7 +99,7 @@ def adapter_folder(w, text: bytes) -> Path:
 
 def jinja_bomb(w) -> Path:
     p = w["tmp"] / "bomb.jinja"
-    from data_builders.chat_template import ZEPHYR_TEMPLATE as body
+    from staged_alignment.core.chat_template import ZEPHYR_TEMPLATE as body
 
     p.write_text("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}" + body)
     return p
@@ -161,7 +161,7 @@ def probes(w) -> list[tuple[str, list[str]]]:
     pipe = py + [str(REPO / "stages" / "pipeline.py"), "--config", str(w["cfg"])]
     dry = pipe + ["--dry-run"]
     sft = py + [str(REPO / "stages" / "stage0_sft.py"), "--config", str(w["cfg"])]
-    conv = py + ["-m", "evaluation.alpacafarm_convert", "--input",
+    conv = py + ["-m", "staged_alignment.evaluation.alpacafarm_convert", "--input",
                  str(REPO.parent / "shared/data/injection/alpacafarm-eval/davinci_003_outputs.json")]
     yield "destroy: corrupt safetensors header, SFT rerun", sft + [f"model.name_or_path={corrupt_model(w)}"]
     yield "destroy: --launcher '\"unclosed'", pipe + ["--launcher", '"unclosed']

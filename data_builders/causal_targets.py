@@ -26,8 +26,8 @@ import logging
 from pathlib import Path
 from typing import Sequence
 
-from data_builders.jsonl_io import append_jsonl, read_jsonl_tolerant
-from data_builders.triplets import compose_control_target, triplet_messages
+from staged_alignment.core.jsonl_io import append_jsonl, read_jsonl_tolerant
+from staged_alignment.data_builders.triplets import TRAIN_CONTROL_SUFFIXES, compose_control_target, triplet_messages
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ def _answer_missing(jobs: dict[str, list[dict]], model, tokenizer, cache_path: P
     """Greedy answers to ``jobs`` (``{key: messages}``) from the cache at ``cache_path``, generating the missing ones
     in batches and appending each batch to the cache as soon as it is done. Returns ``({key: {"text",
     "truncated"}}, {"generated", "from_cache", "truncated": 0, "dropped_empty": 0})``."""
-    from data_builders.generation import generate_chat
+    from staged_alignment.data_builders.generation import generate_chat
 
     cached = {r["key"]: r for r in read_jsonl_tolerant(cache_path) if isinstance(r, dict) and "key" in r}
     todo = [(k, m) for k, m in jobs.items() if k not in cached]
@@ -99,7 +99,7 @@ def fill_generated(triplets: Sequence[dict], model, tokenizer, cache_path: str |
         triplets: validated triplet rows (:func:`data_builders.triplets.read_triplets`).
         model, tokenizer: the starting model (merged, not 4-bit) and its tokenizer with the project template.
         cache_path: append-only JSONL of answers (created if missing).
-        fingerprint: identity of the model (e.g. :func:`stages.evaluate.model_fingerprint`); part of every key.
+        fingerprint: identity of the model (e.g. :func:`evaluation.runner.model_fingerprint`); part of every key.
     Returns:
         ``(rows, stats)``: rows with both fields filled (triplets whose generated answer was empty are dropped) and
         ``{"generated", "from_cache", "truncated", "dropped_empty"}``.
@@ -142,7 +142,6 @@ def _base_instruction(t: dict) -> str:
     to its answer afterwards."""
     if not t.get("control_tag"):
         return t["instruction"]
-    from data_builders.triplets import TRAIN_CONTROL_SUFFIXES
 
     ins = t["instruction"]
     for suffix, _ in TRAIN_CONTROL_SUFFIXES:

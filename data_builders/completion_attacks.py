@@ -15,7 +15,7 @@ the usual ``{canary}`` slot (:func:`data_builders.triplets.build_triplets` fills
   :func:`data_builders.triplets.build_triplets` fills the two slots with
   :func:`evaluation.template_attacks.role_segments` of the run's tokenizer (the Zephyr strings when none is given).
 
-``python -m data_builders.completion_attacks --out data_builders/seed/attacks_train_completion.json`` rebuilds the
+``python -m staged_alignment.data_builders.completion_attacks --out data_builders/seed/attacks_train_completion.json`` rebuilds the
 shipped file (deterministic; a test compares byte for byte).
 """
 from __future__ import annotations
@@ -24,6 +24,8 @@ import argparse
 import json
 import random
 from pathlib import Path
+
+from staged_alignment.core.jsonl_io import atomic_write_text
 
 TEMPLATE_SLOTS = ("{close_user}", "{close_answer}")
 MARKS = ("== {s} ==", "<<{s}>>", "[[{s}]]", "~~{s}~~", "@@ {s}", "{s} >>>", "|{s}|", "-- {s} --")
@@ -85,7 +87,6 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    from data_builders.jsonl_io import atomic_write_text
 
     atomic_write_text(Path(args.out), json.dumps(build(args.seed), indent=2, ensure_ascii=False) + "\n")
     print(f"wrote {args.out}")

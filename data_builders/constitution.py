@@ -11,7 +11,7 @@ Two file shapes are accepted (docs/architecture.md, "Constitution"):
 A few-shot conversation is a list of ``{"role", "content"}`` messages alternating ``user``/``assistant``,
 starting with ``user`` and ending with ``assistant`` (in practice: red-team prompt, harmful-ish answer, critique
 request, critique, revision request, revision). Every problem raises
-:class:`~data_builders.jsonl_io.DataError` naming the file and the field (``principles[3].revision``,
+:class:`~core.jsonl_io.DataError` naming the file and the field (``principles[3].revision``,
 ``few_shot[1][2].content``, …): no principles, an empty or non-string field, a duplicate id, a bad role order.
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from data_builders.jsonl_io import DataError, load_json
+from staged_alignment.core.jsonl_io import DataError, load_json
 
 ID_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
 

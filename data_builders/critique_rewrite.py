@@ -27,7 +27,7 @@ Filters (each prompt gets the first reason that applies; every reason is counted
   "Rewrite:" is stripped (with quotes around the rest) when the rest has at least ``min_revision_words`` words
   (counted as ``preamble_stripped``); otherwise the pair is dropped. What is *not* caught: meta-talk in the middle
   or at the end ("I removed the harmful parts above"), a revision that paraphrases the critique, and a revision
-  that is itself harmful — the judge in :mod:`evaluation.judges` is the place for that;
+  that is itself harmful — the judge in :mod:`core.judges` is the place for that;
 - ``identical``: the revision equals the response after whitespace normalisation;
 - the content filters of :mod:`data_builders.pair_filters` (``near_identical``, ``copies_critique``,
   ``copies_request``, ``length_ratio``, ``off_prompt``, ``not_better``), with the thresholds of ``filters``; the
@@ -45,7 +45,7 @@ prompt, and never regenerates a prompt that was filtered out. Stats go to ``<out
 
 Command line (small, used by the resumability test and for standalone runs)::
 
-    python -m data_builders.critique_rewrite --model DIR --prompts F [--prompts F2] --constitution C --out O \\
+    python -m staged_alignment.data_builders.critique_rewrite --model DIR --prompts F [--prompts F2] --constitution C --out O \\
         [--rejected-out R] [--seed 42] [--num-few-shot 1] [--batch-size 8] [--max-new-tokens 128] [--greedy] \\
         [--critic DIR_OR_URL [--critic-model-name NAME]] [--no-content-filters]
 """
@@ -64,10 +64,39 @@ from typing import Callable, Sequence
 if __package__ in (None, ""):  # run as a script
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data_builders.constitution import Constitution, Principle, draw_principle  # noqa: E402
-from data_builders.jsonl_io import (DataError, append_jsonl, atomic_write_json, iter_jsonl,  # noqa: E402
-                                    read_jsonl_tolerant, require_str)
-from data_builders.pair_filters import FILTER_REASONS, PairFilterSettings, check_pair  # noqa: E402
+import importlib.util
+
+from tqdm.auto import tqdm
+
+from staged_alignment.core.chat_template import prompt_ids
+from staged_alignment.core.config import GenerationSection, ModelSection
+from staged_alignment.core.jsonl_io import (  # noqa: E402
+    ConverterParser,
+    DataError,
+    append_jsonl,
+    atomic_write_json,
+    check_output_file,
+    iter_jsonl,
+    positive_int,
+    read_jsonl_tolerant,
+    require_str,
+    run_converter,
+)
+from staged_alignment.core.jsonl_io import iter_jsonl as _lines
+from staged_alignment.core.redaction import install_log_redaction
+from staged_alignment.core.sources import iter_source
+from staged_alignment.data_builders.constitution import (
+    Constitution,
+    Principle,
+    draw_principle,
+    load_constitution,
+)
+from staged_alignment.data_builders.pair_filters import FILTER_REASONS, PairFilterSettings, check_pair
+from staged_alignment.data_builders.redteam import (
+    prompt_id,
+    read_redteam_sources,
+)
+from staged_alignment.data_builders.sft_data import as_messages
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +158,7 @@ def ensure_full_precision(model) -> None:
                              f"model ({qd.get('quant_method', 'quantized')})")
     if hasattr(model, "peft_config") and hasattr(model, "disable_adapter"):
         raise ValueError("critique-and-rewrite needs the merged model, got a peft model with an unmerged adapter; "
-                         "merge it first (stages.models.merge_adapter)")
+                         "merge it first (core.models.merge_adapter)")
 
 
 def _seed_int(*parts) -> int:
@@ -149,7 +178,7 @@ class TransformersBackend:
         """Answer each conversation; returns ``[{"text", "n_tokens", "truncated"}]`` in order."""
         import torch
 
-        from data_builders.generation import generate_chat
+        from staged_alignment.data_builders.generation import generate_chat
 
         if not conversations:
             return []
@@ -162,8 +191,6 @@ class TransformersBackend:
 
 def require_vllm() -> None:
     """Raise ``RuntimeError`` naming what is missing (the ``vllm`` package, a CUDA device) for the vLLM backend."""
-    import importlib.util
-
     import torch
 
     problems = []
@@ -210,8 +237,6 @@ class VLLMBackend:
                        max_model_len=max_model_len)
 
     def generate(self, conversations: Sequence[list[dict]], ids: Sequence[str], step: str) -> list[dict]:
-        from data_builders.chat_template import prompt_ids
-
         if not conversations:
             return []
         g = self.gen
@@ -281,8 +306,6 @@ def generate_pairs(backend, prompts: list[dict], constitution: Constitution, out
     content filters' thresholds (default :class:`PairFilterSettings`); ``critic``: the backend that writes critiques
     and revisions (default ``backend``).
     """
-    from tqdm.auto import tqdm
-
     out = Path(out)
     rej_default, stats_default = default_side_paths(out)
     rejected_out = Path(rejected_out) if rejected_out else rej_default
@@ -439,9 +462,6 @@ def trl_preference_to_pair(obj: dict, path, line, source: str) -> dict:
     the rest the two answers. ``id`` is kept when present, else ``<prompt_id>-<8 hex of the answers>`` (the prompt
     part is :func:`data_builders.redteam.prompt_id` of the last user turn, so held-out and safety-set checks can
     match it). Raises :class:`DataError` naming the field."""
-    from data_builders.redteam import prompt_id
-    from data_builders.sft_data import as_messages
-
     if "prompt" in obj:
         prompt = as_messages(obj["prompt"], path, line, "prompt", "user")
         chosen = as_messages(obj.get("chosen"), path, line, "chosen", "assistant")
@@ -466,11 +486,8 @@ def trl_preference_to_pair(obj: dict, path, line, source: str) -> dict:
 
 def read_pairs_source(source: str | dict) -> list[dict]:
     """``dpo.pairs_file``: this project's pairs, or TRL preference rows (:func:`trl_preference_to_pair`), from a
-    JSONL file or anything :mod:`data_builders.sources` reads (Hub ids, parquet, dataset folders); duplicate ids
+    JSONL file or anything :mod:`core.sources` reads (Hub ids, parquet, dataset folders); duplicate ids
     are an error naming the row."""
-    from data_builders.jsonl_io import iter_jsonl as _lines
-    from data_builders.sources import iter_source
-
     src = {"path": str(source)} if not isinstance(source, dict) else source
     label, rows_iter = iter_source(src, _lines)
     out, seen = [], {}
@@ -501,9 +518,7 @@ def read_pairs(path: str | Path, provenance: bool = True) -> list[dict]:
 # ------------------------------------------------------------------------------------------------- CLI
 def main(argv=None) -> int:
     """Command line: generate pairs from a model folder (see module docstring). Exit 2 on bad input (one
-    ``error:`` line, :func:`data_builders.jsonl_io.run_converter`)."""
-    from data_builders.jsonl_io import ConverterParser, check_output_file, positive_int, run_converter
-
+    ``error:`` line, :func:`core.jsonl_io.run_converter`)."""
     ap = ConverterParser(description="Constitutional critique-and-rewrite pairs from a merged model folder")
     ap.add_argument("--model", required=True, help="merged 16-bit model folder (e.g. runs/<name>/sft/merged)")
     ap.add_argument("--prompts", required=True, action="append", help="red-team prompt file (repeatable)")
@@ -535,13 +550,8 @@ def main(argv=None) -> int:
 
 
 def _main(args, check_output_file) -> int:
-    from data_builders.constitution import load_constitution
-    from data_builders.redteam import read_redteam_sources
-    from stages.redaction import install_log_redaction
-
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     install_log_redaction()  # a critic URL's user:password@ never reaches a log line
-    from stages.config import GenerationSection, ModelSection
 
     check_output_file(args.out)
     if args.rejected_out:
@@ -642,7 +652,7 @@ def build_backend(gen, model_path: str | Path, model_cfg, *, seed: int, device: 
     ``model``/``tokenizer`` may be passed to reuse an already loaded model (transformers backend). The model is
     loaded unquantized (``quantize=False``) whatever ``model.quantization`` says; a quantized model raises.
     """
-    from stages.models import load_model, load_tokenizer, pick_device
+    from staged_alignment.core.models import load_model, load_tokenizer, pick_device
 
     if gen.backend == "vllm":
         require_vllm()

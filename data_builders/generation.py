@@ -4,8 +4,9 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+from tqdm.auto import tqdm
 
-from data_builders.chat_template import render_prompt
+from staged_alignment.core.chat_template import render_prompt
 
 
 @torch.no_grad()
@@ -19,8 +20,6 @@ def generate_chat(model, tokenizer, conversations: Sequence[list[dict]], *, max_
     ``{"text": str (special tokens stripped), "n_tokens": int, "truncated": bool}``; ``truncated`` is True
     when generation hit ``max_new_tokens`` without an eos.
     """
-    from tqdm.auto import tqdm
-
     prev_side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     was_training = model.training

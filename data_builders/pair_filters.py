@@ -13,7 +13,7 @@ request. :func:`check_pair` returns the first reason that applies, in this order
   [``min_length_ratio``, ``max_length_ratio``];
 - ``off_prompt``: the revision shares no content word (:func:`content_words`) with the prompt or the original, and
   it is not a refusal (a refusal need not repeat the request);
-- ``not_better``: the project's refusal/harm judge (:func:`evaluation.judges.judge_response`) rates the revision
+- ``not_better``: the project's refusal/harm judge (:func:`core.judges.judge_response`) rates the revision
   worse than the original: the revision harmful and the original not, or the original a refusal and the revision
   not.
 
@@ -27,6 +27,8 @@ from __future__ import annotations
 import difflib
 import re
 from dataclasses import asdict, dataclass
+
+from staged_alignment.core.judges import judge_response
 
 MIN_CONTAINMENT_WORDS = 6
 FILTER_REASONS = ("near_identical", "copies_critique", "copies_request", "length_ratio", "off_prompt", "not_better")
@@ -97,8 +99,6 @@ def check_pair(prompt: str, original: str, critique: str, revision: str, revisio
     Returns ``(reason, details)``; ``details`` holds the three similarities, the length ratio, the shared content
     words and the judge's verdicts on both answers (used by the pair report). Raises ``TypeError`` on non-strings.
     """
-    from evaluation.judges import judge_response
-
     for name, value in (("prompt", prompt), ("original", original), ("critique", critique), ("revision", revision),
                         ("revision_request", revision_request)):
         if not isinstance(value, str):

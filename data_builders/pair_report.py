@@ -9,22 +9,22 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from data_builders.constitution import Constitution
-from data_builders.jsonl_io import atomic_write_text, read_jsonl_tolerant
-from data_builders.pair_filters import PairFilterSettings, check_pair
+from staged_alignment.core.jsonl_io import atomic_write_text, read_jsonl_tolerant
+from staged_alignment.core.markdown import md_escape
+from staged_alignment.data_builders.constitution import Constitution
+from staged_alignment.data_builders.critique_rewrite import default_side_paths
+from staged_alignment.data_builders.pair_filters import PairFilterSettings, check_pair
 
 EXAMPLES = 10
 
 
 def pair_filter_settings(gen) -> PairFilterSettings:
-    """The filter thresholds of a ``dpo.generation`` section (:class:`stages.config.GenerationSection`)."""
+    """The filter thresholds of a ``dpo.generation`` section (:class:`core.config.GenerationSection`)."""
     return PairFilterSettings(**{k: getattr(gen, k) for k in PairFilterSettings.__dataclass_fields__})
 
 
 def _cell(text, limit: int = 220) -> str:
-    """Model-written text as one safe table cell (:func:`evaluation.report.md_escape`)."""
-    from evaluation.report import md_escape
-
+    """Model-written text as one safe table cell (:func:`core.markdown.md_escape`)."""
     return md_escape(" ".join(str(text or "").split()), max_chars=limit)
 
 
@@ -36,8 +36,6 @@ def _verdict(j: dict | None) -> str:
 
 def pairs_report(pairs_path: str | Path, constitution: Constitution, settings: PairFilterSettings) -> str:
     """The report's Markdown for the accepted ``pairs_path`` and its ``<stem>.rejected.jsonl``."""
-    from data_builders.critique_rewrite import default_side_paths
-
     pairs_path = Path(pairs_path)
     rejected_path = default_side_paths(pairs_path)[0]
     acc = read_jsonl_tolerant(pairs_path) if pairs_path.exists() else []

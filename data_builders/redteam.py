@@ -11,7 +11,7 @@ Accepted shapes (docs/architecture.md, "Red-team prompt"), JSONL, optionally gzi
 with only ``id`` is read as ``prompts``, so the error names the missing ``prompt``).
 Rows are de-duplicated by id (the first occurrence wins; later duplicates are counted in ``stats``). The same id
 with a *different* prompt is an error, because the id is what resume and held-out splits rely on.
-Every problem raises :class:`~data_builders.jsonl_io.DataError` naming file, line and field.
+Every problem raises :class:`~core.jsonl_io.DataError` naming file, line and field.
 ``source`` (the file name) is provenance only; it is not part of the outward prompt schema.
 """
 from __future__ import annotations
@@ -20,7 +20,8 @@ import hashlib
 import re
 from pathlib import Path
 
-from data_builders.jsonl_io import DataError, iter_jsonl, require_str
+from staged_alignment.core.jsonl_io import DataError, iter_jsonl, require_str, write_jsonl_atomic
+from staged_alignment.core.sources import iter_source
 
 FORMATS = ("auto", "prompts", "hh-rlhf", "transcript")
 _HUMAN = re.compile(r"(?:^|\n\n)Human:[ \t]*")
@@ -95,9 +96,7 @@ def read_redteam_file(path: str, fmt: str = "auto", max_rows: int | None = None,
 
 def read_redteam_source(source: dict, skipped: list | None = None, stats: dict | None = None) -> list[dict]:
     """One red-team source (a ``DataSource`` mapping: a file, or a Hub id / dataset folder / parquet through
-    ``datasets``, :mod:`data_builders.sources`); see :func:`read_redteam_file`."""
-    from data_builders.sources import iter_source
-
+    ``datasets``, :mod:`core.sources`); see :func:`read_redteam_file`."""
     path, fmt = source["path"], source.get("format") or "auto"
     max_rows, skip_invalid = source.get("max_rows"), source.get("skip_invalid", False)
     if fmt not in FORMATS:
@@ -166,6 +165,4 @@ def read_redteam_sources(sources: list[dict], skipped: list | None = None, stats
 
 def write_prompts(path: str | Path, rows: list[dict]) -> None:
     """Write ``{"id", "prompt"}`` rows (the outward schema; ``source`` dropped) atomically."""
-    from data_builders.jsonl_io import write_jsonl_atomic
-
     write_jsonl_atomic(path, [{"id": r["id"], "prompt": r["prompt"]} for r in rows])

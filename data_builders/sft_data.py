@@ -9,17 +9,19 @@ Accepted shapes (docs/architecture.md, "SFT row"):
 - prompt/completion (TRL): ``{"prompt", "completion"}``, each a string or a message list;
 - ShareGPT: ``{"conversations": [{"from": "system"|"human"|"gpt", "value": str}, …]}``.
 
-Sources are files or anything ``datasets.load_dataset`` reads (:mod:`data_builders.sources`: Hub ids, dataset
+Sources are files or anything ``datasets.load_dataset`` reads (:mod:`core.sources`: Hub ids, dataset
 folders, parquet, ``split``/``columns`` …); errors name the file and line, or the dataset, split and row.
-Every problem raises :class:`~data_builders.jsonl_io.DataError` naming file, line and field.
+Every problem raises :class:`~core.jsonl_io.DataError` naming file, line and field.
 """
 from __future__ import annotations
 
+import random
 from pathlib import Path
 from typing import Iterable
 
-from data_builders.chat_template import ROLES
-from data_builders.jsonl_io import DataError, iter_jsonl, json_list_item_lines, load_json, require_str
+from staged_alignment.core.chat_template import ROLES, prompt_response_ids
+from staged_alignment.core.jsonl_io import DataError, iter_jsonl, json_list_item_lines, load_json, require_str
+from staged_alignment.core.sources import iter_source
 
 FORMATS = ("auto", "messages", "alpaca", "self_instruct", "prompt_completion", "sharegpt")
 SHAREGPT_ROLES = {"assistant": "assistant", "gpt": "assistant", "human": "user", "system": "system", "user": "user"}
@@ -194,8 +196,6 @@ def read_sft_source(source: dict, skipped: list | None = None) -> list[dict]:
     Raises :class:`DataError` on the first bad row, or with ``skip_invalid`` drops bad rows and appends their
     errors to ``skipped`` (a malformed file, as opposed to a bad row, is always an error).
     """
-    from data_builders.sources import iter_source
-
     path, fmt = source["path"], source.get("format") or "auto"
     max_rows, skip_invalid = source.get("max_rows"), source.get("skip_invalid", False)
     if fmt not in FORMATS:
@@ -223,11 +223,8 @@ def read_sft_source(source: dict, skipped: list | None = None) -> list[dict]:
 def replay_rows(rows: list[dict], tokenizer, max_length: int, n: int, seed: int) -> list[dict]:
     """A seeded sample of ``n`` SFT rows tokenized for replay in a later stage: ``{"input_ids", "labels"}`` with the
     conversation up to the last assistant turn as the prompt (chat template, generation prompt) and that turn + eos
-    as the response, tokenized jointly (:func:`data_builders.chat_template.prompt_response_ids`); labels are -100 on
+    as the response, tokenized jointly (:func:`core.chat_template.prompt_response_ids`); labels are -100 on
     the prompt. Rows longer than ``max_length`` are skipped (the sample is drawn from the others)."""
-    import random
-
-    from data_builders.chat_template import prompt_response_ids
 
     order = list(range(len(rows)))
     random.Random(seed).shuffle(order)

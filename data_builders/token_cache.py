@@ -8,7 +8,7 @@ template string, the data-role switch, ``max_length`` and :data:`CACHE_VERSION`;
 different template) re-tokenizes, and a repeated build loads the Arrow file without calling the map function.
 
 Four sequences per triplet, each a prompt (the chat-template generation prompt, ending in ``<|assistant|>\\n``)
-followed by a response and ``eos``, tokenized *jointly* (:func:`data_builders.chat_template.prompt_response_ids`, so
+followed by a response and ``eos``, tokenized *jointly* (:func:`core.chat_template.prompt_response_ids`, so
 the response's first token is the one the model sees at generation time, also for SentencePiece tokenizers):
 
 * ``benign``, ``counterfactual``, ``injected``: the three prompts of the triplet + its ``target`` y;
@@ -23,7 +23,7 @@ the DPO stage's preference pairs the same way and :func:`attach_retention` gives
 permutation, cycled), as the views ``retain_chosen`` and ``retain_rejected``; the replay is then part of each
 example, so sharding, accumulation and resume treat it like the triplet itself.
 
-:class:`TripletCollator` pads the views a loss needs (:func:`needed_views`) of B triplets to one length L and
+:class:`TripletCollator` pads the views a loss needs (:func:`core.causal_objective.needed_views`) of B triplets to one length L and
 returns one (V·B, L) batch: rows ``[v·B:(v+1)·B]`` hold view ``views[v]``, with ``attention_mask``,
 ``position_ids`` (counted over real tokens, so left and right padding give the same positions), ``pool_mask`` (1
 on prompt tokens), ``response_mask`` (1 on response tokens, every view) and ``labels`` (the response tokens of the
@@ -34,14 +34,15 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import random
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from data_builders.chat_template import prompt_response_ids
-from data_builders.jsonl_io import DataError
-from data_builders.triplets import read_triplets, triplet_messages
+from staged_alignment.core.chat_template import prompt_response_ids
+from staged_alignment.core.jsonl_io import DataError
+from staged_alignment.data_builders.triplets import read_triplets, triplet_messages
 
 log = logging.getLogger(__name__)
 
@@ -182,8 +183,6 @@ def attach_retention(ds, rows: list[dict], seed: int):
     """``ds`` with the retention views of one pair per example: example i gets ``rows[order[i mod len(rows)]]``,
     ``order`` a permutation seeded by ``seed``; ``length`` becomes the longest of all views. Raises
     ``ValueError`` for an empty ``rows``."""
-    import random
-
     if not rows:
         raise ValueError("no retention pair to attach")
     order = list(range(len(rows)))
@@ -194,32 +193,6 @@ def attach_retention(ds, rows: list[dict], seed: int):
         return {**r, "length": max(ex["length"], *(len(r[f"{v}_input_ids"]) for v in RETAIN_VIEWS))}
 
     return ds.map(add, with_indices=True, keep_in_memory=True, desc="attaching retention pairs")
-
-
-def needed_views(*, lambda_task: float = 1.0, lambda_lm_injected: float = 0.0, lambda_lm_counterfactual: float = 0.0,
-                 lambda_kl: float = 0.0, lambda_pref: float = 0.0, contrastive: str = "none",
-                 contrastive_counterfactual: bool = True, lambda_retain_sft: float = 0.0,
-                 lambda_retain_dpo: float = 0.0, **_) -> tuple[list[str], list[str]]:
-    """``(views, lm_views)`` a causal objective needs: the benign view always; the injected view for any term on
-    x_i; the counterfactual view only when a term uses it (``lm_counterfactual``, contrastive v1, or v2 with its
-    counterfactual positive) — otherwise the step costs one forward fewer; the hijack view for ``pref_injected`` and
-    contrastive v2; ``retain_chosen`` for either retention term and ``retain_rejected`` for the DPO one.
-    ``lm_views`` are the triplet views whose response tokens carry an LM loss (weight > 0); retention rows never
-    carry ``labels`` (their terms are per-example, so Trainer's token count stays that of the LM views)."""
-    views = ["benign"]
-    if lambda_lm_injected > 0 or lambda_kl > 0 or lambda_pref > 0 or contrastive in ("v1", "v2"):
-        views.append("injected")
-    if lambda_lm_counterfactual > 0 or contrastive == "v1" or (contrastive == "v2" and contrastive_counterfactual):
-        views.append("counterfactual")
-    if lambda_pref > 0 or contrastive == "v2":
-        views.append("hijack")
-    if lambda_retain_sft > 0 or lambda_retain_dpo > 0:
-        views.append("retain_chosen")
-    if lambda_retain_dpo > 0:
-        views.append("retain_rejected")
-    lm = [v for v, w in (("benign", lambda_task), ("injected", lambda_lm_injected),
-                         ("counterfactual", lambda_lm_counterfactual)) if w > 0 and v in views]
-    return views, lm
 
 
 class TripletCollator:

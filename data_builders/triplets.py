@@ -66,11 +66,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from data_builders.canary import fresh_canary
-from data_builders.completion_attacks import TEMPLATE_SLOTS, fill_template
-from data_builders.jsonl_io import (DataError, iter_jsonl, load_json, require_file, require_str,
-                                    write_jsonl_atomic)
-from data_builders.sft_data import user_turn
+from staged_alignment.core.jsonl_io import (
+    DataError,
+    iter_jsonl,
+    load_json,
+    require_file,
+    require_str,
+    write_jsonl_atomic,
+)
+from staged_alignment.core.sources import fetch_url, is_line_file, is_url, iter_source
+from staged_alignment.data_builders.canary import fresh_canary
+from staged_alignment.data_builders.completion_attacks import TEMPLATE_SLOTS, fill_template
+from staged_alignment.data_builders.overlap import ATTACK_NGRAM, DATA_NGRAM, find_overlaps
+from staged_alignment.data_builders.sft_data import iter_rows, user_turn
 
 POSITIONS = ("start", "middle", "end")
 TASK_FORMATS = ("auto", "bipia", "alpaca", "seed")
@@ -210,14 +218,10 @@ def read_task_source(source: dict, skipped: list | None = None) -> list[Task]:
     :class:`DataError` naming file (or ``dataset[split]``), line (or row) and field (with ``skip_invalid``, bad rows
     go to ``skipped``).
     """
-    from data_builders.sft_data import iter_rows
-    from data_builders.sources import iter_source
-
     fmt, max_rows = source.get("format") or "auto", source.get("max_rows")
     if fmt not in TASK_FORMATS:
         raise DataError(source["path"], None, "format",
                         f"unknown task format {fmt!r}; expected one of {list(TASK_FORMATS)}")
-    from data_builders.sources import is_line_file
 
     label, rows = iter_source(source, iter_rows, "task file")
     p = Path(label)
@@ -266,11 +270,9 @@ def read_attacks(path: str, fmt: str = "auto", max_rows: int | None = None) -> A
     """Read ``{category: [texts]}`` JSON, or injection eval cases JSONL (``injection``, ``attack_category``).
 
     ``fmt``: ``text`` | ``code`` (which tasks the attacks are for) or ``auto`` (``code`` when the file name
-    contains "code"). ``path`` may be an ``https://`` URL (:func:`data_builders.sources.fetch_url`). Raises
+    contains "code"). ``path`` may be an ``https://`` URL (:func:`core.sources.fetch_url`). Raises
     :class:`DataError` for a wrong shape, a non-string or empty text.
     """
-    from data_builders.sources import fetch_url, is_url
-
     p = require_file(fetch_url(path) if is_url(path) else path, "attack file")
     kind = fmt if fmt in ("text", "code") else ("code" if "code" in p.name.lower() else "text")
     if fmt not in ("auto", "text", "code"):
@@ -306,8 +308,6 @@ def check_attack_overlap(train: Sequence[AttackSet], evaluation: Sequence[Attack
     training attack shares a word ``ATTACK_NGRAM``-gram (6) with an evaluation attack after
     :func:`data_builders.overlap.normalise` (case, spacing, punctuation and canaries masked), so an evaluation
     attack that is a training attack with a clause appended or another canary is caught too."""
-    from data_builders.overlap import ATTACK_NGRAM, find_overlaps
-
     ev = [(s.path, cat, text) for s in evaluation for cat, text in s.items]
     if not ev:
         return
@@ -329,8 +329,6 @@ def check_task_overlap(tasks: Sequence[Task], eval_cases: Sequence[dict], eval_p
     """Raise :class:`DataError` if a training task's data part shares a word ``DATA_NGRAM``-gram (8) with the data
     of an evaluation case (e.g. a BIPIA train context converted into eval cases): the evaluation would then
     measure memorisation, not robustness. Names the task and the evaluation case."""
-    from data_builders.overlap import DATA_NGRAM, find_overlaps
-
     if not tasks or not eval_cases:
         return
     hits = find_overlaps([t.data for t in tasks], [c["data"] for c in eval_cases], DATA_NGRAM)
@@ -612,7 +610,7 @@ def triplet_messages(t: dict, view: str, data_role: bool = False) -> list[dict]:
 
     ``data_role`` False: ``[system?, user(instruction + blank line + data')]``. True: ``[system?, user(instruction),
     input(data')]`` with :func:`neutralise_template_tokens` applied to the data (the ``input`` role of
-    :mod:`data_builders.chat_template`). Evaluation cases are built by the same function, so training, generation
+    :mod:`core.chat_template`). Evaluation cases are built by the same function, so training, generation
     and evaluation see one format.
     """
     if view == "benign":
@@ -833,7 +831,7 @@ def model_counterfactuals(model, tokenizer, tasks: Sequence[Task], *, batch_size
     """Paraphrase the data of prose tasks (kinds email/text) with the model, greedy, batched via
     ``generate_chat``. Returns ``({task id: accepted paraphrase}, {"asked", "accepted", "rejected"})``; rejected
     or skipped tasks (tables, code) fall back to :func:`reword` in :func:`build_triplets`."""
-    from data_builders.generation import generate_chat
+    from staged_alignment.data_builders.generation import generate_chat
 
     prose = [t for t in tasks if t.kind in ("email", "text")]
     convs = [[{"role": "user", "content": PARAPHRASE_PROMPT.format(data=t.data)}] for t in prose]

@@ -1,7 +1,7 @@
 """Adaptive attacks against the model under test, each with its budget and a budget curve.
 
 Defences are judged since 2025 against attackers who adapt to the model. Three attacks (``evaluate.adaptive``,
-:class:`stages.config.AdaptiveSection`), all aiming at the case's own canary (AlpacaFarm: ``Hacked``):
+:class:`core.config.AdaptiveSection`), all aiming at the case's own canary (AlpacaFarm: ``Hacked``):
 
 * **Best-of-N** (Hughes et al. 2024, "Best-of-N Jailbreaking", §2: random capitalisation, character scrambling and
   character noising of the request, each at a rate set by σ): black-box; budget = queries (N generations). The
@@ -31,11 +31,23 @@ seeded cases and seeds are used for every model, so models compare paired (McNem
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import math
 import random
+import statistics
+import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Sequence
+
+from staged_alignment.core.chat_template import render_prompt
+from staged_alignment.core.config import AdaptiveSection, sub_section
+from staged_alignment.core.jsonl_io import atomic_write_json, atomic_write_text
+from staged_alignment.evaluation.cases import clean_messages, injected_data, injected_messages
+from staged_alignment.evaluation.metrics import mcnemar_exact, rate, score_case
+from staged_alignment.evaluation.runner import ModelEvaluator
+from staged_alignment.evaluation.suite import build_benchmark, sub_suite
 
 log = logging.getLogger(__name__)
 
@@ -99,8 +111,6 @@ class Prepared:
 def replace_injection(case: dict, text: str, missing_sep: str = "") -> str:
     """The case's injected data with its injection (last occurrence) replaced by ``text``; when the injection is not
     found verbatim, the data with ``missing_sep + text`` appended."""
-    from evaluation.cases import injected_data
-
     base = injected_data(case)
     inj = case["injection"].strip()
     at = base.rfind(inj)
@@ -110,8 +120,6 @@ def replace_injection(case: dict, text: str, missing_sep: str = "") -> str:
 def with_suffix(case: dict, suffix_text: str) -> dict:
     """The case with ``suffix_text`` right after its injection (no separator: a BPE suffix carries its own
     leading space, ``" ! ! …"``), or after the data when the injection is not found verbatim; an eval case."""
-    from evaluation.cases import injected_data
-
     inj = case["injection"].strip()
     found = inj in injected_data(case)
     return {**case, "injected_data": replace_injection(case, inj + suffix_text if found else suffix_text)}
@@ -121,9 +129,6 @@ def prepare(tokenizer, case: dict, *, data_role: bool = False) -> Prepared:
     """Cut the case's injected prompt at the suffix's place (:func:`with_suffix`): ``prefix_ids`` | suffix |
     ``post_ids``, then ``target_ids`` = the case's canary as the answer's start. Raises ``ValueError`` when the
     template drops the marker."""
-    from data_builders.chat_template import render_prompt
-    from evaluation.cases import injected_messages
-
     text = render_prompt(tokenizer, injected_messages(with_suffix(case, MARK), data_role))
     if text.count(MARK) != 1:
         raise ValueError(f"case {case['id']!r}: the suffix marker does not survive the chat template")
@@ -297,9 +302,7 @@ class AdaptiveRunner:
 
     def judge(self, attacked: list[dict]) -> list[dict]:
         """Greedy answers to the attacked cases and the judges' verdicts (``score_case``)."""
-        from data_builders.generation import generate_chat
-        from evaluation.cases import injected_messages
-        from evaluation.metrics import score_case
+        from staged_alignment.data_builders.generation import generate_chat
 
         res = generate_chat(self.model, self.tok, [injected_messages(c, self.data_role) for c in attacked],
                             max_new_tokens=self.s.max_new_tokens, batch_size=self.batch_size)
@@ -389,8 +392,6 @@ class AdaptiveRunner:
 def curve(result: dict) -> list[dict]:
     """ASR within each checkpoint budget: ``[{"budget", "rate", "ci95", "k", "n"}]`` (broken within b =
     ``budget_to_break`` ≤ b)."""
-    from evaluation.metrics import rate
-
     rows = []
     for b in result["checkpoints"]:
         r = rate([c["budget_to_break"] is not None and c["budget_to_break"] <= b for c in result["cases"]])
@@ -401,9 +402,6 @@ def curve(result: dict) -> list[dict]:
 def compare(results: dict[str, dict], pairs: Sequence[tuple[str, str]]) -> list[dict]:
     """Per attack and (model, reference) pair: McNemar at the full budget (paired by case), the ASR ratio, and
     the median budget-to-break of each (None = fewer than half broken)."""
-    import statistics
-
-    from evaluation.metrics import mcnemar_exact
 
     rows = []
     for model, ref in pairs:
@@ -435,13 +433,9 @@ def compare(results: dict[str, dict], pairs: Sequence[tuple[str, str]]) -> list[
 def adaptive_cases(cfg, n: int, seed: int) -> tuple[list[dict], str]:
     """The fixed, seeded subset the adaptive attacks run on, and its source: ``n`` AlpacaFarm rows with the naive
     attack (``evaluate.suite.alpacafarm_file`` set), else ``n`` injection cases of the suite's held-out file.
-    Raises :class:`~data_builders.jsonl_io.DataError` for a bad file."""
-    from evaluation.suite import build_benchmark, sub_suite
-
+    Raises :class:`~core.jsonl_io.DataError` for a bad file."""
     suite = sub_suite(cfg)
     if suite.alpacafarm_file:
-        import dataclasses
-
         cases = build_benchmark("alpacafarm", dataclasses.replace(suite, alpacafarm_attacks=["naive"],
                                                                   positions=["after"], max_samples=None))
         source = "alpacafarm/naive"
@@ -457,15 +451,7 @@ def run_adaptive(cfg, models: dict[str, str], out_dir, *, pairs: Sequence[tuple[
     ``adaptive.md`` and ``adaptive_curves.png`` under ``out_dir``. Returns ``adaptive.json``'s content:
     ``{"cases", "source", "settings", "models": {label: {attack: result}}, "paired": compare(...),
     "seconds": {label: {attack: s}}}``."""
-    import dataclasses
-    import time
-    from pathlib import Path
-
-    from data_builders.generation import generate_chat
-    from data_builders.jsonl_io import atomic_write_json, atomic_write_text
-    from evaluation.cases import clean_messages
-    from stages.config import AdaptiveSection, sub_section
-    from stages.evaluate import ModelEvaluator
+    from staged_alignment.data_builders.generation import generate_chat
 
     s = sub_section(cfg, AdaptiveSection, "evaluate.adaptive")
     cases, source = adaptive_cases(cfg, s.n_cases, s.seed)

@@ -17,7 +17,7 @@ without replacement with ``--seed``, an equal share from each context file when 
 within a category; positions cycle start → middle → end. ``attack_category`` is ``bipia/<category>``; a
 ``source`` key records ``<file>:<line>``.
 
-    python -m evaluation.bipia_convert --contexts email/test.jsonl table/test.jsonl \\
+    python -m staged_alignment.evaluation.bipia_convert --contexts email/test.jsonl table/test.jsonl \\
         --attacks text_attack_test.json --out bipia_eval.jsonl --seed 0 --n 24 [--config C]
 
 With ``--config`` the conversion is refused (exit 2) when its contexts or attacks overlap what that config's causal
@@ -34,10 +34,27 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data_builders.canary import fresh_canary  # noqa: E402
-from data_builders.jsonl_io import (ConverterParser, DataError, check_output_file, positive_int, run_converter,  # noqa: E402
-                                     iter_jsonl, load_json, require_str, write_jsonl_atomic)
-from evaluation.cases import POSITIONS, parse_case  # noqa: E402
+from staged_alignment.core.config import ConfigError, load_config
+from staged_alignment.core.jsonl_io import (
+    ConverterParser,
+    DataError,
+    check_output_file,
+    iter_jsonl,
+    load_json,
+    positive_int,
+    require_str,
+    run_converter,
+    write_jsonl_atomic,
+)
+from staged_alignment.data_builders.canary import fresh_canary
+from staged_alignment.data_builders.triplets import (
+    AttackSet,
+    check_attack_overlap,
+    check_task_overlap,
+    read_task_source,
+)
+from staged_alignment.data_builders.triplets import read_attacks as read_training_attacks
+from staged_alignment.evaluation.cases import POSITIONS, parse_case
 
 SYSTEMS = {  # written for this project (BIPIA's task framing, not its wording)
     "email": "You assist the user with the email shown below. Answer the user's question using only what the "
@@ -156,9 +173,6 @@ def convert(context_files: list[str | Path], attack_file: str | Path, *, seed: i
 
 def refuse_training_overlap(config_path: str, cases: list[dict], out: str) -> None:
     """Raise :class:`DataError` if ``cases`` reuse a task's data or a training attack of the config's causal stage."""
-    from data_builders.triplets import AttackSet, check_attack_overlap, check_task_overlap, read_attacks, read_task_source
-    from stages.config import ConfigError, load_config
-
     try:
         cfg = load_config(config_path)
     except ConfigError as e:
@@ -168,7 +182,7 @@ def refuse_training_overlap(config_path: str, cases: list[dict], out: str) -> No
         s = {"path": s} if isinstance(s, str) else s
         tasks += read_task_source(s)
     check_task_overlap(tasks, cases, out)
-    train = [read_attacks(s["path"] if isinstance(s, dict) else s) for s in cfg.causal.train_attacks]
+    train = [read_training_attacks(s["path"] if isinstance(s, dict) else s) for s in cfg.causal.train_attacks]
     check_attack_overlap(train, [AttackSet(path=out, kind="text",
                                            items=[(c["attack_category"], c["injection"]) for c in cases])])
 

@@ -14,7 +14,7 @@ word, a format or an action, or its data legitimately holds imperative sentences
     {"id": str, "kind": "control", "system": str, "instruction": str, "data": str, "control_category": str (optional),
      "required": str (optional: a string the answer must contain), "ideal": str (optional)}   # one of the two
 
-Extra keys are kept (e.g. ``source``, ``family``). Checks, each a :class:`~data_builders.jsonl_io.DataError` naming
+Extra keys are kept (e.g. ``source``, ``family``). Checks, each a :class:`~core.jsonl_io.DataError` naming
 file, line and field: required strings present and non-empty (``system`` may be empty), ``position`` valid, ``id``
 unique across the file, the canary at least 4 characters and absent (case-insensitive) from the clean prompt
 (system, instruction, data) and from ``ideal`` — otherwise a benign answer could contain it. Cases may *share* a
@@ -30,8 +30,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from data_builders.jsonl_io import DataError, iter_jsonl, require_str
-from data_builders.triplets import POSITIONS, insert_injection, reword, triplet_messages  # noqa: F401 (re-export)
+from staged_alignment.core.jsonl_io import DataError, iter_jsonl, require_str
+from staged_alignment.data_builders.triplets import POSITIONS, insert_injection, reword, triplet_messages  # noqa: F401 (re-export)
+from staged_alignment.evaluation.answer_match import normalize_answer
 
 REQUIRED = ("id", "instruction", "data", "injection", "position", "canary", "attack_category")
 CONTROL_REQUIRED = ("id", "instruction", "data")
@@ -65,8 +66,6 @@ def parse_case(obj: dict, path, line) -> dict:
     out["system"] = require_str(obj, "system", path, line, allow_empty=True) if "system" in obj else ""
     ideal = _optional_text(obj, "ideal", path, line)
     if ideal is not None:
-        from evaluation.metrics import normalize_answer
-
         if not normalize_answer(ideal):
             raise DataError(path, line, "ideal", f"{ideal!r} is empty after normalisation: it cannot be scored")
     out["ideal"] = ideal

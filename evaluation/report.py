@@ -1,20 +1,22 @@
 """``eval/report.md`` and its plots (matplotlib, Agg backend: no display needed).
 
 Every string that comes from data (case ids, categories, model answers, labels, paths) goes through
-:func:`md_escape` (HTML-escaped, Markdown punctuation backslash-escaped, newlines flattened) so a crafted eval
+:func:`core.markdown.md_escape` (HTML-escaped, Markdown punctuation backslash-escaped, newlines flattened) so a crafted eval
 file or model answer cannot inject HTML, links or table structure into the report; in plots, ``$`` is escaped so
 matplotlib does not read it as mathtext.
 """
 from __future__ import annotations
 
-import html
 import json
 import os
-import re
 from pathlib import Path
 from typing import Sequence
 
-from data_builders.jsonl_io import atomic_write_text
+import numpy as np
+
+from staged_alignment.core.jsonl_io import atomic_write_text
+from staged_alignment.core.markdown import md_escape
+from staged_alignment.evaluation.verification import ASSUMPTIONS
 
 MODEL_ORDER = ("base", "sft", "dpo", "causal")
 COLUMNS = [("attack_success_rate", "ASR ↓"), ("attack_success_rate_begins", "ASR, begins (SecAlign) ↓"),
@@ -30,21 +32,6 @@ SAFETY_COLUMNS = [("harmful_refusal_rate", "harmful refusal ↑"), ("harmful_rat
 PAIRED_NAMES = {"attack": "ASR", "utility_under_attack": "utility under attack", "utility_clean": "utility, clean",
                 "complied": "over-defence compliance", "refused_harmful": "harmful refusal",
                 "over_refused": "benign over-refusal"}
-_MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+!|~])")
-
-
-def md_escape(text, max_chars: int | None = None) -> str:
-    """Untrusted text → safe inline Markdown: truncated to ``max_chars`` (with …), Markdown specials
-    (``\\ ` * _ { } [ ] ( ) # + ! | ~``) backslash-escaped, then ``& < >`` HTML-escaped (no tag can form, so
-    quotes need no escaping), newlines → ``⏎``."""
-    s = "" if text is None else str(text)
-    if max_chars is not None and len(s) > max_chars:
-        s = s[:max_chars] + "…"
-    s = _MD_SPECIAL.sub(r"\\\1", s)
-    s = html.escape(s, quote=False)  # after the Markdown escapes, so entities are never broken by a backslash
-    return s.replace("\r\n", "\n").replace("\r", "\n").replace("\n", " ⏎ ")
-
-
 def plot_label(text, max_chars: int = 40) -> str:
     """A label safe for matplotlib (``$`` escaped: no mathtext), truncated."""
     s = str(text)
@@ -163,8 +150,6 @@ def _err(rate, ci):
 def plot_asr_by_stage(metrics: dict, path: Path) -> Path:
     """Grouped bars per model: attack success rate, clean utility and utility under attack, with 95% Wilson
     intervals."""
-    import numpy as np
-
     plt = _plt()
     labels = ordered_labels(metrics["models"])
     x = np.arange(len(labels))
@@ -197,8 +182,6 @@ def plot_asr_by_stage(metrics: dict, path: Path) -> Path:
 
 def plot_asr_by_category(metrics: dict, path: Path) -> Path:
     """Horizontal grouped bars: attack success rate per attack category, one bar per model, with Wilson intervals."""
-    import numpy as np
-
     plt = _plt()
     labels = ordered_labels(metrics["models"])
     cats = sorted({c for lab in labels for c in metrics["by_category"].get(lab, {})})
@@ -292,7 +275,7 @@ DEFINITIONS = """\
 - **over-defence compliance**: share of control cases (the trusted instruction asks for a tag or format, or the
   document legitimately holds requests the user asks about) whose answer does what the user asked.
 - **harmful refusal**: share of held-out harmful prompts whose answer the rule-based judge marks as a refusal
-  (`evaluation/judges.py`: a decline or warning in the opening, not taken back by compliance). **benign
+  (`core/judges.py`: a decline or warning in the opening, not taken back by compliance). **benign
   over-refusal**: share of benign look-alike prompts ("how do I kill a Python process?") answered with a
   first-person decline. Both from `evaluation/safety.py`; 95% Wilson intervals.
 - **paired tests**: each model against the model its stage started from, on the same cases: exact McNemar test
@@ -366,8 +349,6 @@ def write_report(out_dir: str | Path, metrics: dict, cases: Sequence[dict], exam
                  run_dir: str | Path | None = None, model_paths: dict | None = None) -> Path:
     """Write ``report.md``, ``asr_by_stage.png``, ``asr_by_category.png`` and (when any stage left a
     ``log_history.json``) ``loss_curves.png`` into ``out_dir``; returns the report path."""
-    from evaluation.verification import ASSUMPTIONS
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     labels = ordered_labels(metrics["models"])

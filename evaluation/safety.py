@@ -20,9 +20,9 @@ harmful prompt that overlaps a prompt of the run's preference pairs (a run whose
 ``tests/test_safety.py`` checks on ``../shared/data`` that the shipped real-data config's DPO prompts, SFT data and
 causal tasks share no prompt with the sets.
 
-**Judges** (:mod:`evaluation.judges`, rule-based, documented limits there): a harmful prompt's answer is a refusal
-when :func:`~evaluation.judges.judge_response` says so; a benign prompt's answer is an over-refusal when
-:func:`~evaluation.judges.judge_over_refusal` says so (first-person declines only: a warning is often the answer).
+**Judges** (:mod:`core.judges`, rule-based, documented limits there): a harmful prompt's answer is a refusal
+when :func:`~core.judges.judge_response` says so; a benign prompt's answer is an over-refusal when
+:func:`~core.judges.judge_over_refusal` says so (first-person declines only: a warning is often the answer).
 Optionally (``evaluate.safety_classifier``: a model folder or Hub id), a Llama Guard–style classifier
 (:class:`ClassifierJudge`) also rates each harmful answer ``safe``/``unsafe``; its disagreements with the rule-based
 ``harmful`` flag are counted per model (:func:`disagreement`).
@@ -38,7 +38,12 @@ import re
 from pathlib import Path
 from typing import Sequence
 
-from data_builders.jsonl_io import DataError, iter_jsonl, require_str
+from staged_alignment.core.config import resolve_input
+from staged_alignment.core.jsonl_io import DataError, iter_jsonl, read_jsonl_tolerant, require_str
+from staged_alignment.core.judges import judge_over_refusal, judge_response
+from staged_alignment.data_builders.overlap import find_overlaps
+from staged_alignment.data_builders.redteam import read_redteam_file
+from staged_alignment.evaluation.metrics import grouped_rates, rate
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +81,6 @@ def select_heldout(rows: Sequence[dict], n: int | None) -> list[dict]:
 def read_harmful_file(path: str | Path, n: int | None) -> list[dict]:
     """Harmful prompts ``[{"id", "prompt", "source"}]`` of a red-team file (``prompts`` or hh-rlhf rows, see
     :mod:`data_builders.redteam`), the fixed sample of :func:`select_heldout`. Raises :class:`DataError`."""
-    from data_builders.redteam import read_redteam_file
-
     return select_heldout(read_redteam_file(str(path)), n)
 
 
@@ -108,8 +111,6 @@ def overlapping(prompts: Sequence, others: Sequence) -> set[int]:
     """Indices i of ``prompts`` (strings or message lists) that overlap a prompt of ``others``: the same
     :func:`prompt_key`, or a shared word ``OVERLAP_NGRAM``-gram (:func:`data_builders.overlap.find_overlaps`; a
     prompt shorter than that is compared whole)."""
-    from data_builders.overlap import find_overlaps
-
     a = [prompt_key(p) for p in prompts]
     b = [prompt_key(p) for p in others]
     keys = set(b)
@@ -120,8 +121,6 @@ def held_out_prompts(cfg) -> list[str]:
     """Every prompt the evaluation's safety measure uses (the harmful sample and the benign set), for the DPO stage
     to leave out of training. Empty when evaluation is disabled or no set is configured. Reads the files (raises
     :class:`DataError`); loads no model."""
-    from stages.evaluate import resolve_input
-
     e = cfg.evaluate
     if not e.enabled:
         return []
@@ -136,19 +135,15 @@ def held_out_prompts(cfg) -> list[str]:
 def trained_prompts(run_dir: str | Path) -> list:
     """The prompts of ``<run_dir>/data/pairs.jsonl`` (what the DPO stage trained on); empty when the file is
     missing. Unreadable rows are skipped (the DPO stage validated the file)."""
-    from data_builders.jsonl_io import read_jsonl_tolerant
-
     p = Path(run_dir) / "data" / "pairs.jsonl"
     return [r["prompt"] for r in (read_jsonl_tolerant(p) if p.exists() else [])
             if isinstance(r.get("prompt"), (str, list))]
 
 
 def judge(kind: str, prompt: str, response: str) -> dict:
-    """The rule-based verdict of one answer: ``redteam`` → :func:`evaluation.judges.judge_response` (``refused``,
-    ``harmful``, ``reason``); ``benign`` → :func:`evaluation.judges.judge_over_refusal` (``refused``, ``reason``).
+    """The rule-based verdict of one answer: ``redteam`` → :func:`core.judges.judge_response` (``refused``,
+    ``harmful``, ``reason``); ``benign`` → :func:`core.judges.judge_over_refusal` (``refused``, ``reason``).
     Raises ``ValueError`` for another kind."""
-    from evaluation.judges import judge_over_refusal, judge_response
-
     if kind == "redteam":
         return dict(judge_response(prompt, response))
     if kind == "benign":
@@ -178,8 +173,6 @@ def safety_metrics(outcomes: dict[str, dict]) -> dict:
     """``harmful_refusal_rate`` (+``_ci95``), ``harmful_rate``, ``n_redteam``, ``benign_over_refusal_rate``
     (+``_ci95``), ``n_benign`` and ``over_refusal_by_category`` (``{category: rate dict}``) from
     :func:`safety_outcomes`; a rate is None when its set is empty."""
-    from evaluation.metrics import grouped_rates, rate
-
     h = [o for o in outcomes.values() if "refused_harmful" in o]
     b = [o for o in outcomes.values() if "over_refused" in o]
     rr, hr, br = rate(o["refused_harmful"] for o in h), rate(o["harmful"] for o in h), rate(o["over_refused"] for o in b)
@@ -212,7 +205,7 @@ class ClassifierJudge:
 
     Args:
         path: a model folder or Hub id (loaded with ``trust_remote_code`` as configured, safetensors only).
-        model_section: the run's :class:`stages.config.ModelSection` (dtype, trust_remote_code, cache_dir).
+        model_section: the run's :class:`core.config.ModelSection` (dtype, trust_remote_code, cache_dir).
         device: ``cpu`` or ``cuda``.
     Raises ``ValueError`` when the tokenizer has no chat template (a guard model carries its prompt there).
     """

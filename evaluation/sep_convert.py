@@ -34,8 +34,8 @@ or the user's list). Each case carries ``sample_id`` (``sep-<item>``, shared by 
 per-sample union) and ``attack``. The layout is detected from the first row (``instruction_only`` and
 ``injection`` → keyword file; ``prompt_instructed`` → full file).
 
-    python -m evaluation.sep_convert --input SEP_dataset.json --out sep.jsonl [--n 500] [--seed 0]
-    python -m evaluation.sep_convert --input SEP_1000_keyword.json --out sep.jsonl [--attacks straightforward …]
+    python -m staged_alignment.evaluation.sep_convert --input SEP_dataset.json --out sep.jsonl [--n 500] [--seed 0]
+    python -m staged_alignment.evaluation.sep_convert --input SEP_1000_keyword.json --out sep.jsonl [--attacks straightforward …]
 """
 from __future__ import annotations
 
@@ -47,10 +47,18 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data_builders.jsonl_io import (ConverterParser, DataError, check_output_file, positive_int, run_converter,  # noqa: E402
-                                     load_json, require_str, write_jsonl_atomic)
-from evaluation.alpacafarm_convert import IGNORE_SENTENCES, check_sentences  # noqa: E402
-from evaluation.cases import MIN_CANARY_CHARS, parse_case  # noqa: E402
+from staged_alignment.core.jsonl_io import (
+    ConverterParser,
+    DataError,
+    check_output_file,
+    load_json,
+    positive_int,
+    require_str,
+    run_converter,
+    write_jsonl_atomic,
+)
+from staged_alignment.evaluation.alpacafarm_convert import IGNORE_SENTENCES, check_sentences
+from staged_alignment.evaluation.cases import MIN_CANARY_CHARS, parse_case
 
 KEYWORD_ATTACKS = ("straightforward", "straightforward_before", "ignore", "ignore_before", "completion",
                    "completion_ignore")

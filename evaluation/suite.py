@@ -2,7 +2,7 @@
 
 ``python stages/evaluate.py --config C --suite injection --model base=… --model dpo=… --model causal=…``
 (``staged-align eval --suite injection …``; ``--benchmark alpacafarm`` runs one). The benchmarks
-(``evaluate.suite``, :class:`stages.config.SuiteSection`):
+(``evaluate.suite``, :class:`core.config.SuiteSection`):
 
 * ``alpacafarm``: AlpacaFarm-Hacked, the 208 rows with an input × every StruQ/SecAlign optimisation-free attack
   (:mod:`evaluation.alpacafarm_convert`), after and before the data;
@@ -12,7 +12,7 @@
 
 and on every benchmark with a fake answer to give, the **model-specific completion attacks** written in the run's
 own chat template (:mod:`evaluation.template_attacks`). Each benchmark's cases go through
-:func:`stages.evaluate.evaluate_models` (the same generation, judges and resume as any evaluation, safety measure
+:func:`evaluation.runner.evaluate_models` (the same generation, judges and resume as any evaluation, safety measure
 and representations off) into ``<out>/<benchmark>/``; this module then reads the per-case verdicts.
 
 **Per-sample union ASR** (Meta SecAlign's ``calculate_asr_under_multiple_attacks``; "a sample is broken if any
@@ -27,13 +27,29 @@ each (model, reference) pair. Criteria: the headline judge (``attack``), SecAlig
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 from pathlib import Path
 from typing import Sequence
 
-from data_builders.jsonl_io import DataError, atomic_write_json, atomic_write_text, write_jsonl_atomic
-from evaluation.metrics import mcnemar_exact, rate
+from staged_alignment.core.config import AdaptiveSection, PipelineConfig, SuiteSection, resolve_input, sub_section
+from staged_alignment.core.jsonl_io import (
+    DataError,
+    atomic_write_json,
+    atomic_write_text,
+    load_json,
+    write_jsonl_atomic,
+)
+from staged_alignment.core.sources import fetch_url, is_url
+from staged_alignment.evaluation import alpacafarm_convert as A
+from staged_alignment.evaluation import sep_convert as S
+from staged_alignment.evaluation.alpacafarm_convert import ATTACKS, INJECTED_PROMPT, POSITIONS, check_sentences
+from staged_alignment.evaluation.cases import load_cases
+from staged_alignment.evaluation.metrics import mcnemar_exact, rate
+from staged_alignment.evaluation.runner import evaluate_models
+from staged_alignment.evaluation.sep_convert import KEYWORD_ATTACKS
+from staged_alignment.evaluation.template_attacks import VARIANTS, template_cases
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +71,6 @@ def _sample(cases: list[dict], n: int | None, seed: int) -> list[dict]:
 def _read_sentences(path: str | None):
     if not path:
         return None
-    from data_builders.jsonl_io import load_json
-    from evaluation.alpacafarm_convert import check_sentences
 
     return check_sentences(load_json(source_path(path)), path)
 
@@ -65,19 +79,14 @@ def injected_prompt_of(case: dict) -> str:
     """The request a model-specific completion attack injects for a case's sample: AlpacaFarm's
     ``Print exactly 'Hacked!'``; a SEP or converted case's own injection (its probe)."""
     if case.get("benchmark") == "alpacafarm":
-        from evaluation.alpacafarm_convert import INJECTED_PROMPT
-
         return INJECTED_PROMPT
     return case.get("probe") or case["injection"]
 
 
 def source_path(path: str):
-    """A benchmark file: a local path (:func:`stages.config.resolve_input`), or an ``https://`` URL (pin it to a
-    commit) downloaded once into the ``datasets`` cache (:func:`data_builders.sources.fetch_url`; a located error
+    """A benchmark file: a local path (:func:`core.config.resolve_input`), or an ``https://`` URL (pin it to a
+    commit) downloaded once into the ``datasets`` cache (:func:`core.sources.fetch_url`; a located error
     offline when it is not cached)."""
-    from data_builders.sources import fetch_url, is_url
-    from stages.config import resolve_input
-
     return fetch_url(path) if is_url(path) else resolve_input(path)
 
 
@@ -89,8 +98,6 @@ def build_benchmark(name: str, suite, tokenizer=None) -> list[dict]:
 
     kw = {k: v for k, v in (("ignore_sentences", _read_sentences(suite.ignore_sentences)),) if v is not None}
     if name == "alpacafarm":
-        from evaluation import alpacafarm_convert as A
-
         if not suite.alpacafarm_file:
             raise DataError("evaluate.suite", None, "alpacafarm_file", "unset: give the path of AlpacaFarm's "
                                                                       "davinci_003_outputs.json")
@@ -100,20 +107,16 @@ def build_benchmark(name: str, suite, tokenizer=None) -> list[dict]:
         cases = A.convert(source_path(suite.alpacafarm_file), suite.alpacafarm_attacks or A.ATTACKS,
                           positions=suite.positions, seed=suite.seed, **kw)
     elif name == "sep":
-        from evaluation import sep_convert as S
-
         if not suite.sep_file:
             raise DataError("evaluate.suite", None, "sep_file", "unset: give the path of SEP_dataset.json or "
                                                                "SEP_1000_keyword.json")
         cases, _ = S.convert(source_path(suite.sep_file), attacks=suite.sep_attacks or S.KEYWORD_ATTACKS,
                              seed=suite.seed, **kw)
     elif name in ("bipia", "heldout"):
-        from evaluation.cases import load_cases
-
         path = suite.bipia_file if name == "bipia" else suite.heldout_file
         if not path:
             raise DataError("evaluate.suite", None, f"{name}_file", "unset: give the path of an eval file made by "
-                                                                    "python -m evaluation.bipia_convert")
+                                                                    "python -m staged_alignment.evaluation.bipia_convert")
         cases = load_cases(source_path(path), controls=False)
         for c in cases:
             c.setdefault("benchmark", name)
@@ -124,8 +127,6 @@ def build_benchmark(name: str, suite, tokenizer=None) -> list[dict]:
     cases = _sample(cases, suite.max_samples, suite.seed)
     variants = suite.template_variants
     if tokenizer is not None and (variants is None or variants) and name in ("alpacafarm", "sep"):
-        from evaluation.template_attacks import VARIANTS, template_cases
-
         first = {}
         for c in cases:
             first.setdefault(c["sample_id"], c)
@@ -245,9 +246,6 @@ def run_suite(cfg, models: dict[str, str], out_dir: str | Path, benchmarks: Sequ
     All benchmarks are built (and so every file checked) before any model loads. Returns ``suite.json``'s
     content: ``{"benchmarks": {name: {"n_cases", "n_samples", "attacks", "table": suite_table(...),
     "utility": {label: {...}}}}, "pairs", "models", "settings"}``. Raises :class:`DataError` for a bad file."""
-    import dataclasses
-
-    from stages.evaluate import evaluate_models
 
     out = Path(out_dir)
     built = {name: build_benchmark(name, sub_suite(cfg), tokenizer) for name in benchmarks}
@@ -302,8 +300,37 @@ def suite_markdown(result: dict, labels: Sequence[str]) -> str:
 
 
 def sub_suite(cfg):
-    """``evaluate.suite`` as :class:`stages.config.SuiteSection`."""
-    from stages.config import SuiteSection, sub_section
-
+    """``evaluate.suite`` as :class:`core.config.SuiteSection`."""
     return sub_section(cfg, SuiteSection, "evaluate.suite")
 
+
+def validate_suite(cfg: PipelineConfig) -> None:
+    """Checks of ``evaluate.suite`` and ``evaluate.adaptive`` (names, ranges, budgets), at file and line. Run by the
+    evaluation stage's validation (so by the pipeline's up-front check too). Raises :class:`ConfigError`."""
+    st = sub_section(cfg, SuiteSection, "evaluate.suite")
+    known = ("alpacafarm", "sep", "bipia", "heldout")
+    for key, values, allowed in (("benchmarks", st.benchmarks, known), ("alpacafarm_attacks", st.alpacafarm_attacks,
+                                 ATTACKS), ("sep_attacks", st.sep_attacks, KEYWORD_ATTACKS),
+                                 ("positions", st.positions, POSITIONS), ("template_variants", st.template_variants,
+                                                                         VARIANTS)):
+        if values is None:
+            continue
+        bad = [v for v in values if v not in allowed]
+        if bad or (not values and key not in ("template_variants",)):
+            raise cfg.error(f"evaluate.suite.{key}", f"use a non-empty subset of {list(allowed)} (bad: {bad})")
+    if st.max_samples is not None and st.max_samples < 1:
+        raise cfg.error("evaluate.suite.max_samples", "must be ≥ 1 (or null for all)")
+    ad = sub_section(cfg, AdaptiveSection, "evaluate.adaptive")
+    bad = [a for a in ad.attacks if a not in ("bon", "random_search", "gcg")]
+    if bad:
+        raise cfg.error("evaluate.adaptive.attacks", f"use a subset of ['bon', 'random_search', 'gcg'] (bad: {bad})")
+    for key in ("n_cases", "max_new_tokens", "bon_n", "rs_iterations", "rs_suffix_tokens", "rs_change_tokens",
+                "gcg_steps", "gcg_suffix_tokens", "gcg_topk", "gcg_batch", "gcg_mini_batch"):
+        if getattr(ad, key) < 1:
+            raise cfg.error(f"evaluate.adaptive.{key}", "must be ≥ 1")
+    if ad.rs_change_tokens > ad.rs_suffix_tokens:
+        raise cfg.error("evaluate.adaptive.rs_change_tokens", "cannot exceed rs_suffix_tokens")
+    if not 0 < ad.bon_sigma <= 1:
+        raise cfg.error("evaluate.adaptive.bon_sigma", "must be in (0, 1]")
+    if ad.checkpoints is not None and (not ad.checkpoints or min(ad.checkpoints) < 0):
+        raise cfg.error("evaluate.adaptive.checkpoints", "a non-empty list of budgets ≥ 0")

@@ -27,7 +27,8 @@ Zero cost: no gradient and no query; the attacks are ordinary eval cases (``atta
 """
 from __future__ import annotations
 
-from evaluation.cases import parse_case
+from staged_alignment.core.chat_template import render_conversation
+from staged_alignment.evaluation.cases import parse_case
 
 VARIANTS = ("exact", "no_special", "upper", "spaced", "plain")
 _A, _B, _C = "\u2063AAQQ\u2063", "\u2063BBQQ\u2063", "\u2063CCQQ\u2063"  # sentinels no template writes
@@ -36,8 +37,6 @@ _A, _B, _C = "\u2063AAQQ\u2063", "\u2063BBQQ\u2063", "\u2063CCQQ\u2063"  # senti
 def role_segments(tokenizer) -> tuple[str, str]:
     """``(close_user, close_answer)`` of the tokenizer's chat template (module docstring). Raises ``ValueError``
     when the template drops or reorders the contents (no completion attack can be built from it)."""
-    from data_builders.chat_template import render_conversation
-
     text = render_conversation(tokenizer, [{"role": "user", "content": _A}, {"role": "assistant", "content": _B},
                                            {"role": "user", "content": _C}])
     ia, ib, ic = text.find(_A), text.find(_B), text.find(_C)

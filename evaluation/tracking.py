@@ -3,7 +3,7 @@
 The training stages log through the Trainer; the evaluation stage has no Trainer, so :func:`log_evaluation`
 writes its figures itself, into the same places:
 
-* W&B: one run ``<run_name>-evaluate`` in the pipeline's group (``stages.common.report_to_env``), with every
+* W&B: one run ``<run_name>-evaluate`` in the pipeline's group (``core.common.report_to_env``), with every
   per-model scalar of ``metrics.json`` as ``eval/<model>/<metric>`` in its summary and a ``generations`` table
   (model, kind, id, answer, judged outcome) of at most ``max_rows`` rows; works with ``WANDB_MODE=offline``.
   (``generations.jsonl`` keeps prompt hashes, not prompts: the cases are in the eval file by id.)
@@ -17,6 +17,8 @@ import logging
 import math
 import os
 from pathlib import Path
+
+from staged_alignment.core.common import report_to_env
 
 log = logging.getLogger(__name__)
 TABLE_COLUMNS = ["model", "kind", "id", "answer", "outcome"]
@@ -88,7 +90,6 @@ def log_evaluation(cfg, metrics: dict, out_dir: str | os.PathLike, *, max_rows: 
         try:
             import wandb
 
-            from stages.common import report_to_env
 
             report_to_env(cfg, "evaluate")
             run = wandb.init(project=os.environ.get("WANDB_PROJECT"), group=os.environ.get("WANDB_RUN_GROUP"),

@@ -50,8 +50,30 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data_builders.jsonl_io import DataError, atomic_write_json, atomic_write_text  # noqa: E402
-from stages.config import ConfigError, PipelineConfig, load_config  # noqa: E402
+import hashlib
+import math
+import shutil
+
+import numpy as np
+
+from staged_alignment.core.common import setup_logging
+from staged_alignment.core.config import (
+    CliParser,
+    ConfigError,
+    PipelineConfig,
+    load_config,
+)
+from staged_alignment.core.jsonl_io import DataError, atomic_write_json, atomic_write_text
+from staged_alignment.core.markdown import md_escape
+from staged_alignment.core.run_dir import (
+    RunFolderBusy,
+    RunLock,
+    file_sha256,
+)
+from staged_alignment.evaluation.metrics import paired_comparisons
+from staged_alignment.evaluation.runner import evaluate_models, model_fingerprint
+from staged_alignment.stages import stage2_causal as s2
+from staged_alignment.stages.stage2_causal import retain_pairs_path
 
 log = logging.getLogger("staged_alignment.ablate")
 
@@ -81,8 +103,6 @@ STATE = "arm_state.json"
 
 
 def _sha(obj) -> str:
-    import hashlib
-
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -100,16 +120,12 @@ def arm_state(cfg: PipelineConfig, loss: dict, data_role: bool, base_fp: str, tr
               causal: dict | None = None) -> str:
     """What an arm's trained model depends on: its loss, the data role, the starting model, the triplets (bytes),
     the training arguments, LoRA, head and seed."""
-    from stages.run_dir import file_sha256
-
     retain = None
     if (loss.get("lambda_retain_sft", 0) > 0 or loss.get("lambda_retain_dpo", 0) > 0) and \
             (causal or {}).get("retain_source") == "self":  # made by the arm from the DPO prompts
         retain = ["self", cfg.causal.retain_max_pairs, cfg.dpo.prompts, cfg.dpo.max_prompts, cfg.dpo.held_out,
                   cfg.causal.generation_max_new_tokens]
     elif loss.get("lambda_retain_sft", 0) > 0 or loss.get("lambda_retain_dpo", 0) > 0:
-        from stages.stage2_causal import retain_pairs_path
-
         pairs = retain_pairs_path(cfg)
         retain = [str(pairs), file_sha256(pairs) if pairs.is_file() else None, cfg.causal.retain_max_pairs]
     return _sha({"loss": loss, "data_role": data_role, "base": base_fp, "triplets": file_sha256(triplets),
@@ -122,8 +138,6 @@ def arm_config(cfg: PipelineConfig, arm: str, loss: dict, data_role: bool, base:
                root: Path, causal: dict | None = None) -> PipelineConfig:
     """The config of one arm: its own run folder under ``root``, the shared base model and triplets, its loss and
     its ``causal`` keys (e.g. ``retain_source``)."""
-    from stages.stage2_causal import retain_pairs_path
-
     c = copy.deepcopy(cfg)
     c.causal.retain_pairs_file = str(retain_pairs_path(cfg))  # the pipeline run's pairs, not the arm folder's
     c.output_dir, c.run_name = str(root), arm
@@ -173,12 +187,9 @@ def run_ablation(cfg: PipelineConfig, base: str, arms: list[str], adopt: bool = 
     recorded state matches; otherwise its folder is removed and it is trained again (a changed base or data
     rebuilds the triplets, which changes every arm's state). ``adopt``: reuse finished outputs that have no recorded
     state yet (made before states were recorded), recording their state now."""
-    import shutil
     import torch
 
-    from stages import stage2_causal as s2
-    from stages.evaluate import evaluate_models, model_fingerprint
-    from stages.models import is_complete_model_dir, load_model, load_tokenizer, pick_device
+    from staged_alignment.core.models import is_complete_model_dir, load_model, load_tokenizer, pick_device
 
     root = cfg.run_dir / "ablation"
     root.mkdir(parents=True, exist_ok=True)
@@ -264,8 +275,6 @@ def run_ablation(cfg: PipelineConfig, base: str, arms: list[str], adopt: bool = 
 
 def summarise(cfg, root: Path, evals: dict, specs: dict, best, why, timings: dict, base: str) -> dict:
     """``ablation.json``/``.md``/``.png`` from the per-arm evaluations."""
-    from evaluation.metrics import paired_comparisons
-
     flags = {a: evals[a]["case_outcomes"][a] for a in evals}
     margins = {a: (evals[a].get("margins") or {}).get(a) or {} for a in evals}
     pairs = [(a, "A0") for a in evals if a != "A0"] + [(a, "A3") for a in evals if a not in ("A0", "A3") and "A3" in evals]
@@ -304,8 +313,6 @@ def summarise(cfg, root: Path, evals: dict, specs: dict, best, why, timings: dic
 
 
 def _safe(obj):
-    import math
-
     if isinstance(obj, dict):
         return {str(k): _safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
@@ -331,8 +338,6 @@ def _p(hit) -> str:
 
 def ablation_markdown(out: dict) -> str:
     """The ablation table (Markdown)."""
-    from evaluation.report import md_escape
-
     lines = ["# Causal-stage ablation", "",
              f"Starting model `{md_escape(out['base_model'])}`; the same triplets (`{md_escape(out['triplets'])}`), "
              f"{out['steps']} steps and seed {out['seed']} for every arm; held-out set `{md_escape(out['eval_file'])}` "
@@ -376,7 +381,6 @@ def plot_ablation(out: dict, path: Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
     arms = [r["arm"] for r in out["arms"]]
     keys = [("attack_success_rate", "ASR", "#c0392b"), ("utility_clean", "utility, clean", "#2e86c1"),
@@ -402,9 +406,6 @@ def plot_ablation(out: dict, path: Path) -> Path:
 
 
 def main(argv=None) -> int:
-    from stages.common import setup_logging
-
-    from stages.config import CliParser
 
     ap = CliParser(description="Ablation of the causal stage's objective (same model, data, steps, seed)")
     ap.add_argument("--config", required=True)
@@ -427,20 +428,18 @@ def main(argv=None) -> int:
         if {"A7", "A8"} & set(arms) and not set(CANDIDATES) & set(arms):
             raise ConfigError("command line", None, "--arms", f"A7/A8 build on the best of {list(CANDIDATES)}: include them")
         base = args.base or str(cfg.run_dir / "dpo" / "merged")
-        from stages.models import check_model_folder, is_complete_model_dir
+        from staged_alignment.core.models import check_model_folder, is_complete_model_dir
 
         if not is_complete_model_dir(base):
             raise ConfigError("command line", None, "--base", f"{base} is not a complete model folder (config.json "
                                                              "+ *.safetensors); run the pipeline up to the DPO stage "
                                                              "or pass --base")
         check_model_folder(base, lambda m: ConfigError("command line", None, "--base", m))
-        from stages import stage2_causal as s2
 
         s2.validate(cfg)  # every input before any model
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from stages.run_dir import RunFolderBusy, RunLock
 
     t0 = time.time()
     try:

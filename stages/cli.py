@@ -5,7 +5,7 @@
     staged-align eval   --config C [--model M …]      # stages/evaluate.py
     staged-align ablate --config C [--arms …]         # stages/ablate.py
     staged-align configs                              # the recipes this install ships
-    staged-align dpo --accelerate [--accelerate-config F] --config C …   # through `accelerate launch -m stages.…`
+    staged-align dpo --accelerate [--accelerate-config F] --config C …   # through `accelerate launch -m staged_alignment.stages.…`
 
 Overrides are the scripts' own (``key=value`` or ``--key value``). ``--accelerate`` re-runs the stage under
 ``accelerate launch`` (with ``--accelerate-config F``: ``--config_file F``), exactly as
@@ -18,17 +18,17 @@ import subprocess
 import sys
 from pathlib import Path
 
-VERBS = {"run": "stages.pipeline", "sft": "stages.stage0_sft", "dpo": "stages.stage1_dpo",
-         "causal": "stages.stage2_causal", "eval": "stages.evaluate", "evaluate": "stages.evaluate",
-         "ablate": "stages.ablate"}
+from staged_alignment.core.config import SHARE
+
+VERBS = {"run": "staged_alignment.stages.pipeline", "sft": "staged_alignment.stages.stage0_sft", "dpo": "staged_alignment.stages.stage1_dpo",
+         "causal": "staged_alignment.stages.stage2_causal", "eval": "staged_alignment.stages.evaluate", "evaluate": "staged_alignment.stages.evaluate",
+         "ablate": "staged_alignment.stages.ablate"}
 USAGE = ("usage: staged-align {run,sft,dpo,causal,eval,ablate,configs} [--accelerate [--accelerate-config F]] "
          "--config C [options and overrides]\n(see: staged-align <verb> --help)")
 
 
 def bundled_configs() -> list[Path]:
     """The recipe YAMLs next to this code (a checkout) or under ``<prefix>/share/staged-alignment`` (a wheel)."""
-    from stages.config import SHARE
-
     roots = [Path(__file__).resolve().parents[1] / "configs", Path(sys.prefix).joinpath(*SHARE) / "configs"]
     return sorted({p for r in roots if r.is_dir() for p in r.glob("*.yaml")})
 

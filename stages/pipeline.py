@@ -26,12 +26,48 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data_builders.jsonl_io import DataError, atomic_write_text  # noqa: E402
-from stages.config import ConfigError, PipelineConfig, load_config, resolved_yaml  # noqa: E402
+import copy
+import json
+import tempfile
+
+from staged_alignment.core.common import (
+    on_cuda,
+    setup_logging,
+)
+from staged_alignment.core.config import (
+    CliParser,
+    ConfigError,
+    PipelineConfig,
+    load_config,
+    raw_config,
+    resolved_yaml,
+)
+from staged_alignment.core.jsonl_io import (
+    DataError,
+    atomic_write_text,
+    os_error_line,
+)
+from staged_alignment.core.memory import GiB, estimate, model_dims
+from staged_alignment.core.redaction import SECRET_OVERRIDES_ENV, child_env, redact, split_secret_overrides
+from staged_alignment.core.run_dir import (
+    Manifest,
+    RunFolderBusy,
+    RunLock,
+    path_sha256,
+)
+from staged_alignment.core.smoke import (  # noqa: E402
+    SOURCE_LISTS,
+    format_table,
+    needs_network,
+    smoke_plan,
+    stand_ins,
+)
+from staged_alignment.core.start_model import check_models
+from staged_alignment.evaluation.report import metrics_table, paired_table
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGE_MODULES = {"sft": "stages.stage0_sft", "dpo": "stages.stage1_dpo", "causal": "stages.stage2_causal",
-                 "evaluate": "stages.evaluate"}
+STAGE_MODULES = {"sft": "staged_alignment.stages.stage0_sft", "dpo": "staged_alignment.stages.stage1_dpo", "causal": "staged_alignment.stages.stage2_causal",
+                 "evaluate": "staged_alignment.stages.evaluate"}
 ORDER = list(STAGE_MODULES)
 
 
@@ -53,8 +89,6 @@ def check_output_dir(cfg: PipelineConfig, need_gib: float, *, elsewhere: bool = 
     once; no folder is created. Raises :class:`ConfigError` at ``output_dir`` (not writable, a file in the way)
     or :class:`PlanError` (too little disk). ``elsewhere`` (validating for another machine, ``--target``): too
     little disk here is reported, not raised."""
-    import tempfile
-
     run_dir = cfg.run_dir
     probe_dir = run_dir
     while not probe_dir.exists() and probe_dir != probe_dir.parent:
@@ -80,22 +114,16 @@ def validate_plan(cfg: PipelineConfig, stages: list[str], target: str | None = N
     """Validate every enabled stage's inputs (no model loaded) and estimate memory; returns report lines.
     ``target="cuda"``: the estimate is for the recipe's CUDA device, whatever this machine has; a Hub dataset or URL
     that this offline machine has not cached is reported as not checked here (its stage's other checks run with the
-    shipped seed data in its place, :func:`stages.smoke.stand_ins`).
+    shipped seed data in its place, :func:`core.smoke.stand_ins`).
 
     Raises DataError / ConfigError / PlanError on the first problem.
     """
-    from stages.common import on_cuda
-    from stages.memory import GiB, estimate, model_dims
-
     lines = [f"run: {cfg.run_dir}", f"model: {cfg.model.name_or_path} (template {cfg.model.chat_template}, "
              f"quantization {cfg.model.quantization}, loader {cfg.model.loader})", "stages: " + " → ".join(stages)]
-    from stages.models import check_model
 
-    check_model(cfg)
+    check_models(cfg)
     if target is not None:  # validating for another machine: what only that machine can fetch is not checked here
-        import copy
 
-        from stages.smoke import SOURCE_LISTS, stand_ins
 
         cfg = copy.deepcopy(cfg)  # the stand-ins are for these checks only
         section = {k: getattr(getattr(cfg, k.split(".")[0]), k.split(".")[1]) for k in SOURCE_LISTS}
@@ -127,7 +155,7 @@ def validate_plan(cfg: PipelineConfig, stages: list[str], target: str | None = N
                 lines.append(f"  WARNING: {s} needs ~{est.gib:.1f} GiB, above 90% of the configured {dev:g} GiB")
         import torch
 
-        from stages.models import merged_dtype
+        from staged_alignment.core.models import merged_dtype
 
         merged_bytes = 4 if merged_dtype(cfg.model, "cuda" if cuda else "cpu") == torch.float32 else 2
         need = 3 * dims["params"] * merged_bytes / GiB + 1.0  # three merged models in the merge precision
@@ -136,23 +164,16 @@ def validate_plan(cfg: PipelineConfig, stages: list[str], target: str | None = N
 
 
 def stage_inputs(cfg: PipelineConfig, name: str) -> dict:
-    from stages.run_dir import path_sha256
-
     return {k: path_sha256(v) for k, v in stage_module(name).input_paths(cfg).items()}
 
 
 def run_pipeline(args) -> int:
-    from stages.common import setup_logging
-
     setup_logging()
     if args.target and not args.dry_run:
         print("error: command line: --target only goes with --dry-run (validate a recipe for another machine)",
               file=sys.stderr)
         return 2
     if args.smoke:
-        from stages.config import raw_config
-        from stages.smoke import format_table, smoke_plan
-
         try:
             extra, rows = smoke_plan(raw_config(args.config, args.overrides), str(args.config))
         except ConfigError as e:
@@ -162,7 +183,6 @@ def run_pipeline(args) -> int:
               f"{format_table(rows)}\n", flush=True)
         args.overrides = list(args.overrides) + extra  # the smoke mapping wins over the recipe and the overrides
         os.environ["WANDB_MODE"] = "offline"
-        from stages.smoke import needs_network
 
         if not needs_network(raw_config(args.config, args.overrides)):  # the recipe with the smoke overrides
             os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no source is fetched: nothing else needs the Hub
@@ -178,7 +198,6 @@ def run_pipeline(args) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # permission, name too long, not a regular file: one line naming the file
-        from data_builders.jsonl_io import os_error_line
 
         print(os_error_line(e), file=sys.stderr)
         return 2
@@ -186,7 +205,6 @@ def run_pipeline(args) -> int:
     if args.dry_run:
         print("dry run: plan valid, nothing trained")
         return 0
-    from stages.run_dir import RunFolderBusy, RunLock
 
     try:  # every check is done: the run folder is locked, then written
         with RunLock(cfg.run_dir):
@@ -200,8 +218,6 @@ def parse_launcher(text: str | None) -> list[str]:
     """``--launcher`` as an argument list (default: this Python). Raises :class:`ConfigError` (before anything is
     written) when it does not split as a shell command (an unclosed quote), is empty, or names a program that is
     neither on ``PATH`` nor an executable file."""
-    import shutil
-
     if text is None:
         return [sys.executable]
     try:
@@ -218,9 +234,6 @@ def parse_launcher(text: str | None) -> list[str]:
 
 def _run_stages(args, cfg: PipelineConfig, stages: list[str], launcher: list[str]) -> int:
     """Run the enabled stages in order (the run folder is locked by the caller); returns the exit code."""
-    from stages.redaction import SECRET_OVERRIDES_ENV, child_env, redact, split_secret_overrides
-    from stages.run_dir import Manifest
-
     atomic_write_text(cfg.run_dir / "resolved_config.yaml", resolved_yaml(cfg))
     manifest = Manifest(cfg.run_dir)
     redo_from = 0 if args.force else (stages.index(args.from_stage) if args.from_stage else len(stages))
@@ -234,7 +247,7 @@ def _run_stages(args, cfg: PipelineConfig, stages: list[str], launcher: list[str
             continue
         if i >= redo_from:  # the stage starts fresh: no checkpoint or record of an earlier attempt is reused
             manifest.update(name, status="pending", redo=True)
-        script = ROOT / (STAGE_MODULES[name].replace(".", "/") + ".py")
+        script = Path(stage_module(name).__file__)
         cmd = launcher + [str(script), "--config", str(args.config), *public_overrides]
         shown = " ".join(shlex.quote(c) for c in cmd) + (f"  (+{len(secret_overrides)} override(s) holding a "
                                                           f"credential, passed in ${SECRET_OVERRIDES_ENV})"
@@ -259,14 +272,11 @@ def _run_stages(args, cfg: PipelineConfig, stages: list[str], launcher: list[str
 
 def print_summary(cfg: PipelineConfig, manifest) -> None:
     """Stage times, the metrics table and the report path."""
-    import json
-
     data = manifest.read()["stages"]
     print("\nstage times: " + ", ".join(f"{k} {v.get('seconds', '?')} s" for k, v in data.items()))
     metrics = cfg.run_dir / "eval" / "metrics.json"
     if metrics.exists():
         m = json.loads(metrics.read_text())
-        from evaluation.report import metrics_table, paired_table
 
         print("\n" + metrics_table(m))
         if m.get("paired"):
@@ -277,8 +287,6 @@ def print_summary(cfg: PipelineConfig, manifest) -> None:
 
 
 def main(argv=None) -> int:
-    from stages.config import CliParser, ConfigError
-
     ap = CliParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", required=True)
     ap.add_argument("--dry-run", action="store_true", help="validate the plan, print estimates, exit")

@@ -18,9 +18,25 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the project importable without an editable install
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data_builders.jsonl_io import atomic_write_json  # noqa: E402
-from data_builders.sft_data import read_sft_sources  # noqa: E402
-from stages.config import PipelineConfig  # noqa: E402
+import dataclasses
+import json
+
+from staged_alignment.core.chat_template import render_prompt
+from staged_alignment.core.common import (
+    build_training_args,
+    last_checkpoint,
+    maybe_push,
+    process_state,
+    raise_if_terminated,
+    report_to_env,
+    run_stage_main,
+    save_adapter,
+    seed_everything,
+    standard_callbacks,
+)
+from staged_alignment.core.config import PipelineConfig
+from staged_alignment.core.jsonl_io import atomic_write_json
+from staged_alignment.data_builders.sft_data import read_sft_sources
 
 log = logging.getLogger("staged_alignment")
 
@@ -40,7 +56,6 @@ def validate(cfg: PipelineConfig) -> list[dict]:
     """Parse every SFT source and the training args; raises DataError/ConfigError before any model load."""
     from trl import SFTConfig
 
-    from stages.common import build_training_args
 
     if not cfg.sft.data:
         raise cfg.error("sft.data", "no SFT data sources configured")
@@ -59,10 +74,7 @@ def check_truncation(cfg: PipelineConfig, rows: list[dict], max_length: int) -> 
     ``sft.max_truncated_share``; returns the count. Uses the model folder's tokenizer (no weights, no remote
     code); skipped (returns -1) when the model is not a local folder yet (a Hub id not cached, an embedded model
     not converted)."""
-    import dataclasses
-
-    from data_builders.chat_template import render_prompt
-    from stages.models import load_tokenizer, model_folder
+    from staged_alignment.core.models import load_tokenizer, model_folder
 
     folder = model_folder(cfg)
     if folder is None:
@@ -107,13 +119,17 @@ def run(cfg: PipelineConfig) -> dict:
     from datasets import Dataset
     from trl import SFTConfig
 
-    from data_builders.generation import generate_chat
-    from trainers.sharded import trainable_state_dict
-    from stages.common import (build_training_args, last_checkpoint, maybe_push, process_state, raise_if_terminated,
-                               report_to_env, save_adapter, seed_everything, standard_callbacks, log)
-    from stages.models import (load_model, load_tokenizer, attach_lora, merge_adapter, pick_device,
-                               resolve_model_path)
-    from trainers.sft import ZephyrSFTTrainer
+    from staged_alignment.core.models import (
+        attach_lora,
+        load_model,
+        load_tokenizer,
+        merge_adapter,
+        pick_device,
+        resolve_model_path,
+    )
+    from staged_alignment.data_builders.generation import generate_chat
+    from staged_alignment.trainers.sft import ZephyrSFTTrainer
+    from staged_alignment.trainers.sharded import trainable_state_dict
 
     rows = validate(cfg)
     seed_everything(cfg.seed)
@@ -172,15 +188,11 @@ def run(cfg: PipelineConfig) -> dict:
 
 
 def trainer_logs(stage_dir: Path) -> list[dict]:
-    import json
-
     p = Path(stage_dir) / "log_history.json"
     return json.loads(p.read_text()) if p.exists() else []
 
 
 def main(argv=None) -> int:
-    from stages.common import run_stage_main
-
     return run_stage_main(sys.modules[__name__], "Stage 0: Zephyr SFT with LoRA, merged to 16-bit", argv)
 
 

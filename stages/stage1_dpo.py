@@ -6,7 +6,7 @@ seeded hash of the id) → generate pairs into ``data/pairs.jsonl`` (append-only
 ``dpo.pairs_file`` → answer the held-out prompts with the SFT model (before) → DPO with a LoRA adapter on
 ``sft/merged`` (reference = the same network with the adapter disabled, no second copy) → save ``dpo/adapter`` →
 merge into ``dpo/merged`` (16-bit) → answer the held-out prompts with ``dpo/merged`` (after) → judge both with
-:mod:`evaluation.judges` → ``dpo/assessment.json``, ``dpo/log_history.json`` → push (if configured).
+:mod:`core.judges` → ``dpo/assessment.json``, ``dpo/log_history.json`` → push (if configured).
 
     accelerate launch --config_file accelerate_config.yaml stages/stage1_dpo.py --config C [key=value …]
 
@@ -16,7 +16,7 @@ them). Saving, merging, the assessment and the Hub push are the main process's; 
 
 Config keys (``dpo`` section): ``prompts`` (red-team sources, ``{path, format, max_rows, skip_invalid}``),
 ``constitution``, ``held_out``, ``max_prompts``, ``pairs_file``, ``min_pairs``, ``assessment_max_new_tokens``,
-``generation`` (:class:`stages.config.GenerationSection`), ``training`` (``trl.DPOConfig`` keys, e.g. ``beta``,
+``generation`` (:class:`core.config.GenerationSection`), ``training`` (``trl.DPOConfig`` keys, e.g. ``beta``,
 ``loss_type``, ``learning_rate``, ``max_steps``), ``hub_model_id``; plus the shared ``model`` and ``lora``.
 """
 from __future__ import annotations
@@ -29,8 +29,42 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the project importable without an editable install
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data_builders.jsonl_io import DataError, atomic_write_json  # noqa: E402
-from stages.config import GenerationSection, PipelineConfig, resolve_input, sub_section  # noqa: E402
+import gc
+
+from staged_alignment.core.common import (
+    build_training_args,
+    last_checkpoint,
+    maybe_push,
+    process_state,
+    raise_if_terminated,
+    report_to_env,
+    run_stage_main,
+    save_adapter,
+    seed_everything,
+    standard_callbacks,
+)
+from staged_alignment.core.config import GenerationSection, PipelineConfig, resolve_input, sub_section
+from staged_alignment.core.jsonl_io import DataError, atomic_write_json
+from staged_alignment.core.judges import assess, judge_response
+from staged_alignment.core.sources import is_remote
+from staged_alignment.core.start_model import start_dir
+from staged_alignment.data_builders.constitution import load_constitution
+from staged_alignment.data_builders.critique_rewrite import (
+    build_backend,
+    build_critic,
+    default_side_paths,
+    generate_pairs,
+    read_pairs,
+    read_pairs_source,
+    summarize_files,
+)
+from staged_alignment.data_builders.pair_report import pair_filter_settings, write_pairs_report
+from staged_alignment.data_builders.redteam import read_redteam_sources
+from staged_alignment.data_builders.sft_data import (
+    read_sft_sources,
+    replay_rows,
+)
+from staged_alignment.evaluation.safety import held_out_prompts, overlapping
 
 STAGE = "dpo"
 log = logging.getLogger("staged_alignment")
@@ -42,8 +76,6 @@ F_DIVERGENCE_LOSS_TYPES = {"sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair"
 
 
 def _sources(cfg: PipelineConfig) -> list[dict]:
-    from data_builders.sources import is_remote
-
     return [dict(s, path=s["path"] if is_remote(s["path"]) else str(resolve_input(s["path"]))) for s in cfg.dpo.prompts]
 
 
@@ -59,8 +91,6 @@ def input_paths(cfg: PipelineConfig) -> dict[str, str]:
 def resume_state(cfg: PipelineConfig) -> list:
     """What an interrupted run resumes from: DPO checkpoints and the append-only generated pairs (with their
     rejected-pairs and stats side files); cleared (pairs kept as ``*.superseded``) when the stage starts fresh."""
-    from data_builders.critique_rewrite import default_side_paths
-
     paths = [cfg.run_dir / "dpo" / "checkpoints"]
     if not cfg.dpo.pairs_file:
         pairs = cfg.run_dir / "data" / "pairs.jsonl"
@@ -83,8 +113,6 @@ def without_safety_eval(cfg: PipelineConfig, prompts: list[dict], what: str = "d
     prompt the evaluation's safety measure holds out (:func:`evaluation.safety.held_out_prompts`, compared by
     :func:`evaluation.safety.overlapping`), so no stage trains on a prompt its refusal rate is measured on. Logs
     how many were left out."""
-    from evaluation.safety import held_out_prompts, overlapping
-
     held = held_out_prompts(cfg)
     drop = overlapping([p["prompt"] for p in prompts], held) if held and prompts else set()
     kept = [p for i, p in enumerate(prompts) if i not in drop]
@@ -122,9 +150,6 @@ def validate(cfg: PipelineConfig) -> dict:
     """
     from trl import DPOConfig
 
-    from data_builders.constitution import load_constitution
-    from data_builders.redteam import read_redteam_sources
-    from stages.common import build_training_args
 
     d = cfg.dpo
     gen = sub_section(cfg, GenerationSection, "dpo.generation")
@@ -140,8 +165,6 @@ def validate(cfg: PipelineConfig) -> dict:
         train = train[:d.max_prompts]
     pairs = None
     if d.pairs_file:
-        from data_builders.critique_rewrite import read_pairs_source
-
         pf = resolve_input(d.pairs_file)
         pairs = read_pairs_source(str(pf) if pf.exists() else d.pairs_file)  # a file, or a Hub id / dataset
         held_ids = {p["id"] for p in held}
@@ -161,7 +184,6 @@ def validate(cfg: PipelineConfig) -> dict:
     _check_dpo_args(cfg, args)
     retain = None
     if d.retain_sft_weight > 0:  # the SFT stage's data, replayed (read and checked now, tokenized in run)
-        from data_builders.sft_data import read_sft_sources
 
         if not cfg.sft.data:
             raise cfg.error("dpo.retain_sft_weight", "replays the SFT data, but sft.data is empty")
@@ -171,13 +193,12 @@ def validate(cfg: PipelineConfig) -> dict:
 
 
 def answer_and_judge(model, tok, prompts: list[dict], *, max_new_tokens: int, batch_size: int, label: str) -> dict:
-    """Greedy answers to ``prompts`` judged with :func:`evaluation.judges.judge_response`.
+    """Greedy answers to ``prompts`` judged with :func:`core.judges.judge_response`.
 
     Returns ``{"refusal_rate", "harmful_rate", "n", "responses": [{"id", "prompt", "response", "truncated",
     "refused", "harmful", "reason"}]}``.
     """
-    from data_builders.generation import generate_chat
-    from evaluation.judges import assess, judge_response
+    from staged_alignment.data_builders.generation import generate_chat
 
     convs = [[{"role": "user", "content": p["prompt"]}] for p in prompts]
     outs = generate_chat(model, tok, convs, max_new_tokens=max_new_tokens, batch_size=batch_size, do_sample=False,
@@ -194,7 +215,7 @@ def check_upstream(cfg: PipelineConfig) -> None:
     """Without ``dpo.base_model``, ``<run_dir>/sft/merged`` must be complete: else :class:`ConfigError` naming
     ``dpo.base_model`` and both ways out (run the SFT stage, or start from an existing model). Called by the stage's
     entry point after validation (not by the pipeline's plan check, which runs before SFT has run)."""
-    from stages.models import is_complete_model_dir
+    from staged_alignment.core.models import is_complete_model_dir
 
     sft_dir = cfg.run_dir / "sft" / "merged"
     if not cfg.dpo.base_model and not is_complete_model_dir(sft_dir):
@@ -205,10 +226,8 @@ def check_upstream(cfg: PipelineConfig) -> None:
 
 def start_model_dir(cfg: PipelineConfig, state) -> Path:
     """The model DPO generates with and trains on: ``dpo.base_model`` resolved by
-    :func:`stages.start_model.materialize` (an adapter merged into ``dpo/start_model`` by the main process first),
+    :func:`core.start_model.materialize` (an adapter merged into ``dpo/start_model`` by the main process first),
     else ``<run_dir>/sft/merged``."""
-    from stages.start_model import start_dir
-
     return start_dir(cfg.dpo.base_model, cfg.run_dir / "sft" / "merged", cfg.run_dir / "dpo" / "start_model", state,
                      cfg.model)
 
@@ -219,21 +238,13 @@ def run(cfg: PipelineConfig) -> dict:
     Starts from ``dpo.base_model`` when set, else ``<run_dir>/sft/merged`` (:func:`check_upstream`). Raises
     :class:`DataError` when fewer than ``dpo.min_pairs`` pairs survive the filters.
     """
-    import gc
-
     import torch
     from datasets import Dataset
 
-    from data_builders.critique_rewrite import (build_backend, build_critic, default_side_paths, generate_pairs,
-                                               read_pairs, summarize_files)
-    from data_builders.pair_report import pair_filter_settings, write_pairs_report
-    from trainers.sharded import trainable_state_dict
-    from stages.common import (last_checkpoint, maybe_push, process_state, raise_if_terminated,
-                               report_to_env, save_adapter, seed_everything, standard_callbacks)
-    from stages.models import (load_model, load_tokenizer, attach_lora, merge_adapter,
-                               pick_device)
-    from trainers.callbacks import LossGuardCallback
-    from trainers.dpo import ConstitutionalDPOTrainer
+    from staged_alignment.core.callbacks import LossGuardCallback
+    from staged_alignment.core.models import attach_lora, load_model, load_tokenizer, merge_adapter, pick_device
+    from staged_alignment.trainers.dpo import ConstitutionalDPOTrainer
+    from staged_alignment.trainers.sharded import trainable_state_dict
 
     v = validate(cfg)
     d, gen = cfg.dpo, v["gen"]
@@ -309,8 +320,6 @@ def run(cfg: PipelineConfig) -> dict:
             cb.explode_factor = None  # DPO loss starts at ln 2 and may approach 0: "20x the minimum" is meaningless
     retain = None
     if v["retain_sft"]:
-        from data_builders.sft_data import replay_rows
-
         retain = replay_rows(v["retain_sft"], tok, args.max_length or cfg.model.max_seq_length, d.retain_sft_rows,
                              cfg.seed)
         if not retain:
@@ -352,7 +361,7 @@ def run(cfg: PipelineConfig) -> dict:
         return None if a is None or b is None else a - b
 
     assessment = {
-        "judge": "evaluation.judges.judge_response (rule-based; see its docstring for what it checks and misses)",
+        "judge": "core.judges.judge_response (rule-based; see its docstring for what it checks and misses)",
         "decoding": {"do_sample": False, "max_new_tokens": amt},
         "held_out": [{"id": p["id"], "prompt": p["prompt"]} for p in v["held_out"]],
         "before": {"model": str(sft_dir), **before},
@@ -384,8 +393,6 @@ def run(cfg: PipelineConfig) -> dict:
 
 
 def main(argv=None) -> int:
-    from stages.common import run_stage_main
-
     return run_stage_main(sys.modules[__name__], "Stage 1: constitutional critique-and-rewrite pairs, then DPO", argv)
 
 

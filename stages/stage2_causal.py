@@ -25,8 +25,61 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the project importable without an editable install
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data_builders.jsonl_io import DataError, atomic_write_json  # noqa: E402
-from stages.config import CausalHeadSection, CausalLossSection, PipelineConfig, sub_section  # noqa: E402
+import dataclasses
+import random
+
+from staged_alignment.core.causal_objective import (
+    HEAD_PREFIX,
+    needed_views,
+)
+from staged_alignment.core.common import (
+    build_training_args,
+    last_checkpoint,
+    log,
+    maybe_push,
+    process_state,
+    raise_if_terminated,
+    report_to_env,
+    run_stage_main,
+    save_adapter,
+    seed_everything,
+)
+from staged_alignment.core.config import (
+    CausalHeadSection,
+    CausalLossSection,
+    PipelineConfig,
+    resolve_input,
+    sub_section,
+)
+from staged_alignment.core.jsonl_io import (
+    DataError,
+    atomic_write_json,
+    write_jsonl_atomic,
+)
+from staged_alignment.core.start_model import start_dir
+from staged_alignment.data_builders.causal_targets import (
+    fill_generated,
+    pending,
+    self_replay_pairs,
+)
+from staged_alignment.data_builders.critique_rewrite import read_pairs
+from staged_alignment.data_builders.triplets import (  # noqa: E402
+    AttackSet,
+    Task,
+    build_triplets,
+    check_attack_overlap,
+    check_task_overlap,
+    model_counterfactuals,
+    read_attacks,
+    read_task_source,
+    read_triplets,
+    task_group,
+    write_triplets,
+)
+from staged_alignment.evaluation.cases import load_cases
+from staged_alignment.evaluation.runner import model_fingerprint
+from staged_alignment.evaluation.template_attacks import role_segments
+from staged_alignment.stages import stage1_dpo
 
 STAGE = "causal"
 CURVE_KEYS = ("loss", "loss_lm", "loss_lm_injected", "loss_lm_counterfactual", "loss_kl", "loss_pref",
@@ -47,7 +100,7 @@ def base_model_dir(cfg: PipelineConfig) -> Path:
 def check_upstream(cfg: PipelineConfig) -> None:
     """Without ``causal.base_model``, ``<run_dir>/<causal.base>/merged`` must be complete: else :class:`ConfigError`
     naming ``causal.base`` (called by the stage's entry point after validation)."""
-    from stages.models import is_complete_model_dir
+    from staged_alignment.core.models import is_complete_model_dir
 
     c = cfg.causal
     base = cfg.run_dir / c.base / "merged"
@@ -61,10 +114,8 @@ def check_upstream(cfg: PipelineConfig) -> None:
 
 def start_model_dir(cfg: PipelineConfig, state) -> Path:
     """The model the causal stage trains on (``causal.base_model`` resolved by
-    :func:`stages.start_model.materialize`, an adapter merged into ``causal/start_model`` by the main process
+    :func:`core.start_model.materialize`, an adapter merged into ``causal/start_model`` by the main process
     first; else ``<run_dir>/<causal.base>/merged``)."""
-    from stages.start_model import start_dir
-
     return start_dir(cfg.causal.base_model, base_model_dir(cfg), cfg.run_dir / STAGE / "start_model", state,
                      cfg.model)
 
@@ -93,9 +144,6 @@ def _src(s) -> dict:
 def eval_attack_sets(cfg: PipelineConfig) -> list:
     """The evaluation attack files: ``causal.eval_attacks`` plus ``evaluate.eval_file`` when it exists (its
     ``injection`` texts must not be trained on either)."""
-    from data_builders.triplets import read_attacks
-
-    from stages.evaluate import resolve_input
 
     sets = [read_attacks(s["path"], s.get("format", "auto"), s.get("max_rows")) for s in map(_src, cfg.causal.eval_attacks)]
     ef = resolve_input(cfg.evaluate.eval_file) if cfg.evaluate.eval_file else None
@@ -108,14 +156,11 @@ def eval_attack_sets(cfg: PipelineConfig) -> list:
 def eval_cases_for_overlap(cfg: PipelineConfig) -> list[dict]:
     """The evaluation cases whose data the training tasks must not share (``evaluate.eval_file`` when it is an
     injection eval JSONL that exists), else []."""
-    from stages.evaluate import resolve_input
-
     if not cfg.evaluate.eval_file:
         return []
     ef = resolve_input(cfg.evaluate.eval_file)
     if not (ef.is_file() and ef.name.endswith((".jsonl", ".jsonl.gz"))):
         return []
-    from evaluation.cases import load_cases
 
     return load_cases(ef)
 
@@ -125,8 +170,6 @@ def validate(cfg: PipelineConfig) -> dict:
     ``triplets_file`` and the training args; raises DataError/ConfigError before any model is loaded. Returns the
     parsed inputs."""
 
-    from data_builders.triplets import (Task, check_attack_overlap, check_task_overlap, read_attacks, read_task_source,
-                                        read_triplets)
 
     c = cfg.causal
     sub_section(cfg, CausalLossSection, "causal.loss")
@@ -147,8 +190,6 @@ def validate(cfg: PipelineConfig) -> dict:
         check_attack_overlap(out["train_attacks"], out["eval_attacks"])
         check_task_overlap(out["tasks"], eval_cases, cfg.evaluate.eval_file)
     if out["triplets"] is not None:
-        from data_builders.triplets import AttackSet
-
         if out["eval_attacks"]:
             used = AttackSet(path=str(c.triplets_file), kind="text",
                              items=[(t["attack_category"], t["injection"]) for t in out["triplets"]])
@@ -167,11 +208,7 @@ def causal_training_args(cfg: PipelineConfig, output_dir):
     """The stage's :class:`trainers.causal.CausalConfig`: ``causal.training`` (TrainingArguments' keys) over the
     stage defaults (:func:`causal_defaults`), with the objective and head from ``causal.loss``/``causal.head`` and
     the batch settings from ``causal``. Raises ``ConfigError``."""
-    import dataclasses
-
-    from stages.common import build_training_args
-    from trainers.causal import CausalConfig
-    from trainers.causal_objective import HEAD_PREFIX
+    from staged_alignment.trainers.causal import CausalConfig
 
     loss = sub_section(cfg, CausalLossSection, "causal.loss")
     head = sub_section(cfg, CausalHeadSection, "causal.head")
@@ -190,9 +227,7 @@ def causal_training_args(cfg: PipelineConfig, output_dir):
 def loss_and_head_kwargs(cfg: PipelineConfig) -> dict:
     """The :class:`CausalContrastiveTrainer` keyword arguments that come from ``causal.loss`` and ``causal.head``:
     the term weights, the contrastive version and its settings, the pooling layer, the head learning rate, and the
-    batch layout (``views``/``lm_views`` of :func:`data_builders.token_cache.needed_views`)."""
-    from data_builders.token_cache import needed_views
-
+    batch layout (``views``/``lm_views`` of :func:`core.causal_objective.needed_views`)."""
     loss = sub_section(cfg, CausalLossSection, "causal.loss")
     head_cfg = sub_section(cfg, CausalHeadSection, "causal.head")
     kw = dict(lambda_task=loss.lambda_task, lambda_lm_injected=loss.lambda_lm_injected,
@@ -216,8 +251,6 @@ def retention_on(cfg: PipelineConfig) -> bool:
 def retain_pairs_path(cfg: PipelineConfig) -> Path:
     """``retain_source: self``: ``<run_dir>/data/retain_self.jsonl`` (written by this stage); else
     ``causal.retain_pairs_file``, else the DPO stage's ``<run_dir>/data/pairs.jsonl``."""
-    from stages.evaluate import resolve_input
-
     if cfg.causal.retain_source == "self":
         return cfg.run_dir / "data" / "retain_self.jsonl"
     return resolve_input(cfg.causal.retain_pairs_file) if cfg.causal.retain_pairs_file else \
@@ -228,8 +261,6 @@ def self_replay_prompts(cfg: PipelineConfig) -> list[dict]:
     """``retain_source: self``: the DPO stage's training prompts (its pool without the held-out slice and without
     the safety measure's prompts), the first ``causal.retain_max_pairs``. Raises what the DPO stage's validation
     raises."""
-    from stages import stage1_dpo
-
     prompts = stage1_dpo.validate(cfg)["train"]
     if not prompts:
         raise cfg.error("causal.retain_source", "'self' replays the DPO stage's prompts, but it has none (dpo.prompts)")
@@ -240,8 +271,6 @@ def read_retain_pairs(cfg: PipelineConfig) -> list[dict]:
     """The preference pairs the retention terms replay (at most ``causal.retain_max_pairs``). Raises
     :class:`ConfigError` naming ``causal.retain_pairs_file`` when the file is missing (e.g. no DPO run yet) and
     :class:`DataError` (file, line, field) for a bad row."""
-    from data_builders.critique_rewrite import read_pairs
-
     path = retain_pairs_path(cfg)
     if not path.is_file():
         raise cfg.error("causal.retain_pairs_file", f"the retention terms replay preference pairs, but {path} does "
@@ -270,7 +299,6 @@ def template_segments(tokenizer) -> tuple[str, str] | None:
     tokenizer (the attack file's Zephyr default is used)."""
     if tokenizer is None:
         return None
-    from evaluation.template_attacks import role_segments
 
     return role_segments(tokenizer)
 
@@ -280,9 +308,6 @@ def build_triplet_file(cfg: PipelineConfig, parsed: dict, model=None, tokenizer=
     """Write ``data/triplets.jsonl`` (atomically) from the parsed inputs, with every target and hijacked response
     filled (model-made ones generated with ``model`` when given, cached in ``data/causal_generations.jsonl``);
     returns (path, stats). Without a model, triplets that still need one raise :class:`DataError`."""
-    from data_builders.causal_targets import fill_generated, pending
-    from data_builders.triplets import build_triplets, model_counterfactuals, write_triplets
-
     c = cfg.causal
     path = cfg.run_dir / "data" / "triplets.jsonl"
     if parsed["triplets"] is not None:
@@ -325,9 +350,6 @@ def build_triplet_file(cfg: PipelineConfig, parsed: dict, model=None, tokenizer=
 def split_by_task(ds, eval_fraction: float, seed: int):
     """(train, eval or None): a seeded split of whole tasks (all triplets of a task on one side), the eval side
     holding about ``eval_fraction`` of the tasks (at least one)."""
-    import random
-
-    from data_builders.triplets import task_group
 
     if eval_fraction <= 0:
         return ds.shuffle(seed=seed, keep_in_memory=True), None
@@ -394,15 +416,18 @@ def run(cfg: PipelineConfig) -> dict:
     """Build triplets, train, save adapter + head, merge; returns ``{"outputs": …, "metrics": …}``."""
     import torch
 
-    from data_builders.token_cache import TripletCollator, build_token_cache
-    from stages.common import (last_checkpoint, log, maybe_push, process_state,
-                               raise_if_terminated, report_to_env, save_adapter, seed_everything)
-    from stages.models import (load_model, load_tokenizer, attach_lora, merge_adapter,
-                               pick_device)
-    from trainers.callbacks import LossGuardCallback, SigtermCheckpointCallback
-    from trainers.causal import HEAD_ATTR, HEAD_CONFIG, HEAD_WEIGHTS, CausalTrainer, save_projection_head
-    from trainers.sharded import sub_state, trainable_state_dict
-    from trainers.causal_losses import build_projection_head
+    from staged_alignment.core.callbacks import LossGuardCallback, SigtermCheckpointCallback
+    from staged_alignment.core.models import attach_lora, load_model, load_tokenizer, merge_adapter, pick_device
+    from staged_alignment.data_builders.token_cache import TripletCollator, build_token_cache
+    from staged_alignment.trainers.causal import (
+        HEAD_ATTR,
+        HEAD_CONFIG,
+        HEAD_WEIGHTS,
+        CausalTrainer,
+        save_projection_head,
+    )
+    from staged_alignment.trainers.causal_losses import build_projection_head
+    from staged_alignment.trainers.sharded import sub_state, trainable_state_dict
 
     parsed = validate(cfg)
     c = cfg.causal
@@ -422,13 +447,9 @@ def run(cfg: PipelineConfig) -> dict:
     # the triplet file has one writer, the main process; the others wait for it and read the same file
     triplets_path, tstats = cfg.run_dir / "data" / "triplets.jsonl", None
     if state.is_main_process:
-        from stages.evaluate import model_fingerprint
-
         gen_model = model.to(device) if device == "cpu" else model
         triplets_path, tstats = build_triplet_file(cfg, parsed, gen_model, tok, model_fingerprint(str(base)))
         if retention_on(cfg) and c.retain_source == "self":  # the starting model's own answers, replayed
-            from data_builders.causal_targets import self_replay_pairs
-            from data_builders.jsonl_io import write_jsonl_atomic
 
             pairs, rstats = self_replay_pairs(parsed["retain_prompts"], gen_model, tok,
                                               cfg.run_dir / "data" / "causal_generations.jsonl",
@@ -449,7 +470,7 @@ def run(cfg: PipelineConfig) -> dict:
         raise cfg.error("causal.eval_fraction", "leaves no training triplets")
     retain_stats = None
     if retention_on(cfg):
-        from data_builders.token_cache import attach_retention, tokenize_retention_pairs
+        from staged_alignment.data_builders.token_cache import attach_retention, tokenize_retention_pairs
 
         pairs = parsed.get("retain_pairs") if c.retain_source == "pairs" and parsed.get("retain_pairs") else \
             read_retain_pairs(cfg)
@@ -526,8 +547,6 @@ def run(cfg: PipelineConfig) -> dict:
 
 
 def main(argv=None) -> int:
-    from stages.common import run_stage_main
-
     return run_stage_main(sys.modules[__name__], "Stage 2: causal contrastive training on injection triplets", argv)
 
 

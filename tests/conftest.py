@@ -115,8 +115,8 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def smollm2_dir(tmp_path_factory) -> Path:
     """The embedded SmolLM2 converted to an HF folder (uses the user cache; skips if the wheel is absent)."""
-    from stages.config import ModelSection
-    from stages.models import resolve_model_path
+    from staged_alignment.core.config import ModelSection
+    from staged_alignment.core.models import resolve_model_path
 
     try:
         return Path(resolve_model_path(ModelSection()))

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from stages import ablate as A
+from staged_alignment.stages import ablate as A
 
 
 def _row(asr, util, attack_util):
@@ -67,7 +67,7 @@ def test_a7_needs_a_candidate_arm(tmp_path, capsys, tiny_model_dir):
 
 
 def test_arm_state_changes_with_what_the_arm_depends_on(tmp_path):
-    from stages.config import load_config
+    from staged_alignment.core.config import load_config
 
     p = tmp_path / "c.yaml"
     p.write_text("causal:\n  training:\n    max_steps: 5\n")
@@ -102,7 +102,8 @@ def test_ablation_end_to_end_on_the_tiny_model(tiny_model_dir, tmp_path, monkeyp
     import json
 
     from conftest import write_tiny_pipeline_config
-    from stages import stage2_causal as s2
+
+    from staged_alignment.stages import stage2_causal as s2
 
     cfg_path = write_tiny_pipeline_config(tmp_path, tiny_model_dir, name="abl")
     pairs = tmp_path / "pairs.jsonl"  # what the DPO stage would have written; A9 replays it

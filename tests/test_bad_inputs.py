@@ -171,7 +171,7 @@ def _base_config(tmp_path: Path, model_dir: Path) -> tuple[dict, Path]:
 
 
 def _run_expect_error(cfg_path: Path, run_dir: Path, capsys, extra_args=()) -> str:
-    from stages import pipeline
+    from staged_alignment.stages import pipeline
 
     before = _tree_digest(run_dir)
     rc = pipeline.main(["--config", str(cfg_path), *extra_args])
@@ -271,9 +271,9 @@ def test_numeric_string_in_a_training_section_is_converted(tiny_model_dir, tmp_p
     in what the stage builds."""
     from trl import SFTConfig
 
-    from stages.common import build_training_args
-    from stages.config import load_config
-    from stages.pipeline import main
+    from staged_alignment.core.common import build_training_args
+    from staged_alignment.core.config import load_config
+    from staged_alignment.stages.pipeline import main
 
     data, run_dir = _base_config(tmp_path, tiny_model_dir)
     cfg_path = tmp_path / "ok.yaml"
@@ -336,7 +336,7 @@ def test_command_line_errors_use_the_project_format(argv, words, tiny_model_dir,
 
 
 def test_overrides_are_accepted_on_both_sides_of_a_flag(tiny_model_dir, tmp_path, capsys, no_model_load):
-    from stages.pipeline import main
+    from staged_alignment.stages.pipeline import main
 
     data, _ = _base_config(tmp_path, tiny_model_dir)
     cfg = tmp_path / "ok.yaml"
@@ -386,7 +386,7 @@ def test_secret_given_as_override_is_rejected(tiny_model_dir, tmp_path, capsys, 
 
 
 def test_missing_config_file(tmp_path, capsys, no_model_load):
-    from stages import pipeline
+    from staged_alignment.stages import pipeline
 
     rc = pipeline.main(["--config", str(tmp_path / "nope.yaml")])
     err = capsys.readouterr().err
@@ -405,7 +405,7 @@ def test_corpus_covers_every_input_kind():
 
 # ------------------------------------------------------------------ disk faults
 def test_output_dir_not_writable_detected_up_front(tiny_model_dir, tmp_path, capsys, no_model_load):
-    from stages import pipeline
+    from staged_alignment.stages import pipeline
 
     blocker = tmp_path / "not_a_dir"
     blocker.write_text("a file where the output folder should be\n")
@@ -419,7 +419,7 @@ def test_output_dir_not_writable_detected_up_front(tiny_model_dir, tmp_path, cap
 def test_full_disk_detected_up_front(tiny_model_dir, tmp_path, capsys, monkeypatch, no_model_load):
     import collections
 
-    from stages import pipeline
+    from staged_alignment.stages import pipeline
 
     usage = collections.namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10 * 1024 ** 3, 10 * 1024 ** 3 - 1024 ** 2, 1024 ** 2))
@@ -434,7 +434,8 @@ def test_disk_full_mid_run_is_one_clear_error_and_keeps_outputs(tiny_model_dir, 
     import errno
     import json
 
-    from stages import common, stage0_sft
+    from staged_alignment.core import common
+    from staged_alignment.stages import stage0_sft
 
     cfg = write_tiny_pipeline_config(tmp_path, tiny_model_dir, name="enospc")
     run_dir = tmp_path / "runs" / "enospc"
@@ -461,7 +462,7 @@ def test_disk_full_inside_a_library_save_is_recognised():
     """safetensors and torch report a full disk in their own exception types: still a disk error (exit 4)."""
     import errno
 
-    from stages.common import is_disk_error
+    from staged_alignment.core.common import is_disk_error
 
     assert is_disk_error(OSError(errno.ENOSPC, "No space left on device"))
     assert is_disk_error(RuntimeError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, "
@@ -618,8 +619,8 @@ def test_training_and_eval_rows_that_make_no_sense(case, tiny_model_dir, tmp_pat
 
 def test_sft_rows_that_train_no_assistant_token(tiny_model_dir, tmp_path, capsys, no_model_load):
     """Rows whose prompt fills max_length are counted; above sft.max_truncated_share the run is refused."""
-    from stages.config import load_config
-    from stages.stage0_sft import check_truncation
+    from staged_alignment.core.config import load_config
+    from staged_alignment.stages.stage0_sft import check_truncation
 
     data, run_dir = _base_config(tmp_path, tiny_model_dir)
     long_row = [{"role": U, "content": "word " * 400}, {"role": A, "content": "b"}]
@@ -629,7 +630,7 @@ def test_sft_rows_that_train_no_assistant_token(tiny_model_dir, tmp_path, capsys
     assert "field 'sft.data'" in msg and "3 of 10 rows" in msg and "no assistant token" in msg, msg
     _set(data, "sft.max_truncated_share", 0.5)  # allowed: counted and warned about, not refused
     cfg = load_config(_cfg_file(tmp_path, data))
-    from data_builders.sft_data import read_sft_sources
+    from staged_alignment.data_builders.sft_data import read_sft_sources
 
     assert check_truncation(cfg, read_sft_sources(cfg.sft.data), 192) == 3
 
@@ -665,7 +666,7 @@ def test_yaml_means_what_the_user_wrote(case, tiny_model_dir, tmp_path, capsys, 
 
 
 def test_yaml_12_values_are_read_as_written():
-    from stages.config import load_yaml_bounded, load_yaml_value
+    from staged_alignment.core.config import load_yaml_bounded, load_yaml_value
 
     data, _ = load_yaml_bounded("a: 010\nb: 0o17\nc: 0x1f\nd: 1e-4\ne: 2026-12-01\nf: off\ng: .inf\nh: ~\n"
                                 "i: True\nj: 1:30\nk: -.5\n", "t.yaml")
@@ -727,7 +728,7 @@ def test_smoke_planner_refuses_misshapen_recipes(override, tiny_model_dir, tmp_p
 def test_config_path_that_is_not_a_file(kind, tmp_path, capsys, no_model_load):
     import os
 
-    from stages import pipeline
+    from staged_alignment.stages import pipeline
 
     target = {"folder": tmp_path, "device": Path("/dev/zero")}.get(kind)
     if kind == "fifo":
@@ -743,8 +744,8 @@ def test_template_with_nested_loops_is_refused_in_bounded_time(tiny_model_dir, t
                                                                no_model_load):
     import time
 
-    from data_builders import chat_template
-    from data_builders.chat_template import ZEPHYR_TEMPLATE
+    from staged_alignment.core import chat_template
+    from staged_alignment.core.chat_template import ZEPHYR_TEMPLATE
 
     monkeypatch.setattr(chat_template, "TEMPLATE_CHECK_SECONDS", 3.0)
     bomb = tmp_path / "bomb.jinja"
@@ -758,7 +759,7 @@ def test_template_with_nested_loops_is_refused_in_bounded_time(tiny_model_dir, t
 
 
 def test_template_output_bomb_hits_the_memory_budget(tiny_model_dir, monkeypatch):
-    from data_builders import chat_template
+    from staged_alignment.core import chat_template
 
     def bomb():
         return "x" * (4 << 30)  # 4 GiB: above the budget
@@ -791,8 +792,8 @@ def test_credentials_in_values_never_reach_disk_or_command_lines(tiny_model_dir,
     gets the override through the environment, not its command line."""
     import subprocess
 
-    from stages import pipeline
-    from stages.redaction import SECRET_OVERRIDES_ENV
+    from staged_alignment.core.redaction import SECRET_OVERRIDES_ENV
+    from staged_alignment.stages import pipeline
 
     data, run_dir = _base_config(tmp_path, tiny_model_dir)
     cfg = _cfg_file(tmp_path, data)
@@ -810,7 +811,7 @@ def test_credentials_in_values_never_reach_disk_or_command_lines(tiny_model_dir,
 
 
 def test_redaction_rules():
-    from stages.redaction import has_secret, redact
+    from staged_alignment.core.redaction import has_secret, redact
 
     assert redact("see http://u:p4ss@host:1/v1 now") == "see http://***@host:1/v1 now"
     assert redact("token hf_abcdefghijklmnop end") == "token hf_*** end"
@@ -824,7 +825,7 @@ def test_redaction_rules():
 def test_log_lines_are_redacted(capsys):
     import logging
 
-    from stages.common import setup_logging
+    from staged_alignment.core.common import setup_logging
 
     setup_logging()
     logging.getLogger("staged_alignment").warning("critic at %s", "http://me:s3cr3tpw@h/v1")
@@ -834,7 +835,7 @@ def test_log_lines_are_redacted(capsys):
 def test_remote_code_never_runs_at_validation(tiny_model_dir, tmp_path, capsys, caplog):
     """trust_remote_code: true and a folder whose config.json has an auto_map: --dry-run validates without
     importing the folder's Python and names the files a real run would execute."""
-    from stages import pipeline
+    from staged_alignment.stages import pipeline
 
     d = _copy_model(tiny_model_dir, tmp_path, "remote")
     c = json.loads((d / "config.json").read_text())
@@ -855,7 +856,8 @@ def test_remote_code_never_runs_at_validation(tiny_model_dir, tmp_path, capsys, 
 def test_a_failed_fresh_start_puts_the_earlier_checkpoints_back(tiny_model_dir, tmp_path, capsys, monkeypatch):
     """A finished stage rerun alone starts fresh; if its model then fails to load, the earlier checkpoints and the
     manifest entry are where they were."""
-    from stages import common, stage0_sft
+    from staged_alignment.core import common
+    from staged_alignment.stages import stage0_sft
 
     cfg = write_tiny_pipeline_config(tmp_path, tiny_model_dir, name="keep")
     run_dir = tmp_path / "runs" / "keep"
@@ -912,8 +914,13 @@ def test_control_tokens_in_content_never_become_special_ids(tiny_model_dir):
     eos and assistant header ids are the template's own. ``refuse`` raises."""
     from transformers import AutoTokenizer
 
-    from data_builders.chat_template import (ControlTokenError, apply_template, prompt_ids, prompt_response_ids,
-                                             render_prompt)
+    from staged_alignment.core.chat_template import (
+        ControlTokenError,
+        apply_template,
+        prompt_ids,
+        prompt_response_ids,
+        render_prompt,
+    )
 
     tok = apply_template(AutoTokenizer.from_pretrained(str(tiny_model_dir)))
     eos = tok.eos_token_id

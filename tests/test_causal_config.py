@@ -12,8 +12,8 @@ from tests.conftest import REPO
 def test_causal_config_defaults_are_the_measured_best(tmp_path):
     """No loss argument anywhere: task + injected LM + KL, no contrastive term (ablation arm A5), and the views that
     objective needs; the pipeline's sections have the very same defaults (declared once)."""
-    from stages.config import CausalHeadSection, CausalLossSection
-    from trainers.causal import CausalConfig
+    from staged_alignment.core.config import CausalHeadSection, CausalLossSection
+    from staged_alignment.trainers.causal import CausalConfig
 
     args = CausalConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none")
     assert (args.lambda_task, args.lambda_lm_injected, args.lambda_kl, args.lambda_pref) == (1.0, 1.0, 1.0, 0.0)
@@ -31,7 +31,7 @@ def test_causal_config_defaults_are_the_measured_best(tmp_path):
                                                ("lambda_task", float("nan"), "lambda_task"),
                                                ("padding_side", "middle", "padding_side")])
 def test_causal_config_refuses_values_outside_their_constraint(field, value, words, tmp_path):
-    from trainers.causal import CausalConfig
+    from staged_alignment.trainers.causal import CausalConfig
 
     with pytest.raises(ValueError, match=words):
         CausalConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", **{field: value})
@@ -43,8 +43,8 @@ def test_trainer_built_with_no_loss_arguments_uses_the_measured_best(tiny_model_
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from data_builders.chat_template import apply_template
-    from trainers.causal import CausalConfig, CausalContrastiveTrainer, CausalTrainer
+    from staged_alignment.core.chat_template import apply_template
+    from staged_alignment.trainers.causal import CausalConfig, CausalContrastiveTrainer, CausalTrainer
     from tests.test_causal_trainer import seed_triplets
 
     tok = apply_template(AutoTokenizer.from_pretrained(str(tiny_model_dir)))

@@ -6,10 +6,12 @@ from pathlib import Path
 
 import torch
 
-from data_builders.token_cache import TripletCollator, build_token_cache, needed_views
-from data_builders.triplets import build_triplets, read_attacks, read_tasks, write_triplets
-from evaluation.cases import injected_messages, load_cases
-from stages.config import CausalLossSection, ModelSection
+from staged_alignment.core.causal_objective import needed_views
+from staged_alignment.core.config import CausalLossSection, ModelSection
+from staged_alignment.data_builders.token_cache import TripletCollator, build_token_cache
+from staged_alignment.data_builders.triplets import build_triplets, read_attacks, read_tasks, write_triplets
+from staged_alignment.evaluation.cases import injected_messages, load_cases
+
 REPO = Path(__file__).resolve().parents[1]
 SEED_TASKS = REPO / "data_builders" / "seed" / "tasks.jsonl"
 SEED_ATTACKS = REPO / "data_builders" / "seed" / "attacks_train.json"
@@ -18,7 +20,7 @@ HELDOUT = REPO / "evaluation" / "heldout" / "injection_heldout.jsonl"
 
 
 def _logps(model, tok, cases):
-    from stages.evaluate import teacher_forced_logps
+    from staged_alignment.evaluation.runner import teacher_forced_logps
 
     convs = [injected_messages(c) for c in cases]
     # the probability that the answer *begins* with the canary / the ideal (no eos: training on short answers in a
@@ -31,8 +33,8 @@ def _logps(model, tok, cases):
 def _train(peft, tok, ds, out, loss: dict, steps: int):
     from transformers import TrainingArguments
 
-    from trainers.causal import CausalContrastiveTrainer
-    from trainers.causal_losses import build_projection_head
+    from staged_alignment.trainers.causal import CausalContrastiveTrainer
+    from staged_alignment.trainers.causal_losses import build_projection_head
 
     views, lm_views = needed_views(**loss)
     head = None
@@ -57,7 +59,7 @@ def test_default_objective_lowers_heldout_canary_logprob_under_injection(smollm2
     answer: the stage's purpose, checked on the real model, not a stub."""
     from peft import LoraConfig, get_peft_model
 
-    from stages.models import load_model, load_tokenizer
+    from staged_alignment.core.models import load_model, load_tokenizer
 
     torch.manual_seed(0)
     ms = ModelSection(name_or_path=str(smollm2_dir))

@@ -6,8 +6,14 @@ import math
 import pytest
 import torch
 
-from trainers.causal_losses import (ProjectionHead, build_projection_head, check_temperature, contrastive_loss,
-                                    lm_token_nll, pool_hidden_states)
+from staged_alignment.trainers.causal_losses import (
+    ProjectionHead,
+    build_projection_head,
+    check_temperature,
+    contrastive_loss,
+    lm_token_nll,
+    pool_hidden_states,
+)
 
 # Fixed 2-D vectors whose cosines are known by hand:
 #   triplet 0: b=(1,0), c=(1,1) → cos = 1/√2;  i=(0,1)  → cos = 0
@@ -147,7 +153,7 @@ def test_lm_token_nll_selects_labelled_positions():
 
 # ------------------------------------------------------------------ the output-level terms
 def test_token_kl_by_hand_and_stop_gradient_on_the_clean_side():
-    from trainers.causal_losses import token_kl
+    from staged_alignment.trainers.causal_losses import token_kl
 
     ref = torch.tensor([[0.0, 0.0], [math.log(3.0), 0.0], [0.0, 0.0]], requires_grad=True)  # p = (.5,.5), (.75,.25)
     cur = torch.tensor([[math.log(3.0), 0.0], [0.0, 0.0], [0.0, 0.0]], requires_grad=True)  # q = (.75,.25), (.5,.5)
@@ -164,7 +170,7 @@ def test_token_kl_by_hand_and_stop_gradient_on_the_clean_side():
 
 
 def test_dpo_sigmoid_loss_by_hand():
-    from trainers.causal_losses import dpo_sigmoid_loss
+    from staged_alignment.trainers.causal_losses import dpo_sigmoid_loss
 
     pw, pl, rw, rl = (torch.tensor([-3.0, -1.0]), torch.tensor([-2.0, -4.0]), torch.tensor([-3.5, -1.0]),
                       torch.tensor([-2.0, -3.0]))
@@ -179,7 +185,7 @@ def test_dpo_sigmoid_loss_by_hand():
 
 
 def test_anchored_infonce_by_hand_and_detached_anchor():
-    from trainers.causal_losses import anchored_infonce
+    from staged_alignment.trainers.causal_losses import anchored_infonce
 
     a = torch.tensor([[1.0, 0.0]], requires_grad=True)
     p = torch.tensor([[1.0, 1.0]], requires_grad=True)  # cos 1/√2

@@ -8,13 +8,33 @@ from pathlib import Path
 import pytest
 import torch
 
-from data_builders.chat_template import apply_template, prompt_ids, prompt_response_ids
-from data_builders.jsonl_io import DataError
-from data_builders.token_cache import VIEWS, TripletCollator, _MapFn, build_token_cache, cache_fingerprint, needed_views
-from data_builders.triplets import build_triplets, read_attacks, read_tasks, triplet_messages, write_triplets
-from trainers.causal import (HEAD_CONFIG, HEAD_WEIGHTS, CausalContrastiveTrainer, encode_prompts, encode_views,
-                             load_projection_head, save_projection_head)
-from trainers.causal_losses import build_projection_head, pool_hidden_states
+from staged_alignment.core.causal_objective import needed_views
+from staged_alignment.core.chat_template import apply_template, prompt_ids, prompt_response_ids
+from staged_alignment.core.jsonl_io import DataError
+from staged_alignment.data_builders.token_cache import (
+    VIEWS,
+    TripletCollator,
+    _MapFn,
+    build_token_cache,
+    cache_fingerprint,
+)
+from staged_alignment.data_builders.triplets import (
+    build_triplets,
+    read_attacks,
+    read_tasks,
+    triplet_messages,
+    write_triplets,
+)
+from staged_alignment.trainers.causal import (
+    HEAD_CONFIG,
+    HEAD_WEIGHTS,
+    CausalContrastiveTrainer,
+    encode_prompts,
+    encode_views,
+    load_projection_head,
+    save_projection_head,
+)
+from staged_alignment.trainers.causal_losses import build_projection_head, pool_hidden_states
 
 REPO = Path(__file__).resolve().parents[1]
 SEED_TASKS = REPO / "data_builders" / "seed" / "tasks.jsonl"
@@ -441,7 +461,7 @@ def test_encode_prompts_matches_training_pooling(tiny_model_dir, tok):
 
 # ------------------------------------------------------------------ the stage
 def _stage_cfg(tmp_path, model_dir, extra=""):
-    from stages.config import load_config
+    from staged_alignment.core.config import load_config
 
     text = f"""run_name: st
 output_dir: {tmp_path / 'runs'}
@@ -482,7 +502,7 @@ evaluate:
 
 
 def test_stage_validate_refuses_overlap_before_any_model(tmp_path):
-    from stages import stage2_causal as s2
+    from staged_alignment.stages import stage2_causal as s2
 
     ev = tmp_path / "eval_attacks.json"
     first = json.loads(SEED_ATTACKS.read_text())["Task hijacking"][0]
@@ -493,7 +513,7 @@ def test_stage_validate_refuses_overlap_before_any_model(tmp_path):
         s2.validate(cfg)
     cfg.causal.eval_attacks = []
     s2.validate(cfg)
-    from stages.config import ConfigError
+    from staged_alignment.core.config import ConfigError
 
     with pytest.raises(ConfigError, match=r"causal\.base.*sft/merged is missing or incomplete.*causal\.base_model"):
         s2.run(cfg)
@@ -501,7 +521,7 @@ def test_stage_validate_refuses_overlap_before_any_model(tmp_path):
 
 def test_stage_run_on_tiny_model(tiny_model_dir, tmp_path):
     """The default objective (no contrastive term: no head) end to end; then v2 with its head."""
-    from stages import stage2_causal as s2
+    from staged_alignment.stages import stage2_causal as s2
 
     cfg = _stage_cfg(tmp_path, tiny_model_dir)
     base = cfg.run_dir / "sft" / "merged"
@@ -547,7 +567,7 @@ PAIRS = [{"id": f"p{i}", "prompt": [{"role": "user", "content": q}],
 
 @pytest.fixture(scope="module")
 def retain_dataset(dataset, tok):
-    from data_builders.token_cache import attach_retention, tokenize_retention_pairs
+    from staged_alignment.data_builders.token_cache import attach_retention, tokenize_retention_pairs
 
     rows, too_long = tokenize_retention_pairs(PAIRS, tok, 512)
     assert len(rows) == 3 and too_long == 0
@@ -555,7 +575,7 @@ def retain_dataset(dataset, tok):
 
 
 def test_retention_rows_are_the_pairs_tokenized_like_the_triplets(retain_dataset, dataset, tok):
-    from data_builders.token_cache import attach_retention, tokenize_retention_pairs
+    from staged_alignment.data_builders.token_cache import attach_retention, tokenize_retention_pairs
 
     seen = set()
     for ex in retain_dataset:
@@ -638,7 +658,7 @@ def test_retention_dpo_starts_at_ln2_and_accumulates_exactly(tiny_model_dir, tok
 
 
 def test_retention_config_errors(tmp_path):
-    from stages.config import ConfigError, load_config
+    from staged_alignment.core.config import ConfigError, load_config
 
     p = tmp_path / "c.yaml"
     p.write_text("causal:\n  retain_source: self\n  loss:\n    lambda_retain_dpo: 1.0\n")
@@ -682,7 +702,7 @@ def test_causal_forward_equals_the_model_own_logits_reference_and_head(arch, tin
     the lm_head-on-positions path and, for a soft-capped model, the full-logits path), the reference log-probs of
     a separate adapter-disabled forward, and head(pool(hidden states)); every trainable parameter gets a gradient
     from that one call."""
-    from trainers.causal import HEAD_ATTR, CausalPeftModel
+    from staged_alignment.trainers.causal import HEAD_ATTR, CausalPeftModel
 
     model = peft_model(tiny_model_dir if arch == "llama" else _softcapped_model_dir(tmp_path, tok))
     head = build_projection_head("mlp", model.get_base_model().config.hidden_size, 8, 16, seed=0)
@@ -723,7 +743,7 @@ def test_causal_forward_equals_the_model_own_logits_reference_and_head(arch, tin
 def test_causal_peft_model_adopt_refuses_other_models_and_keeps_plain_forward(tiny_model_dir, tok, dataset):
     from transformers import AutoModelForCausalLM
 
-    from trainers.causal import CausalPeftModel
+    from staged_alignment.trainers.causal import CausalPeftModel
 
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     with pytest.raises(ValueError, match="PeftModelForCausalLM"):

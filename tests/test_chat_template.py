@@ -4,8 +4,14 @@ from __future__ import annotations
 import pytest
 from datasets import Dataset
 
-from data_builders.chat_template import (apply_template, prompt_ids, prompt_response_ids, render_conversation,
-                                         render_prompt, uses_bos)
+from staged_alignment.core.chat_template import (
+    apply_template,
+    prompt_ids,
+    prompt_response_ids,
+    render_conversation,
+    render_prompt,
+    uses_bos,
+)
 from tests.conftest import CONV
 
 
@@ -20,7 +26,7 @@ def _sft_labels(tok, conv, model_dir, tmp_path):
     from transformers import AutoModelForCausalLM
     from trl import SFTConfig
 
-    from trainers.sft import ZephyrSFTTrainer
+    from staged_alignment.trainers.sft import ZephyrSFTTrainer
 
     model = AutoModelForCausalLM.from_pretrained(str(model_dir))
     args = SFTConfig(output_dir=str(tmp_path), assistant_only_loss=True, use_cpu=True, bf16=False,
@@ -155,8 +161,8 @@ def test_joint_tokenization_exact_mask_on_sentencepiece(spm_model_dir):
 
 
 def test_causal_token_cache_labels_exact_on_sentencepiece(spm_model_dir, tmp_path):
-    from data_builders.token_cache import VIEWS, build_token_cache
-    from data_builders.triplets import triplet_messages, write_triplets
+    from staged_alignment.data_builders.token_cache import VIEWS, build_token_cache
+    from staged_alignment.data_builders.triplets import triplet_messages, write_triplets
 
     tok = _tokenizer(spm_model_dir)
     t = {"id": "a", "system": "", "instruction": "Who signed?", "data": "Signed, Ana.", "data_counterfactual": "Signed: Ana.",
@@ -179,7 +185,7 @@ def test_dpo_pairs_are_tokenized_jointly_on_sentencepiece(spm_model_dir, tmp_pat
     from transformers import AutoModelForCausalLM
     from trl import DPOConfig
 
-    from trainers.dpo import ConstitutionalDPOTrainer
+    from staged_alignment.trainers.dpo import ConstitutionalDPOTrainer
 
     tok = _tokenizer(spm_model_dir)
     prompt = [{"role": "user", "content": "How do I stay safe?"}]

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from datasets import Dataset
 
-from data_builders.chat_template import apply_template, prompt_response_ids, render_conversation, render_prompt
+from staged_alignment.core.chat_template import apply_template, prompt_response_ids, render_conversation, render_prompt
 from tests.conftest import CONV, REPO
 
 SMOKE = REPO / "configs" / "smollm2-135m_pipeline_cpu-smoke.yaml"
@@ -36,7 +36,7 @@ def test_jinja_file_template_gives_exact_assistant_only_labels(smollm2_dir, tmp_
     from transformers import AutoModelForCausalLM
     from trl import SFTConfig
 
-    from trainers.sft import ZephyrSFTTrainer
+    from staged_alignment.trainers.sft import ZephyrSFTTrainer
 
     tok = apply_template(_tok(smollm2_dir), _write(tmp_path, CHATML))
     assert tok.chat_template == CHATML and tok.eos_token == "<|im_end|>"
@@ -115,8 +115,8 @@ def test_jinja_templates_that_would_train_or_generate_wrong_are_refused(smollm2_
 
 
 def test_config_resolves_the_file_and_checks_it_before_any_model_load(smollm2_dir, tmp_path, monkeypatch):
-    from stages.config import ConfigError, load_config
-    from stages.models import check_model
+    from staged_alignment.core.config import ConfigError, load_config
+    from staged_alignment.core.models import check_model
 
     with pytest.raises(ConfigError, match=r"model.chat_template.*'missing.jinja' is neither one of \['zephyr', "
                                           r"'tokenizer'\] nor an existing Jinja template file"):
@@ -142,7 +142,7 @@ def test_config_resolves_the_file_and_checks_it_before_any_model_load(smollm2_di
 def test_smoke_maps_the_recipe_model_template_to_zephyr():
     """The model's own template or a file written for its tokens (a hard-coded <|eot_id|>) would not fit the embedded
     model's tokenizer."""
-    from stages.smoke import smoke_plan
+    from staged_alignment.core.smoke import smoke_plan
 
     for template in ("tokenizer", "templates/llama3.jinja"):
         over, rows = smoke_plan({"run_name": "r", "model": {"chat_template": template}})

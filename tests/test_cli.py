@@ -1,5 +1,5 @@
 """TRL-style command-line flags on every stage script: ``--key value``, ``--key=value``, bare booleans, in any
-position, mapped onto the dotted config (``stages.config.CliParser``)."""
+position, mapped onto the dotted config (``core.config.CliParser``)."""
 from __future__ import annotations
 
 import subprocess
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from stages.config import CliParser, ConfigError
+from staged_alignment.core.config import CliParser, ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "configs" / "smollm2-135m_pipeline_cpu-smoke.yaml"

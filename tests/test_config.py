@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from stages.config import ConfigError, load_config
+from staged_alignment.core.config import ConfigError, load_config
 
 GOOD = """run_name: t
 output_dir: {out}
@@ -87,7 +87,7 @@ def test_malformed_yaml_and_missing_file(tmp_path):
 def test_training_args_unknown_key_names_line(tmp_path):
     from trl import SFTConfig
 
-    from stages.common import build_training_args
+    from staged_alignment.core.common import build_training_args
 
     p, cfg = _cfg(tmp_path, GOOD.replace("    max_steps: 2", "    max_steps: 2\n    learnin_rate: 0.1"))
     with pytest.raises(ConfigError) as ei:
@@ -103,9 +103,9 @@ def test_stage_defaults_group_by_length_and_user_key_wins(tmp_path):
     from transformers import TrainingArguments
     from trl import SFTConfig
 
-    from stages.common import build_training_args
-    from stages.stage0_sft import sft_defaults
-    from stages.stage2_causal import causal_defaults
+    from staged_alignment.core.common import build_training_args
+    from staged_alignment.stages.stage0_sft import sft_defaults
+    from staged_alignment.stages.stage2_causal import causal_defaults
 
     _, cfg = _cfg(tmp_path, GOOD)
     assert build_training_args(SFTConfig, cfg, "sft", tmp_path / "o", **sft_defaults(cfg)) \
@@ -121,7 +121,7 @@ def test_shipped_configs_load():
     """Every config under configs/ parses (GPU-only settings are checked against the hardware at run time)."""
     from pathlib import Path
 
-    import stages.config as sc
+    import staged_alignment.core.config as sc
 
     paths = sorted(Path(__file__).resolve().parents[1].glob("configs/*.yaml"))
     assert paths, "no shipped configs"
@@ -138,7 +138,7 @@ def test_shipped_configs_load():
 def test_override_indexes_lists_and_aliases_are_not_shared(tmp_path):
     """``sft.data.0.path=…`` sets the list item; an override of an aliased section changes that section only; a
     key given twice is refused with both lines."""
-    from stages.config import ConfigError, apply_overrides, load_yaml_bounded
+    from staged_alignment.core.config import ConfigError, apply_overrides, load_yaml_bounded
 
     data = {"sft": {"data": [{"path": "a.jsonl"}, {"path": "b.jsonl"}]}}
     assert apply_overrides(data, ["sft.data.1.path=c.jsonl"]) == ["sft.data.1.path"]

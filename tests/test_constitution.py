@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from data_builders.constitution import draw_principle, load_constitution
-from data_builders.jsonl_io import DataError
+from staged_alignment.core.jsonl_io import DataError
+from staged_alignment.data_builders.constitution import draw_principle, load_constitution
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT = ROOT / "constitutions" / "default.json"
@@ -116,7 +116,7 @@ def test_draw_is_seeded_by_seed_and_prompt_id():
 
 
 def test_draw_stable_across_processes():
-    code = ("from data_builders.constitution import load_constitution as L, draw_principle as d;"
+    code = ("from staged_alignment.data_builders.constitution import load_constitution as L, draw_principle as d;"
             "c=L('constitutions/default.json');print(','.join(d(c,5,f'x{i}').id for i in range(20)))")
     outs = {subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True,
                            env={"PYTHONHASHSEED": s, "PATH": "/usr/bin:/bin"}).stdout for s in ("1", "2")}

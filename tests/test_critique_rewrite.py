@@ -11,10 +11,19 @@ from pathlib import Path
 
 import pytest
 
-from data_builders.constitution import Constitution, Principle, draw_principle, load_constitution
-from data_builders.critique_rewrite import (REJECT_REASONS, build_backend, default_side_paths, ensure_full_precision,
-                                            generate_pairs, normalize_ws, read_pairs, require_vllm, strip_preamble)
-from data_builders.jsonl_io import DataError
+from staged_alignment.core.jsonl_io import DataError
+from staged_alignment.data_builders.constitution import Constitution, Principle, draw_principle, load_constitution
+from staged_alignment.data_builders.critique_rewrite import (
+    REJECT_REASONS,
+    build_backend,
+    default_side_paths,
+    ensure_full_precision,
+    generate_pairs,
+    normalize_ws,
+    read_pairs,
+    require_vllm,
+    strip_preamble,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 PAIR_KEYS = {"id", "prompt", "chosen", "rejected", "principle_id", "critique", "source"}
@@ -207,7 +216,7 @@ def test_vllm_backend_clear_error_without_vllm_or_cuda(tiny_model_dir):
 
     import torch
 
-    from stages.config import GenerationSection, ModelSection
+    from staged_alignment.core.config import GenerationSection, ModelSection
 
     if importlib.util.find_spec("vllm") is not None and torch.cuda.is_available():
         pytest.skip("vllm and CUDA present")
@@ -252,7 +261,7 @@ def test_cli_resumes_after_sigkill_without_duplicates(tmp_path, eos_biased_model
                                for i in range(n)))
     out = tmp_path / "pairs.jsonl"
     rejected = default_side_paths(out)[0]
-    cmd = [sys.executable, "-m", "data_builders.critique_rewrite", "--model", str(eos_biased_model_dir),
+    cmd = [sys.executable, "-m", "staged_alignment.data_builders.critique_rewrite", "--model", str(eos_biased_model_dir),
            "--prompts", str(prompts), "--constitution", str(ROOT / "constitutions" / "default.json"),
            "--out", str(out), "--max-new-tokens", "8", "--batch-size", "2", "--seed", "3", "--device", "cpu",
            "--no-progress", "--no-content-filters"]  # a random tiny model's pairs would all be filtered out

@@ -10,7 +10,7 @@ applies the same update) and checks that training changed them from the initial 
 Also checks that every ``configs/accelerate/*.yaml`` parses with accelerate's own config loader (no unknown
 keys for the installed accelerate).
 
-The stage scripts themselves: fast tests of the main-process guards on one process (``stages.common``:
+The stage scripts themselves: fast tests of the main-process guards on one process (``core.common``:
 ``process_state``, ``main_process_only``, ``run_stage_main`` with a stand-in rank), and slow tests that run the real
 ``stages/stage0_sft.py``, ``stage1_dpo.py``, ``stage2_causal.py`` and ``evaluate.py`` under ``torchrun
 --nproc_per_node 2`` (gloo, CPU) on the tiny pipeline config: one manifest entry per stage, one adapter, one merged
@@ -30,7 +30,7 @@ if __name__ == "__main__":  # worker mode under torchrun: make the project and c
     sys.path.insert(0, str(ROOT))
     sys.path.insert(0, str(ROOT / "tests"))
 
-import pytest  # noqa: E402
+import pytest
 
 SFT_ROWS = [
     {"messages": [{"role": "user", "content": f"Summarise the email number {i}."},
@@ -41,7 +41,7 @@ SFT_ROWS = [
 
 # --------------------------------------------------------------------------------------------- worker side
 def _tiny_cfg(model_dir: Path, out_dir: Path, stage: str, training: dict):
-    from stages.config import PipelineConfig
+    from staged_alignment.core.config import PipelineConfig
 
     cfg = PipelineConfig(run_name="ddp", output_dir=str(out_dir), device="cpu", seed=123)
     cfg.model.name_or_path = str(model_dir)
@@ -65,10 +65,10 @@ def _run_sft(model_dir: Path, out: Path, rank: int) -> None:
     from safetensors.torch import save_file
     from trl import SFTConfig
 
-    from stages.common import build_training_args, seed_everything
-    from stages.models import load_model, load_tokenizer, lora_config
-    from stages.stage0_sft import sft_defaults
-    from trainers.sft import ZephyrSFTTrainer
+    from staged_alignment.core.common import build_training_args, seed_everything
+    from staged_alignment.core.models import load_model, load_tokenizer, lora_config
+    from staged_alignment.stages.stage0_sft import sft_defaults
+    from staged_alignment.trainers.sft import ZephyrSFTTrainer
 
     cfg = _tiny_cfg(model_dir, out, "sft", dict(max_steps=3, per_device_train_batch_size=2, learning_rate=5e-3,
                                                  save_strategy="no", logging_steps=1, disable_tqdm=True,
@@ -130,13 +130,14 @@ def _run_causal(model_dir: Path, out: Path, rank: int) -> None:
     from safetensors.torch import save_file
     from transformers import TrainingArguments
 
-    from data_builders.token_cache import TripletCollator, build_token_cache, needed_views
-    from data_builders.triplets import write_triplets
-    from stages.common import build_training_args, seed_everything
-    from stages.models import load_model, load_tokenizer, lora_config
-    from stages.stage2_causal import causal_defaults
-    from trainers.causal import CausalContrastiveTrainer
-    from trainers.causal_losses import build_projection_head
+    from staged_alignment.core.causal_objective import needed_views
+    from staged_alignment.core.common import build_training_args, seed_everything
+    from staged_alignment.core.models import load_model, load_tokenizer, lora_config
+    from staged_alignment.data_builders.token_cache import TripletCollator, build_token_cache
+    from staged_alignment.data_builders.triplets import write_triplets
+    from staged_alignment.stages.stage2_causal import causal_defaults
+    from staged_alignment.trainers.causal import CausalContrastiveTrainer
+    from staged_alignment.trainers.causal_losses import build_projection_head
 
     cfg = _tiny_cfg(model_dir, out, "causal", dict(max_steps=3, per_device_train_batch_size=2, learning_rate=5e-3,
                                                     save_strategy="no", logging_steps=1, disable_tqdm=True,
@@ -289,8 +290,8 @@ def test_process_state_on_one_process_is_main_and_barriers_are_no_ops(tmp_path):
     import torch.distributed as dist
     from accelerate import DistributedType
 
-    from stages.common import main_process_only, process_state
-    from stages.config import PipelineConfig
+    from staged_alignment.core.common import main_process_only, process_state
+    from staged_alignment.core.config import PipelineConfig
 
     cfg = PipelineConfig(run_name="one", output_dir=str(tmp_path), device="cpu")
     state = process_state(cfg)
@@ -311,9 +312,10 @@ def test_process_state_on_one_process_is_main_and_barriers_are_no_ops(tmp_path):
 def test_run_stage_main_manifest_and_run_by_rank(tmp_path, tiny_model_dir, monkeypatch, alone):
     """Rank 0 of 2 clears the resume state, writes the manifest and runs; rank 1 of 2 writes nothing, runs the
     training stage after one barrier, and leaves a main-process-only stage (evaluation) after the barrier."""
-    import stages.common as common
     from conftest import write_tiny_pipeline_config
-    from stages.run_dir import Manifest
+
+    import staged_alignment.core.common as common
+    from staged_alignment.core.run_dir import Manifest
 
     cfg_path = write_tiny_pipeline_config(tmp_path, tiny_model_dir)
     run_dir = tmp_path / "runs" / "tiny"
@@ -356,7 +358,7 @@ def ddp_stage_run(tmp_path_factory):
 
 @pytest.mark.slow
 def test_stage0_sft_two_processes(ddp_stage_run):
-    from stages.models import is_complete_adapter_dir, is_complete_model_dir
+    from staged_alignment.core.models import is_complete_adapter_dir, is_complete_model_dir
 
     _, run_dir, proc = ddp_stage_run
     assert proc.returncode == 0, f"torchrun stage0 failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
@@ -378,9 +380,9 @@ def test_stage0_sft_two_processes(ddp_stage_run):
 def test_stage1_dpo_two_processes_pairs_written_once(ddp_stage_run):
     from collections import Counter
 
-    from stages.models import is_complete_adapter_dir, is_complete_model_dir
-    from stages.stage1_dpo import validate
-    from stages.config import load_config
+    from staged_alignment.core.config import load_config
+    from staged_alignment.core.models import is_complete_adapter_dir, is_complete_model_dir
+    from staged_alignment.stages.stage1_dpo import validate
 
     cfg_path, run_dir, sft_proc = ddp_stage_run
     assert sft_proc.returncode == 0, "stage 0 failed (see test_stage0_sft_two_processes)"
@@ -412,7 +414,7 @@ def test_stage2_causal_and_evaluate_two_processes(ddp_stage_run):
     on rank 0 alone and rank 1 exits 0."""
     from collections import Counter
 
-    from stages.models import is_complete_adapter_dir, is_complete_model_dir
+    from staged_alignment.core.models import is_complete_adapter_dir, is_complete_model_dir
 
     cfg_path, run_dir, sft_proc = ddp_stage_run
     assert sft_proc.returncode == 0, "stage 0 failed (see test_stage0_sft_two_processes)"

@@ -62,7 +62,7 @@ def _set(d, path, value):
 
 
 def _dry_run(cfg_path: Path, out_dir: Path, extra=()) -> tuple[int, str]:
-    from stages import pipeline
+    from staged_alignment.stages import pipeline
 
     err, t0 = io.StringIO(), time.time()
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
@@ -87,9 +87,9 @@ def _stages_accept(cfg_path: Path, out_dir: Path, extra=()) -> None:
     from transformers import TrainingArguments
     from trl import DPOConfig, SFTConfig
 
-    from stages.common import build_training_args
-    from stages.config import load_config
-    from stages.models import lora_config
+    from staged_alignment.core.common import build_training_args
+    from staged_alignment.core.config import load_config
+    from staged_alignment.core.models import lora_config
 
     cfg = load_config(cfg_path, [f"output_dir={out_dir}", *extra])
     for cls, sec in ((SFTConfig, "sft"), (DPOConfig, "dpo"), (TrainingArguments, "causal")):

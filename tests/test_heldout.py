@@ -7,15 +7,22 @@ from pathlib import Path
 
 import pytest
 
-from data_builders.jsonl_io import DataError
-from data_builders.overlap import ATTACK_NGRAM, DATA_NGRAM, canary_words, find_overlaps, shared_ngrams
-from data_builders.triplets import (TRAIN_CANARY_WORDS, TRAIN_CONTROL_SUFFIXES, TRAIN_CONTROL_WORDS, Task,
-                                    check_task_overlap, read_attacks, read_tasks)
-from evaluation.cases import clean_messages, copy_sources, load_cases
-from evaluation.heldout import build as B
-from evaluation.heldout.attacks import ATTACK_FAMILIES, CANARY_WORDS
-from evaluation.heldout.tasks import CONTROL_INSTRUCTION_SUFFIXES, CONTROL_TAG_WORDS
-from evaluation.injection_judges import judge_utility
+from staged_alignment.core.jsonl_io import DataError
+from staged_alignment.data_builders.overlap import ATTACK_NGRAM, DATA_NGRAM, canary_words, find_overlaps, shared_ngrams
+from staged_alignment.data_builders.triplets import (
+    TRAIN_CANARY_WORDS,
+    TRAIN_CONTROL_SUFFIXES,
+    TRAIN_CONTROL_WORDS,
+    Task,
+    check_task_overlap,
+    read_attacks,
+    read_tasks,
+)
+from staged_alignment.evaluation.cases import clean_messages, copy_sources, load_cases
+from staged_alignment.evaluation.heldout import build as B
+from staged_alignment.evaluation.heldout.attacks import ATTACK_FAMILIES, CANARY_WORDS
+from staged_alignment.evaluation.heldout.tasks import CONTROL_INSTRUCTION_SUFFIXES, CONTROL_TAG_WORDS
+from staged_alignment.evaluation.injection_judges import judge_utility
 
 REPO = Path(__file__).resolve().parents[1]
 SEED = REPO / "data_builders" / "seed"
@@ -28,7 +35,7 @@ def rows():
 
 def test_shipped_file_is_what_the_builder_makes(rows):
     shipped = [json.loads(x) for x in B.DEFAULT_OUT.read_text().splitlines()]
-    assert shipped == rows, "run `python -m evaluation.heldout.build` and commit the result"
+    assert shipped == rows, "run `python -m staged_alignment.evaluation.heldout.build` and commit the result"
     assert B.build() == rows  # deterministic
 
 
@@ -115,7 +122,7 @@ def test_overlap_rules_catch_the_leaks_exact_matching_misses():
 
 
 def test_causal_stage_refuses_an_eval_set_converted_from_its_training_split(tmp_path, shared_data):
-    from evaluation import bipia_convert as BC
+    from staged_alignment.evaluation import bipia_convert as BC
 
     base = shared_data / "injection" / "bipia-train"
     out = tmp_path / "from_train.jsonl"

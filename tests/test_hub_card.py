@@ -8,7 +8,7 @@ import pytest
 
 
 def _cfg(tmp_path, **hub):
-    from stages.config import PipelineConfig
+    from staged_alignment.core.config import PipelineConfig
 
     cfg = PipelineConfig(run_name="card_run", output_dir=str(tmp_path / "runs"))
     cfg.sft.hub_model_id, cfg.dpo.hub_model_id, cfg.causal.hub_model_id = "org/my_model", "dpo_model", "org/causal_x"
@@ -29,7 +29,7 @@ def _load(text: str, tmp_path: Path):
 def test_sft_card_round_trips_and_names_the_real_hub_base(tmp_path):
     from huggingface_hub.utils import validate_repo_id
 
-    from stages.hub import model_card
+    from staged_alignment.core.hub import model_card
 
     cfg = _cfg(tmp_path)
     text = model_card(cfg, "sft", {"train_loss": 1.5}, ["data/sft_seed.jsonl", "HuggingFaceH4/ultrachat_200k"])
@@ -45,7 +45,7 @@ def test_sft_card_round_trips_and_names_the_real_hub_base(tmp_path):
 
 
 def test_local_base_gives_no_base_model_and_says_why(tmp_path, tiny_model_dir):
-    from stages.hub import model_card
+    from staged_alignment.core.hub import model_card
 
     cfg = _cfg(tmp_path)
     cfg.model.name_or_path = str(tiny_model_dir)
@@ -55,7 +55,7 @@ def test_local_base_gives_no_base_model_and_says_why(tmp_path, tiny_model_dir):
 
 
 def test_chain_names_the_previous_stage_merged_repo(tmp_path):
-    from stages.hub import model_card
+    from staged_alignment.core.hub import model_card
 
     cfg = _cfg(tmp_path, push_to_hub=True, push_merged=True)
     dpo = _load(model_card(cfg, "dpo", {}, []), tmp_path).data.to_dict()
@@ -68,7 +68,7 @@ def test_chain_names_the_previous_stage_merged_repo(tmp_path):
 
 
 def test_dry_run_writes_the_exact_adapter_and_merged_upload_folders(tmp_path):
-    from stages.hub import push_stage_adapter
+    from staged_alignment.core.hub import push_stage_adapter
 
     cfg = _cfg(tmp_path, push_dry_run=True, push_merged=True)
     stage = cfg.run_dir / "dpo"
@@ -92,7 +92,7 @@ def test_dry_run_writes_the_exact_adapter_and_merged_upload_folders(tmp_path):
 
 @pytest.mark.parametrize("key", ["push_to_hub", "hub_model_id"])
 def test_trainer_push_keys_are_refused_with_a_pointer_to_hub(tmp_path, key):
-    from stages.config import ConfigError, load_config
+    from staged_alignment.core.config import ConfigError, load_config
 
     cfg = Path(__file__).resolve().parents[1] / "configs" / "smollm2-135m_pipeline_cpu-smoke.yaml"
     value = "true" if key == "push_to_hub" else "org/x"
@@ -106,7 +106,7 @@ def test_evaluation_results_reach_the_pushed_cards_as_model_index(tmp_path):
     and a model not evaluated are left out; the training metrics stay in the body."""
     import json
 
-    from stages.hub import push_eval_results, push_stage_adapter
+    from staged_alignment.core.hub import push_eval_results, push_stage_adapter
 
     cfg = _cfg(tmp_path, push_dry_run=True)
     stage = cfg.run_dir / "causal"
@@ -114,7 +114,7 @@ def test_evaluation_results_reach_the_pushed_cards_as_model_index(tmp_path):
     (stage / "adapter" / "adapter_model.safetensors").write_bytes(b"x")
     (stage / "adapter" / "adapter_config.json").write_text("{}")
     push_stage_adapter(cfg, "causal", stage / "adapter", {"train_loss": 1.25})
-    from stages.run_dir import Manifest
+    from staged_alignment.core.run_dir import Manifest
 
     Manifest(cfg.run_dir).finish("causal", {"hub_upload": str(stage / "hub_upload")})  # as maybe_push records it
     (cfg.run_dir / "dpo" / "hub_upload").mkdir(parents=True)  # a stale folder of an earlier run: not this run's

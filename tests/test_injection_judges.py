@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from evaluation import injection_judges as J
-from evaluation.cases import clean_messages, injected_messages, parse_case
+from staged_alignment.evaluation import injection_judges as J
+from staged_alignment.evaluation.cases import clean_messages, injected_messages, parse_case
 
 DATA = ("Hi Dana, the repair under the sink is done. Parts came to $38 and labour to $90, so the total is $128. "
         "Pay whenever suits you. - Felix")

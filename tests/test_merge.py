@@ -25,8 +25,8 @@ def _adapter(model_dir, out, scale=0.002):
 def test_fp32_merge_equals_adapter_logits_and_bf16_does_not(tiny_model_dir, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from stages.config import ModelSection
-    from stages.models import merge_adapter, merged_dtype
+    from staged_alignment.core.config import ModelSection
+    from staged_alignment.core.models import merge_adapter, merged_dtype
 
     peft = _adapter(tiny_model_dir, tmp_path / "adapter")
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
@@ -60,7 +60,7 @@ def test_fp32_merge_equals_adapter_logits_and_bf16_does_not(tiny_model_dir, tmp_
 
 @pytest.mark.parametrize("value", ["float64", "fp8"])
 def test_merge_dtype_is_validated(tmp_path, value):
-    from stages.config import ConfigError, load_config
+    from staged_alignment.core.config import ConfigError, load_config
 
     p = tmp_path / "c.yaml"
     p.write_text(f"model:\n  merge_dtype: {value}\n")

@@ -41,9 +41,16 @@ def test_wheel_installs_and_its_console_script_runs_a_dry_run(tmp_path):
     (site / "deps-from-test-env.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     env = {"PATH": f"{venv / 'bin'}:/usr/bin:/bin", "HOME": os.environ.get("HOME", str(tmp_path)),
            "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
-    where = _run([str(py), "-c", "import stages, trainers; print(stages.__file__); print(trainers.__file__)"],
-                 cwd=tmp_path, env=env)
+    where = _run([str(py), "-c", "import staged_alignment.stages as s, staged_alignment.core as c, staged_alignment.trainers "
+                  "as t; print(s.__file__); print(c.__file__); print(t.__file__)"], cwd=tmp_path, env=env)
     assert where.returncode == 0 and all(line.startswith(str(venv)) for line in where.stdout.split()), where
+    # one top-level name in site-packages: none of the repository's folder names is importable on its own
+    for generic in ("stages", "trainers", "data_builders", "evaluation", "core"):
+        gone = _run([str(py), "-c", f"import {generic}"], cwd=tmp_path, env=env)
+        assert gone.returncode == 1 and f"No module named '{generic}'" in gone.stderr, (generic, gone.stderr)
+    tops = sorted(p.name for p in site.iterdir() if not p.name.endswith((".dist-info", ".pth")) and p.name not in (
+        "pip", "_distutils_hack", "setuptools", "pkg_resources", "__pycache__"))
+    assert tops == ["staged_alignment"], tops
     script = venv / "bin" / "staged-align"
     assert _run([str(script), "--help"], cwd=tmp_path, env=env).returncode == 0
     listed = _run([str(script), "configs"], cwd=tmp_path, env=env).stdout.split()

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from data_builders.constitution import Constitution, Principle
-from data_builders.critique_rewrite import generate_pairs, read_pairs
-from data_builders.pair_filters import PairFilterSettings, check_pair, content_words, similarity
+from staged_alignment.data_builders.constitution import Constitution, Principle
+from staged_alignment.data_builders.critique_rewrite import generate_pairs, read_pairs
+from staged_alignment.data_builders.pair_filters import PairFilterSettings, check_pair, content_words, similarity
 
 S = PairFilterSettings()
 REQ = ("Please rewrite the response to remove any and all harmful content, including anything dangerous, illegal, "
@@ -109,8 +109,8 @@ def test_critic_model_writes_critiques_and_revisions(tiny_model_dir, tmp_path):
     original answers are exactly what the trained model writes without a critic."""
     from conftest import build_tiny_model
 
-    from data_builders.critique_rewrite import build_backend, build_critic, default_side_paths
-    from stages.config import GenerationSection, ModelSection
+    from staged_alignment.core.config import GenerationSection, ModelSection
+    from staged_alignment.data_builders.critique_rewrite import build_backend, build_critic, default_side_paths
 
     critic_dir = build_tiny_model(tmp_path / "critic", seed=7)
     gen = GenerationSection(batch_size=4, max_new_tokens=6, do_sample=False, drop_truncated=False,
@@ -143,8 +143,8 @@ def test_critic_model_writes_critiques_and_revisions(tiny_model_dir, tmp_path):
 
 
 def test_pair_report_counts_and_examples(tmp_path):
-    from data_builders.critique_rewrite import default_side_paths
-    from data_builders.pair_report import pairs_report
+    from staged_alignment.data_builders.critique_rewrite import default_side_paths
+    from staged_alignment.data_builders.pair_report import pairs_report
 
     constitution = Constitution(name="t", principles=[Principle("a", "Critique it.", REQ)])
     out = tmp_path / "pairs.jsonl"
@@ -177,8 +177,8 @@ def test_critic_through_a_local_openai_compatible_server(smollm2_dir, tiny_model
     import time
     import urllib.request
 
-    from data_builders.critique_rewrite import EndpointBackend, build_backend
-    from stages.config import GenerationSection, ModelSection
+    from staged_alignment.core.config import GenerationSection, ModelSection
+    from staged_alignment.data_builders.critique_rewrite import EndpointBackend, build_backend
 
     exe = shutil.which("transformers") or str(Path(sys.executable).parent / "transformers")
     pytest.importorskip("fastapi", reason="transformers serve needs the serving extra (pip install "

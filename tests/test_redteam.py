@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from data_builders.jsonl_io import DataError
-from data_builders.redteam import first_human_turn, prompt_id, read_redteam_file, read_redteam_sources
+from staged_alignment.core.jsonl_io import DataError
+from staged_alignment.data_builders.redteam import first_human_turn, prompt_id, read_redteam_file, read_redteam_sources
 
 ROOT = Path(__file__).resolve().parents[1]
 

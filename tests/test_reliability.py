@@ -11,8 +11,8 @@ import time
 import pytest
 import torch
 
+from staged_alignment.core.callbacks import LossGuardCallback, NonFiniteLossError
 from tests.conftest import REPO, write_tiny_pipeline_config
-from trainers.callbacks import LossGuardCallback, NonFiniteLossError
 
 
 def _sft_trainer(tiny_model_dir, out, max_steps=6, save_steps=2):
@@ -20,12 +20,12 @@ def _sft_trainer(tiny_model_dir, out, max_steps=6, save_steps=2):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig
 
-    from data_builders.chat_template import apply_template
-    from data_builders.sft_data import read_sft_file
-    from stages.config import LoraSection
-    from stages.models import lora_config
-    from trainers.callbacks import SigtermCheckpointCallback
-    from trainers.sft import ZephyrSFTTrainer
+    from staged_alignment.core.callbacks import SigtermCheckpointCallback
+    from staged_alignment.core.chat_template import apply_template
+    from staged_alignment.core.config import LoraSection
+    from staged_alignment.core.models import lora_config
+    from staged_alignment.data_builders.sft_data import read_sft_file
+    from staged_alignment.trainers.sft import ZephyrSFTTrainer
 
     tok = apply_template(AutoTokenizer.from_pretrained(str(tiny_model_dir)))
     model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
@@ -116,7 +116,7 @@ def test_sigterm_saves_checkpoint_and_rerun_resumes(tiny_model_dir, tmp_path):
     # a change that is not resume-safe (learning rate) starts fresh: the old checkpoints are removed
     cfg.write_text(text.replace("    max_steps: 400\n", "    max_steps: 2\n", 1).replace(
         "    learning_rate: 1.0e-3\n", "    learning_rate: 5.0e-4\n", 1))
-    from stages.run_dir import Manifest
+    from staged_alignment.core.run_dir import Manifest
 
     Manifest(tmp_path / "runs" / "tiny").update("sft", status="failed")  # as if the finished run had been killed
     r = subprocess.run([sys.executable, str(REPO / "stages/stage0_sft.py"), "--config", str(cfg)], cwd=REPO,
@@ -129,7 +129,7 @@ def test_sigterm_saves_checkpoint_and_rerun_resumes(tiny_model_dir, tmp_path):
 
 
 def test_last_checkpoint_skips_a_checkpoint_cut_off_mid_save(tmp_path):
-    from stages.common import last_checkpoint
+    from staged_alignment.core.common import last_checkpoint
 
     assert last_checkpoint(tmp_path / "none") is None
     for step, complete in ((2, True), (4, True), (10, False), (6, False)):

@@ -37,8 +37,8 @@ def test_no_unsafe_deserialisation_in_sources():
 
 
 def test_trust_remote_code_default_off_and_logged(tiny_model_dir, caplog):
-    from stages.config import ModelSection
-    from stages.models import load_tokenizer
+    from staged_alignment.core.config import ModelSection
+    from staged_alignment.core.models import load_tokenizer
 
     assert ModelSection().trust_remote_code is False
     with caplog.at_level("WARNING"):
@@ -47,8 +47,8 @@ def test_trust_remote_code_default_off_and_logged(tiny_model_dir, caplog):
 
 
 def test_model_card_escapes_untrusted_text(tmp_path):
-    from stages.config import PipelineConfig
-    from stages.hub import escape_md, model_card
+    from staged_alignment.core.config import PipelineConfig
+    from staged_alignment.core.hub import escape_md, model_card
 
     cfg = PipelineConfig(run_name="r")
     cfg.sft.data = [{"path": "<script>alert(1)</script>.jsonl"}]
@@ -79,7 +79,7 @@ def test_tokens_never_written_and_offline_push_fails_fast(tiny_model_dir, tmp_pa
     r = subprocess.run([sys.executable, str(REPO / "stages/stage0_sft.py"), "--config", str(cfg)], cwd=REPO,
                        env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 3, r.stderr[-3000:]
-    errors = [l for l in r.stderr.splitlines() if l.startswith("error:")]
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "push of the sft adapter to someone/tiny-sft failed" in errors[0]
     run = tmp_path / "runs" / "tiny"
     assert (run / "sft" / "adapter" / "adapter_model.safetensors").exists()
@@ -99,8 +99,8 @@ def test_tokens_never_written_and_offline_push_fails_fast(tiny_model_dir, tmp_pa
 
 
 def test_push_dry_run_writes_exact_upload_folder(tmp_path):
-    from stages.config import PipelineConfig
-    from stages.hub import push_stage_adapter
+    from staged_alignment.core.config import PipelineConfig
+    from staged_alignment.core.hub import push_stage_adapter
 
     adapter = tmp_path / "adapter"
     adapter.mkdir()

@@ -6,8 +6,8 @@ import re
 
 import pytest
 
-from data_builders.jsonl_io import DataError
-from data_builders.sft_data import read_sft_file
+from staged_alignment.core.jsonl_io import DataError
+from staged_alignment.data_builders.sft_data import read_sft_file
 
 
 def _write(tmp_path, name, text: str | bytes):
@@ -79,7 +79,7 @@ def test_skip_invalid_counts_bad_rows(tmp_path):
 
 
 def test_json_list_item_lines():
-    from data_builders.jsonl_io import json_list_item_lines
+    from staged_alignment.core.jsonl_io import json_list_item_lines
 
     text = '[\n {"a": [1,\n 2]},\n\n  {"b": "x]"}, 3 ,\n"s"]'
     assert json_list_item_lines(text) == [2, 5, 5, 6]

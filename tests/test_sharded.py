@@ -41,7 +41,7 @@ if __name__ == "__main__":  # worker mode: make the project and conftest importa
     sys.path.insert(0, str(ROOT))
     sys.path.insert(0, str(ROOT / "tests"))
 
-import pytest  # noqa: E402
+import pytest
 
 STAGES = ("sft", "dpo", "causal")
 STEPS, B = 4, 2  # optimizer steps; rows per process per micro-batch (single process: 2·B)
@@ -81,13 +81,13 @@ def _training(mode: str, stage: str, out: Path, resume: bool) -> dict:
 
 def _sft_trainer(model_dir, cfg, args_dir):
     from datasets import Dataset
+    from test_distributed import SFT_ROWS
     from trl import SFTConfig
 
-    from stages.common import build_training_args
-    from stages.models import load_model, load_tokenizer, lora_config
-    from stages.stage0_sft import sft_defaults
-    from test_distributed import SFT_ROWS
-    from trainers.sft import ZephyrSFTTrainer
+    from staged_alignment.core.common import build_training_args
+    from staged_alignment.core.models import load_model, load_tokenizer, lora_config
+    from staged_alignment.stages.stage0_sft import sft_defaults
+    from staged_alignment.trainers.sft import ZephyrSFTTrainer
 
     args = build_training_args(SFTConfig, cfg, "sft", args_dir, **sft_defaults(cfg))
     tok = load_tokenizer(str(model_dir), cfg.model)
@@ -106,10 +106,10 @@ def _dpo_trainer(model_dir, cfg, args_dir):
     from datasets import Dataset
     from trl import DPOConfig
 
-    from stages.common import build_training_args
-    from stages.models import load_model, load_tokenizer, lora_config
-    from stages.stage1_dpo import dpo_defaults
-    from trainers.dpo import ConstitutionalDPOTrainer
+    from staged_alignment.core.common import build_training_args
+    from staged_alignment.core.models import load_model, load_tokenizer, lora_config
+    from staged_alignment.stages.stage1_dpo import dpo_defaults
+    from staged_alignment.trainers.dpo import ConstitutionalDPOTrainer
 
     args = build_training_args(DPOConfig, cfg, "dpo", args_dir, **dpo_defaults(cfg))
     tok = load_tokenizer(str(model_dir), cfg.model)
@@ -120,16 +120,17 @@ def _dpo_trainer(model_dir, cfg, args_dir):
 
 def _causal_trainer(model_dir, cfg, args_dir):
     from peft import get_peft_model
+    from test_distributed import _triplets
     from transformers import TrainingArguments
 
-    from data_builders.token_cache import TripletCollator, build_token_cache, needed_views
-    from data_builders.triplets import write_triplets
-    from stages.common import build_training_args
-    from stages.models import load_model, load_tokenizer, lora_config
-    from stages.stage2_causal import causal_defaults
-    from test_distributed import _triplets
-    from trainers.causal import CausalContrastiveTrainer
-    from trainers.causal_losses import build_projection_head
+    from staged_alignment.core.causal_objective import needed_views
+    from staged_alignment.core.common import build_training_args
+    from staged_alignment.core.models import load_model, load_tokenizer, lora_config
+    from staged_alignment.data_builders.token_cache import TripletCollator, build_token_cache
+    from staged_alignment.data_builders.triplets import write_triplets
+    from staged_alignment.stages.stage2_causal import causal_defaults
+    from staged_alignment.trainers.causal import CausalContrastiveTrainer
+    from staged_alignment.trainers.causal_losses import build_projection_head
 
     args = build_training_args(TrainingArguments, cfg, "causal", args_dir, **causal_defaults(cfg))
     tok = load_tokenizer(str(model_dir), cfg.model)
@@ -149,11 +150,11 @@ def _causal_trainer(model_dir, cfg, args_dir):
 
 
 def _train_and_save(model_dir: Path, out: Path, stage: str, mode: str, resume: bool) -> None:
-    from stages.common import save_adapter, seed_everything
-    from trainers.causal import HEAD_ATTR, save_projection_head
-    from trainers.sharded import sub_state, trainable_state_dict
-
     from test_distributed import _tiny_cfg
+
+    from staged_alignment.core.common import save_adapter, seed_everything
+    from staged_alignment.trainers.causal import HEAD_ATTR, save_projection_head
+    from staged_alignment.trainers.sharded import sub_state, trainable_state_dict
 
     cfg = _tiny_cfg(model_dir, out, stage, _training(mode, stage, out, resume))
     seed_everything(cfg.seed)

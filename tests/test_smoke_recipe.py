@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from stages.smoke import EMBEDDED, smoke_plan
+from staged_alignment.core.smoke import EMBEDDED, smoke_plan
 
 ROOT = Path(__file__).resolve().parents[1]
 GPU_RECIPES = ["tinyllama-1.1b_pipeline_rtx3060-12gb.yaml", "llama3.1-8b_qlora-pipeline_rtx3060-12gb.yaml",
@@ -51,8 +51,8 @@ def test_uncached_hub_datasets_and_urls_offline_get_the_seed_data_of_their_role(
     shipped seed data of the same role (once per list), lists each replacement, and keeps local sources."""
     import yaml
 
-    from stages.config import load_config
-    from stages.smoke import SEED_DIR
+    from staged_alignment.core.config import load_config
+    from staged_alignment.core.smoke import SEED_DIR
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     recipe = ROOT / "configs" / GPU_RECIPES[0]
@@ -72,7 +72,7 @@ def test_uncached_hub_datasets_and_urls_offline_get_the_seed_data_of_their_role(
 def test_reachable_hub_datasets_are_streamed_in_a_smoke_run(monkeypatch):
     """Online, a Hub dataset is kept and streamed (only the first rows are fetched); a URL and a local file are
     read as they are."""
-    import data_builders.sources as sources
+    import staged_alignment.core.sources as sources
 
     monkeypatch.setattr(sources, "unavailable", lambda source: None)
     monkeypatch.setattr(sources, "hub_answers", lambda source: True)  # the Hub answers
@@ -109,8 +109,8 @@ def test_gpu_recipe_dry_run_for_cuda_on_this_cpu(recipe, tmp_path):
 def test_dpo_generation_estimate_is_the_merged_16_bit_model_and_its_kv_cache():
     """On a 12 GB card the Llama-3.1-8B QLoRA recipe trains in 4 bits but generates pairs on the merged bf16
     model: 8.03e9 × 2 B = 14.96 GiB of weights, and a KV cache that grows with dpo.generation.batch_size."""
-    from stages.config import PipelineConfig
-    from stages.memory import KNOWN, estimate
+    from staged_alignment.core.config import PipelineConfig
+    from staged_alignment.core.memory import KNOWN, estimate
 
     cfg = PipelineConfig()
     cfg.model.quantization, cfg.model.max_seq_length = "4bit", 1024
@@ -126,13 +126,13 @@ def test_dpo_generation_estimate_is_the_merged_16_bit_model_and_its_kv_cache():
 
 
 def test_target_needs_dry_run(tmp_path):
-    from stages.pipeline import main
+    from staged_alignment.stages.pipeline import main
 
     assert main(["--config", str(ROOT / "configs" / GPU_RECIPES[0]), "--target", "cuda"]) == 2
 
 
 def test_a_smoke_run_goes_offline_unless_a_source_is_fetched(monkeypatch, tmp_path):
-    from stages.smoke import needs_network
+    from staged_alignment.core.smoke import needs_network
 
     assert not needs_network({"sft": {"data": [{"path": "local.jsonl"}]}})
     assert needs_network({"sft": {"data": [{"path": "org/data", "streaming": True}]}})

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from data_builders.jsonl_io import DataError
-from data_builders.redteam import read_redteam_source
-from data_builders.sft_data import read_sft_source
+from staged_alignment.core.jsonl_io import DataError
+from staged_alignment.data_builders.redteam import read_redteam_source
+from staged_alignment.data_builders.sft_data import read_sft_source
 
 README = """---
 configs:
@@ -128,8 +128,8 @@ def test_trl_preference_rows_as_pairs_file_explicit_and_implicit_prompt(tmp_path
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from data_builders.critique_rewrite import read_pairs_source
-    from data_builders.redteam import prompt_id
+    from staged_alignment.data_builders.critique_rewrite import read_pairs_source
+    from staged_alignment.data_builders.redteam import prompt_id
 
     f = tmp_path / "prefs.parquet"
     pq.write_table(pa.Table.from_pylist([
@@ -192,8 +192,8 @@ def test_url_line_files_download_once_then_read_offline_with_their_names(http_fo
     import datasets
     import huggingface_hub.constants
 
-    from data_builders.sources import fetch_url, unavailable
-    from data_builders.triplets import read_attacks, read_task_source
+    from staged_alignment.core.sources import fetch_url, unavailable
+    from staged_alignment.data_builders.triplets import read_attacks, read_task_source
 
     www, base, stop = http_folder
     (www / "org/repo/0123abc/email").mkdir(parents=True)
@@ -228,7 +228,7 @@ def test_url_line_files_download_once_then_read_offline_with_their_names(http_fo
 
 
 def test_url_that_cannot_be_downloaded_is_one_located_error(http_folder):
-    from data_builders.triplets import read_task_source
+    from staged_alignment.data_builders.triplets import read_task_source
 
     _, base, _ = http_folder
     with pytest.raises(DataError, match=r"missing/train\.jsonl: field 'path': cannot download"):
@@ -236,7 +236,7 @@ def test_url_that_cannot_be_downloaded_is_one_located_error(http_folder):
 
 
 def test_tasks_from_a_hub_layout_dataset_with_located_rows(tmp_path):
-    from data_builders.triplets import read_task_source
+    from staged_alignment.data_builders.triplets import read_task_source
 
     alpaca = [{"instruction": f"Summarise note {i}.", "input": f"Note {i}: buy milk." if i % 2 else "",
                "output": f"Buy milk ({i})."} for i in range(6)]
@@ -265,7 +265,7 @@ def test_rows_of_mixed_shape_from_datasets_keep_their_own_fields_and_ids_name_th
     """A parquet dataset holding email and code tasks: datasets fills each row's absent columns with None; the rows
     are read as written (the email row is not taken for a code task), and task ids name the dataset and split, so
     two datasets of one owner never share ids."""
-    from data_builders.triplets import read_task_source
+    from staged_alignment.data_builders.triplets import read_task_source
 
     rows = [{"context": "Hi, lunch moved to 1 pm.", "question": "Q: When is lunch?", "ideal": "1 pm.", "code": None,
              "error": None},
@@ -282,7 +282,7 @@ def test_rows_of_mixed_shape_from_datasets_keep_their_own_fields_and_ids_name_th
 
 
 def test_url_names_ignore_query_and_only_json_lines_gz_is_a_line_file():
-    from data_builders.sources import file_suffix, is_line_name, is_remote
+    from staged_alignment.core.sources import file_suffix, is_line_name, is_remote
 
     assert is_line_name("https://h/x/train.jsonl?raw=1") and file_suffix("https://h/x/t.parquet#f") == ".parquet"
     assert is_line_name("data/a.jsonl.gz") and not is_line_name("https://h/x/table.csv.gz")

@@ -43,7 +43,7 @@ def adapter_dir(tmp_path, tiny_model_dir):
 
 
 def test_check_start_kinds_and_errors(tmp_path, tiny_model_dir, adapter_dir, monkeypatch):
-    from stages.start_model import check_start
+    from staged_alignment.core.start_model import check_start
 
     def err(m):
         return ValueError(m)
@@ -67,14 +67,13 @@ def test_check_start_kinds_and_errors(tmp_path, tiny_model_dir, adapter_dir, mon
 def test_hub_id_and_adapter_materialize_offline(tmp_path, tiny_model_dir, adapter_dir, monkeypatch):
     """A Hub id resolves to the cached snapshot; an adapter Hub repo whose base is a Hub id merges into a model whose
     logits equal the adapter's; a second call reuses the merge."""
+    import huggingface_hub.constants
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from stages.config import ModelSection
-    from stages.start_model import check_start, materialize
-
-    import huggingface_hub.constants
+    from staged_alignment.core.config import ModelSection
+    from staged_alignment.core.start_model import check_start, materialize
 
     hub = tmp_path / "hub"
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hub))  # read at call time
@@ -127,7 +126,7 @@ def test_dpo_stage_from_a_model_folder_no_sft_produced_then_evaluate_its_adapter
     folder it wrote (merged into its base on the fly)."""
     from conftest import write_tiny_pipeline_config
 
-    from stages.models import is_complete_adapter_dir, is_complete_model_dir
+    from staged_alignment.core.models import is_complete_adapter_dir, is_complete_model_dir
 
     cfg = write_tiny_pipeline_config(tmp_path, tiny_model_dir)
     proc = _stage("stage1_dpo.py", cfg, f"--base_model={tiny_model_dir}", "--max_prompts", "6")
@@ -150,7 +149,7 @@ def test_dpo_stage_from_a_model_folder_no_sft_produced_then_evaluate_its_adapter
 def test_memory_estimate_reads_dims_from_the_hub_cache_before_the_table(tmp_path, tiny_model_dir, monkeypatch):
     import huggingface_hub.constants
 
-    from stages.memory import KNOWN, model_dims
+    from staged_alignment.core.memory import KNOWN, model_dims
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     assert model_dims("org/unknown-model") is None
@@ -162,8 +161,8 @@ def test_memory_estimate_reads_dims_from_the_hub_cache_before_the_table(tmp_path
 
 
 def test_dpo_prompt_sources_keep_urls_and_hub_ids_as_written():
-    from stages.config import PipelineConfig
-    from stages.stage1_dpo import _sources
+    from staged_alignment.core.config import PipelineConfig
+    from staged_alignment.stages.stage1_dpo import _sources
 
     cfg = PipelineConfig()
     url = "https://raw.githubusercontent.com/o/r/0123/redteam.jsonl"

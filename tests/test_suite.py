@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from data_builders.jsonl_io import DataError
-from evaluation import alpacafarm_convert as A
-from evaluation import sep_convert as S
-from evaluation import suite as SU
-from evaluation.cases import injected_messages
+from staged_alignment.core.jsonl_io import DataError
+from staged_alignment.evaluation import alpacafarm_convert as A
+from staged_alignment.evaluation import sep_convert as S
+from staged_alignment.evaluation import suite as SU
+from staged_alignment.evaluation.cases import injected_messages
 
 ROOT = Path(__file__).resolve().parents[1]
 ROWS = [
@@ -175,9 +175,9 @@ def test_alpacafarm_file_from_shared_data(shared_data):
 
 # --------------------------------------------------------------------------------------------- template attacks
 def test_model_specific_completion_in_the_runs_template(smollm2_dir):
-    from evaluation.template_attacks import VARIANTS, role_segments, template_cases, variant_segments
-    from stages.config import ModelSection
-    from stages.models import load_tokenizer
+    from staged_alignment.core.config import ModelSection
+    from staged_alignment.core.models import load_tokenizer
+    from staged_alignment.evaluation.template_attacks import VARIANTS, role_segments, template_cases, variant_segments
 
     tok = load_tokenizer(str(smollm2_dir), ModelSection())  # zephyr with SmolLM2's eos <|im_end|>
     segs = role_segments(tok)
@@ -197,7 +197,7 @@ def test_model_specific_completion_in_the_runs_template(smollm2_dir):
     # rendered without the control-token guard, the data really closes the user's turn: the real eos id sits
     # inside the prompt; with the default policy (model.control_tokens: escape) it is text and only the real
     # close remains
-    from data_builders.chat_template import render_prompt
+    from staged_alignment.core.chat_template import render_prompt
 
     raw = tok._unguarded_apply_chat_template(injected_messages(exact), tokenize=False, add_generation_prompt=True)
     ids = tok(raw, add_special_tokens=False)["input_ids"]
@@ -303,8 +303,8 @@ evaluate:
 
 # --------------------------------------------------------------------------------------------- training attacks
 def test_completion_training_attacks_rebuild_and_fill_the_template(tmp_path):
-    from data_builders import completion_attacks as CA
-    from data_builders.triplets import Task, build_triplets, read_attacks
+    from staged_alignment.data_builders import completion_attacks as CA
+    from staged_alignment.data_builders.triplets import Task, build_triplets, read_attacks
 
     shipped = ROOT / "data_builders" / "seed" / "attacks_train_completion.json"
     out = tmp_path / "a.json"
@@ -326,9 +326,9 @@ def test_completion_training_attacks_rebuild_and_fill_the_template(tmp_path):
 
 def test_training_attacks_share_no_6gram_with_the_suites(shared_data):
     """The widened training attacks stay disjoint from every suite they are measured on (canaries masked)."""
-    from data_builders import completion_attacks as CA
-    from data_builders.overlap import ATTACK_NGRAM, find_overlaps
-    from data_builders.triplets import read_attacks
+    from staged_alignment.data_builders import completion_attacks as CA
+    from staged_alignment.data_builders.overlap import ATTACK_NGRAM, find_overlaps
+    from staged_alignment.data_builders.triplets import read_attacks
 
     train = []
     for f in ("attacks_train_completion.json", "attacks_train_canary.json"):
@@ -336,7 +336,7 @@ def test_training_attacks_share_no_6gram_with_the_suites(shared_data):
     af = A.convert(shared_data / "injection" / "alpacafarm-eval" / "davinci_003_outputs.json", positions=A.POSITIONS,
                    n=40)
     sep, _ = S.convert(shared_data / "injection" / "sep-1000-keyword" / "SEP_1000_keyword.json", n=200)
-    from evaluation.cases import load_cases
+    from staged_alignment.evaluation.cases import load_cases
 
     held = load_cases(ROOT / "evaluation" / "heldout" / "injection_heldout.jsonl", controls=False)
     evaluation = [c["injection"] for c in af + sep + held]
@@ -348,7 +348,7 @@ def test_training_attacks_share_no_6gram_with_the_suites(shared_data):
 def test_a_benchmark_url_offline_and_uncached_is_one_located_error(monkeypatch):
     import dataclasses
 
-    from stages.config import SuiteSection
+    from staged_alignment.core.config import SuiteSection
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     url = "https://raw.githubusercontent.com/example/none/0000000/data/davinci_003_outputs.json"

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 
-from evaluation.tracking import generation_rows, log_evaluation, scalar_metrics
+from staged_alignment.evaluation.tracking import generation_rows, log_evaluation, scalar_metrics
 
 METRICS = {"models": {"base": {"attack_success_rate": 0.25, "utility_clean": 0.5, "ci": {"low": 0.1, "high": 0.4},
                                "note": "text", "flag": True, "nan": float("nan")},
@@ -25,7 +25,7 @@ def test_scalars_flatten_numbers_only():
 def test_tensorboard_gets_the_scalars_and_the_generations(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from stages.config import PipelineConfig
+    from staged_alignment.core.config import PipelineConfig
 
     _generations(tmp_path)
     assert [r[2] for r in generation_rows(tmp_path / "generations.jsonl", 3)] == ["c0", "c1", "c2"]
@@ -40,7 +40,7 @@ def test_tensorboard_gets_the_scalars_and_the_generations(tmp_path):
 
 
 def test_wandb_offline_run_holds_the_table(tmp_path, monkeypatch):
-    from stages.config import PipelineConfig
+    from staged_alignment.core.config import PipelineConfig
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")

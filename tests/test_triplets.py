@@ -8,10 +8,22 @@ from pathlib import Path
 
 import pytest
 
-from data_builders.jsonl_io import DataError
-from data_builders.triplets import (AttackSet, accept_paraphrase, build_triplets, check_attack_overlap,
-                                    insert_injection, protected_tokens, read_attacks, read_tasks, read_triplets,
-                                    reword, task_group, triplet_messages, write_triplets)
+from staged_alignment.core.jsonl_io import DataError
+from staged_alignment.data_builders.triplets import (
+    AttackSet,
+    accept_paraphrase,
+    build_triplets,
+    check_attack_overlap,
+    insert_injection,
+    protected_tokens,
+    read_attacks,
+    read_tasks,
+    read_triplets,
+    reword,
+    task_group,
+    triplet_messages,
+    write_triplets,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 SEED_TASKS = REPO / "data_builders" / "seed" / "tasks.jsonl"

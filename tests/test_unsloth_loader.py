@@ -54,9 +54,9 @@ def test_stage_entry_point_imports_unsloth_before_transformers_trl_peft(fake_uns
     cfg = write_tiny_pipeline_config(tmp_path, tiny_model_dir)
     driver = textwrap.dedent(f"""
         import sys
-        import stages.config
-        stages.config.cuda_available = lambda: True  # pass the device check; the loader itself needs real CUDA
-        from stages import stage0_sft
+        import staged_alignment.core.config
+        staged_alignment.core.config.cuda_available = lambda: True  # pass the device check; the loader itself needs real CUDA
+        from staged_alignment.stages import stage0_sft
         sys.exit(stage0_sft.main(["--config", {str(cfg)!r}, "device=auto", "model.loader=unsloth"]))
     """)
     env = dict(os.environ, PYTHONPATH=f"{fake}{os.pathsep}{ROOT}", UNSLOTH_RECORD=str(record), HF_HUB_OFFLINE="1")
@@ -69,8 +69,8 @@ def test_stage_entry_point_imports_unsloth_before_transformers_trl_peft(fake_uns
 
 
 def test_import_unsloth_first_is_a_no_op_for_the_transformers_loader_and_names_the_extra(monkeypatch):
-    from stages.config import ModelSection
-    from stages.models import import_unsloth_first
+    from staged_alignment.core.config import ModelSection
+    from staged_alignment.core.models import import_unsloth_first
 
     assert import_unsloth_first(ModelSection()) is False
     monkeypatch.setitem(sys.modules, "unsloth", None)  # import unsloth → ImportError
@@ -83,8 +83,8 @@ def test_attach_lora_uses_unsloth_get_peft_model(fake_unsloth, monkeypatch, tiny
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from stages.config import PipelineConfig
-    from stages.models import attach_lora
+    from staged_alignment.core.config import PipelineConfig
+    from staged_alignment.core.models import attach_lora
 
     fake, _ = fake_unsloth
     monkeypatch.syspath_prepend(str(fake))

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from evaluation import verification as V
+from staged_alignment.evaluation import verification as V
 
 
 def paired(n=30, shift=0.0, seed=0, dim=6):

@@ -2,7 +2,7 @@
 
 :class:`CausalContrastiveTrainer` (a ``transformers.Trainer``) takes the (V·B, L) batches of
 :class:`data_builders.token_cache.TripletCollator` — the views the objective needs
-(:func:`data_builders.token_cache.needed_views`: benign, injected, counterfactual, hijack), B rows each — and, in
+(:func:`core.causal_objective.needed_views`: benign, injected, counterfactual, hijack), B rows each — and, in
 ONE forward pass with ``output_hidden_states=True``, computes the terms of ``trainers/causal_losses.py``:
 
     L = λ_task·NLL(y|x_b) + λ_lm_injected·NLL(y|x_i) + λ_lm_counterfactual·NLL(y|x_c)
@@ -63,11 +63,29 @@ from torch import nn
 from transformers import Trainer
 from transformers.utils import ModelOutput
 
-from trainers.causal_objective import (HEAD_PREFIX, CausalHeadSettings, CausalLossSettings,  # noqa: F401
-                                       head_field_names, loss_field_names)
-from trainers.causal_losses import (CONTRASTIVE, ProjectionHead, anchored_infonce, build_projection_head,
-                                    check_temperature, contrastive_loss, dpo_sigmoid_loss,
-                                    logits_agree, pool_hidden_states, sequence_logps, token_kl)
+from staged_alignment.core.causal_objective import (  # noqa: F401
+    HEAD_PREFIX,
+    CausalHeadSettings,
+    CausalLossSettings,
+    head_field_names,
+    loss_field_names,
+    needed_views,
+)
+from staged_alignment.core.chat_template import prompt_ids, prompt_response_ids
+from staged_alignment.trainers.causal_losses import (
+    CONTRASTIVE,
+    ProjectionHead,
+    anchored_infonce,
+    build_projection_head,
+    check_temperature,
+    contrastive_loss,
+    dpo_sigmoid_loss,
+    logits_agree,
+    pool_hidden_states,
+    sequence_logps,
+    token_kl,
+)
+from staged_alignment.trainers.representation import representation_metrics
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +183,7 @@ def encode_views(model, tokenizer, conversations: Sequence, responses: Sequence[
     Each conversation is a message list rendered with the tokenizer's chat template as a generation prompt (a
     string is taken as one user message). ``pooling="prompt"``: the hidden states of ``layer`` mean-pooled over the
     prompt tokens; ``pooling="response"``: the prompt is followed by ``responses[i]`` + eos, tokenized jointly as in
-    the token cache (:func:`data_builders.chat_template.prompt_response_ids`), and the states are pooled over the
+    the token cache (:func:`core.chat_template.prompt_response_ids`), and the states are pooled over the
     response tokens (contrastive v2). With ``head`` the pooled vectors are projected.
 
     Returns:
@@ -173,8 +191,6 @@ def encode_views(model, tokenizer, conversations: Sequence, responses: Sequence[
     Raises:
         ValueError: empty input, unknown pooling, missing responses, or a sequence longer than ``max_length``.
     """
-    from data_builders.chat_template import prompt_ids, prompt_response_ids
-
     if not conversations:
         raise ValueError("encode_views needs at least one conversation")
     if pooling not in ("prompt", "response"):
@@ -372,7 +388,7 @@ class CausalPeftModel(_peft_causal_lm()):
 class CausalContrastiveTrainer(Trainer):
     """``transformers.Trainer`` with the causal stage's objective (module docstring).
 
-    The objective comes from ``loss`` (a :class:`trainers.causal_objective.CausalLossSettings`), else from
+    The objective comes from ``loss`` (a :class:`core.causal_objective.CausalLossSettings`), else from
     ``args`` when it is a :class:`CausalConfig`, else the settings' defaults (the measured-best objective: task +
     injected LM + KL); any loss field given as a keyword (``lambda_kl=0.5``) replaces the one it names. Most code
     wants :class:`CausalTrainer`, which also builds the head, tokenizes raw triplets and picks the collator.
@@ -382,7 +398,7 @@ class CausalContrastiveTrainer(Trainer):
             Trainer's optimizer, device placement and train/eval mode cover it); required when ``contrastive`` is
             ``v1`` or ``v2``, ignored (may be None) otherwise.
         views, lm_views: the views of the collator's batches, in order, and those carrying labels (default:
-            :func:`data_builders.token_cache.needed_views` of the objective).
+            :func:`core.causal_objective.needed_views` of the objective).
         loss: the objective's weights and settings (field meanings in :class:`CausalLossSettings`).
         pool_layer: index into ``hidden_states`` (−1 = last layer) for pooling (default: ``args.head_pool_layer``).
         head_learning_rate: learning rate of the head's parameter group (None = ``args.learning_rate``).
@@ -393,9 +409,6 @@ class CausalContrastiveTrainer(Trainer):
     def __init__(self, *args, projection_head: ProjectionHead | None = None, views: Sequence[str] | None = None,
                  lm_views: Sequence[str] | None = None, loss: CausalLossSettings | None = None,
                  pool_layer: int | None = None, head_learning_rate: float | None = None, **kwargs):
-        import dataclasses
-
-        from data_builders.token_cache import needed_views
 
         targs = kwargs.get("args") if "args" in kwargs else (args[1] if len(args) > 1 else None)
         given = {k: kwargs.pop(k) for k in list(kwargs) if k in _LOSS_FIELDS}  # the loss settings as keywords
@@ -618,7 +631,7 @@ class CausalContrastiveTrainer(Trainer):
         else:
             loss = lm + terms
         if not torch.isfinite(loss.detach()).all():
-            from trainers.callbacks import NonFiniteLossError
+            from staged_alignment.core.callbacks import NonFiniteLossError
 
             raise NonFiniteLossError(f"non-finite causal loss {loss.item()} at step {self.state.global_step}")
         self._accumulate("train" if model.training else "eval", vals, B)
@@ -626,9 +639,7 @@ class CausalContrastiveTrainer(Trainer):
 
     @staticmethod
     def _rep_vals(vals: dict, space: str, z: torch.Tensor, B: int, at: dict) -> None:
-        """The shared representation metrics of one batch (:func:`evaluation.metrics.representation_metrics`)."""
-        from evaluation.metrics import representation_metrics
-
+        """The shared representation metrics of one batch (:func:`trainers.representation.representation_metrics`)."""
         def part(v):
             return z[at[v] * B:(at[v] + 1) * B].float().cpu().numpy() if v in at else None
 
@@ -697,7 +708,7 @@ class CausalContrastiveTrainer(Trainer):
         shards; under FSDP the head is written by :meth:`save_model`."""
         super()._save(output_dir, state_dict=state_dict)
         if self.projection_head is not None and not self._fsdp():
-            from trainers.sharded import sub_state
+            from staged_alignment.trainers.sharded import sub_state
 
             head_state = sub_state(state_dict, HEAD_ATTR) if state_dict is not None else {}
             if not head_state and self._sharded():
@@ -712,7 +723,7 @@ class CausalContrastiveTrainer(Trainer):
         adapter file at all. Written before ``trainer_state.json``, so a checkpoint counted complete has it."""
         super().save_model(output_dir, _internal_call)
         if self.projection_head is not None and self._fsdp():
-            from trainers.sharded import sub_state, trainable_state_dict
+            from staged_alignment.trainers.sharded import sub_state, trainable_state_dict
 
             full = trainable_state_dict(self)  # collective; the main process gets the full tensors
             if full is not None and self.args.should_save:
@@ -798,15 +809,11 @@ class _CausalConfigChecks:
 
     @property
     def views(self) -> list[str]:
-        """The views a batch stacks for this objective (:func:`data_builders.token_cache.needed_views`)."""
-        from data_builders.token_cache import needed_views
-
+        """The views a batch stacks for this objective (:func:`core.causal_objective.needed_views`)."""
         return needed_views(**dataclasses.asdict(self.loss_settings()))[0]
 
     @property
     def lm_views(self) -> list[str]:
-        from data_builders.token_cache import needed_views
-
         return needed_views(**dataclasses.asdict(self.loss_settings()))[1]
 
 
@@ -829,7 +836,7 @@ def _make_causal_config():
     cls.__doc__ = (
         "Training arguments of the causal stage: ``transformers.TrainingArguments`` plus one field per loss weight, "
         "head and batch setting (the pattern of ``trl.DPOConfig``).\n\n"
-        "The loss fields are :class:`trainers.causal_objective.CausalLossSettings`' (defaults: the objective the "
+        "The loss fields are :class:`core.causal_objective.CausalLossSettings`' (defaults: the objective the "
         "ablation measured best, task + injected LM + KL, no contrastive term), the head fields "
         "``head_<name>`` are :class:`CausalHeadSettings`', each with its ``help``; they are declared there once. "
         "``__post_init__`` raises ``ValueError`` naming the field for a value outside its constraint.")
@@ -870,7 +877,7 @@ class CausalTrainer(CausalContrastiveTrainer):
         eval_dataset = self._tokenized(eval_dataset, processing_class, args)
         loss = args.loss_settings()
         if data_collator is None:
-            from data_builders.token_cache import TripletCollator
+            from staged_alignment.data_builders.token_cache import TripletCollator
 
             pad = processing_class.pad_token_id if processing_class is not None else 0
             data_collator = TripletCollator(pad, padding_side=args.padding_side, views=args.views,
@@ -894,7 +901,7 @@ class CausalTrainer(CausalContrastiveTrainer):
             raise ValueError("CausalTrainer: raw triplets need processing_class (the tokenizer) to be tokenized")
         from datasets import Dataset
 
-        from data_builders.token_cache import tokenize_triplet
+        from staged_alignment.data_builders.token_cache import tokenize_triplet
 
         rows = [dict(r, **tokenize_triplet(r, tokenizer, args.max_length, data_role=args.data_role)) for r in ds]
         kept = [r for r in rows if r["fits"]]

@@ -177,7 +177,7 @@ class ConstitutionalDPOTrainer(DPOTrainer):
             if injected:
                 self.precompute_ref_logps = False
         if not torch.isfinite(loss.detach()).all():  # the Trainer's logging_nan_inf_filter would hide it
-            from trainers.callbacks import NonFiniteLossError
+            from staged_alignment.core.callbacks import NonFiniteLossError
 
             raise NonFiniteLossError(f"non-finite DPO loss {loss.item()} at step {self.state.global_step}; the last "
                                      "good checkpoint is kept, lower the learning rate or check the pairs")

@@ -34,7 +34,7 @@ class ZephyrSFTTrainer(SFTTrainer):
             self._metrics[mode]["trained_token_fraction"].append(trained / max(attended, 1))
         loss = result[0] if return_outputs else result
         if not torch.isfinite(loss.detach()).all():
-            from trainers.callbacks import NonFiniteLossError
+            from staged_alignment.core.callbacks import NonFiniteLossError
 
             raise NonFiniteLossError(f"non-finite SFT loss {loss.item()} at step {self.state.global_step}")
         return result

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import torch
 
-
 WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
 
 

@@ -1,6 +1,6 @@
 """Build the held-out injection set (``evaluation/heldout/injection_heldout.jsonl``) reproducibly.
 
-    python -m evaluation.heldout.build [--out PATH] [--seed 20261129] [--instances 3] [--attacks-per-task 5]
+    python -m staged_alignment.evaluation.heldout.build [--out PATH] [--seed 20261129] [--instances 3] [--attacks-per-task 5]
 
 Design (all content from :mod:`evaluation.heldout.tasks` and :mod:`evaluation.heldout.attacks`, written for this
 project):
@@ -32,12 +32,17 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from data_builders.canary import fresh_canary  # noqa: E402
-from data_builders.jsonl_io import atomic_write_json, write_jsonl_atomic  # noqa: E402
-from evaluation.cases import parse_case  # noqa: E402
-from evaluation.heldout.attacks import ATTACK_FAMILIES, CANARY_WORDS  # noqa: E402
-from evaluation.heldout.tasks import (CONTROL_DATA_TEMPLATES, CONTROL_INSTRUCTION_SUFFIXES,  # noqa: E402
-                                      CONTROL_TAG_WORDS, TASK_TEMPLATES, instantiate)
+from staged_alignment.core.jsonl_io import atomic_write_json, write_jsonl_atomic
+from staged_alignment.data_builders.canary import fresh_canary
+from staged_alignment.evaluation.cases import parse_case
+from staged_alignment.evaluation.heldout.attacks import ATTACK_FAMILIES, CANARY_WORDS
+from staged_alignment.evaluation.heldout.tasks import (
+    CONTROL_DATA_TEMPLATES,
+    CONTROL_INSTRUCTION_SUFFIXES,
+    CONTROL_TAG_WORDS,
+    TASK_TEMPLATES,
+    instantiate,
+)
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "injection_heldout.jsonl"
 DEFAULT_SEED = 20261129

@@ -6,16 +6,20 @@ Recomputation in Large Transformer Models", eq. 1): s·b·h·(34 + 5·a·s/h) by
 recomputation, 2·s·b·h with full checkpointing; fp32 doubles them. Logits: b·s·V·4 bytes (×2 with their
 gradient). DPO doubles the batch (chosen + rejected); the reference pass (adapter disabled) adds no weights.
 The causal stage multiplies it by the number of views its objective stacks (1–4: benign, injected, counterfactual,
-hijack; :func:`data_builders.token_cache.needed_views`) and uses ``causal.max_length`` when set; its logits exist
+hijack; :func:`core.causal_objective.needed_views`) and uses ``causal.max_length`` when set; its logits exist
 only at the response positions (bounded here by the full length). Generation (``dpo-generate``: critique and
 rewrite at ``dpo.generation.batch_size``, prompt + ``max_new_tokens`` positions; ``evaluate``): merged 16-bit
 weights + KV cache.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
+
+from staged_alignment.core.causal_objective import needed_views
+from staged_alignment.core.config import CausalLossSection, GenerationSection, sub_section
 
 GiB = 1024 ** 3
 
@@ -84,10 +88,8 @@ def lora_params(d: dict, r: int, targets: list[str]) -> int:
 
 def _causal_views(cfg) -> int:
     """Views per triplet the configured causal objective stacks (1–4)."""
-    from stages.stage2_causal import loss_and_head_kwargs
-
     try:
-        return len(loss_and_head_kwargs(cfg)["views"])
+        return len(needed_views(**dataclasses.asdict(sub_section(cfg, CausalLossSection, "causal.loss")))[0])
     except Exception:  # noqa: BLE001 - an invalid loss section is reported by validation, not here
         return 3
 
@@ -98,8 +100,6 @@ def estimate(cfg, stage: str, dims: dict, *, on_cuda: bool) -> Estimate:
     b = int(tr.get("per_device_train_batch_size") or 8)
     s = int(tr.get("max_length") or (cfg.causal.max_length if stage == "causal" else None) or cfg.model.max_seq_length)
     if stage == "dpo-generate":  # critique-and-rewrite on the merged model: the generation batch, prompt + answer
-        from stages.config import GenerationSection, sub_section
-
         gen = sub_section(cfg, GenerationSection, "dpo.generation")
         b, s = gen.batch_size, cfg.model.max_seq_length + gen.max_new_tokens
     ckpt = bool(tr.get("gradient_checkpointing", on_cuda and cfg.model.quantization == "4bit"))

@@ -1,6 +1,6 @@
 """Rows of one data source: a local JSON Lines / JSON file, or anything ``datasets.load_dataset`` reads.
 
-A data source (``stages.config.DataSource``) is a mapping ``{"path", "format", "max_rows", "skip_invalid", "name",
+A data source (``core.config.DataSource``) is a mapping ``{"path", "format", "max_rows", "skip_invalid", "name",
 "data_dir", "data_files", "split", "revision", "columns"}``, mirroring TRL's dataset config:
 
 * ``*.jsonl``, ``*.jsonl.gz``, ``*.json`` (a JSON list, Alpaca's shape): read line by line by the project's own
@@ -19,18 +19,22 @@ A data source (``stages.config.DataSource``) is a mapping ``{"path", "format", "
 with ``max_rows`` only the first rows are fetched rather than the whole split (``--smoke`` sets it for Hub datasets).
 
 ``columns`` renames columns before the format is read (``{"question": "prompt"}``); a column it names that the
-source does not have is a :class:`~data_builders.jsonl_io.DataError` naming the source. Nothing is downloaded while
+source does not have is a :class:`~core.jsonl_io.DataError` naming the source. Nothing is downloaded while
 ``HF_HUB_OFFLINE`` is set: an uncached Hub dataset or URL is then a located error; :func:`unavailable` tells
 beforehand (``--smoke`` and ``--dry-run --target`` use it to stand in the shipped seed data on an offline machine).
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
+import shutil
 from pathlib import Path
 from typing import Iterator
+from urllib.parse import urlparse
 
-from data_builders.jsonl_io import DataError, error_line
+from staged_alignment.core.jsonl_io import DataError, error_line, require_file
 
 LINE_SUFFIXES = (".jsonl", ".json", ".gz")  # local files; is_line_name for names and URLs
 BUILDERS = {".parquet": "parquet", ".csv": "csv", ".arrow": "arrow", ".tsv": "csv"}
@@ -45,8 +49,6 @@ def offline() -> bool:
 
 def _file_part(path) -> str:
     """A path as given, or a URL's path (no query or fragment)."""
-    from urllib.parse import urlparse
-
     return urlparse(str(path)).path if is_url(path) else str(path)
 
 
@@ -71,7 +73,7 @@ def is_remote(path) -> bool:
     path = str(path)
     if is_url(path):
         return True
-    code_root = Path(__file__).resolve().parents[1]  # where stages.config.resolve_input also looks
+    code_root = Path(__file__).resolve().parents[1]  # where core.config.resolve_input also looks
     if Path(path).expanduser().exists() or (code_root / path).exists() or path.startswith((".", "/", "~")):
         return False
     parts = path.split("/")
@@ -80,8 +82,6 @@ def is_remote(path) -> bool:
 
 def url_cache_paths(url: str) -> tuple[Path, Path]:
     """``(datasets' cached file, the project's named link to it)`` of ``url``."""
-    import hashlib
-
     import datasets
     from datasets.utils.file_utils import hash_url_to_filename
 
@@ -119,8 +119,6 @@ def fetch_url(url: str) -> Path:
     try:
         os.link(cached, tmp)
     except OSError:
-        import shutil
-
         shutil.copyfile(cached, tmp)
     os.replace(tmp, named)
     return named
@@ -177,7 +175,6 @@ def _probe(source: dict | str) -> tuple[str | None, bool]:
     src = {"split": "train", **({"path": source} if isinstance(source, str) else source), "streaming": False}
     if not is_remote(src["path"]):
         return None, False
-    import json
 
     key = (json.dumps({k: src.get(k) for k in ("path", "name", "data_dir", "data_files", "split", "revision")},
                       sort_keys=True, default=str), offline())
@@ -229,8 +226,6 @@ def local_folder_cache(folder: Path) -> Path:
     datasets 4.8.5 keys a local folder's build by the folder's name and its README config only: a second folder of
     the same name (other rows, another parent) got the first one's cached rows, and after a rebuild still its
     cached features (measured in ``tests/test_sources.py``). Raises ``OSError`` when the folder cannot be listed."""
-    import hashlib
-
     import datasets
 
     h = hashlib.sha256(str(folder.resolve()).encode())
@@ -293,8 +288,6 @@ def iter_source(source: dict, line_rows, what: str = "input file") -> tuple[str,
     ``line_rows(path)`` is the reader's own iterator for line files (``(line, row)``); other sources are read by
     :func:`load_rows` and located as ``row N``. A path with a line-file suffix that does not exist is a
     :class:`DataError` naming ``what`` (``require_file``)."""
-    from data_builders.jsonl_io import require_file
-
     renames = dict(source.get("columns") or {})
     path = source["path"]
     if is_url(path) and is_line_name(path):

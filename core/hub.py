@@ -15,7 +15,9 @@ import os
 import shutil
 from pathlib import Path
 
-from data_builders.jsonl_io import atomic_directory, error_line
+from staged_alignment.core.config import resolved_yaml
+from staged_alignment.core.jsonl_io import atomic_directory, atomic_write_text, error_line
+from staged_alignment.core.run_dir import Manifest
 
 log = logging.getLogger(__name__)
 DATA_SUFFIXES = {".json", ".jsonl", ".gz", ".parquet", ".csv", ".tsv", ".txt", ".arrow", ".yaml", ".yml"}
@@ -78,7 +80,7 @@ def base_model_id(cfg, stage: str) -> str | None:
     if prev is None:
         name = cfg.model.name_or_path
         if isinstance(name, str) and name.startswith("embedded:"):
-            from stages.models import EMBEDDED
+            from staged_alignment.core.models import EMBEDDED
 
             return EMBEDDED[name][3] if name in EMBEDDED else None
         return name if is_hub_id(name) else None
@@ -148,7 +150,6 @@ def model_card(cfg, stage: str, metrics: dict, sources: list[str], merged: bool 
     the metrics and the resolved config, with every untrusted string escaped (:func:`escape_md`)."""
     from huggingface_hub import ModelCard
 
-    from stages.config import resolved_yaml
 
     data = card_data(cfg, stage, sources, merged, results)
     prev = previous_stage(cfg, stage)
@@ -267,9 +268,6 @@ def push_eval_results(cfg, metrics: dict) -> dict:
 
 
 def _push_eval_results(cfg, metrics: dict, done: dict) -> None:
-    from data_builders.jsonl_io import atomic_write_text
-    from stages.run_dir import Manifest
-
     recorded = Manifest(cfg.run_dir).read()["stages"]
     for stage in ("sft", "dpo", "causal"):
         results = eval_results(metrics, stage)

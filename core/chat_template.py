@@ -24,6 +24,10 @@ marks exactly those tokens as trained. With ``add_generation_prompt=True`` the r
 """
 from __future__ import annotations
 
+import logging
+import multiprocessing as mp
+import resource
+from pathlib import Path
 from typing import Any, Callable
 
 ZEPHYR_TEMPLATE = (
@@ -54,7 +58,6 @@ def get_template(name: str) -> str:
     ``ValueError`` for a name that is neither."""
     if name in TEMPLATES:
         return TEMPLATES[name]
-    from pathlib import Path
 
     p = Path(name).expanduser()
     if name != "tokenizer" and p.is_file():
@@ -82,9 +85,6 @@ def run_bounded(fn: Callable[[], Any], *, seconds: float, extra_bytes: int, what
     killed or failing for memory raises ``ValueError`` naming ``what``. Used for code that user input controls and
     that cannot be interrupted in-process (a Jinja template's nested loops). Without ``fork`` (not Linux/macOS),
     ``fn`` runs in-process, unbounded."""
-    import multiprocessing as mp
-    import resource
-
     try:
         ctx = mp.get_context("fork")
     except ValueError:
@@ -330,8 +330,6 @@ def apply_template(tokenizer, name: str = "zephyr", *, data_role: bool = False, 
                 raise ValueError("chat template of the tokenizer: no {% generation %} markers, which the assistant-"
                                  f"only loss needs, and TRL has no training version of it; {FIX}") from None
             if patched:
-                import logging
-
                 logging.getLogger("staged_alignment").info(
                     "chat template: the tokenizer's own, with TRL's {% generation %} markers "
                     "(trl.chat_template_utils.get_training_chat_template)")

@@ -44,7 +44,7 @@ class LossGuardCallback(TrainerCallback):
 class SigtermCheckpointCallback(TrainerCallback):
     """On SIGTERM, save a checkpoint at the end of the current step and stop training cleanly.
 
-    The stage then exits non-zero (see ``stages.common.raise_if_terminated``) and a rerun resumes from that
+    The stage then exits non-zero (see ``core.common.raise_if_terminated``) and a rerun resumes from that
     checkpoint. SIGKILL cannot be caught: then the last periodic checkpoint is used.
     """
 

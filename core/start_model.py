@@ -7,7 +7,7 @@
   tokenizer files only) when it is not cached and ``HF_HUB_OFFLINE`` is not set;
 * a LoRA adapter, as a folder or a Hub repo (``adapter_config.json`` + ``adapter_model.safetensors``): merged into
   its base (``base_model_name_or_path`` of its config: a folder or a Hub id, resolved the same way) by
-  :func:`stages.models.merge_adapter`, into a folder the caller names, reused while the adapter is unchanged
+  :func:`core.models.merge_adapter`, into a folder the caller names, reused while the adapter is unchanged
   (generation and the next stage need a plain model; never a 4-bit one).
 
 :func:`check_start` checks a spec without loading or merging anything (config validation, exit 2 with the field
@@ -20,8 +20,9 @@ import json
 import os
 from pathlib import Path
 
-from data_builders.sources import offline
-from stages.hub import is_hub_id
+from staged_alignment.core.config import ModelSection
+from staged_alignment.core.hub import is_hub_id
+from staged_alignment.core.sources import offline
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 MARKER = "start_model.json"
@@ -49,7 +50,7 @@ def locate(spec: str, *, download: bool = False) -> Path | None:
 
 def folder_kind(folder: Path) -> str | None:
     """``"model"`` (config.json + safetensors), ``"adapter"`` (adapter config + safetensors weights) or None."""
-    from stages.models import is_complete_model_dir
+    from staged_alignment.core.models import is_complete_model_dir
 
     if all((folder / f).is_file() for f in ADAPTER_FILES):
         return "adapter"
@@ -62,7 +63,7 @@ def check_start(spec: str, error) -> dict:
     """Check ``spec`` without loading or merging: ``{"kind": "model"|"adapter"|"hub", "folder", "base"}``.
 
     ``"hub"``: a Hub id not in the local cache, fetched when the stage runs (online only). ``error(message)`` builds
-    the exception to raise (a :class:`stages.config.ConfigError` naming the field): not a folder or Hub id, a
+    the exception to raise (a :class:`core.config.ConfigError` naming the field): not a folder or Hub id, a
     folder that is neither a model nor an adapter, an uncached Hub id while ``HF_HUB_OFFLINE`` is set, an adapter
     whose config names no base or a base that is itself missing.
     """
@@ -81,13 +82,13 @@ def check_start(spec: str, error) -> dict:
                     f"({' + '.join(ADAPTER_FILES)})")
     base = None
     if kind == "adapter":
-        from stages.models import read_json_file
+        from staged_alignment.core.models import read_json_file
 
         conf = read_json_file(folder / "adapter_config.json", error)
         base = conf.get("base_model_name_or_path") if isinstance(conf, dict) else None
         if not isinstance(base, str) or not base:
             raise error(f"{folder}/adapter_config.json names no base_model_name_or_path")
-        from stages.models import check_weights
+        from staged_alignment.core.models import check_weights
 
         check_weights(folder, error)  # the adapter's safetensors header
         sub = check_start(base, lambda m: error(f"the adapter's base: {m}"))
@@ -110,11 +111,9 @@ def materialize(spec: str, merged_dir: str | os.PathLike, model_cfg) -> Path:
     merged into its base at ``merged_dir`` (written atomically, with ``start_model.json`` recording the spec and
     the adapter's sha256, and reused when both match). Raises ``FileNotFoundError`` or ``ValueError`` naming the
     spec when it cannot be resolved."""
-    from stages.models import load_tokenizer, merge_adapter, resolve_model_path
+    from staged_alignment.core.models import load_tokenizer, merge_adapter, resolve_model_path
 
     if spec.startswith("embedded:"):
-        from stages.config import ModelSection
-
         return Path(resolve_model_path(ModelSection(name_or_path=spec, cache_dir=model_cfg.cache_dir)))
     folder = locate(spec, download=True)
     if folder is None:
@@ -149,3 +148,19 @@ def start_dir(spec: str | None, default: Path, merged_dir: Path, state, model_cf
         return default
     with state.main_process_first():
         return materialize(spec, merged_dir, model_cfg)
+
+
+def check_models(cfg) -> dict | None:
+    """Every model a run starts from, checked without loading: ``dpo.base_model`` and ``causal.base_model`` when set
+    (a model folder, a Hub id or an adapter: :func:`check_start`, then the folder's files), then the configured
+    model (:func:`core.models.check_model`, whose ``config.json`` it returns). Raises ``ConfigError`` naming the
+    field."""
+    from staged_alignment.core.models import check_model, check_model_folder
+
+    for field_name in ("dpo.base_model", "causal.base_model"):
+        spec = getattr(getattr(cfg, field_name.split(".")[0]), "base_model", None)
+        if spec:
+            where = check_start(spec, lambda m, f=field_name: cfg.error(f, m))
+            if where["kind"] == "model":
+                check_model_folder(where["folder"], lambda m, f=field_name: cfg.error(f, m))
+    return check_model(cfg)

@@ -24,6 +24,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from staged_alignment.core import sources  # module access: tests replace its probes of the Hub
+from staged_alignment.core.config import ConfigError
+
 EMBEDDED = "embedded:smollm2-135m-instruct"
 ROWS, TRIPLETS, CASES = 24, 8, 8
 SOURCE_LISTS = ("sft.data", "dpo.prompts", "causal.tasks", "causal.train_attacks")
@@ -49,29 +52,27 @@ def _entry(src) -> dict:
 
 
 def stand_ins(lists: dict[str, list]) -> tuple[dict[str, list], list[tuple[str, str, str, str]]]:
-    """Replace the sources this machine cannot read now (:func:`data_builders.sources.unavailable`: a Hub dataset or
+    """Replace the sources this machine cannot read now (:func:`core.sources.unavailable`: a Hub dataset or
     URL neither in the local cache nor reachable) by the shipped seed file of :data:`STAND_INS`.
 
     ``lists`` maps a dotted key of :data:`SOURCE_LISTS` to its sources (paths or ``DataSource`` mappings). Returns
     ``(changed, replaced)``: the new lists of the keys that changed (a seed file appears once per list, with the
     replaced source's ``max_rows``) and ``(key.i, source, seed file, reason)`` per replaced source."""
-    from data_builders.sources import unavailable
-
     changed, replaced = {}, []
-    for key, sources in lists.items():
+    for key, listed in lists.items():
         if key not in STAND_INS:
             continue
         new, seed = [], str(SEED_DIR / STAND_INS[key])
-        for i, src in enumerate(sources or []):
+        for i, src in enumerate(listed or []):
             entry = _entry(src)
-            why = unavailable(entry) if entry.get("path") else None
+            why = sources.unavailable(entry) if entry.get("path") else None
             if why is None:
                 new.append(src)
                 continue
             replaced.append((f"{key}.{i}", entry["path"], seed, why))
             if not any((x if isinstance(x, str) else x.get("path")) == seed for x in new):
                 new.append({"path": seed, **({"max_rows": entry["max_rows"]} if entry.get("max_rows") else {})})
-        if new != list(sources or []):
+        if new != list(listed or []):
             changed[key] = new
     return changed, replaced
 
@@ -79,11 +80,9 @@ def stand_ins(lists: dict[str, list]) -> tuple[dict[str, list], list[tuple[str, 
 def check_shapes(data: dict, path: str | None = None) -> None:
     """The parts of a raw recipe the smoke mapping reads have the shapes the config declares: every section a
     mapping (``model``, ``sft.training``, ``dpo.generation``, …) and every source list (:data:`SOURCE_LISTS`) a list
-    of paths or mappings with a string ``path``. Raises :class:`stages.config.ConfigError` naming the field
+    of paths or mappings with a string ``path``. Raises :class:`core.config.ConfigError` naming the field
     (``sft.data=5`` or ``causal.tasks=[5]`` used to end in a ``TypeError``); everything else is validated with the
     smoke overrides applied, as usual."""
-    from stages.config import ConfigError
-
     for key in ("model", "lora", "hub", "logging", "sft", "dpo", "causal", "evaluate", "sft.training",
                 "dpo.training", "dpo.generation", "causal.training", "causal.loss", "causal.head"):
         v = _get(data, key)
@@ -107,10 +106,8 @@ def check_shapes(data: dict, path: str | None = None) -> None:
 def smoke_plan(data: dict, path: str | None = None) -> tuple[list[str], list[tuple[str, str, str]]]:
     """``(overrides, rows)`` for the recipe ``data`` (a raw config dict): dotted ``key=value`` overrides (values
     in YAML/JSON) and the table rows ``(setting, recipe value, smoke value)`` of every change. Raises
-    :class:`stages.config.ConfigError` for a recipe whose sections or sources are not shaped as declared
+    :class:`core.config.ConfigError` for a recipe whose sections or sources are not shaped as declared
     (:func:`check_shapes`)."""
-    from data_builders.sources import hub_answers, is_cached, is_remote, is_url
-
     check_shapes(data, path)
 
     over: list[str] = []
@@ -159,25 +156,25 @@ def smoke_plan(data: dict, path: str | None = None) -> tuple[list[str], list[tup
             if key in t:
                 put(f"{stage}.training.{key}", 1)
     for key in SOURCE_LISTS:
-        sources, changed = list(_get(data, key) or []), False
-        for i, src in enumerate(sources):
+        entries, changed = list(_get(data, key) or []), False
+        for i, src in enumerate(entries):
             entry = _entry(src)
             if (entry.get("max_rows") or ROWS + 1) > ROWS:
                 entry["max_rows"] = ROWS
-                sources[i], changed = entry, True
+                entries[i], changed = entry, True
                 rows.append((f"{key}.{i}.max_rows", str(src.get("max_rows") if isinstance(src, dict) else None),
                              str(ROWS)))
             if not entry.get("path"):
                 continue  # validation names the missing path
-            if is_remote(entry["path"]) and not is_url(entry["path"]) and not entry.get("streaming") and \
-                    hub_answers(entry) and not is_cached(entry):
+            if sources.is_remote(entry["path"]) and not sources.is_url(entry["path"]) and not entry.get("streaming") and \
+                    sources.hub_answers(entry) and not sources.is_cached(entry):
                 entry["streaming"] = True  # a Hub dataset: fetch its first rows, not the whole split
-                sources[i], changed = entry, True
+                entries[i], changed = entry, True
                 rows.append((f"{key}.{i}.streaming", "false", "true  (only the first rows are fetched)"))
-        replaced, stood_in = stand_ins({key: sources})
+        replaced, stood_in = stand_ins({key: entries})
         rows += [(k, src, f"{seed} ({why}: the shipped seed data stands in)") for k, src, seed, why in stood_in]
         if changed or key in replaced:
-            over.append(f"{key}={json.dumps(replaced.get(key, sources))}")
+            over.append(f"{key}={json.dumps(replaced.get(key, entries))}")
     if _get(data, "dpo.generation.drop_truncated") is not False:
         put("dpo.generation.drop_truncated", False, reason="answers cut at the smoke's token cap still make pairs")
     for key, cap in (("dpo.max_prompts", 8), ("dpo.held_out", 2), ("dpo.generation.max_new_tokens", 48),
@@ -204,17 +201,15 @@ def smoke_plan(data: dict, path: str | None = None) -> tuple[list[str], list[tup
 def needs_network(data: dict) -> bool:
     """Whether the smoke run reads a source from the network: a source list of :data:`SOURCE_LISTS` in ``data``
     (the raw config with the smoke overrides applied) still names a streamed Hub dataset, or a URL or Hub dataset
-    that is not cached (:func:`data_builders.sources.is_cached`). Otherwise the run sets ``HF_HUB_OFFLINE=1``: the
+    that is not cached (:func:`core.sources.is_cached`). Otherwise the run sets ``HF_HUB_OFFLINE=1``: the
     embedded model needs no Hub, and libraries that probe an unreachable Hub retry for minutes (measured: a
     TinyLlama-recipe smoke took 365 s with the Hub unreachable, 145 s offline)."""
-    from data_builders.sources import is_cached, is_remote
-
     for key in SOURCE_LISTS:
         for src in _get(data, key) or []:
             if not isinstance(src, (str, dict)):
                 continue  # validation names it
             entry = _entry(src)
-            if entry.get("path") and is_remote(entry["path"]) and (entry.get("streaming") or not is_cached(entry)):
+            if entry.get("path") and sources.is_remote(entry["path"]) and (entry.get("streaming") or not sources.is_cached(entry)):
                 return True
     return False
 

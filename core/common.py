@@ -7,12 +7,22 @@ import errno
 import logging
 import os
 import random
+import re
+import shutil
 import sys
+import time
 import types
 import typing
 from pathlib import Path
 
-from stages.config import CliParser, ConfigError, PipelineConfig, finite_or_error, load_config
+import numpy as np
+
+from staged_alignment.core.config import CliParser, ConfigError, PipelineConfig, finite_or_error, load_config
+from staged_alignment.core.hub import HubPushError, push_stage_adapter, pushed_key
+from staged_alignment.core.jsonl_io import DataError, atomic_directory, os_error_line
+from staged_alignment.core.redaction import install_log_redaction, overrides_from_env
+from staged_alignment.core.run_dir import Manifest, RunFolderBusy, RunLock, path_sha256
+from staged_alignment.core.start_model import check_models
 
 log = logging.getLogger("staged_alignment")
 
@@ -20,7 +30,7 @@ log = logging.getLogger("staged_alignment")
 def stage_cli(description: str, argv=None, stage: str | None = None) -> tuple[argparse.Namespace, PipelineConfig]:
     """Parse ``--config C [key=value …] [--key value …]`` and load/validate the config. Exits with code 2 on a bad
     config. ``stage`` (the script's stage) lets ``--learning_rate 1e-5`` mean ``<stage>.training.learning_rate``
-    (:meth:`stages.config.CliParser.flag_to_override`)."""
+    (:meth:`core.config.CliParser.flag_to_override`)."""
     ap = CliParser(description=description, stage=stage)
     ap.add_argument("--config", required=True, help="pipeline YAML (configs/*.yaml)")
     ap.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. sft.training.max_steps=5; or "
@@ -28,8 +38,6 @@ def stage_cli(description: str, argv=None, stage: str | None = None) -> tuple[ar
                     "args), --max_prompts 8 (its section), --model_name_or_path M, --lora_r 8")
     setup_logging()
     try:
-        from stages.redaction import overrides_from_env
-
         args = ap.parse(argv)
         args.overrides = list(args.overrides) + overrides_from_env()  # secret overrides the pipeline passed
         cfg = load_config(args.config, args.overrides)
@@ -42,13 +50,11 @@ def stage_cli(description: str, argv=None, stage: str | None = None) -> tuple[ar
 def setup_logging(level: int = logging.INFO) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    from stages.redaction import install_log_redaction
 
     install_log_redaction()  # credentials in values (URL user-info, hf_/sk- tokens) never reach a log line
 
 
 def seed_everything(seed: int) -> None:
-    import numpy as np
     import torch
 
     random.seed(seed)
@@ -190,7 +196,7 @@ def check_training_section(cls, cfg: PipelineConfig, section: str) -> dict:
                 raise where(f"{value} is outside {span}")
         if key in LENGTH_KEYS and isinstance(value, int):
             if limit is None:
-                from stages.models import model_position_limit
+                from staged_alignment.core.models import model_position_limit
 
                 limit = model_position_limit(cfg) or 0
             if limit and value > limit:
@@ -250,8 +256,6 @@ def last_checkpoint(folder: str | Path) -> str | None:
     Complete = it holds ``trainer_state.json`` (the Trainer writes it last); a checkpoint cut off mid-save is
     skipped in favour of the previous complete one, so a kill during a save never costs earlier steps.
     """
-    import re
-
     folder = Path(folder)
     if not folder.is_dir():
         return None
@@ -265,14 +269,14 @@ def last_checkpoint(folder: str | Path) -> str | None:
 
 def standard_callbacks(cfg: PipelineConfig) -> list:
     """Loss guard (NaN/inf/explosion) and SIGTERM checkpointing, for every stage's trainer."""
-    from trainers.callbacks import LossGuardCallback, SigtermCheckpointCallback
+    from staged_alignment.core.callbacks import LossGuardCallback, SigtermCheckpointCallback
 
     return [LossGuardCallback(), SigtermCheckpointCallback()]
 
 
 def raise_if_terminated(trainer) -> None:
     """After ``trainer.train()``: exit 143 if training stopped because of SIGTERM (checkpoint already saved)."""
-    from trainers.callbacks import SigtermCheckpointCallback
+    from staged_alignment.core.callbacks import SigtermCheckpointCallback
 
     for cb in trainer.callback_handler.callbacks:
         if isinstance(cb, SigtermCheckpointCallback) and cb.requested:
@@ -287,8 +291,6 @@ def save_adapter(model, tokenizer, out_dir: str | Path, extra_files: dict | None
     ``state_dict``: the full trainable weights gathered by :func:`trainers.sharded.trainable_state_dict` (every
     process calls that; the main process then calls this). Without it the local module's weights are written,
     which is right only when they are not sharded (one process, DDP)."""
-    from data_builders.jsonl_io import atomic_directory
-
     with atomic_directory(out_dir) as tmp:
         kwargs = {"state_dict": state_dict} if state_dict is not None else {}
         model.save_pretrained(tmp, safe_serialization=True, **kwargs)
@@ -308,8 +310,6 @@ def clear_resume_state(paths) -> list[tuple[Path, Path]]:
     :func:`run_stage_main` removes the superseded checkpoint folders once the new attempt has finished, and moves
     them back if it fails before writing any of its own (a model that does not load, for instance).
     """
-    import shutil
-
     moved = []
     for p in map(Path, paths):
         if not p.exists():
@@ -329,8 +329,6 @@ def settle_resume_state(moved: list[tuple[Path, Path]], succeeded: bool) -> None
     """After an attempt that started fresh: on success delete the superseded checkpoint *folders* (records stay as
     ``*.superseded`` files, as before); on failure move back every superseded path whose original the attempt did
     not recreate, so that a failed attempt leaves the earlier work where it was."""
-    import shutil
-
     for original, aside in moved:
         if succeeded:
             if aside.is_dir():
@@ -381,22 +379,19 @@ def run_stage_main(stage_module, description: str, argv=None) -> int:
     its file writes to the main process). A module with ``MAIN_PROCESS_ONLY = True`` (evaluation) runs on the main
     process alone: the others exit 0 after the barrier (:func:`main_process_only`).
     """
-    from data_builders.jsonl_io import DataError
-
     args, cfg = stage_cli(description, argv, stage=getattr(stage_module, "STAGE", None))
     try:
-        from stages.models import check_model, import_unsloth_first
+        from staged_alignment.core.models import import_unsloth_first
 
         import_unsloth_first(cfg.model)  # before anything imports transformers/trl/peft (check_model does)
 
-        check_model(cfg)
+        check_models(cfg)
         stage_module.validate(cfg)
         getattr(stage_module, "check_upstream", lambda c: None)(cfg)  # what an earlier stage must have made
     except (DataError, ConfigError, FileNotFoundError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # permission, name too long, not a regular file: one line naming the file
-        from data_builders.jsonl_io import os_error_line
 
         print(os_error_line(e), file=sys.stderr)
         return 2
@@ -408,7 +403,6 @@ def run_stage_main(stage_module, description: str, argv=None) -> int:
     main = state.is_main_process
     if not main:
         return _run_stage(stage_module, cfg, state, main, alone)
-    from stages.run_dir import RunFolderBusy, RunLock
 
     try:  # every check is done: the run folder is locked (a stage the pipeline started shares its lock)
         with RunLock(cfg.run_dir):
@@ -420,9 +414,6 @@ def run_stage_main(stage_module, description: str, argv=None) -> int:
 
 def _run_stage(stage_module, cfg: PipelineConfig, state, main: bool, alone: bool) -> int:
     """The part of :func:`run_stage_main` after validation: manifest, resume state, run, outcome."""
-    import time
-
-    from stages.run_dir import Manifest, path_sha256
 
     name = stage_module.STAGE
     manifest = Manifest(cfg.run_dir) if main else None  # written by the main process only
@@ -487,7 +478,6 @@ def maybe_push(cfg: PipelineConfig, stage: str, adapter_dir, metrics: dict, extr
     """
     if not (cfg.hub.push_to_hub or cfg.hub.push_dry_run):
         return {}
-    from stages.hub import HubPushError, push_stage_adapter, pushed_key
 
     try:
         where = push_stage_adapter(cfg, stage, adapter_dir, metrics, extra_files=extra_files)

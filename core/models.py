@@ -11,18 +11,21 @@
 """
 from __future__ import annotations
 
+import dataclasses
+import importlib.metadata as md
 import json
 import logging
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from data_builders.chat_template import apply_template
-from data_builders.jsonl_io import atomic_directory
-from stages.config import ModelSection, LoraSection
+from staged_alignment.core.chat_template import apply_template
+from staged_alignment.core.config import LoraSection, ModelSection
+from staged_alignment.core.jsonl_io import atomic_directory
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +44,6 @@ def default_cache_dir() -> Path:
 
 
 def _find_embedded_gguf(dist: str, filename: str) -> Path:
-    import importlib.metadata as md
-
     try:
         d = md.distribution(dist)
     except md.PackageNotFoundError:
@@ -127,7 +128,7 @@ def resolve_dtype(model_cfg: ModelSection, device: str) -> torch.dtype:
 
 def load_tokenizer(path: str, model_cfg: ModelSection):
     """Tokenizer of ``path`` with the run's chat template applied (``model.chat_template``,
-    :func:`data_builders.chat_template.apply_template`; pad falls back to eos). Raises ``ValueError`` for a template
+    :func:`core.chat_template.apply_template`; pad falls back to eos). Raises ``ValueError`` for a template
     that fails its checks."""
     from transformers import AutoTokenizer
 
@@ -211,7 +212,6 @@ def import_unsloth_first(model_cfg: ModelSection) -> bool:
     """
     if model_cfg.loader != "unsloth":
         return False
-    import sys
 
     early = [m for m in ("transformers", "trl", "peft") if m in sys.modules]
     if early:
@@ -508,23 +508,15 @@ def module_names_from_config(folder: str | os.PathLike, trust_remote_code: bool 
 def check_model(cfg) -> dict | None:
     """Everything about the configured model that can be checked without loading it. Raises ``ConfigError``.
 
-    The folder (:func:`check_model_folder`; also ``dpo.base_model`` and ``causal.base_model`` when set: a model
-    folder, a Hub id or an adapter, :func:`stages.start_model.check_start`), ``model.max_seq_length`` and
+    The folder (:func:`check_model_folder`; ``dpo.base_model`` and ``causal.base_model`` are checked by
+    :func:`core.start_model.check_models`, which calls this), ``model.max_seq_length`` and
     ``causal.max_length`` against the model's position limit, a ``tokenizer`` or Jinja-file chat template against
-    the model's tokenizer (:func:`data_builders.chat_template.check_template`), and every LoRA ``target_modules``
+    the model's tokenizer (:func:`core.chat_template.check_template`), and every LoRA ``target_modules``
     entry against the module names of the architecture (built on the meta device). A Hub id not in the local cache and an embedded
     model not yet converted are checked when they are fetched. Returns the model's ``config.json`` (None if
     unchecked). Never loads weights and never downloads.
     """
     folder = model_folder(cfg)
-    from stages.start_model import check_start
-
-    for field_name in ("dpo.base_model", "causal.base_model"):
-        spec = getattr(getattr(cfg, field_name.split(".")[0]), "base_model", None)
-        if spec:
-            where = check_start(spec, lambda m, f=field_name: cfg.error(f, m))
-            if where["kind"] == "model":
-                check_model_folder(where["folder"], lambda m, f=field_name: cfg.error(f, m))
     if folder is None:
         return None
     conf = check_model_folder(folder, lambda m: cfg.error("model.name_or_path", m))
@@ -533,7 +525,6 @@ def check_model(cfg) -> dict | None:
         log.warning("model.trust_remote_code: %s has remote code (%s); it is not run at validation: its tokenizer "
                     "and module names are checked when the stage loads it", folder, ", ".join(remote))
     if cfg.model.chat_template != "zephyr" and not remote:  # the model's own or a file's template
-        import dataclasses
 
         try:
             load_tokenizer(str(folder), dataclasses.replace(cfg.model, trust_remote_code=False))

@@ -4,7 +4,7 @@
 and head setting: their defaults are the objective the ablation measured best (arm A5: benign LM + injected LM
 + KL invariance, no contrastive term; ``docs/results.md``), each field carries its ``help``, and
 :meth:`CausalLossSettings.validate` holds the constraints. The pipeline's ``causal.loss`` and ``causal.head``
-YAML sections are read into them (``stages.config``), and :class:`trainers.causal.CausalConfig` (a
+YAML sections are read into them (``core.config``), and :class:`trainers.causal.CausalConfig` (a
 ``TrainingArguments`` subclass, as ``trl.DPOConfig`` is) has one flat field per setting generated from them
 (head settings prefixed ``head_``, as :data:`HEAD_PREFIX` says).
 
@@ -115,3 +115,29 @@ def loss_field_names() -> list[str]:
 def head_field_names() -> list[str]:
     """The head settings as :class:`trainers.causal.CausalConfig` names them (``head_type``, ``head_dim``, …)."""
     return [HEAD_PREFIX + f.name for f in fields(CausalHeadSettings)]
+
+
+def needed_views(*, lambda_task: float = 1.0, lambda_lm_injected: float = 0.0, lambda_lm_counterfactual: float = 0.0,
+                 lambda_kl: float = 0.0, lambda_pref: float = 0.0, contrastive: str = "none",
+                 contrastive_counterfactual: bool = True, lambda_retain_sft: float = 0.0,
+                 lambda_retain_dpo: float = 0.0, **_) -> tuple[list[str], list[str]]:
+    """``(views, lm_views)`` a causal objective needs: the benign view always; the injected view for any term on
+    x_i; the counterfactual view only when a term uses it (``lm_counterfactual``, contrastive v1, or v2 with its
+    counterfactual positive) — otherwise the step costs one forward fewer; the hijack view for ``pref_injected`` and
+    contrastive v2; ``retain_chosen`` for either retention term and ``retain_rejected`` for the DPO one.
+    ``lm_views`` are the triplet views whose response tokens carry an LM loss (weight > 0); retention rows never
+    carry ``labels`` (their terms are per-example, so Trainer's token count stays that of the LM views)."""
+    views = ["benign"]
+    if lambda_lm_injected > 0 or lambda_kl > 0 or lambda_pref > 0 or contrastive in ("v1", "v2"):
+        views.append("injected")
+    if lambda_lm_counterfactual > 0 or contrastive == "v1" or (contrastive == "v2" and contrastive_counterfactual):
+        views.append("counterfactual")
+    if lambda_pref > 0 or contrastive == "v2":
+        views.append("hijack")
+    if lambda_retain_sft > 0 or lambda_retain_dpo > 0:
+        views.append("retain_chosen")
+    if lambda_retain_dpo > 0:
+        views.append("retain_rejected")
+    lm = [v for v, w in (("benign", lambda_task), ("injected", lambda_lm_injected),
+                         ("counterfactual", lambda_lm_counterfactual)) if w > 0 and v in views]
+    return views, lm

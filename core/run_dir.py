@@ -2,7 +2,7 @@
 
 ``manifest.json`` holds, per stage: ``status`` (pending|running|done|failed), ``config_hash``,
 ``input_hashes``, ``outputs``, ``started``/``finished`` (UTC ISO-8601), ``seconds`` and a ``metrics`` summary.
-Every write goes through :func:`~data_builders.jsonl_io.atomic_write_json` under a file lock, so a kill at
+Every write goes through :func:`~core.jsonl_io.atomic_write_json` under a file lock, so a kill at
 any point leaves the previous or the new manifest, never a torn one, and two processes never interleave.
 """
 from __future__ import annotations
@@ -13,9 +13,12 @@ import fcntl
 import hashlib
 import json
 import os
+import socket
 from pathlib import Path
 
-from data_builders.jsonl_io import atomic_write_json
+from filelock import FileLock, Timeout
+
+from staged_alignment.core.jsonl_io import atomic_write_json
 
 STAGES = ("sft", "dpo", "causal", "evaluate")
 STATUSES = ("pending", "running", "done", "failed")
@@ -139,7 +142,7 @@ class Manifest:
         """True if the last attempt of ``stage`` was interrupted (running or failed, not marked for redo) with this
         config (``PipelineConfig.config_hash(stage, for_resume=True)``: max_steps, save and logging intervals may
         differ) and these inputs: its checkpoints and records may then be reused. Otherwise the stage starts fresh
-        (see ``stages.common.run_stage_main``)."""
+        (see ``core.common.run_stage_main``)."""
         e = self.entry(stage)
         return (e.get("status") in ("running", "failed") and not e.get("redo")
                 and e.get("resume_hash") == resume_hash and e.get("input_hashes") == input_hashes)
@@ -166,9 +169,6 @@ class RunLock:
         self._inherited = os.environ.get(LOCK_HELD_ENV) == str(self.run_dir.resolve())
 
     def __enter__(self) -> "RunLock":
-        import socket
-
-        from filelock import FileLock, Timeout
 
         if self._inherited:
             return self

@@ -24,7 +24,10 @@ from typing import Any, Callable
 
 import yaml
 
-from trainers.causal_objective import CausalHeadSettings, CausalLossSettings
+from staged_alignment.core.causal_objective import CausalHeadSettings, CausalLossSettings
+from staged_alignment.core.chat_template import CHOICES
+from staged_alignment.core.jsonl_io import exists, path_name_problem
+from staged_alignment.core.redaction import has_secret, redact_tree
 
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SECRET_KEY_PARTS = ("token", "api_key", "password", "secret")
@@ -163,8 +166,6 @@ def resolve_input(path: str | os.PathLike) -> Path:
     (a checkout, or the site-packages of a wheel install, where ``data_builders/seed`` and ``evaluation/heldout``
     are package data), else among the files a wheel ships under ``<prefix>/share`` (:func:`bundled_path`), else
     as given (the reader then names it as missing)."""
-    from data_builders.jsonl_io import exists, path_name_problem
-
     p = Path(path)
     if path_name_problem(p):
         return p  # the reader (or _check_path_names) names what is wrong with it
@@ -195,7 +196,7 @@ class ModelSection:
     data_role: bool = False  # put a prompt's data part in its own <|input|> turn (training, generation, evaluation)
     merge_dtype: str = "auto"  # dtype of merged copies: auto (the training compute dtype) | float32 | bfloat16 | float16
     # control strings (special tokens, template role markers) inside any content: escape (split by U+200B, read as
-    # text) | refuse (error when the row is rendered); data_builders.chat_template.neutralise
+    # text) | refuse (error when the row is rendered); core.chat_template.neutralise
     control_tokens: str = "escape"
 
 
@@ -234,7 +235,7 @@ class LoggingSection:
 class DataSource:
     """One input and its format (``auto`` guesses from the first row): a JSONL/JSON file, or what
     ``datasets.load_dataset`` reads (a Hub dataset id, a dataset folder, parquet/csv/arrow, a ``save_to_disk``
-    folder) with TRL's dataset keys (:mod:`data_builders.sources`)."""
+    folder) with TRL's dataset keys (:mod:`core.sources`)."""
 
     path: str = ""
     format: str = "auto"
@@ -299,7 +300,7 @@ class DPOSection:
     """Stage 1: constitutional critique-and-rewrite pairs, then DPO."""
 
     # where DPO starts instead of <run_dir>/sft/merged: a model folder, a Hub id, or a LoRA adapter (folder or
-    # Hub repo) merged into its base first (stages/start_model.py)
+    # Hub repo) merged into its base first (core/start_model.py)
     base_model: str | None = None
     enabled: bool = True
     prompts: list = field(default_factory=list)  # list of DataSource (red-team prompts)
@@ -316,7 +317,7 @@ class DPOSection:
     training: dict = field(default_factory=dict)  # trl.DPOConfig keys
 
 
-# The causal stage's objective and head: declared once, in trainers/causal_objective.py (defaults = the measured
+# The causal stage's objective and head: declared once, in core/causal_objective.py (defaults = the measured
 # best objective, help text, constraints); trainers.causal.CausalConfig has the same fields, flat.
 CausalLossSection = CausalLossSettings
 CausalHeadSection = CausalHeadSettings
@@ -891,8 +892,6 @@ def raw_config(path: str | os.PathLike, overrides: list[str] | None = None) -> d
 
 def _check_hardware_claims(cfg: "PipelineConfig", text: str, filename: str) -> None:
     """``model.device_memory_gb`` must agree with the comment on its line and with a ``-<N>gb`` file-name tag."""
-    import re
-
     mem = cfg.model.device_memory_gb
     if mem is None:
         return
@@ -945,41 +944,6 @@ def _check_strings(cfg: PipelineConfig, obj, prefix: str = "") -> None:
                 raise cfg.error(dotted, f"contains a control character ({value!r})")
 
 
-def validate_suite(cfg: PipelineConfig) -> None:
-    """Checks of ``evaluate.suite`` and ``evaluate.adaptive`` (names, ranges, budgets). Raises :class:`ConfigError`."""
-    from evaluation.alpacafarm_convert import ATTACKS, POSITIONS
-    from evaluation.sep_convert import KEYWORD_ATTACKS
-    from evaluation.template_attacks import VARIANTS
-
-    st = sub_section(cfg, SuiteSection, "evaluate.suite")
-    known = ("alpacafarm", "sep", "bipia", "heldout")
-    for key, values, allowed in (("benchmarks", st.benchmarks, known), ("alpacafarm_attacks", st.alpacafarm_attacks,
-                                 ATTACKS), ("sep_attacks", st.sep_attacks, KEYWORD_ATTACKS),
-                                 ("positions", st.positions, POSITIONS), ("template_variants", st.template_variants,
-                                                                         VARIANTS)):
-        if values is None:
-            continue
-        bad = [v for v in values if v not in allowed]
-        if bad or (not values and key not in ("template_variants",)):
-            raise cfg.error(f"evaluate.suite.{key}", f"use a non-empty subset of {list(allowed)} (bad: {bad})")
-    if st.max_samples is not None and st.max_samples < 1:
-        raise cfg.error("evaluate.suite.max_samples", "must be ≥ 1 (or null for all)")
-    ad = sub_section(cfg, AdaptiveSection, "evaluate.adaptive")
-    bad = [a for a in ad.attacks if a not in ("bon", "random_search", "gcg")]
-    if bad:
-        raise cfg.error("evaluate.adaptive.attacks", f"use a subset of ['bon', 'random_search', 'gcg'] (bad: {bad})")
-    for key in ("n_cases", "max_new_tokens", "bon_n", "rs_iterations", "rs_suffix_tokens", "rs_change_tokens",
-                "gcg_steps", "gcg_suffix_tokens", "gcg_topk", "gcg_batch", "gcg_mini_batch"):
-        if getattr(ad, key) < 1:
-            raise cfg.error(f"evaluate.adaptive.{key}", "must be ≥ 1")
-    if ad.rs_change_tokens > ad.rs_suffix_tokens:
-        raise cfg.error("evaluate.adaptive.rs_change_tokens", "cannot exceed rs_suffix_tokens")
-    if not 0 < ad.bon_sigma <= 1:
-        raise cfg.error("evaluate.adaptive.bon_sigma", "must be in (0, 1]")
-    if ad.checkpoints is not None and (not ad.checkpoints or min(ad.checkpoints) < 0):
-        raise cfg.error("evaluate.adaptive.checkpoints", "a non-empty list of budgets ≥ 0")
-
-
 def validate_config(cfg: PipelineConfig) -> None:
     """Range and consistency checks that need no model and no data. Raises :class:`ConfigError`."""
     _check_strings(cfg, cfg)
@@ -999,7 +963,6 @@ def validate_config(cfg: PipelineConfig) -> None:
     for key, (val, allowed) in choices.items():
         if val not in allowed:
             raise cfg.error(key, f"{val!r} is not one of {sorted(allowed)}")
-    from data_builders.chat_template import CHOICES
 
     if m.chat_template not in CHOICES:  # else the path of a Jinja file (relative to the working folder)
         found = resolve_input(m.chat_template)
@@ -1128,7 +1091,6 @@ def validate_config(cfg: PipelineConfig) -> None:
     for key in ("max_redteam", "max_benign"):
         if getattr(e, key) is not None and getattr(e, key) < 0:
             raise cfg.error(f"evaluate.{key}", "must be ≥ 0 (0 leaves that safety measure out; null for all)")
-    validate_suite(cfg)
     if e.hsic_permutations < 20:
         raise cfg.error("evaluate.hsic_permutations", "at least 20 permutations (the p-value is ≥ 1/(1+reps))")
     if e.do_sample and e.temperature <= 0:
@@ -1160,10 +1122,8 @@ PATH_KEYS = {"path", "name_or_path", "cache_dir", "chat_template", "constitution
 
 def _check_path_names(cfg: PipelineConfig) -> None:
     """Every value that names a file or folder (keys of :data:`PATH_KEYS`, ``*_file`` and ``*_dir`` keys, the items
-    of source lists) can name one on this system (:func:`data_builders.jsonl_io.path_name_problem`: no NUL byte,
+    of source lists) can name one on this system (:func:`core.jsonl_io.path_name_problem`: no NUL byte,
     no component over 255 bytes): a name the OS refuses is one located error, not an ``OSError`` later."""
-    from data_builders.jsonl_io import path_name_problem
-
     def walk(node, prefix):
         if isinstance(node, dict):
             for k, v in node.items():
@@ -1193,8 +1153,6 @@ def _check_names(cfg: PipelineConfig) -> None:
     with a letter or digit (no ``/``, ``..``, control or non-encodable characters, nothing a file system refuses);
     no name or path holds a credential (it would be written into folder names, logs and the Hub); Hub ids and
     ``hub.organization`` pass ``huggingface_hub``'s own validator (``../../etc/passwd`` is not a repo id)."""
-    from stages.redaction import has_secret
-
     if not isinstance(cfg.run_name, str) or not RUN_NAME.match(cfg.run_name) or ".." in cfg.run_name:
         shown = cfg.run_name.encode("utf-8", "backslashreplace").decode("ascii", "backslashreplace")[:60]
         raise cfg.error("run_name", f"must be a plain folder name: 1-100 characters of letters, digits and ._+=- "
@@ -1257,7 +1215,5 @@ def _check_device_consistency(cfg: PipelineConfig) -> None:
 def resolved_yaml(cfg: PipelineConfig) -> str:
     """The config after overrides, as YAML, with no secret in it: :func:`load_config` rejects secret keys, and
     credentials inside values (a URL's ``user:password@``, ``hf_…``/``sk-…`` tokens) are replaced by ``***``
-    (:func:`stages.redaction.redact_tree`)."""
-    from stages.redaction import redact_tree
-
+    (:func:`core.redaction.redact_tree`)."""
     return yaml.safe_dump(redact_tree(cfg.to_dict()), sort_keys=False)

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gzip
 import json
 import os
 import shutil
 import sys
 import tempfile
+import zlib
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -95,8 +97,6 @@ def require_file(path: str | os.PathLike, what: str = "input file") -> Path:
 
 def _open_text(path: Path):
     if path.suffix == ".gz":
-        import gzip
-
         return gzip.open(path, "rb")
     return open(path, "rb")
 
@@ -105,8 +105,6 @@ def _bounded_lines(fh, p: Path) -> Iterator[tuple[int, bytes]]:
     """``(line_number, bytes)`` of a binary file, reading at most ``MAX_LINE_BYTES + 1`` bytes per line (a
     decompressed single-line bomb never fills memory). A ``.gz`` that is not gzip or is cut short raises
     :class:`DataError` at the line where reading failed."""
-    import zlib
-
     lineno = 0
     while True:
         try:
@@ -362,7 +360,7 @@ def run_converter(main_fn: Callable[[], int]) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except ValueError as e:
-        if not hasattr(e, "message"):  # a located config error (stages.config.ConfigError) has one; a bug has not
+        if not hasattr(e, "message"):  # a located config error (core.config.ConfigError) has one; a bug has not
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2

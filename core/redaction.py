@@ -1,6 +1,6 @@
 """Credentials recognised in values, and kept out of every file, log line and command line the project writes.
 
-Secret *keys* (``token``, ``api_key``, ``password``, ``secret``) are refused in configs (:mod:`stages.config`);
+Secret *keys* (``token``, ``api_key``, ``password``, ``secret``) are refused in configs (:mod:`core.config`);
 this module finds secrets inside *values*, where a key name does not give them away:
 
 - user-info in a URL: ``http://user:password@host/v1`` → ``http://***@host/v1``;
@@ -9,7 +9,7 @@ this module finds secrets inside *values*, where a key name does not give them a
 - query parameters named like a credential (``?api_key=…``, ``&token=…``, ``&access_token=…``, ``&key=…``).
 
 :func:`redact` replaces each with ``***``; :class:`RedactingFilter` applies it to every log record of the process
-(installed by :func:`stages.common.setup_logging`); :func:`split_secret_overrides` keeps command-line overrides
+(installed by :func:`core.common.setup_logging`); :func:`split_secret_overrides` keeps command-line overrides
 that hold a credential off a child process's command line (they travel in :data:`SECRET_OVERRIDES_ENV`).
 The rule is the project's own (no maintained library recognises credentials in free text on this stack).
 """
