@@ -8,8 +8,8 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.setup-done
-SMOKE_CONFIG ?= configs/smollm2-135m_pipeline_cpu-smoke.yaml
-ABLATION_CONFIG ?= configs/smollm2-135m_pipeline-shared-data_cpu.yaml
+SMOKE_CONFIG ?= configs/smollm2-135m_smoke-pipeline_cpu.yaml
+ABLATION_CONFIG ?= configs/smollm2-135m_shared-data-pipeline_cpu.yaml
 ABLATION_CASES ?= 200
 ABLATION_CONTROLS ?= 60
 

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-CASES = [("smoke config", "configs/smollm2-135m_pipeline_cpu-smoke.yaml", []),
+CASES = [("smoke config", "configs/smollm2-135m_smoke-pipeline_cpu.yaml", []),
          ("GPU recipe (--target cuda)", "configs/llama3.1-8b_qlora-pipeline_rtx3060-12gb.yaml", ["--target", "cuda"])]
 
 

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-SMOKE_CONFIG = ROOT / "configs" / "smollm2-135m_pipeline_cpu-smoke.yaml"
+SMOKE_CONFIG = ROOT / "configs" / "smollm2-135m_smoke-pipeline_cpu.yaml"
 SFT_SEED = ROOT / "data_builders" / "seed" / "sft_seed.jsonl"
 REDTEAM_SEED = ROOT / "data_builders" / "seed" / "redteam_prompts.jsonl"
 TASKS_SEED = ROOT / "data_builders" / "seed" / "tasks.jsonl"
@@ -68,7 +68,7 @@ def smollm2_path() -> str:
 
 
 def smoke_config(out_dir: str | Path, overrides: list[str] | None = None):
-    """The CPU smoke config (``configs/smollm2-135m_pipeline_cpu-smoke.yaml``: r=8, max_seq_length=256, batch 4)
+    """The CPU smoke config (``configs/smollm2-135m_smoke-pipeline_cpu.yaml``: r=8, max_seq_length=256, batch 4)
     with its run directory under ``out_dir``, no checkpoints and no reporting."""
     from staged_alignment.core.config import load_config
 

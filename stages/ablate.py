@@ -1,7 +1,7 @@
 """Ablation of the causal stage: from the *same* starting model, triplets, steps and seed, train each objective and
 evaluate every arm on the same held-out set.
 
-    python stages/ablate.py --config configs/smollm2-135m_pipeline-shared-data_cpu.yaml [--base PATH] [--arms A1,A3,...]
+    python stages/ablate.py --config configs/smollm2-135m_shared-data-pipeline_cpu.yaml [--base PATH] [--arms A1,A3,...]
                             [key=value …]
 
 Arms (``causal.loss`` of each; every arm keeps the benign LM term, λ_task = 1, and the config's other settings):

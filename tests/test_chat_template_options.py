@@ -10,7 +10,7 @@ from datasets import Dataset
 from staged_alignment.core.chat_template import apply_template, prompt_response_ids, render_conversation, render_prompt
 from tests.conftest import CONV, REPO
 
-SMOKE = REPO / "configs" / "smollm2-135m_pipeline_cpu-smoke.yaml"
+SMOKE = REPO / "configs" / "smollm2-135m_smoke-pipeline_cpu.yaml"
 # ChatML with the assistant content and its end-of-turn token (SmolLM2's eos, <|im_end|>) inside the markers
 CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' }}"
           "{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] + eos_token }}"

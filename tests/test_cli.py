@@ -11,7 +11,7 @@ import pytest
 from staged_alignment.core.config import CliParser, ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
-SMOKE = ROOT / "configs" / "smollm2-135m_pipeline_cpu-smoke.yaml"
+SMOKE = ROOT / "configs" / "smollm2-135m_smoke-pipeline_cpu.yaml"
 
 
 def parser(stage=None):
@@ -71,3 +71,15 @@ def test_stage_script_flag_reaches_the_training_args_and_a_typo_is_one_located_l
     assert proc.returncode == 2
     err = proc.stderr.strip().splitlines()
     assert err and err[-1].startswith("error:") and "dpo.training" in err[-1] and "learnin_rate" in err[-1], err[-3:]
+
+
+def test_recipes_follow_one_name_scheme_and_name_their_command():
+    """``configs/<model>_<method>_<device>.yaml`` (torchtune-style), each headed by the command that runs it."""
+    import re
+
+    recipes = sorted((ROOT / "configs").glob("*.yaml"))
+    assert len(recipes) >= 5
+    for p in recipes:
+        assert re.fullmatch(r"[a-z0-9.]+-[0-9.]+[bm]_[a-z0-9-]*pipeline_(cpu|[a-z0-9]+-[0-9]+gb)\.yaml", p.name), p.name
+        first = p.read_text().splitlines()[0]
+        assert first.startswith("# Run: ") and f"configs/{p.name}" in first, (p.name, first)

@@ -126,7 +126,7 @@ def test_causal_stage_refuses_an_eval_set_converted_from_its_training_split(tmp_
 
     base = shared_data / "injection" / "bipia-train"
     out = tmp_path / "from_train.jsonl"
-    cfg = REPO / "configs" / "smollm2-135m_pipeline-shared-data_cpu.yaml"
+    cfg = REPO / "configs" / "smollm2-135m_shared-data-pipeline_cpu.yaml"
     rc = BC.main(["--contexts", str(base / "email" / "train.jsonl"), "--attacks", str(base / "text_attack_train.json"),
                   "--out", str(out), "--n", "6", "--config", str(cfg)])
     assert rc == 2 and not out.exists()

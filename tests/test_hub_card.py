@@ -94,7 +94,7 @@ def test_dry_run_writes_the_exact_adapter_and_merged_upload_folders(tmp_path):
 def test_trainer_push_keys_are_refused_with_a_pointer_to_hub(tmp_path, key):
     from staged_alignment.core.config import ConfigError, load_config
 
-    cfg = Path(__file__).resolve().parents[1] / "configs" / "smollm2-135m_pipeline_cpu-smoke.yaml"
+    cfg = Path(__file__).resolve().parents[1] / "configs" / "smollm2-135m_smoke-pipeline_cpu.yaml"
     value = "true" if key == "push_to_hub" else "org/x"
     with pytest.raises(ConfigError, match=rf"dpo\.training\.{key}.*hub\.push_to_hub and dpo\.hub_model_id"):
         load_config(str(cfg), [f"dpo.training.{key}={value}", f"output_dir={tmp_path}"])

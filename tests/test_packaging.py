@@ -54,8 +54,8 @@ def test_wheel_installs_and_its_console_script_runs_a_dry_run(tmp_path):
     script = venv / "bin" / "staged-align"
     assert _run([str(script), "--help"], cwd=tmp_path, env=env).returncode == 0
     listed = _run([str(script), "configs"], cwd=tmp_path, env=env).stdout.split()
-    assert any(p.startswith(str(venv)) and p.endswith("smollm2-135m_pipeline_cpu-smoke.yaml") for p in listed), listed
-    proc = _run([str(script), "run", "--config", "configs/smollm2-135m_pipeline_cpu-smoke.yaml", "--dry-run",
+    assert any(p.startswith(str(venv)) and p.endswith("smollm2-135m_smoke-pipeline_cpu.yaml") for p in listed), listed
+    proc = _run([str(script), "run", "--config", "configs/smollm2-135m_smoke-pipeline_cpu.yaml", "--dry-run",
                  f"output_dir={tmp_path / 'runs'}"], cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "dry run: plan valid" in proc.stdout

@@ -11,7 +11,7 @@ import pytest
 from staged_alignment.core.smoke import EMBEDDED, smoke_plan
 
 ROOT = Path(__file__).resolve().parents[1]
-GPU_RECIPES = ["tinyllama-1.1b_pipeline_rtx3060-12gb.yaml", "llama3.1-8b_qlora-pipeline_rtx3060-12gb.yaml",
+GPU_RECIPES = ["tinyllama-1.1b_lora-pipeline_rtx3060-12gb.yaml", "llama3.1-8b_qlora-pipeline_rtx3060-12gb.yaml",
                "qwen2.5-32b_qlora-pipeline_a100-80gb.yaml"]
 
 
