@@ -94,7 +94,6 @@ class CausalHeadSettings:
     pool_layer: int = _f(-1, "hidden-state layer pooled for the head (-1: the last)")
     learning_rate: float | None = _f(None, "the head's own learning rate (default: the training learning rate)")
 
-
     def validate(self, prefix: str = "") -> None:
         """Raise ``ValueError("<prefix><field>: …")``: a known type, dim and hidden ≥ 1, a bottleneck narrower
         than its output (hidden < dim), a positive head learning rate when set."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import errno
+import gc
 import logging
 import os
 import random
@@ -19,9 +20,10 @@ import numpy as np
 
 from staged_alignment.core.config import CliParser, ConfigError, PipelineConfig, finite_or_error, load_config
 from staged_alignment.core.hub import HubPushError, push_stage_adapter, pushed_key
-from staged_alignment.core.jsonl_io import DataError, atomic_directory, os_error_line
+from staged_alignment.core.jsonl_io import DataError, atomic_directory, atomic_write_json, os_error_line
 from staged_alignment.core.redaction import install_log_redaction, overrides_from_env
 from staged_alignment.core.run_dir import Manifest, RunFolderBusy, RunLock, path_sha256
+from staged_alignment.core.stage import Stage
 from staged_alignment.core.start_model import check_models
 
 log = logging.getLogger("staged_alignment")
@@ -288,7 +290,7 @@ def save_adapter(model, tokenizer, out_dir: str | Path, extra_files: dict | None
                  state_dict: dict | None = None) -> Path:
     """Save a peft adapter (safetensors) + tokenizer atomically; ``extra_files`` = {name: writer(path)}.
 
-    ``state_dict``: the full trainable weights gathered by :func:`trainers.sharded.trainable_state_dict` (every
+    ``state_dict``: the full trainable weights gathered by :func:`core.sharded.trainable_state_dict` (every
     process calls that; the main process then calls this). Without it the local module's weights are written,
     which is right only when they are not sharded (one process, DDP)."""
     with atomic_directory(out_dir) as tmp:
@@ -363,11 +365,14 @@ def _record_failure(manifest, name: str, e) -> None:
         pass
 
 
-def run_stage_main(stage_module, description: str, argv=None) -> int:
-    """Entry point of a stage script: parse the CLI, validate inputs (no model), run, record the manifest.
+def run_stage_main(stage: Stage, description: str, argv=None) -> int:
+    """Entry point of a stage script: parse the CLI, validate once (no model), run from the plan, record the
+    manifest.
 
-    ``stage_module`` provides ``STAGE`` (name), ``validate(cfg)`` (raises DataError/ConfigError before any model
-    load), ``input_paths(cfg)`` and ``run(cfg) -> {"outputs": {...}, "metrics": {...}}``.
+    ``stage`` implements :class:`core.stage.Stage` (a stage script module): ``validate(cfg)`` returns the plan
+    (raising DataError/ConfigError before any model loads), ``check_upstream(cfg)``, ``input_paths(cfg)``,
+    ``resume_state(cfg)`` and ``run(cfg, plan) -> {"outputs": {...}, "metrics": {...}}``. Raises ``TypeError``
+    for an object that does not implement it.
     Exit codes: 0 done, 2 bad input or config, 1 failure during the run, 3 done but the Hub push failed
     (local artifacts saved), 4 disk full or output not writable mid-run (earlier outputs intact), 143 stopped
     by SIGTERM.
@@ -379,15 +384,19 @@ def run_stage_main(stage_module, description: str, argv=None) -> int:
     its file writes to the main process). A module with ``MAIN_PROCESS_ONLY = True`` (evaluation) runs on the main
     process alone: the others exit 0 after the barrier (:func:`main_process_only`).
     """
-    args, cfg = stage_cli(description, argv, stage=getattr(stage_module, "STAGE", None))
+    if not isinstance(stage, Stage):
+        missing = [m for m in ("STAGE", "MAIN_PROCESS_ONLY", "validate", "check_upstream", "input_paths",
+                               "resume_state", "run") if not hasattr(stage, m)]
+        raise TypeError(f"{stage!r} is not a stage (core.stage.Stage): it lacks {missing}")
+    args, cfg = stage_cli(description, argv, stage=stage.STAGE)
     try:
         from staged_alignment.core.models import import_unsloth_first
 
         import_unsloth_first(cfg.model)  # before anything imports transformers/trl/peft (check_model does)
 
         check_models(cfg)
-        stage_module.validate(cfg)
-        getattr(stage_module, "check_upstream", lambda c: None)(cfg)  # what an earlier stage must have made
+        plan = stage.validate(cfg)
+        stage.check_upstream(cfg)  # what an earlier stage must have made
     except (DataError, ConfigError, FileNotFoundError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -395,35 +404,34 @@ def run_stage_main(stage_module, description: str, argv=None) -> int:
 
         print(os_error_line(e), file=sys.stderr)
         return 2
-    name = stage_module.STAGE
-    alone = getattr(stage_module, "MAIN_PROCESS_ONLY", False)
+    name = stage.STAGE
+    alone = stage.MAIN_PROCESS_ONLY
     if alone and not main_process_only(cfg, f"stage {name}"):
         return 0
     state = process_state(cfg)
     main = state.is_main_process
     if not main:
-        return _run_stage(stage_module, cfg, state, main, alone)
+        return _run_stage(stage, cfg, plan, state, main, alone)
 
     try:  # every check is done: the run folder is locked (a stage the pipeline started shares its lock)
         with RunLock(cfg.run_dir):
-            return _run_stage(stage_module, cfg, state, main, alone)
+            return _run_stage(stage, cfg, plan, state, main, alone)
     except RunFolderBusy as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
 
-def _run_stage(stage_module, cfg: PipelineConfig, state, main: bool, alone: bool) -> int:
+def _run_stage(stage: Stage, cfg: PipelineConfig, plan, state, main: bool, alone: bool) -> int:
     """The part of :func:`run_stage_main` after validation: manifest, resume state, run, outcome."""
-
-    name = stage_module.STAGE
+    name = stage.STAGE
     manifest = Manifest(cfg.run_dir) if main else None  # written by the main process only
     moved, before = [], None
     if main:
-        inputs = {k: path_sha256(v) for k, v in stage_module.input_paths(cfg).items()}
+        inputs = {k: path_sha256(v) for k, v in stage.input_paths(cfg).items()}
         resume_hash = cfg.config_hash(name, for_resume=True)
         before = manifest.read()["stages"].get(name)
         if not manifest.should_resume(name, resume_hash, inputs):
-            moved = clear_resume_state(getattr(stage_module, "resume_state", lambda c: [])(cfg))
+            moved = clear_resume_state(stage.resume_state(cfg))
         manifest.start(name, cfg.config_hash(name), inputs, resume_hash)
     if not alone:  # the others start once checkpoints are cleared (or kept for resuming)
         state.wait_for_everyone()
@@ -441,7 +449,7 @@ def _run_stage(stage_module, cfg: PipelineConfig, state, main: bool, alone: bool
 
     t0 = time.time()
     try:
-        result = stage_module.run(cfg)
+        result = stage.run(cfg, plan)
     except SystemExit as e:
         record_failure(f"exited with {e.code}")
         raise
@@ -485,3 +493,58 @@ def maybe_push(cfg: PipelineConfig, stage: str, adapter_dir, metrics: dict, extr
         log.error("%s", e)
         return {"hub_error": str(e)}
     return {pushed_key(cfg): str(where)}
+
+
+@dataclasses.dataclass
+class Trained:
+    """What :func:`train_save_merge` returns on the main process: ``result`` (``transformers.TrainOutput``),
+    ``log_history`` (as written to ``log_history.json``), the ``adapter`` and ``merged`` folders."""
+
+    result: typing.Any
+    log_history: list
+    adapter: Path
+    merged: Path
+
+
+def train_save_merge(trainer, cfg: PipelineConfig, state, *, stage: str, out_dir: Path, base: str | os.PathLike,
+                     tokenizer, before_train=None, history_prefix=None, extra_files=None) -> Trained | None:
+    """Resume → train → save → merge, the sequence the three training stages share.
+
+    Resumes from the last checkpoint under ``trainer.args.output_dir`` (``before_train(ckpt)`` runs first, e.g.
+    the causal stage's step-0 evaluation when not resuming), trains, stops on SIGTERM
+    (:func:`raise_if_terminated`), gathers the trainable weights on every process (a collective under FSDP /
+    ZeRO-3). On the main process only: writes ``out_dir/log_history.json`` (``history_prefix()`` + the trainer's),
+    saves the adapter to ``out_dir/adapter`` (``extra_files(weights)``: ``{file name: writer}`` beside it), frees
+    the trainer's model and optimizer, and merges the adapter into ``base`` as ``out_dir/merged``. Returns
+    :class:`Trained` there and None on the other processes. The caller should hold no reference to the model
+    (``del model`` after building the trainer) so the merge has the memory.
+    """
+    import torch
+
+    from staged_alignment.core.models import merge_adapter
+    from staged_alignment.core.sharded import trainable_state_dict
+
+    ckpt = last_checkpoint(trainer.args.output_dir)
+    if ckpt:
+        log.info("resuming %s from %s", {"sft": "SFT", "dpo": "DPO"}.get(stage, f"the {stage} stage"), ckpt)
+    if before_train is not None:
+        before_train(ckpt)
+    result = trainer.train(resume_from_checkpoint=ckpt)
+    raise_if_terminated(trainer)
+    weights = trainable_state_dict(trainer)  # every process: a collective under FSDP / ZeRO-3
+    if not state.is_main_process:
+        log.info("process %d of %d: %s training done; the main process saves and merges", state.process_index,
+                 state.num_processes, stage)
+        return None
+    out_dir = Path(out_dir)
+    history = list(history_prefix() if history_prefix is not None else []) + trainer.state.log_history
+    atomic_write_json(out_dir / "log_history.json", history)
+    save_adapter(trainer.model, tokenizer, out_dir / "adapter",
+                 extra_files=extra_files(weights) if extra_files is not None else None, state_dict=weights)
+    trainer.accelerator.free_memory()  # the prepared model and optimizer, before the merge loads the base
+    trainer.model = trainer.model_wrapped = trainer.optimizer = trainer.lr_scheduler = None
+    del weights
+    gc.collect()
+    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    merge_adapter(str(base), out_dir / "adapter", out_dir / "merged", cfg.model, tokenizer)
+    return Trained(result=result, log_history=history, adapter=out_dir / "adapter", merged=out_dir / "merged")

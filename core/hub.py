@@ -150,7 +150,6 @@ def model_card(cfg, stage: str, metrics: dict, sources: list[str], merged: bool 
     the metrics and the resolved config, with every untrusted string escaped (:func:`escape_md`)."""
     from huggingface_hub import ModelCard
 
-
     data = card_data(cfg, stage, sources, merged, results)
     prev = previous_stage(cfg, stage)
     trained_on = data.base_model or (f"the merged {prev} model of this run (`{prev}/merged`; push it with "

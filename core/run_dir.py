@@ -169,7 +169,6 @@ class RunLock:
         self._inherited = os.environ.get(LOCK_HELD_ENV) == str(self.run_dir.resolve())
 
     def __enter__(self) -> "RunLock":
-
         if self._inherited:
             return self
         self.run_dir.mkdir(parents=True, exist_ok=True)

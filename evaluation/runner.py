@@ -209,7 +209,6 @@ def teacher_forced_logps(model, tokenizer, conversations: list[list[dict]], resp
     import torch
     import torch.nn.functional as F
 
-
     if len(conversations) != len(responses):
         raise ValueError(f"{len(conversations)} conversations but {len(responses)} responses")
     device = next(model.parameters()).device
@@ -533,9 +532,12 @@ def classify_answers(cfg: PipelineConfig, redteam: list[dict], answers: dict) ->
 # --------------------------------------------------------------------------------------------- evaluation
 def evaluate_models(cfg: PipelineConfig, models: dict[str, str], eval_file: str | os.PathLike, out_dir: str | os.PathLike,
                     *, run_dir: str | os.PathLike | None = None, references: dict[str, str] | None = None,
-                    margins: bool = False, representations: bool = True) -> dict:
+                    margins: bool = False, representations: bool = True, cases: list[dict] | None = None) -> dict:
     """Evaluate ``models`` (``{label: path}``) on ``eval_file``; write ``metrics.json``, ``report.md``, plots and
     ``generations.jsonl`` under ``out_dir``. Returns the metrics dict (``metrics.json``'s content).
+
+    ``cases``: the eval file's cases as :func:`validate_inputs` returned them (the evaluation stage's plan); when
+    None the inputs are validated here.
 
     ``references``: ``{label: reference label}`` for the paired tests (default: each pipeline stage against the
     model it started from, :func:`stage_references`). ``margins``: also compute the teacher-forced margins.
@@ -543,7 +545,7 @@ def evaluate_models(cfg: PipelineConfig, models: dict[str, str], eval_file: str 
     benchmarks have no counterfactual views worth the forward passes)."""
     e = cfg.evaluate
     eval_path = resolve_input(eval_file)
-    cases = validate_inputs(cfg, eval_path, models)
+    cases = cases if cases is not None else validate_inputs(cfg, eval_path, models)
     notes: list[str] = []
     sp = safety_prompts(cfg, run_dir, notes)
     redteam, benign = sp["redteam"], sp["benign"]
@@ -652,7 +654,6 @@ def _groups_out(groups: dict) -> dict:
 
 
 def _json_safe(obj):
-
     if isinstance(obj, dict):
         return {str(k): _json_safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):

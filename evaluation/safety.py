@@ -38,11 +38,12 @@ import re
 from pathlib import Path
 from typing import Sequence
 
-from staged_alignment.core.config import resolve_input
+from staged_alignment.core.config import PipelineConfig, resolve_input
 from staged_alignment.core.jsonl_io import DataError, iter_jsonl, read_jsonl_tolerant, require_str
 from staged_alignment.core.judges import judge_over_refusal, judge_response
+from staged_alignment.core.sources import is_remote
 from staged_alignment.data_builders.overlap import find_overlaps
-from staged_alignment.data_builders.redteam import read_redteam_file
+from staged_alignment.data_builders.redteam import read_redteam_file, read_redteam_sources
 from staged_alignment.evaluation.metrics import grouped_rates, rate
 
 log = logging.getLogger(__name__)
@@ -262,3 +263,48 @@ def disagreement(outcomes: dict[str, dict], verdicts: dict[str, dict]) -> dict:
             neither += 1
     return {"n": n, "both_unsafe": both, "rules_only": rules_only, "classifier_only": clf_only, "both_safe": neither,
             "unparsed": unparsed, "agreement": (both + neither) / n if n else None, "examples": ex}
+
+
+# --------------------------------------------------------------------------------------------- training prompts
+def dpo_prompt_sources(cfg: PipelineConfig) -> list[dict]:
+    """``dpo.prompts`` with local paths resolved (URLs and Hub ids kept as written)."""
+    return [dict(s, path=s["path"] if is_remote(s["path"]) else str(resolve_input(s["path"]))) for s in cfg.dpo.prompts]
+
+
+def split_held_out(prompts: list[dict], n: int, seed: int) -> tuple[list[dict], list[dict]]:
+    """``(train, held_out)``: the ``n`` prompts with the smallest sha256(``seed:id``) are held out.
+
+    Deterministic for a given seed and id set, independent of file order; both lists keep the input order.
+    """
+    ranked = sorted(prompts, key=lambda p: hashlib.sha256(f"{seed}:{p['id']}".encode()).hexdigest())
+    held_ids = {p["id"] for p in ranked[:max(n, 0)]}
+    return [p for p in prompts if p["id"] not in held_ids], [p for p in prompts if p["id"] in held_ids]
+
+
+def without_safety_eval(cfg: PipelineConfig, prompts: list[dict], what: str = "dpo.prompts") -> list[dict]:
+    """``prompts`` (rows with a ``prompt``: red-team prompts or preference pairs) without those that overlap a
+    prompt the evaluation's safety measure holds out (:func:`held_out_prompts`, compared by
+    :func:`overlapping`), so no stage trains on a prompt its refusal rate is measured on. Logs
+    how many were left out."""
+    held = held_out_prompts(cfg)
+    drop = overlapping([p["prompt"] for p in prompts], held) if held and prompts else set()
+    kept = [p for i, p in enumerate(prompts) if i not in drop]
+    if len(kept) < len(prompts):
+        log.warning("%s: %d prompt(s) left out: the evaluation's safety measure holds them out", what,
+                    len(prompts) - len(kept))
+    return kept
+
+
+
+def dpo_prompts(cfg) -> tuple[list[dict], list[dict]]:
+    """``(train, held_out)``: the DPO stage's red-team prompts (``dpo.prompts``), without those the safety measure
+    holds out (:func:`without_safety_eval`), split by :func:`split_held_out` (``dpo.held_out``, ``seed``) and the
+    training part cut to ``dpo.max_prompts``. The one definition both the DPO stage and the causal stage's
+    self-replay use. Raises ``DataError`` (a prompt file) or ``ConfigError`` (``dpo.held_out`` ≥ the prompts)."""
+    d = cfg.dpo
+    prompts = read_redteam_sources(dpo_prompt_sources(cfg)) if d.prompts else []
+    prompts = without_safety_eval(cfg, prompts)
+    if prompts and d.held_out >= len(prompts):
+        raise cfg.error("dpo.held_out", f"holds out {d.held_out} of only {len(prompts)} prompts")
+    train, held = split_held_out(prompts, d.held_out, cfg.seed)
+    return (train[:d.max_prompts] if d.max_prompts else train), held

@@ -90,7 +90,6 @@ def log_evaluation(cfg, metrics: dict, out_dir: str | os.PathLike, *, max_rows: 
         try:
             import wandb
 
-
             report_to_env(cfg, "evaluate")
             run = wandb.init(project=os.environ.get("WANDB_PROJECT"), group=os.environ.get("WANDB_RUN_GROUP"),
                              name=os.environ.get("WANDB_NAME"), dir=os.environ.get("WANDB_DIR"), job_type="evaluate",

@@ -406,7 +406,6 @@ def plot_ablation(out: dict, path: Path) -> Path:
 
 
 def main(argv=None) -> int:
-
     ap = CliParser(description="Ablation of the causal stage's objective (same model, data, steps, seed)")
     ap.add_argument("--config", required=True)
     ap.add_argument("--base", help="starting model folder (default: <run_dir>/dpo/merged)")

@@ -26,6 +26,7 @@ and the others exit 0 (each logs a line saying so).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -79,13 +80,30 @@ log = logging.getLogger("staged_alignment.evaluate")
 
 
 # --------------------------------------------------------------------------------------------- inputs
+@dataclasses.dataclass
+class EvalPlan:
+    """What :func:`validate` parsed: the eval file's ``cases`` (injection cases and controls)."""
+
+    cases: list[dict]
+
+
 def validate(cfg: PipelineConfig, eval_file: str | os.PathLike | None = None,
-             models: dict[str, str] | None = None) -> list[dict]:
-    """The stage's checks, no model loaded: ``evaluate.suite``/``evaluate.adaptive`` (:func:`evaluation.suite.validate_suite`)
-    and every input (:func:`evaluation.runner.validate_inputs`). Raises :class:`DataError` or :class:`ConfigError`;
-    returns the cases to evaluate."""
+             models: dict[str, str] | None = None) -> EvalPlan:
+    """The stage's checks, no model loaded: ``evaluate.suite``/``evaluate.adaptive``
+    (:func:`evaluation.suite.validate_suite`) and every input (:func:`evaluation.runner.validate_inputs`). Raises
+    :class:`DataError` or :class:`ConfigError`."""
     validate_suite(cfg)
-    return validate_inputs(cfg, eval_file, models)
+    return EvalPlan(cases=validate_inputs(cfg, eval_file, models))
+
+
+def check_upstream(cfg: PipelineConfig) -> None:
+    """Nothing: the evaluation takes the run's models that exist (:func:`pipeline_models`) and names the missing."""
+
+
+def resume_state(cfg: PipelineConfig) -> list:
+    """Nothing is set aside: answers resume per (model, kind, id, prompt sha) from ``generations.jsonl``, so a
+    changed prompt is answered again and an unchanged one is reused."""
+    return []
 
 
 def input_paths(cfg: PipelineConfig) -> dict[str, str]:
@@ -145,12 +163,13 @@ def parse_model_arg(arg: str) -> tuple[str, str]:
     return label, arg
 
 
-def run(cfg: PipelineConfig) -> dict:
-    """The pipeline stage: evaluate the run's models into ``<run_dir>/eval``."""
-    validate(cfg)
+def run(cfg: PipelineConfig, plan: EvalPlan | None = None) -> dict:
+    """The pipeline stage: evaluate the run's models into ``<run_dir>/eval``, from ``plan`` (:func:`validate`'s;
+    validated here when None)."""
+    plan = plan if plan is not None else validate(cfg)
     models = pipeline_models(cfg)
     out = cfg.run_dir / "eval"
-    metrics = evaluate_models(cfg, models, eval_file_path(cfg), out, run_dir=cfg.run_dir)
+    metrics = evaluate_models(cfg, models, eval_file_path(cfg), out, run_dir=cfg.run_dir, cases=plan.cases)
 
     log_evaluation(cfg, metrics, out)  # W&B / TensorBoard, as logging.report_to says
 
@@ -169,7 +188,6 @@ def run(cfg: PipelineConfig) -> dict:
 
 # --------------------------------------------------------------------------------------------- CLI
 def main(argv=None) -> int:
-
     ap = CliParser(description="Evaluate models on an injection eval set (ASR, utility, verification)")
     ap.add_argument("--config", required=True)
     ap.add_argument("--model", action="append", default=[], help="label=path or path (repeatable)")
@@ -189,7 +207,6 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-
     # a path from the command line is a literal string (JSON-quoted), never re-read as YAML
     overrides = list(args.overrides) + ([f"evaluate.eval_file={json.dumps(args.eval_file)}"] if args.eval_file else [])
     if not args.model and not args.output and not (args.suite or args.benchmark or args.adaptive):
@@ -203,7 +220,7 @@ def main(argv=None) -> int:
     try:
         cfg = load_config(args.config, overrides)
         models = parse_models(args.model)
-        validate(cfg, None, models)
+        plan = validate(cfg, None, models)
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -212,7 +229,7 @@ def main(argv=None) -> int:
         return 0
     out = Path(args.output) if args.output else cfg.run_dir / "eval"
     models = materialized(cfg, models, out)
-    metrics = evaluate_models(cfg, models, eval_file_path(cfg), out, run_dir=cfg.run_dir)
+    metrics = evaluate_models(cfg, models, eval_file_path(cfg), out, run_dir=cfg.run_dir, cases=plan.cases)
 
     print(metrics_table(metrics))
     print(f"\nreport: {out / 'report.md'}")

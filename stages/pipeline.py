@@ -14,6 +14,7 @@ redoes everything.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import os
 import shlex
@@ -62,6 +63,7 @@ from staged_alignment.core.smoke import (  # noqa: E402
     smoke_plan,
     stand_ins,
 )
+from staged_alignment.core.stage import Stage
 from staged_alignment.core.start_model import check_models
 from staged_alignment.evaluation.report import metrics_table, paired_table
 
@@ -79,8 +81,16 @@ def enabled_stages(cfg: PipelineConfig) -> list[str]:
     return [s for s in ORDER if getattr(cfg, s).enabled]
 
 
-def stage_module(name: str):
+def stage_module(name: str) -> Stage:
+    """The stage script module called ``name`` (it implements :class:`core.stage.Stage`)."""
     return importlib.import_module(STAGE_MODULES[name])
+
+
+def plan_summary(plan) -> str:
+    """One line of what a stage's plan holds: the size of each of its lists (``rows 24``, ``train 36``)."""
+    parts = [f"{f.name} {len(v)}" for f in dataclasses.fields(plan)
+             if isinstance(v := getattr(plan, f.name), list) and (v or f.name in ("rows", "cases", "train"))]
+    return ", ".join(parts) or "no inputs to count"
 
 
 def check_output_dir(cfg: PipelineConfig, need_gib: float, *, elsewhere: bool = False) -> str:
@@ -124,7 +134,6 @@ def validate_plan(cfg: PipelineConfig, stages: list[str], target: str | None = N
     check_models(cfg)
     if target is not None:  # validating for another machine: what only that machine can fetch is not checked here
 
-
         cfg = copy.deepcopy(cfg)  # the stand-ins are for these checks only
         section = {k: getattr(getattr(cfg, k.split(".")[0]), k.split(".")[1]) for k in SOURCE_LISTS}
         changed, replaced = stand_ins(section)
@@ -136,8 +145,7 @@ def validate_plan(cfg: PipelineConfig, stages: list[str], target: str | None = N
             lines.append(f"  not checked here: dpo.held_out = {cfg.dpo.held_out} against the number of prompts")
             cfg.dpo.held_out = 2
     for s in stages:
-        stage_module(s).validate(cfg)
-        lines.append(f"  {s}: inputs valid")
+        lines.append(f"  {s}: inputs valid ({plan_summary(stage_module(s).validate(cfg))})")
     dims = model_dims(cfg.model.name_or_path)
     cuda = on_cuda(cfg) if target is None else target == "cuda"
     dev = cfg.model.device_memory_gb

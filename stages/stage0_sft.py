@@ -24,15 +24,13 @@ import json
 from staged_alignment.core.chat_template import render_prompt
 from staged_alignment.core.common import (
     build_training_args,
-    last_checkpoint,
     maybe_push,
     process_state,
-    raise_if_terminated,
     report_to_env,
     run_stage_main,
-    save_adapter,
     seed_everything,
     standard_callbacks,
+    train_save_merge,
 )
 from staged_alignment.core.config import PipelineConfig
 from staged_alignment.core.jsonl_io import atomic_write_json
@@ -41,6 +39,7 @@ from staged_alignment.data_builders.sft_data import read_sft_sources
 log = logging.getLogger("staged_alignment")
 
 STAGE = "sft"
+MAIN_PROCESS_ONLY = False
 
 
 def input_paths(cfg: PipelineConfig) -> dict[str, str]:
@@ -52,10 +51,16 @@ def resume_state(cfg: PipelineConfig) -> list:
     return [cfg.run_dir / "sft" / "checkpoints"]
 
 
-def validate(cfg: PipelineConfig) -> list[dict]:
+@dataclasses.dataclass
+class SFTPlan:
+    """What :func:`validate` parsed: the SFT rows (``{"messages": [...]}`` each)."""
+
+    rows: list[dict]
+
+
+def validate(cfg: PipelineConfig) -> SFTPlan:
     """Parse every SFT source and the training args; raises DataError/ConfigError before any model load."""
     from trl import SFTConfig
-
 
     if not cfg.sft.data:
         raise cfg.error("sft.data", "no SFT data sources configured")
@@ -64,7 +69,11 @@ def validate(cfg: PipelineConfig) -> list[dict]:
         raise cfg.error("sft.data", f"only {len(rows)} usable row(s)")
     args = build_training_args(SFTConfig, cfg, "sft", cfg.run_dir / "sft" / "checkpoints", **sft_defaults(cfg))
     check_truncation(cfg, rows, args.max_length or cfg.model.max_seq_length)
-    return rows
+    return SFTPlan(rows=rows)
+
+
+def check_upstream(cfg: PipelineConfig) -> None:
+    """SFT is the first stage: it needs nothing an earlier stage makes."""
 
 
 def check_truncation(cfg: PipelineConfig, rows: list[dict], max_length: int) -> int:
@@ -113,8 +122,9 @@ def sft_defaults(cfg: PipelineConfig) -> dict:
                 train_sampling_strategy="group_by_length")
 
 
-def run(cfg: PipelineConfig) -> dict:
-    """Train, save, merge; returns ``{"outputs": {adapter, merged, samples}, "metrics": {...}}``."""
+def run(cfg: PipelineConfig, plan: SFTPlan | None = None) -> dict:
+    """Train, save, merge from ``plan`` (:func:`validate`'s; validated here when None); returns ``{"outputs":
+    {adapter, merged, samples}, "metrics": {...}}``."""
     import torch
     from datasets import Dataset
     from trl import SFTConfig
@@ -123,15 +133,13 @@ def run(cfg: PipelineConfig) -> dict:
         attach_lora,
         load_model,
         load_tokenizer,
-        merge_adapter,
         pick_device,
         resolve_model_path,
     )
     from staged_alignment.data_builders.generation import generate_chat
     from staged_alignment.trainers.sft import ZephyrSFTTrainer
-    from staged_alignment.trainers.sharded import trainable_state_dict
 
-    rows = validate(cfg)
+    rows = (plan if plan is not None else validate(cfg)).rows
     seed_everything(cfg.seed)
     report_to_env(cfg, STAGE)
     out = cfg.run_dir / "sft"
@@ -155,20 +163,12 @@ def run(cfg: PipelineConfig) -> dict:
     model, peft_config = attach_lora(model, cfg, for_trl=True)
     trainer = ZephyrSFTTrainer(model=model, args=args, train_dataset=ds, eval_dataset=eval_ds, processing_class=tok,
                                peft_config=peft_config, callbacks=standard_callbacks(cfg))
-    ckpt = last_checkpoint(args.output_dir)
-    if ckpt:
-        log.info("resuming SFT from %s", ckpt)
-    result = trainer.train(resume_from_checkpoint=ckpt)
-    raise_if_terminated(trainer)
-    weights = trainable_state_dict(trainer)  # every process: a collective under FSDP / ZeRO-3
-    if not state.is_main_process:  # saving, merging and sampling are the main process's
-        log.info("process %d of %d: SFT training done; the main process saves and merges", state.process_index,
-                 state.num_processes)
+    del model  # the trainer holds it; train_save_merge frees it before the merge
+    trained = train_save_merge(trainer, cfg, state, stage=STAGE, out_dir=out, base=base_path, tokenizer=tok)
+    del trainer
+    if trained is None:  # not the main process: saving, merging and sampling are the main process's
         return {"outputs": {}, "metrics": {}}
-    atomic_write_json(out / "log_history.json", trainer.state.log_history)
-    save_adapter(trainer.model, tok, out / "adapter", state_dict=weights)
-    del trainer, model
-    merge_adapter(base_path, out / "adapter", out / "merged", cfg.model, tok)
+    result = trained.result
 
     merged_tok = load_tokenizer(str(out / "merged"), cfg.model)
     merged = load_model(str(out / "merged"), cfg.model, device=device, quantize=False, for_training=False)

@@ -21,9 +21,10 @@ Config keys (``dpo`` section): ``prompts`` (red-team sources, ``{path, format, m
 """
 from __future__ import annotations
 
-import hashlib
+import dataclasses
 import logging
 import sys
+import typing
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the project importable without an editable install
@@ -33,20 +34,17 @@ import gc
 
 from staged_alignment.core.common import (
     build_training_args,
-    last_checkpoint,
     maybe_push,
     process_state,
-    raise_if_terminated,
     report_to_env,
     run_stage_main,
-    save_adapter,
     seed_everything,
     standard_callbacks,
+    train_save_merge,
 )
 from staged_alignment.core.config import GenerationSection, PipelineConfig, resolve_input, sub_section
 from staged_alignment.core.jsonl_io import DataError, atomic_write_json
 from staged_alignment.core.judges import assess, judge_response
-from staged_alignment.core.sources import is_remote
 from staged_alignment.core.start_model import start_dir
 from staged_alignment.data_builders.constitution import load_constitution
 from staged_alignment.data_builders.critique_rewrite import (
@@ -59,14 +57,14 @@ from staged_alignment.data_builders.critique_rewrite import (
     summarize_files,
 )
 from staged_alignment.data_builders.pair_report import pair_filter_settings, write_pairs_report
-from staged_alignment.data_builders.redteam import read_redteam_sources
 from staged_alignment.data_builders.sft_data import (
     read_sft_sources,
     replay_rows,
 )
-from staged_alignment.evaluation.safety import held_out_prompts, overlapping
+from staged_alignment.evaluation.safety import dpo_prompt_sources, dpo_prompts, without_safety_eval
 
 STAGE = "dpo"
+MAIN_PROCESS_ONLY = False
 log = logging.getLogger("staged_alignment")
 
 # TRL 1.14.2's DPOTrainer loss types (trl/trainer/dpo_trainer.py, _compute_loss)
@@ -75,12 +73,8 @@ TRL_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "
 F_DIVERGENCE_LOSS_TYPES = {"sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft"}
 
 
-def _sources(cfg: PipelineConfig) -> list[dict]:
-    return [dict(s, path=s["path"] if is_remote(s["path"]) else str(resolve_input(s["path"]))) for s in cfg.dpo.prompts]
-
-
 def input_paths(cfg: PipelineConfig) -> dict[str, str]:
-    out = {f"prompts{i}": s["path"] for i, s in enumerate(_sources(cfg))}
+    out = {f"prompts{i}": s["path"] for i, s in enumerate(dpo_prompt_sources(cfg))}
     out["constitution"] = str(resolve_input(cfg.dpo.constitution))
     if cfg.dpo.pairs_file:
         out["pairs_file"] = str(resolve_input(cfg.dpo.pairs_file))
@@ -96,30 +90,6 @@ def resume_state(cfg: PipelineConfig) -> list:
         pairs = cfg.run_dir / "data" / "pairs.jsonl"
         paths += [pairs, *default_side_paths(pairs)]
     return paths
-
-
-def split_held_out(prompts: list[dict], n: int, seed: int) -> tuple[list[dict], list[dict]]:
-    """``(train, held_out)``: the ``n`` prompts with the smallest sha256(``seed:id``) are held out.
-
-    Deterministic for a given seed and id set, independent of file order; both lists keep the input order.
-    """
-    ranked = sorted(prompts, key=lambda p: hashlib.sha256(f"{seed}:{p['id']}".encode()).hexdigest())
-    held_ids = {p["id"] for p in ranked[:max(n, 0)]}
-    return [p for p in prompts if p["id"] not in held_ids], [p for p in prompts if p["id"] in held_ids]
-
-
-def without_safety_eval(cfg: PipelineConfig, prompts: list[dict], what: str = "dpo.prompts") -> list[dict]:
-    """``prompts`` (rows with a ``prompt``: red-team prompts or preference pairs) without those that overlap a
-    prompt the evaluation's safety measure holds out (:func:`evaluation.safety.held_out_prompts`, compared by
-    :func:`evaluation.safety.overlapping`), so no stage trains on a prompt its refusal rate is measured on. Logs
-    how many were left out."""
-    held = held_out_prompts(cfg)
-    drop = overlapping([p["prompt"] for p in prompts], held) if held and prompts else set()
-    kept = [p for i, p in enumerate(prompts) if i not in drop]
-    if len(kept) < len(prompts):
-        log.warning("%s: %d prompt(s) left out: the evaluation's safety measure holds them out", what,
-                    len(prompts) - len(kept))
-    return kept
 
 
 def dpo_defaults(cfg: PipelineConfig) -> dict:
@@ -142,27 +112,34 @@ def _check_dpo_args(cfg: PipelineConfig, args) -> None:
                                                        "adapter-disabled model")
 
 
-def validate(cfg: PipelineConfig) -> dict:
+@dataclasses.dataclass
+class DPOPlan:
+    """What :func:`validate` parsed: ``train`` / ``held_out`` red-team prompts (:func:`evaluation.safety.dpo_prompts`),
+    the ``constitution``, ``pairs`` (None unless ``dpo.pairs_file``), the ``gen`` section, the ``trl.DPOConfig``
+    ``args`` and ``retain_sft`` (the SFT rows replayed, or None)."""
+
+    train: list[dict]
+    held_out: list[dict]
+    constitution: typing.Any
+    pairs: list[dict] | None
+    gen: GenerationSection
+    args: typing.Any
+    retain_sft: list[dict] | None
+
+
+def validate(cfg: PipelineConfig) -> DPOPlan:
     """Parse prompts, constitution, pairs file, generation section and DPOConfig; no model is loaded.
 
-    Raises :class:`DataError` (file, line, field) or :class:`ConfigError`. Returns ``{"train", "held_out",
-    "constitution", "pairs" (None unless ``pairs_file``), "gen", "args"}``.
+    Raises :class:`DataError` (file, line, field) or :class:`ConfigError`.
     """
     from trl import DPOConfig
-
 
     d = cfg.dpo
     gen = sub_section(cfg, GenerationSection, "dpo.generation")
     constitution = load_constitution(resolve_input(d.constitution))
     if not d.prompts and not d.pairs_file:
         raise cfg.error("dpo.prompts", "no red-team prompt sources configured (and no dpo.pairs_file)")
-    prompts = read_redteam_sources(_sources(cfg)) if d.prompts else []
-    prompts = without_safety_eval(cfg, prompts)
-    if prompts and d.held_out >= len(prompts):
-        raise cfg.error("dpo.held_out", f"holds out {d.held_out} of only {len(prompts)} prompts")
-    train, held = split_held_out(prompts, d.held_out, cfg.seed)
-    if d.max_prompts:
-        train = train[:d.max_prompts]
+    train, held = dpo_prompts(cfg)
     pairs = None
     if d.pairs_file:
         pf = resolve_input(d.pairs_file)
@@ -188,8 +165,8 @@ def validate(cfg: PipelineConfig) -> dict:
         if not cfg.sft.data:
             raise cfg.error("dpo.retain_sft_weight", "replays the SFT data, but sft.data is empty")
         retain = read_sft_sources(cfg.sft.data)
-    return {"train": train, "held_out": held, "constitution": constitution, "pairs": pairs, "gen": gen, "args": args,
-            "retain_sft": retain}
+    return DPOPlan(train=train, held_out=held, constitution=constitution, pairs=pairs, gen=gen, args=args,
+                   retain_sft=retain)
 
 
 def answer_and_judge(model, tok, prompts: list[dict], *, max_new_tokens: int, batch_size: int, label: str) -> dict:
@@ -232,8 +209,9 @@ def start_model_dir(cfg: PipelineConfig, state) -> Path:
                      cfg.model)
 
 
-def run(cfg: PipelineConfig) -> dict:
-    """Generate pairs, train, save, merge, assess; returns ``{"outputs": {...}, "metrics": {...}}``.
+def run(cfg: PipelineConfig, plan: DPOPlan | None = None) -> dict:
+    """Generate pairs, train, save, merge, assess from ``plan`` (:func:`validate`'s; validated, and the upstream
+    checked, here when None); returns ``{"outputs": {...}, "metrics": {...}}``.
 
     Starts from ``dpo.base_model`` when set, else ``<run_dir>/sft/merged`` (:func:`check_upstream`). Raises
     :class:`DataError` when fewer than ``dpo.min_pairs`` pairs survive the filters.
@@ -242,13 +220,14 @@ def run(cfg: PipelineConfig) -> dict:
     from datasets import Dataset
 
     from staged_alignment.core.callbacks import LossGuardCallback
-    from staged_alignment.core.models import attach_lora, load_model, load_tokenizer, merge_adapter, pick_device
+    from staged_alignment.core.models import attach_lora, load_model, load_tokenizer, pick_device
     from staged_alignment.trainers.dpo import ConstitutionalDPOTrainer
-    from staged_alignment.trainers.sharded import trainable_state_dict
 
-    v = validate(cfg)
-    d, gen = cfg.dpo, v["gen"]
-    check_upstream(cfg)
+    if plan is None:
+        plan = validate(cfg)
+        check_upstream(cfg)
+    v = plan
+    d, gen = cfg.dpo, v.gen
     seed_everything(cfg.seed)
     report_to_env(cfg, STAGE)
     out = cfg.run_dir / "dpo"
@@ -268,8 +247,8 @@ def run(cfg: PipelineConfig) -> dict:
     # 1. pairs: generated by the main process alone (one writer of the append-only file); the others wait, then
     #    read the same file
     gen_stats = None
-    if v["pairs"] is not None:
-        pairs, pairs_path = v["pairs"], resolve_input(d.pairs_file)
+    if v.pairs is not None:
+        pairs, pairs_path = v.pairs, resolve_input(d.pairs_file)
     else:
         pairs_path = cfg.run_dir / "data" / "pairs.jsonl"
         filters = pair_filter_settings(gen)
@@ -279,7 +258,7 @@ def run(cfg: PipelineConfig) -> dict:
                                     model=generation_model() if gen.backend == "transformers" else None,
                                     tokenizer=tok)
             critic = build_critic(gen, cfg.model, seed=gen_seed, device=device)
-            gen_stats = generate_pairs(backend, v["train"], v["constitution"], pairs_path, seed=gen_seed,
+            gen_stats = generate_pairs(backend, v.train, v.constitution, pairs_path, seed=gen_seed,
                                        num_few_shot=gen.num_few_shot, batch_size=gen.batch_size,
                                        drop_truncated=gen.drop_truncated, min_revision_words=gen.min_revision_words,
                                        progress=gen.progress, provenance={"model": str(sft_dir)},
@@ -287,9 +266,9 @@ def run(cfg: PipelineConfig) -> dict:
             del backend, critic
             gc.collect()
         if state.is_main_process:
-            write_pairs_report(pairs_path, v["constitution"], out / "pairs_report.md", filters)
+            write_pairs_report(pairs_path, v.constitution, out / "pairs_report.md", filters)
         state.wait_for_everyone()
-        train_ids = {p["id"] for p in v["train"]}
+        train_ids = {p["id"] for p in v.train}
         pairs = [p for p in read_pairs(pairs_path) if p["id"] in train_ids] if pairs_path.exists() else []
         if len(pairs) < d.min_pairs:
             raise DataError(pairs_path, None, None, f"only {len(pairs)} usable pair(s) after filtering (dpo.min_pairs "
@@ -300,7 +279,7 @@ def run(cfg: PipelineConfig) -> dict:
     amt, bs = d.assessment_max_new_tokens, gen.batch_size
     before = None
     if state.is_main_process:
-        before = answer_and_judge(generation_model(), tok, v["held_out"], max_new_tokens=amt, batch_size=bs,
+        before = answer_and_judge(generation_model(), tok, v.held_out, max_new_tokens=amt, batch_size=bs,
                                   label="sft")
     state.wait_for_everyone()
 
@@ -313,14 +292,14 @@ def run(cfg: PipelineConfig) -> dict:
     else:
         model = generation_model()
     ds = Dataset.from_list([{k: p[k] for k in ("prompt", "chosen", "rejected", "principle_id")} for p in pairs])
-    args = v["args"]
+    args = v.args
     callbacks = standard_callbacks(cfg)
     for cb in callbacks:
         if isinstance(cb, LossGuardCallback):
             cb.explode_factor = None  # DPO loss starts at ln 2 and may approach 0: "20x the minimum" is meaningless
     retain = None
-    if v["retain_sft"]:
-        retain = replay_rows(v["retain_sft"], tok, args.max_length or cfg.model.max_seq_length, d.retain_sft_rows,
+    if v.retain_sft:
+        retain = replay_rows(v.retain_sft, tok, args.max_length or cfg.model.max_seq_length, d.retain_sft_rows,
                              cfg.seed)
         if not retain:
             raise cfg.error("dpo.retain_sft_weight", f"no SFT row fits in {args.max_length} tokens to replay")
@@ -331,28 +310,18 @@ def run(cfg: PipelineConfig) -> dict:
                                        retain_sft_weight=d.retain_sft_weight if retain else 0.0)
     if trainer.ref_model is not None:  # TRL contract with a peft model: no second copy of the weights
         raise RuntimeError("expected no separate reference model with a LoRA adapter")
-    ckpt = last_checkpoint(args.output_dir)
-    if ckpt:
-        log.info("resuming DPO from %s", ckpt)
-    result = trainer.train(resume_from_checkpoint=ckpt)
-    raise_if_terminated(trainer)
-    weights = trainable_state_dict(trainer)  # every process: a collective under FSDP / ZeRO-3
-    if not state.is_main_process:  # saving, merging and the assessment are the main process's
-        log.info("process %d of %d: DPO training done; the main process saves, merges and assesses",
-                 state.process_index, state.num_processes)
-        return {"outputs": {}, "metrics": {}}
-    history = trainer.state.log_history
-    atomic_write_json(out / "log_history.json", history)
-    save_adapter(trainer.model, tok, out / "adapter", state_dict=weights)
-    del trainer, model
-    model = None
+    model = None  # the trainer holds it; train_save_merge frees it before the merge
+    trained = train_save_merge(trainer, cfg, state, stage=STAGE, out_dir=out, base=sft_dir, tokenizer=tok)
+    del trainer
     gc.collect()
-    merge_adapter(str(sft_dir), out / "adapter", out / "merged", cfg.model, tok)
+    if trained is None:  # not the main process: saving, merging and the assessment are the main process's
+        return {"outputs": {}, "metrics": {}}
+    result, history = trained.result, trained.log_history
 
     # 4. held-out answers after DPO, from the merged model
     merged_tok = load_tokenizer(str(out / "merged"), cfg.model)
     merged = load_model(str(out / "merged"), cfg.model, device=device, quantize=False, for_training=False).to(device)
-    after = answer_and_judge(merged, merged_tok, v["held_out"], max_new_tokens=amt, batch_size=bs, label="dpo")
+    after = answer_and_judge(merged, merged_tok, v.held_out, max_new_tokens=amt, batch_size=bs, label="dpo")
     del merged
     gc.collect()
 
@@ -363,7 +332,7 @@ def run(cfg: PipelineConfig) -> dict:
     assessment = {
         "judge": "core.judges.judge_response (rule-based; see its docstring for what it checks and misses)",
         "decoding": {"do_sample": False, "max_new_tokens": amt},
-        "held_out": [{"id": p["id"], "prompt": p["prompt"]} for p in v["held_out"]],
+        "held_out": [{"id": p["id"], "prompt": p["prompt"]} for p in v.held_out],
         "before": {"model": str(sft_dir), **before},
         "after": {"model": str(out / "merged"), **after},
         "delta": {"refusal_rate": delta("refusal_rate"), "harmful_rate": delta("harmful_rate")},
@@ -371,7 +340,7 @@ def run(cfg: PipelineConfig) -> dict:
     atomic_write_json(out / "assessment.json", assessment)
 
     logs = [h for h in history if "rewards/margins" in h]
-    files = summarize_files(pairs_path) if v["pairs"] is None else None
+    files = summarize_files(pairs_path) if v.pairs is None else None
     metrics = {"pairs": len(pairs), "steps": result.global_step, "train_loss": round(result.training_loss, 4),
                "first_margin": logs[0]["rewards/margins"] if logs else None,
                "last_margin": logs[-1]["rewards/margins"] if logs else None,

@@ -34,15 +34,13 @@ from staged_alignment.core.causal_objective import (
 )
 from staged_alignment.core.common import (
     build_training_args,
-    last_checkpoint,
     log,
     maybe_push,
     process_state,
-    raise_if_terminated,
     report_to_env,
     run_stage_main,
-    save_adapter,
     seed_everything,
+    train_save_merge,
 )
 from staged_alignment.core.config import (
     CausalHeadSection,
@@ -78,10 +76,11 @@ from staged_alignment.data_builders.triplets import (  # noqa: E402
 )
 from staged_alignment.evaluation.cases import load_cases
 from staged_alignment.evaluation.runner import model_fingerprint
+from staged_alignment.evaluation.safety import dpo_prompts
 from staged_alignment.evaluation.template_attacks import role_segments
-from staged_alignment.stages import stage1_dpo
 
 STAGE = "causal"
+MAIN_PROCESS_ONLY = False
 CURVE_KEYS = ("loss", "loss_lm", "loss_lm_injected", "loss_lm_counterfactual", "loss_kl", "loss_pref",
               "loss_contrastive", "margin_injected", "loss_retain_sft", "loss_retain_dpo", "retain_margin",
               "head_cos_benign_counterfactual", "head_cos_benign_injected",
@@ -165,41 +164,53 @@ def eval_cases_for_overlap(cfg: PipelineConfig) -> list[dict]:
     return load_cases(ef)
 
 
-def validate(cfg: PipelineConfig) -> dict:
+@dataclasses.dataclass
+class CausalPlan:
+    """What :func:`validate` parsed: ``tasks`` and ``train_attacks`` (empty with a ``triplets_file``),
+    ``eval_attacks`` (kept disjoint from the training attacks), ``triplets`` (the rows of ``causal.triplets_file``,
+    else None), and the retention inputs: ``retain_prompts`` (``retain_source: self``: the DPO stage's training
+    prompts) or ``retain_pairs`` (a pairs file that exists now), else None."""
+
+    tasks: list = dataclasses.field(default_factory=list)
+    train_attacks: list = dataclasses.field(default_factory=list)
+    eval_attacks: list = dataclasses.field(default_factory=list)
+    triplets: list[dict] | None = None
+    retain_prompts: list[dict] | None = None
+    retain_pairs: list[dict] | None = None
+
+
+def validate(cfg: PipelineConfig) -> CausalPlan:
     """Parse task files, attack files (train/eval disjointness of attacks and of task data), an existing
-    ``triplets_file`` and the training args; raises DataError/ConfigError before any model is loaded. Returns the
-    parsed inputs."""
-
-
+    ``triplets_file`` and the training args; raises DataError/ConfigError before any model is loaded."""
     c = cfg.causal
     sub_section(cfg, CausalLossSection, "causal.loss")
     sub_section(cfg, CausalHeadSection, "causal.head")
-    out = {"tasks": [], "train_attacks": [], "eval_attacks": eval_attack_sets(cfg), "triplets": None}
+    out = CausalPlan(eval_attacks=eval_attack_sets(cfg))
     eval_cases = eval_cases_for_overlap(cfg)
     if c.triplets_file:
-        out["triplets"] = read_triplets(c.triplets_file)
+        out.triplets = read_triplets(c.triplets_file)
     else:
         if not c.tasks:
             raise cfg.error("causal.tasks", "no task files configured (and no causal.triplets_file)")
         if not c.train_attacks:
             raise cfg.error("causal.train_attacks", "no training attack files configured")
         for s in map(_src, c.tasks):
-            out["tasks"] += read_task_source(s)
-        out["train_attacks"] = [read_attacks(s["path"], s.get("format", "auto"), s.get("max_rows"))
+            out.tasks += read_task_source(s)
+        out.train_attacks = [read_attacks(s["path"], s.get("format", "auto"), s.get("max_rows"))
                                 for s in map(_src, c.train_attacks)]
-        check_attack_overlap(out["train_attacks"], out["eval_attacks"])
-        check_task_overlap(out["tasks"], eval_cases, cfg.evaluate.eval_file)
-    if out["triplets"] is not None:
-        if out["eval_attacks"]:
+        check_attack_overlap(out.train_attacks, out.eval_attacks)
+        check_task_overlap(out.tasks, eval_cases, cfg.evaluate.eval_file)
+    if out.triplets is not None:
+        if out.eval_attacks:
             used = AttackSet(path=str(c.triplets_file), kind="text",
-                             items=[(t["attack_category"], t["injection"]) for t in out["triplets"]])
-            check_attack_overlap([used], out["eval_attacks"])
+                             items=[(t["attack_category"], t["injection"]) for t in out.triplets])
+            check_attack_overlap([used], out.eval_attacks)
         check_task_overlap([Task(id=t["id"], instruction=t["instruction"], data=t["data"], response=t["response"])
-                            for t in out["triplets"]], eval_cases, cfg.evaluate.eval_file)
+                            for t in out.triplets], eval_cases, cfg.evaluate.eval_file)
     if retention_on(cfg) and cfg.causal.retain_source == "self":
-        out["retain_prompts"] = self_replay_prompts(cfg)
+        out.retain_prompts = self_replay_prompts(cfg)
     elif retention_on(cfg) and (cfg.causal.retain_pairs_file or retain_pairs_path(cfg).is_file()):
-        out["retain_pairs"] = read_retain_pairs(cfg)  # (the default file may not exist before the DPO stage runs)
+        out.retain_pairs = read_retain_pairs(cfg)  # (the default file may not exist before the DPO stage runs)
     causal_training_args(cfg, cfg.run_dir / "causal" / "checkpoints")
     return out
 
@@ -261,7 +272,7 @@ def self_replay_prompts(cfg: PipelineConfig) -> list[dict]:
     """``retain_source: self``: the DPO stage's training prompts (its pool without the held-out slice and without
     the safety measure's prompts), the first ``causal.retain_max_pairs``. Raises what the DPO stage's validation
     raises."""
-    prompts = stage1_dpo.validate(cfg)["train"]
+    prompts = dpo_prompts(cfg)[0]
     if not prompts:
         raise cfg.error("causal.retain_source", "'self' replays the DPO stage's prompts, but it has none (dpo.prompts)")
     return prompts[:cfg.causal.retain_max_pairs] if cfg.causal.retain_max_pairs else prompts
@@ -310,23 +321,23 @@ def build_triplet_file(cfg: PipelineConfig, parsed: dict, model=None, tokenizer=
     returns (path, stats). Without a model, triplets that still need one raise :class:`DataError`."""
     c = cfg.causal
     path = cfg.run_dir / "data" / "triplets.jsonl"
-    if parsed["triplets"] is not None:
-        rows, stats = list(parsed["triplets"]), {"triplets": len(parsed["triplets"]), "source": str(c.triplets_file)}
+    if parsed.triplets is not None:
+        rows, stats = list(parsed.triplets), {"triplets": len(parsed.triplets), "source": str(c.triplets_file)}
     else:
         cfs, cf_stats = None, None
         if c.counterfactual == "model":
             # paraphrase only the tasks that will be used (same shuffle/cap as build_triplets)
-            probe = build_triplets(parsed["tasks"], parsed["train_attacks"], seed=cfg.seed, max_triplets=c.max_triplets,
+            probe = build_triplets(parsed.tasks, parsed.train_attacks, seed=cfg.seed, max_triplets=c.max_triplets,
                                    positions=c.positions, max_data_chars=c.max_data_chars,
                                    max_response_chars=c.max_response_chars, triplets_per_task=c.triplets_per_task)
             used = {t["id"] for t in probe.triplets}
-            tasks = [t for t in parsed["tasks"] if t.id in used]
+            tasks = [t for t in parsed.tasks if t.id in used]
             cfs, cf_stats = model_counterfactuals(model, tokenizer, tasks, batch_size=c.counterfactual_batch_size,
                                                   max_new_tokens=c.counterfactual_max_new_tokens, progress=True)
-        res = build_triplets(parsed["tasks"], parsed["train_attacks"], seed=cfg.seed, max_triplets=c.max_triplets,
+        res = build_triplets(parsed.tasks, parsed.train_attacks, seed=cfg.seed, max_triplets=c.max_triplets,
                              positions=c.positions, max_data_chars=c.max_data_chars,
                              max_response_chars=c.max_response_chars,
-                             eval_attacks=parsed["eval_attacks"], counterfactuals=cfs,
+                             eval_attacks=parsed.eval_attacks, counterfactuals=cfs,
                              triplets_per_task=c.triplets_per_task, control_fraction=c.control_fraction,
                              template_segments=template_segments(tokenizer))
         rows, stats = res.triplets, dict(res.stats)
@@ -412,12 +423,14 @@ def first_last(log_history: list[dict]) -> dict:
     return out
 
 
-def run(cfg: PipelineConfig) -> dict:
-    """Build triplets, train, save adapter + head, merge; returns ``{"outputs": …, "metrics": …}``."""
+def run(cfg: PipelineConfig, plan: CausalPlan | None = None) -> dict:
+    """Build triplets, train, save adapter + head, merge from ``plan`` (:func:`validate`'s; validated, and the
+    upstream checked, here when None); returns ``{"outputs": …, "metrics": …}``."""
     import torch
 
     from staged_alignment.core.callbacks import LossGuardCallback, SigtermCheckpointCallback
-    from staged_alignment.core.models import attach_lora, load_model, load_tokenizer, merge_adapter, pick_device
+    from staged_alignment.core.models import attach_lora, load_model, load_tokenizer, pick_device
+    from staged_alignment.core.sharded import sub_state
     from staged_alignment.data_builders.token_cache import TripletCollator, build_token_cache
     from staged_alignment.trainers.causal import (
         HEAD_ATTR,
@@ -427,11 +440,12 @@ def run(cfg: PipelineConfig) -> dict:
         save_projection_head,
     )
     from staged_alignment.trainers.causal_losses import build_projection_head
-    from staged_alignment.trainers.sharded import sub_state, trainable_state_dict
 
-    parsed = validate(cfg)
+    if plan is None:
+        plan = validate(cfg)
+        check_upstream(cfg)
+    parsed = plan
     c = cfg.causal
-    check_upstream(cfg)
     seed_everything(cfg.seed)
     report_to_env(cfg, STAGE)
     out = cfg.run_dir / STAGE
@@ -451,7 +465,7 @@ def run(cfg: PipelineConfig) -> dict:
         triplets_path, tstats = build_triplet_file(cfg, parsed, gen_model, tok, model_fingerprint(str(base)))
         if retention_on(cfg) and c.retain_source == "self":  # the starting model's own answers, replayed
 
-            pairs, rstats = self_replay_pairs(parsed["retain_prompts"], gen_model, tok,
+            pairs, rstats = self_replay_pairs(parsed.retain_prompts, gen_model, tok,
                                               cfg.run_dir / "data" / "causal_generations.jsonl",
                                               fingerprint=model_fingerprint(str(base)),
                                               max_new_tokens=c.generation_max_new_tokens,
@@ -472,7 +486,7 @@ def run(cfg: PipelineConfig) -> dict:
     if retention_on(cfg):
         from staged_alignment.data_builders.token_cache import attach_retention, tokenize_retention_pairs
 
-        pairs = parsed.get("retain_pairs") if c.retain_source == "pairs" and parsed.get("retain_pairs") else \
+        pairs = parsed.retain_pairs if c.retain_source == "pairs" and parsed.retain_pairs else \
             read_retain_pairs(cfg)
         rows, too_long = tokenize_retention_pairs(pairs, tok, max_length)
         if not rows:
@@ -500,35 +514,29 @@ def run(cfg: PipelineConfig) -> dict:
     callbacks = [LossGuardCallback(explode_factor=None), SigtermCheckpointCallback()]
     trainer = CausalTrainer(model=peft_model, args=args, train_dataset=ds, eval_dataset=eval_ds,
                             data_collator=collator, processing_class=tok, callbacks=callbacks, projection_head=head)
-    ckpt = last_checkpoint(args.output_dir)
     before_file = out / "eval_before.json"
-    if ckpt:
-        log.info("resuming the causal stage from %s", ckpt)
-    elif eval_ds is not None:  # held-out metrics before any update (step 0); train() resets the log history
-        step0 = trainer.evaluate()  # every process takes part (sharded eval); the main process writes the file
-        if state.is_main_process:
-            atomic_write_json(before_file, {**step0, "step": 0})
-    result = trainer.train(resume_from_checkpoint=ckpt)
-    raise_if_terminated(trainer)
-    weights = trainable_state_dict(trainer)  # every process: a collective under FSDP / ZeRO-3
-    if not state.is_main_process:  # log history, curves, saving and merging are the main process's
-        log.info("process %d of %d: causal training done; the main process saves and merges", state.process_index,
-                 state.num_processes)
-        return {"outputs": {}, "metrics": {}}
-    before = [json.loads(before_file.read_text())] if eval_ds is not None and before_file.exists() else []
-    history = before + trainer.state.log_history
-    atomic_write_json(out / "log_history.json", history)
-    png = plot_curves(history, out / "curves.png")
 
-    adapter_dir = out / "adapter"
-    writers = {}
-    if head is not None:
-        head_extra = trainer._head_extra()
-        head_state = sub_state(weights, HEAD_ATTR)
-        writers = {HEAD_WEIGHTS: lambda p: save_projection_head(head, p.parent, head_extra, state=head_state)}
-    save_adapter(peft_model, tok, adapter_dir, extra_files=writers, state_dict=weights)  # peft: LoRA weights only
-    del trainer, model, peft_model
-    merge_adapter(str(base), adapter_dir, out / "merged", cfg.model, tok)
+    def step0_eval(ckpt):  # held-out metrics before any update (step 0); train() resets the log history
+        if not ckpt and eval_ds is not None:
+            step0 = trainer.evaluate()  # every process takes part (sharded eval); the main process writes the file
+            if state.is_main_process:
+                atomic_write_json(before_file, {**step0, "step": 0})
+
+    def head_writer(weights):
+        if head is None:
+            return {}
+        head_extra, head_state = trainer._head_extra(), sub_state(weights, HEAD_ATTR)
+        return {HEAD_WEIGHTS: lambda p: save_projection_head(head, p.parent, head_extra, state=head_state)}
+
+    del model, peft_model  # the trainer holds the model; train_save_merge frees it before the merge
+    trained = train_save_merge(
+        trainer, cfg, state, stage=STAGE, out_dir=out, base=base, tokenizer=tok, before_train=step0_eval,
+        history_prefix=lambda: [json.loads(before_file.read_text())] if eval_ds is not None and before_file.exists()
+        else [], extra_files=head_writer)
+    if trained is None:  # not the main process: log history, curves, saving and merging are the main process's
+        return {"outputs": {}, "metrics": {}}
+    result, history, adapter_dir = trained.result, trained.log_history, trained.adapter
+    png = plot_curves(history, out / "curves.png")
 
     fl = first_last(history)
     metrics = {"train_loss": round(result.training_loss, 4), "steps": result.global_step,

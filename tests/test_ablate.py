@@ -142,7 +142,7 @@ def test_ablation_end_to_end_on_the_tiny_model(tiny_model_dir, tmp_path, monkeyp
     assert (root / "ablation.png").stat().st_size > 0
     calls = []
     real_run = s2.run
-    monkeypatch.setattr(s2, "run", lambda cfg: calls.append(cfg.run_name) or real_run(cfg))
+    monkeypatch.setattr(s2, "run", lambda cfg, plan=None: calls.append(cfg.run_name) or real_run(cfg, plan))
     assert A.main(args) == 0 and calls == []  # every arm's recorded state matches: nothing is trained again
     # the config's own loss section does not reach the arms (each states its loss in full)
     assert A.main(args + ["causal.loss.lambda_kl=0.0", "causal.loss.contrastive=v1"]) == 0 and calls == []

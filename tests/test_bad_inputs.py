@@ -444,7 +444,7 @@ def test_disk_full_mid_run_is_one_clear_error_and_keeps_outputs(tiny_model_dir, 
     earlier.parent.mkdir()
     earlier.write_text('{"id": "x"}\n')
 
-    def full_disk(cfg):
+    def full_disk(cfg, plan):
         raise OSError(errno.ENOSPC, "No space left on device", str(run_dir / "sft" / "adapter"))
 
     monkeypatch.setattr(stage0_sft, "run", full_disk)
@@ -868,7 +868,7 @@ def test_a_failed_fresh_start_puts_the_earlier_checkpoints_back(tiny_model_dir, 
     (run_dir / "manifest.json").write_text(json.dumps({"stages": {"sft": entry}}))
     before = _tree_digest(run_dir)
 
-    def fails_at_load(cfg):
+    def fails_at_load(cfg, plan):
         assert not ck.exists()  # moved aside while the attempt runs
         raise OSError("cannot load the model")
 
@@ -881,7 +881,7 @@ def test_a_failed_fresh_start_puts_the_earlier_checkpoints_back(tiny_model_dir, 
     same = lambda d: {k: v for k, v in d.items() if not k.startswith(".") and k != "manifest.json"}  # noqa: E731
     assert same(after) == same(before)  # (the lock files are the only additions)
 
-    def succeeds(cfg):
+    def succeeds(cfg, plan):
         (run_dir / "sft" / "checkpoints").mkdir()
         return {"outputs": {}, "metrics": {}}
 

@@ -273,12 +273,12 @@ class _FakeState:
 def _fake_stage(run_dir: Path, alone: bool = False):
     import types
 
-    mod = types.SimpleNamespace(STAGE="sft", ran=[], validate=lambda cfg: None, input_paths=lambda cfg: {},
+    mod = types.SimpleNamespace(STAGE="sft", MAIN_PROCESS_ONLY=alone, ran=[], validate=lambda cfg: "the plan",
+                                check_upstream=lambda cfg: None, input_paths=lambda cfg: {},
                                 resume_state=lambda cfg: [run_dir / "sft" / "checkpoints"])
-    if alone:
-        mod.MAIN_PROCESS_ONLY = True
 
-    def run(cfg):
+    def run(cfg, plan):
+        assert plan == "the plan"  # what validate returned, not parsed again
         mod.ran.append(cfg.run_dir)
         return {"outputs": {}, "metrics": {"x": 1}}
 
@@ -398,7 +398,7 @@ def test_stage1_dpo_two_processes_pairs_written_once(ddp_stage_run):
         if rejected.exists() else []
     counts = Counter(ids + rej)
     assert ids and all(n == 1 for n in counts.values()), counts
-    train = validate(load_config(str(cfg_path), overrides))["train"]
+    train = validate(load_config(str(cfg_path), overrides)).train
     assert set(counts) == {p["id"] for p in train} and len(train) == 6  # every training prompt, once
     dpo = run_dir / "dpo"
     assert is_complete_adapter_dir(dpo / "adapter") and is_complete_model_dir(dpo / "merged")

@@ -221,7 +221,7 @@ dpo:
 
 
 def test_split_held_out_deterministic():
-    from staged_alignment.stages.stage1_dpo import split_held_out
+    from staged_alignment.evaluation.safety import split_held_out
 
     prompts = [{"id": f"p{i}", "prompt": str(i)} for i in range(20)]
     train, held = split_held_out(prompts, 5, seed=1)
@@ -239,8 +239,8 @@ def test_validate_fails_before_any_model_load(tmp_path):
 
     missing_model = tmp_path / "no-such-model"  # validate must not touch it
     v = validate(load_config(_yaml(tmp_path, missing_model)))
-    assert len(v["held_out"]) == 3 and len(v["train"]) == 10 and v["args"].beta == 0.1
-    assert v["args"].precompute_ref_log_probs is False and v["args"].loss_type == ["sigmoid"]
+    assert len(v.held_out) == 3 and len(v.train) == 10 and v.args.beta == 0.1
+    assert v.args.precompute_ref_log_probs is False and v.args.loss_type == ["sigmoid"]
     with pytest.raises(ConfigError) as e:
         validate(load_config(_yaml(tmp_path, missing_model, training="    loss_type: [sigmoid, dpo_magic]\n")))
     assert e.value.field == "dpo.training.loss_type" and "dpo_magic" in str(e.value)
@@ -405,7 +405,7 @@ def test_retain_sft_weight_needs_sft_data(tmp_path, tiny_model_dir):
         D.validate(load_config(cfg_path))
     sft = ROOT / "data_builders" / "seed" / "sft_seed.jsonl"
     v = D.validate(load_config(cfg_path, [f"sft.data=[{{path: {sft}}}]"]))
-    assert len(v["retain_sft"]) >= 2 and v["retain_sft"][0]["messages"][-1]["role"] == "assistant"
-    assert D.validate(load_config(cfg_path, ["dpo.retain_sft_weight=0"]))["retain_sft"] is None
+    assert len(v.retain_sft) >= 2 and v.retain_sft[0]["messages"][-1]["role"] == "assistant"
+    assert D.validate(load_config(cfg_path, ["dpo.retain_sft_weight=0"])).retain_sft is None
     with pytest.raises(ConfigError, match="must be ≥ 0"):
         load_config(cfg_path, ["dpo.retain_sft_weight=-1"])

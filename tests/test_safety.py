@@ -181,12 +181,12 @@ def test_dpo_stage_leaves_out_the_held_out_prompts(tmp_path):
     v = D.validate(cfg)
     held = S.held_out_prompts(cfg)
     assert len(held) == 10 + len(S.read_benign_file(BENIGN))
-    used = [p["prompt"] for p in v["train"] + v["held_out"]]
+    used = [p["prompt"] for p in v.train + v.held_out]
     assert len(used) == 20 and not S.overlapping(used, held)
     off = load_config(REPO / "configs" / "smollm2-135m_smoke-pipeline_cpu.yaml",
                       [f"dpo.prompts=[{{path: {red}}}]", "dpo.held_out=2", "dpo.max_prompts=null", f"evaluate.redteam_file={red}",
                        "evaluate.enabled=false", f"output_dir={tmp_path}"])
-    assert len(D.validate(off)["train"]) == 28
+    assert len(D.validate(off).train) == 28
 
 
 def test_evaluation_leaves_out_prompts_the_run_trained_on(tmp_path):
@@ -246,7 +246,7 @@ def test_shipped_real_data_config_trains_on_no_safety_prompt(shared_data):
     held = [r["prompt"] for r in red + ben]
     for overrides in ([], ["dpo.max_prompts=null"]):
         v = D.validate(load_config(SHARED_CFG, overrides))
-        used = [p["prompt"] for p in v["train"] + v["held_out"]]
+        used = [p["prompt"] for p in v.train + v.held_out]
         assert used and not S.overlapping(used, held)
     sources = [s["path"] if isinstance(s, dict) else s for s in cfg.sft.data + cfg.causal.tasks +
                cfg.causal.train_attacks]

@@ -10,7 +10,7 @@ steps of the tiny Llama of ``tests/conftest.py`` on the same global batch, launc
   through accelerate's own FSDP plugin and ``fsdp2_prepare_model``; ``SHARDED_STATE_DICT`` checkpoints every 2
   steps).
 
-After ``train()`` every process calls :func:`trainers.sharded.trainable_state_dict` and the main process writes
+After ``train()`` every process calls :func:`core.sharded.trainable_state_dict` and the main process writes
 the adapter (peft ``save_pretrained``) and the head exactly as the stage scripts do. The tests then check:
 
 * the adapters and heads written under FSDP and DDP equal the single-process ones (max |Δ| ≤ 1e-6). The runs use
@@ -153,8 +153,8 @@ def _train_and_save(model_dir: Path, out: Path, stage: str, mode: str, resume: b
     from test_distributed import _tiny_cfg
 
     from staged_alignment.core.common import save_adapter, seed_everything
+    from staged_alignment.core.sharded import sub_state, trainable_state_dict
     from staged_alignment.trainers.causal import HEAD_ATTR, save_projection_head
-    from staged_alignment.trainers.sharded import sub_state, trainable_state_dict
 
     cfg = _tiny_cfg(model_dir, out, stage, _training(mode, stage, out, resume))
     seed_everything(cfg.seed)

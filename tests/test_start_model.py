@@ -162,7 +162,7 @@ def test_memory_estimate_reads_dims_from_the_hub_cache_before_the_table(tmp_path
 
 def test_dpo_prompt_sources_keep_urls_and_hub_ids_as_written():
     from staged_alignment.core.config import PipelineConfig
-    from staged_alignment.stages.stage1_dpo import _sources
+    from staged_alignment.evaluation.safety import dpo_prompt_sources as _sources
 
     cfg = PipelineConfig()
     url = "https://raw.githubusercontent.com/o/r/0123/redteam.jsonl"

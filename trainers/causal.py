@@ -104,7 +104,7 @@ def save_projection_head(head: ProjectionHead, directory: str | os.PathLike, ext
                          state: dict | None = None) -> Path:
     """Write ``causal_projection.safetensors`` and ``causal_projection.json`` into ``directory``; returns the
     weights path. ``extra`` (e.g. ``{"pool_layer": -1}``) is stored in the JSON. ``state`` (the head's own keys,
-    full tensors, e.g. :func:`trainers.sharded.sub_state` of a gathered state dict) replaces the module's local
+    full tensors, e.g. :func:`core.sharded.sub_state` of a gathered state dict) replaces the module's local
     weights, which are shards under FSDP/ZeRO-3; ``ValueError`` if its keys differ from the head's."""
     from safetensors.torch import save_file
 
@@ -708,7 +708,7 @@ class CausalContrastiveTrainer(Trainer):
         shards; under FSDP the head is written by :meth:`save_model`."""
         super()._save(output_dir, state_dict=state_dict)
         if self.projection_head is not None and not self._fsdp():
-            from staged_alignment.trainers.sharded import sub_state
+            from staged_alignment.core.sharded import sub_state
 
             head_state = sub_state(state_dict, HEAD_ATTR) if state_dict is not None else {}
             if not head_state and self._sharded():
@@ -723,7 +723,7 @@ class CausalContrastiveTrainer(Trainer):
         adapter file at all. Written before ``trainer_state.json``, so a checkpoint counted complete has it."""
         super().save_model(output_dir, _internal_call)
         if self.projection_head is not None and self._fsdp():
-            from staged_alignment.trainers.sharded import sub_state, trainable_state_dict
+            from staged_alignment.core.sharded import sub_state, trainable_state_dict
 
             full = trainable_state_dict(self)  # collective; the main process gets the full tensors
             if full is not None and self.args.should_save:
