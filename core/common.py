@@ -541,8 +541,16 @@ def train_save_merge(trainer, cfg: PipelineConfig, state, *, stage: str, out_dir
     atomic_write_json(out_dir / "log_history.json", history)
     save_adapter(trainer.model, tokenizer, out_dir / "adapter",
                  extra_files=extra_files(weights) if extra_files is not None else None, state_dict=weights)
-    trainer.accelerator.free_memory()  # the prepared model and optimizer, before the merge loads the base
+    # free the trained model and optimizer before the merge loads the base: accelerate's prepared objects, the
+    # trainer's own attributes and those its callback handler keeps (transformers 5.17 Trainer.train sets them)
+    trainer.accelerator.free_memory()
     trainer.model = trainer.model_wrapped = trainer.optimizer = trainer.lr_scheduler = None
+    if getattr(trainer, "deepspeed", None) is not None:
+        trainer.deepspeed = None
+    handler = getattr(trainer, "callback_handler", None)
+    for attr in ("model", "optimizer", "lr_scheduler", "train_dataloader", "eval_dataloader"):
+        if handler is not None and hasattr(handler, attr):
+            setattr(handler, attr, None)
     del weights
     gc.collect()
     torch.cuda.empty_cache() if torch.cuda.is_available() else None

@@ -27,8 +27,8 @@ import sys
 import typing
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make the project importable without an editable install
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __package__ in (None, "") and (Path(__file__).resolve().parents[1] / "staged_alignment").is_dir():  # a checkout, run as a script
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # (an installed wheel needs nothing)
 
 import gc
 

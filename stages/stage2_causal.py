@@ -22,8 +22,8 @@ import json
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make the project importable without an editable install
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __package__ in (None, "") and (Path(__file__).resolve().parents[1] / "staged_alignment").is_dir():  # a checkout, run as a script
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # (an installed wheel needs nothing)
 
 import dataclasses
 import random
@@ -464,7 +464,6 @@ def run(cfg: PipelineConfig, plan: CausalPlan | None = None) -> dict:
         gen_model = model.to(device) if device == "cpu" else model
         triplets_path, tstats = build_triplet_file(cfg, parsed, gen_model, tok, model_fingerprint(str(base)))
         if retention_on(cfg) and c.retain_source == "self":  # the starting model's own answers, replayed
-
             pairs, rstats = self_replay_pairs(parsed.retain_prompts, gen_model, tok,
                                               cfg.run_dir / "data" / "causal_generations.jsonl",
                                               fingerprint=model_fingerprint(str(base)),
@@ -472,6 +471,7 @@ def run(cfg: PipelineConfig, plan: CausalPlan | None = None) -> dict:
                                               batch_size=c.generation_batch_size)
             write_jsonl_atomic(retain_pairs_path(cfg), pairs)
             log.info("retention (self): %s", rstats)
+        del gen_model  # an alias of the model: train_save_merge must be able to free it before the merge
     state.wait_for_everyone()
     max_length = c.max_length or cfg.model.max_seq_length
     with state.main_process_first():  # the main process writes the token cache, the others then load it

@@ -29,8 +29,8 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+if __package__ in (None, "") and (Path(__file__).resolve().parents[2] / "staged_alignment").is_dir():  # a checkout, run as a script
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # (an installed wheel needs nothing)
 
 from staged_alignment.core.jsonl_io import atomic_write_json, write_jsonl_atomic
 from staged_alignment.data_builders.canary import fresh_canary
