@@ -401,7 +401,6 @@ def run_stage_main(stage: Stage, description: str, argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # permission, name too long, not a regular file: one line naming the file
-
         print(os_error_line(e), file=sys.stderr)
         return 2
     name = stage.STAGE
@@ -545,11 +544,11 @@ def train_save_merge(trainer, cfg: PipelineConfig, state, *, stage: str, out_dir
     # trainer's own attributes and those its callback handler keeps (transformers 5.17 Trainer.train sets them)
     trainer.accelerator.free_memory()
     trainer.model = trainer.model_wrapped = trainer.optimizer = trainer.lr_scheduler = None
-    if getattr(trainer, "deepspeed", None) is not None:
+    if hasattr(trainer, "deepspeed"):
         trainer.deepspeed = None
     handler = getattr(trainer, "callback_handler", None)
     for attr in ("model", "optimizer", "lr_scheduler", "train_dataloader", "eval_dataloader"):
-        if handler is not None and hasattr(handler, attr):
+        if hasattr(handler, attr):
             setattr(handler, attr, None)
     del weights
     gc.collect()

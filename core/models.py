@@ -525,7 +525,6 @@ def check_model(cfg) -> dict | None:
         log.warning("model.trust_remote_code: %s has remote code (%s); it is not run at validation: its tokenizer "
                     "and module names are checked when the stage loads it", folder, ", ".join(remote))
     if cfg.model.chat_template != "zephyr" and not remote:  # the model's own or a file's template
-
         try:
             load_tokenizer(str(folder), dataclasses.replace(cfg.model, trust_remote_code=False))
         except Exception as e:  # noqa: BLE001 - ValueError from the checks, jinja TemplateError, OSError: one line

@@ -133,7 +133,6 @@ def validate_plan(cfg: PipelineConfig, stages: list[str], target: str | None = N
 
     check_models(cfg)
     if target is not None:  # validating for another machine: what only that machine can fetch is not checked here
-
         cfg = copy.deepcopy(cfg)  # the stand-ins are for these checks only
         section = {k: getattr(getattr(cfg, k.split(".")[0]), k.split(".")[1]) for k in SOURCE_LISTS}
         changed, replaced = stand_ins(section)
@@ -206,7 +205,6 @@ def run_pipeline(args) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # permission, name too long, not a regular file: one line naming the file
-
         print(os_error_line(e), file=sys.stderr)
         return 2
     print("\n".join(plan), flush=True)

@@ -161,7 +161,6 @@ def validate(cfg: PipelineConfig) -> DPOPlan:
     _check_dpo_args(cfg, args)
     retain = None
     if d.retain_sft_weight > 0:  # the SFT stage's data, replayed (read and checked now, tokenized in run)
-
         if not cfg.sft.data:
             raise cfg.error("dpo.retain_sft_weight", "replays the SFT data, but sft.data is empty")
         retain = read_sft_sources(cfg.sft.data)

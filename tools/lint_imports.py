@@ -14,28 +14,22 @@ import sys
 import tempfile
 from pathlib import Path
 
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib
-
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script: tools/ is not a package on the path
+    sys.path.insert(0, str(ROOT))
+
+from tools.import_rules import package_files  # noqa: E402
 
 
 def package_tree(dest: Path) -> Path:
-    """Copy every mapped package's ``.py`` files to ``dest`` laid out as installed; returns ``dest``."""
-    mapping = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
-    for name, folder in mapping.items():
-        src, out = ROOT / folder, dest.joinpath(*name.split("."))
-        for py in src.rglob("*.py"):
-            rel = py.relative_to(src)
-            if "__pycache__" in rel.parts or (name == "staged_alignment" and len(rel.parts) > 1):
-                continue
-            if name == "staged_alignment" or f"{name}.{rel.parts[0]}" not in mapping:
-                target = out / rel
-                target.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(py, target)
-    (dest / "staged_alignment" / "__init__.py").write_text('"""copy for import linting"""\n')
+    """Copy every module of the package (:func:`tools.import_rules.package_files`) to ``dest``, laid out as
+    installed; returns ``dest``."""
+    for module, src in package_files().items():
+        parts = module.split(".")
+        target = dest.joinpath(*parts, "__init__.py") if src.name == "__init__.py" else \
+            dest.joinpath(*parts[:-1], parts[-1] + ".py")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, target)
     return dest
 
 
