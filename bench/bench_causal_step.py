@@ -155,7 +155,6 @@ def main(argv=None) -> int:
 
     from staged_alignment.core.callbacks import LossGuardCallback, SigtermCheckpointCallback
     from staged_alignment.core.common import build_training_args, seed_everything, standard_callbacks
-    from staged_alignment.core.config import CausalHeadSection, sub_section
     from staged_alignment.core.models import load_model, load_tokenizer, lora_config
     from staged_alignment.data_builders.token_cache import TripletCollator
     from staged_alignment.data_builders.triplets import triplet_messages
@@ -185,7 +184,7 @@ def main(argv=None) -> int:
 
         # --- the causal trainer, built as stages/stage2_causal.py builds it
         seed_everything(cfg.seed)
-        head_cfg = sub_section(cfg, CausalHeadSection, "causal.head")
+        head_cfg = cfg.causal.head
         c_args = build_training_args(TrainingArguments, cfg, "causal", tmp / "causal", **causal_defaults(cfg))
         peft_model = get_peft_model(load_model(path, cfg.model, device="cpu"), lora_config(cfg.lora))
         hidden = peft_model.get_base_model().config.get_text_config().hidden_size

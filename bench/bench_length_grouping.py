@@ -50,7 +50,6 @@ def main(argv=None) -> int:
     from trl import SFTConfig
 
     from staged_alignment.core.common import build_training_args, seed_everything
-    from staged_alignment.core.config import CausalHeadSection, CausalLossSection, sub_section
     from staged_alignment.core.models import load_model, load_tokenizer, lora_config
     from staged_alignment.data_builders.token_cache import TripletCollator
     from staged_alignment.stages.stage0_sft import sft_defaults
@@ -73,8 +72,8 @@ def main(argv=None) -> int:
         B = cfg.causal.training["per_device_train_batch_size"]
         _, ds = build_data(tmp, tok, cfg.model.max_seq_length, n=a.triplets)
         ds = ds.remove_columns(["fits"])
-        loss_cfg = sub_section(cfg, CausalLossSection, "causal.loss")
-        head_cfg = sub_section(cfg, CausalHeadSection, "causal.head")
+        loss_cfg = cfg.causal.loss
+        head_cfg = cfg.causal.head
         rows = sft_rows()
 
         def causal_side(s):

@@ -17,17 +17,28 @@ import math
 import os
 import re
 import sys
-import typing
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Callable
+from typing import Annotated, Any, Callable, Iterator, Literal
 
 import yaml
+from pydantic import BeforeValidator, Field, ValidationError, model_validator
 
 from staged_alignment.core.causal_objective import CausalHeadSettings, CausalLossSettings
 from staged_alignment.core.chat_template import CHOICES
 from staged_alignment.core.jsonl_io import exists, path_name_problem
 from staged_alignment.core.redaction import has_secret, redact_tree
+from staged_alignment.core.settings import (
+    Bool,
+    Float,
+    Int,
+    Text,
+    field_infos,
+    invalid,
+    located_errors,
+    section,
+    section_class,
+)
 
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SECRET_KEY_PARTS = ("token", "api_key", "password", "secret")
@@ -143,9 +154,8 @@ CLI_ALIASES = {"model_name_or_path": "model.name_or_path", "trust_remote_code": 
 
 def is_dataclass_field(cls, name: str) -> bool:
     """Whether ``cls.name`` is itself a section (a dataclass), as ``PipelineConfig.model`` is."""
-    f = {x.name: x for x in dataclasses.fields(cls)}.get(name)
-    return f is not None and f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(
-        f.default_factory())
+    info = field_infos(cls).get(name)
+    return info is not None and dataclasses.is_dataclass(section_class(info.annotation))
 
 
 SHARE = ("share", "staged-alignment")  # where a wheel installs configs/ and constitutions/ (data-files)
@@ -178,283 +188,414 @@ def resolve_input(path: str | os.PathLike) -> Path:
 
 
 # --------------------------------------------------------------------------------------------- sections
-@dataclass
+# Every section is a pydantic dataclass (core.settings): type, choices and range on the field, cross-field checks
+# in a model_validator; building one validates it, and an assignment too. What needs the file system, the network
+# or the hardware (a template file, Hub ids, CUDA) is checked afterwards by validate_config.
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+OptInt = Annotated[Int | None, Field(ge=1)]  # a count or a cap; null = all
+
+
+def _opt(description: str, ge: int = 1):
+    return Field(None, ge=ge, description=description)
+
+
+def _doc(default, description: str, **constraints):
+    return Field(default, description=description, **constraints)
+
+
+@section
 class ModelSection:
     """The base model and how every stage loads it."""
 
-    name_or_path: str = "embedded:smollm2-135m-instruct"  # HF id, local folder, or an embedded model name
-    chat_template: str = "zephyr"  # zephyr | tokenizer (the model's own) | a .jinja file; the same at every stage
-    dtype: str = "auto"  # auto (fp32 on CPU, bf16 on CUDA where supported) | float32 | bfloat16 | float16
-    trust_remote_code: bool = False
-    attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2 | flash_attention_3
-    max_seq_length: int = 512
-    quantization: str = "none"  # none | 4bit (QLoRA: bitsandbytes nf4, bf16 compute; CUDA only)
-    loader: str = "transformers"  # transformers | unsloth (CUDA only, GPU extra)
-    device_memory_gb: float | None = None  # memory of the one training device, for the dry-run estimate
-    cache_dir: str | None = None  # where embedded models are converted (default: ~/.cache/staged-alignment)
-    use_liger_kernel: bool = False  # TRL/transformers Liger kernels (CUDA + liger-kernel)
-    data_role: bool = False  # put a prompt's data part in its own <|input|> turn (training, generation, evaluation)
-    merge_dtype: str = "auto"  # dtype of merged copies: auto (the training compute dtype) | float32 | bfloat16 | float16
-    # control strings (special tokens, template role markers) inside any content: escape (split by U+200B, read as
-    # text) | refuse (error when the row is rendered); core.chat_template.neutralise
-    control_tokens: str = "escape"
+    name_or_path: Text = _doc("embedded:smollm2-135m-instruct", "HF id, local folder, or an embedded model name")
+    chat_template: Text = _doc("zephyr", "zephyr | tokenizer (the model's own) | a .jinja file; the same at every "
+                                         "stage")
+    dtype: Dtype = _doc("auto", "auto: fp32 on CPU, bf16 on CUDA where supported")
+    trust_remote_code: Bool = _doc(False, "run the model repo's own Python code (never at validation)")
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention"] = \
+        _doc("sdpa", "attention kernel (FlashAttention: CUDA only)")
+    max_seq_length: Int = _doc(512, "tokens per training sequence", ge=16)
+    quantization: Literal["none", "4bit"] = _doc("none", "4bit = QLoRA: bitsandbytes nf4, bf16 compute; CUDA only")
+    loader: Literal["transformers", "unsloth"] = _doc("transformers", "unsloth: CUDA only, GPU extra")
+    device_memory_gb: Float | None = _doc(None, "memory of the one training device, for the dry-run estimate", gt=0)
+    cache_dir: Text | None = _doc(None, "where embedded models are converted (default: ~/.cache/staged-alignment)")
+    use_liger_kernel: Bool = _doc(False, "TRL/transformers Liger kernels (CUDA + liger-kernel)")
+    data_role: Bool = _doc(False, "put a prompt's data part in its own <|input|> turn (training, generation, "
+                                  "evaluation)")
+    merge_dtype: Dtype = _doc("auto", "dtype of merged copies: auto = the training compute dtype")
+    control_tokens: Literal["escape", "refuse"] = _doc(
+        "escape", "control strings (special tokens, template role markers) inside any content: escape (split by "
+                  "U+200B, read as text) | refuse (error when the row is rendered); core.chat_template.neutralise")
 
 
-@dataclass
+@section
 class LoraSection:
-    """LoRA adapter settings shared by every stage (all seven projections by default)."""
+    """The LoRA adapter every training stage trains (and merges)."""
 
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.05
-    target_modules: list[str] = field(default_factory=lambda: list(ALL_PROJECTIONS))
+    r: Int = _doc(16, "rank", ge=1)
+    alpha: Int = _doc(32, "scaling numerator (scale = alpha / r)", ge=1)
+    dropout: Float = _doc(0.05, "dropout on the adapter's input", ge=0, lt=1)
+    target_modules: list[Text] = _doc(ALL_PROJECTIONS, "module names the adapter wraps (checked against the "
+                                                       "model)", min_length=1)
 
 
-@dataclass
+@section
 class HubSection:
-    """Pushing adapters to the Hugging Face Hub (token from HF_TOKEN or the HF login, never stored)."""
+    """Pushing adapters (and merged models) to the Hugging Face Hub after each stage."""
 
-    push_to_hub: bool = False
-    private: bool = True
-    push_dry_run: bool = False  # write exactly the folder that would be uploaded, upload nothing
-    organization: str | None = None
-    push_merged: bool = False  # also push <stage>/merged to <hub_model_id>-merged (the next stage's loadable base)
+    push_to_hub: Bool = _doc(False, "push each stage's adapter to its <stage>.hub_model_id")
+    private: Bool = _doc(True, "create the repos private")
+    push_dry_run: Bool = _doc(False, "write exactly the folder that would be uploaded, upload nothing")
+    organization: Text | None = _doc(None, "namespace of repo ids given without one")
+    push_merged: Bool = _doc(False, "also push <stage>/merged to <hub_model_id>-merged (the next stage's loadable "
+                                    "base)")
 
 
-@dataclass
+@section
 class LoggingSection:
-    """Experiment tracking: W&B (works with WANDB_MODE=offline) or TensorBoard."""
+    """Where training logs go."""
 
-    report_to: list[str] = field(default_factory=lambda: ["none"])
-    wandb_project: str = "staged-alignment"
-    wandb_group: str | None = None  # default: the run name
-    logging_steps: int = 1
-
-
-@dataclass
-class DataSource:
-    """One input and its format (``auto`` guesses from the first row): a JSONL/JSON file, or what
-    ``datasets.load_dataset`` reads (a Hub dataset id, a dataset folder, parquet/csv/arrow, a ``save_to_disk``
-    folder) with TRL's dataset keys (:mod:`core.sources`)."""
-
-    path: str = ""
-    format: str = "auto"
-    max_rows: int | None = None
-    skip_invalid: bool = False  # drop (and count) bad rows instead of stopping; malformed files still stop
-    name: str | None = None  # the dataset's configuration name (load_dataset's `name`)
-    data_dir: str | None = None  # e.g. harmless-base in Anthropic/hh-rlhf
-    data_files: Any = None  # a file, a list of files, or {split: files}
-    split: str = "train"
-    revision: str | None = None
-    columns: dict | None = None  # renames before the format is read, e.g. {question: prompt}
-    streaming: bool = False  # read a Hub dataset row by row (load_dataset(streaming=True)): only max_rows are fetched
+    report_to: list[Literal["none", "wandb", "tensorboard"]] = _doc(["none"], "trackers (W&B reads WANDB_API_KEY "
+                                                                              "from the environment)")
+    wandb_project: Text = _doc("staged-alignment", "W&B project")
+    wandb_group: Text | None = _doc(None, "W&B group (default: the run name)")
+    logging_steps: Int = _doc(1, "log every N optimizer steps", ge=1)
 
 
-@dataclass
+@section
+class DataSource(Mapping):
+    """One data source of a list (``sft.data``, ``dpo.prompts``, ``causal.tasks``, ``causal.*_attacks``): a local
+    file, a URL, a Hub dataset id or a dataset folder (:mod:`core.sources`). In YAML a bare path stands for
+    ``{path: …}``. It reads as the mapping the source readers take (``source["path"]``, ``source.get("split")``),
+    so code may pass them a plain dict with the same keys."""
+
+    path: Text = Field(description="file, URL, Hub dataset id or dataset folder")
+    format: Text = _doc("auto", "the reader's format (auto: from the file's rows)")
+    max_rows: OptInt = _doc(None, "read at most this many rows")
+    skip_invalid: Bool = _doc(False, "drop (and count) bad rows instead of stopping; malformed files still stop")
+    name: Text | None = _doc(None, "the dataset's configuration name (load_dataset's name)")
+    data_dir: Text | None = _doc(None, "e.g. harmless-base in Anthropic/hh-rlhf")
+    data_files: Any = _doc(None, "a file, a list of files, or {split: files}")
+    split: Text = _doc("train", "the split to read")
+    revision: Text | None = _doc(None, "a Hub revision (branch, tag or commit)")
+    columns: dict[str, str] | None = _doc(None, "renames before the format is read, e.g. {question: prompt}")
+    streaming: Bool = _doc(False, "read a Hub dataset row by row (load_dataset(streaming=True)): only max_rows "
+                                  "are fetched")
+
+    def __getitem__(self, key: str):
+        if key not in self.__dataclass_fields__:
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def __iter__(self):
+        return iter(self.__dataclass_fields__)
+
+    def __len__(self) -> int:
+        return len(self.__dataclass_fields__)
+
+
+def _sources(value):
+    """A source list as written: a bare path is ``{path: …}``; anything else but a mapping is refused by index."""
+    if not isinstance(value, list):
+        return value
+    out = []
+    for i, s in enumerate(value):
+        if isinstance(s, str):
+            s = {"path": s}
+        elif not isinstance(s, (dict, DataSource)):
+            raise invalid(str(i), f"expected a path or a mapping with 'path', got {type(s).__name__} ({s!r})")
+        out.append(s)
+    return out
+
+
+Sources = Annotated[list[DataSource], BeforeValidator(_sources)]
+
+
+@section
 class SFTSection:
     """Stage 0: supervised fine-tuning in the Zephyr format, loss on assistant tokens only."""
 
-    enabled: bool = True
-    data: list = field(default_factory=list)  # list of DataSource
-    eval_fraction: float = 0.0
-    sample_prompts: list[str] = field(default_factory=lambda: ["Give three tips for writing clear emails."])
-    hub_model_id: str | None = None
-    # share of rows whose prompt fills max_length so that no assistant token is trained; above it validation fails
-    max_truncated_share: float = 0.05
-    training: dict = field(default_factory=dict)  # trl.SFTConfig keys
+    enabled: Bool = _doc(True, "run this stage")
+    data: Sources = _doc([], "SFT sources (messages, Alpaca, prompt/response rows)")
+    eval_fraction: Float = _doc(0.0, "held-out share of the rows for eval loss", ge=0, lt=1)
+    sample_prompts: list[Text] = _doc(["Give three tips for writing clear emails."], "answered after training, in "
+                                                                                     "the stage's report")
+    hub_model_id: Text | None = _doc(None, "Hub repo of the stage's adapter (hub.push_to_hub)")
+    max_truncated_share: Float = _doc(0.05, "share of rows whose prompt fills max_length so that no assistant token "
+                                            "is trained; above it validation fails", ge=0, le=1)
+    training: dict = _doc({}, "trl.SFTConfig keys")
 
 
-@dataclass
+def _similarity(default: float, description: str):
+    return Field(default, gt=0, le=1, description=description + " (a similarity in (0, 1])")
+
+
+@section
 class GenerationSection:
-    """Sampling settings for critique-and-rewrite generation."""
+    """``dpo.generation``: sampling for critique-and-rewrite, who critiques, and the pair filters
+    (``data_builders/pair_filters.py``; similarity = difflib ratio / containment in [0, 1])."""
 
-    backend: str = "transformers"  # transformers | vllm (CUDA only)
-    batch_size: int = 8
-    max_new_tokens: int = 128
-    do_sample: bool = True
-    temperature: float = 0.7
-    top_p: float = 0.9
-    vllm_gpu_memory_utilization: float = 0.5
-    num_few_shot: int = 1  # few-shot critique-and-rewrite conversations from the constitution prepended as earlier turns
-    drop_truncated: bool = True  # drop pairs whose response or revision hit max_new_tokens (always counted)
-    min_revision_words: int = 3  # a revision shorter than this after stripping a "Here is a revised…" preamble is dropped
-    seed: int | None = None  # principle draws and sampling (default: the top-level seed)
-    progress: bool = True  # tqdm progress bar
-    # who writes critiques and revisions (the original answer always comes from the model being trained):
-    # null = that model; a model folder or Hub id; or an OpenAI-compatible server URL (vllm serve, trl vllm-serve,
-    # transformers serve), e.g. http://127.0.0.1:8000/v1
-    critic_model: str | None = None
-    critic_endpoint_model: str | None = None  # model name sent to the server (default: the first it lists)
-    # pair filters (data_builders/pair_filters.py): similarity = difflib ratio / containment in [0, 1]
-    max_original_similarity: float = 0.9  # revision nearly the original -> near_identical
-    max_critique_similarity: float = 0.6  # revision restates the critique -> copies_critique
-    max_request_similarity: float = 0.7  # revision restates the revision request -> copies_request
-    min_length_ratio: float = 0.1  # len(revision) / len(original), characters
-    max_length_ratio: float = 10.0
-    require_prompt_overlap: bool = True  # a non-refusal revision must share a content word with prompt or original
-    judge_pairs: bool = True  # drop pairs the refusal/harm judge rates worse than the original
+    backend: Literal["transformers", "vllm"] = _doc("transformers", "vllm: CUDA only")
+    batch_size: Int = _doc(8, "prompts per generation batch", ge=1)
+    max_new_tokens: Int = _doc(128, "tokens per answer, critique and revision", ge=1)
+    do_sample: Bool = _doc(True, "sample (else greedy)")
+    temperature: Float = _doc(0.7, "sampling temperature (> 0 when do_sample)", ge=0)
+    top_p: Float = _doc(0.9, "nucleus sampling mass", gt=0, le=1)
+    vllm_gpu_memory_utilization: Float = _doc(0.5, "vLLM's share of GPU memory", gt=0, le=1)
+    num_few_shot: Int = _doc(1, "few-shot critique-and-rewrite conversations from the constitution prepended as "
+                                "earlier turns", ge=0)
+    drop_truncated: Bool = _doc(True, "drop pairs whose response or revision hit max_new_tokens (always counted)")
+    min_revision_words: Int = _doc(3, "a revision shorter than this after stripping a 'Here is a revised…' "
+                                      "preamble is dropped", ge=0)
+    seed: Int | None = _doc(None, "principle draws and sampling (default: the top-level seed)", ge=0, lt=2 ** 32)
+    progress: Bool = _doc(True, "tqdm progress bar")
+    critic_model: Text | None = _doc(None, "who writes critiques and revisions (the original answer always comes "
+                                           "from the model being trained): null = that model; a model folder or Hub "
+                                           "id; or an OpenAI-compatible server URL (vllm serve, trl vllm-serve, "
+                                           "transformers serve), e.g. http://127.0.0.1:8000/v1")
+    critic_endpoint_model: Text | None = _doc(None, "model name sent to the server (default: the first it lists)")
+    max_original_similarity: Float = _similarity(0.9, "revision nearly the original -> near_identical")
+    max_critique_similarity: Float = _similarity(0.6, "revision restates the critique -> copies_critique")
+    max_request_similarity: Float = _similarity(0.7, "revision restates the revision request -> copies_request")
+    min_length_ratio: Float = _doc(0.1, "len(revision) / len(original), characters", ge=0)
+    max_length_ratio: Float = _doc(10.0, "len(revision) / len(original), characters", gt=0)
+    require_prompt_overlap: Bool = _doc(True, "a non-refusal revision must share a content word with prompt or "
+                                              "original")
+    judge_pairs: Bool = _doc(True, "drop pairs the refusal/harm judge rates worse than the original")
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.do_sample and self.temperature <= 0:
+            raise invalid("temperature", "must be > 0 when do_sample is true")
+        if self.min_length_ratio >= self.max_length_ratio:
+            raise invalid("min_length_ratio", "need min_length_ratio < max_length_ratio")
+        if self.critic_endpoint_model and not (self.critic_model or "").startswith(("http://", "https://")):
+            raise invalid("critic_endpoint_model", "only used with an http(s):// critic_model")
+        return self
 
 
-@dataclass
+@section
 class DPOSection:
     """Stage 1: constitutional critique-and-rewrite pairs, then DPO."""
 
-    # where DPO starts instead of <run_dir>/sft/merged: a model folder, a Hub id, or a LoRA adapter (folder or
-    # Hub repo) merged into its base first (core/start_model.py)
-    base_model: str | None = None
-    enabled: bool = True
-    prompts: list = field(default_factory=list)  # list of DataSource (red-team prompts)
-    constitution: str = "constitutions/default.json"
-    held_out: int = 8  # red-team prompts kept out of training, for the before/after assessment
-    max_prompts: int | None = None
-    pairs_file: str | None = None  # reuse existing pairs instead of generating
-    min_pairs: int = 2  # fewer usable pairs than this after filtering is an error
-    assessment_max_new_tokens: int = 64  # greedy answers to the held-out prompts, before and after DPO
-    retain_sft_weight: float = 0.0  # retention: λ · NLL of replayed SFT rows (sft.data) added to the DPO loss
-    retain_sft_rows: int = 256  # how many SFT rows (a seeded sample) the retention term cycles through
-    generation: dict = field(default_factory=dict)  # GenerationSection keys
-    hub_model_id: str | None = None
-    training: dict = field(default_factory=dict)  # trl.DPOConfig keys
+    base_model: Text | None = _doc(None, "where DPO starts instead of <run_dir>/sft/merged: a model folder, a Hub "
+                                         "id, or a LoRA adapter (folder or Hub repo) merged into its base first "
+                                         "(core/start_model.py)")
+    enabled: Bool = _doc(True, "run this stage")
+    prompts: Sources = _doc([], "red-team prompt sources")
+    constitution: Text = _doc("constitutions/default.json", "principles for critique and revision (own or "
+                                                            "llm-swarm layout)")
+    held_out: Int = _doc(8, "red-team prompts kept out of training, for the before/after assessment", ge=0)
+    max_prompts: OptInt = _doc(None, "at most this many training prompts (null = all)")
+    pairs_file: Text | None = _doc(None, "reuse existing pairs instead of generating")
+    min_pairs: Int = _doc(2, "fewer usable pairs than this after filtering is an error", ge=1)
+    assessment_max_new_tokens: Int = _doc(64, "greedy answers to the held-out prompts, before and after DPO", ge=1)
+    retain_sft_weight: Float = _doc(0.0, "retention: λ · NLL of replayed SFT rows (sft.data) added to the DPO loss",
+                                    ge=0)
+    retain_sft_rows: Int = _doc(256, "how many SFT rows (a seeded sample) the retention term cycles through", ge=1)
+    generation: GenerationSection = Field(default_factory=GenerationSection, description="critique-and-rewrite")
+    hub_model_id: Text | None = _doc(None, "Hub repo of the stage's adapter (hub.push_to_hub)")
+    training: dict = _doc({}, "trl.DPOConfig keys")
 
 
 # The causal stage's objective and head: declared once, in core/causal_objective.py (defaults = the measured
-# best objective, help text, constraints); trainers.causal.CausalConfig has the same fields, flat.
+# best objective, descriptions, constraints); trainers.causal.CausalConfig has the same fields, flat.
 CausalLossSection = CausalLossSettings
 CausalHeadSection = CausalHeadSettings
+RENAMED_LOSS_KEYS = {"injected_lm_loss": "lambda_lm_injected", "lambda_injected": "lambda_lm_injected"}
 
 
-@dataclass
+def _renamed_loss_keys(value):
+    for old, new in RENAMED_LOSS_KEYS.items():
+        if isinstance(value, dict) and old in value:
+            raise invalid(old, f"renamed: set causal.loss.{new} (a weight; 0 turns the term off)")
+    return value
+
+
+@section
 class CausalSection:
     """Stage 2: the causal stage on prompt-injection triplets (targets per view, invariance, contrast)."""
 
-    enabled: bool = True
-    tasks: list = field(default_factory=list)  # list of DataSource (bipia contexts | alpaca | seed tasks)
-    train_attacks: list = field(default_factory=list)  # attack files for training ({category: [texts]})
-    eval_attacks: list = field(default_factory=list)  # attack files reserved for evaluation (must not overlap)
-    triplets_file: str | None = None
-    max_triplets: int | None = None
-    counterfactual: str = "rule"  # rule | model
-    counterfactual_batch_size: int = 8  # model paraphrases: generation batch size
-    counterfactual_max_new_tokens: int = 256
-    positions: list[str] = field(default_factory=lambda: ["start", "middle", "end"])  # injection positions (cycled)
-    triplets_per_task: int = 1  # triplets per task (next attack, next position each)
-    max_data_chars: int | None = None  # skip tasks whose data part is longer (cheap pre-filter)
-    max_response_chars: int | None = None  # skip tasks whose gold answer is longer (short targets, short sequences)
-    max_length: int | None = None  # tokens per view (prompt + response); None = model.max_seq_length
-    padding_side: str = "right"  # right | left (the collator; pooling and positions are padding-agnostic)
-    control_fraction: float = 0.1  # share of triplets whose trusted instruction asks for a tag (target: comply)
-    generation_max_new_tokens: int = 64  # model-made targets and hijacked responses (greedy, cached)
-    generation_batch_size: int = 16
-    eval_fraction: float = 0.0  # held-out triplets for eval/ causal metrics during training
-    base: str = "dpo"  # which merged model to start from: dpo | sft
-    # where the causal stage starts instead of <run_dir>/<base>/merged: a model folder (e.g. the ablation's shared
-    # starting model), a Hub id, or a LoRA adapter (folder or Hub repo) merged into its base first
-    base_model: str | None = None
-    retain_source: str = "pairs"  # retention replays: pairs (a preference file) | self (the starting model's own
-    #   answers to the DPO stage's training prompts; SFT term only)
-    retain_pairs_file: str | None = None  # pairs replayed by the retention terms (default <run_dir>/data/pairs.jsonl)
-    retain_max_pairs: int | None = None  # at most this many of them (the file's first; None = all)
-    loss: dict = field(default_factory=dict)  # CausalLossSection keys
-    head: dict = field(default_factory=dict)  # CausalHeadSection keys
-    hub_model_id: str | None = None
-    training: dict = field(default_factory=dict)  # transformers.TrainingArguments keys
+    enabled: Bool = _doc(True, "run this stage")
+    tasks: Sources = _doc([], "task sources (bipia contexts | alpaca | seed tasks)")
+    train_attacks: Sources = _doc([], "attack files for training ({category: [texts]})")
+    eval_attacks: Sources = _doc([], "attack files reserved for evaluation (must not overlap)")
+    triplets_file: Text | None = _doc(None, "reuse existing triplets instead of building them")
+    max_triplets: OptInt = _doc(None, "at most this many triplets")
+    counterfactual: Literal["rule", "model"] = _doc("rule", "how the counterfactual data is made")
+    counterfactual_batch_size: Int = _doc(8, "model paraphrases: generation batch size", ge=1)
+    counterfactual_max_new_tokens: Int = _doc(256, "model paraphrases: tokens per paraphrase", ge=1)
+    positions: list[Literal["start", "middle", "end"]] = _doc(["start", "middle", "end"], "injection positions "
+                                                                                          "(cycled)", min_length=1)
+    triplets_per_task: Int = _doc(1, "triplets per task (next attack, next position each)", ge=1)
+    max_data_chars: OptInt = _doc(None, "skip tasks whose data part is longer (cheap pre-filter)")
+    max_response_chars: OptInt = _doc(None, "skip tasks whose gold answer is longer (short targets, short "
+                                            "sequences)")
+    max_length: Annotated[Int | None, Field(ge=16)] = _doc(None, "tokens per view (prompt + response); null = "
+                                                                 "model.max_seq_length")
+    padding_side: Literal["right", "left"] = _doc("right", "the collator's (pooling and positions are "
+                                                           "padding-agnostic)")
+    control_fraction: Float = _doc(0.1, "share of triplets whose trusted instruction asks for a tag (target: "
+                                        "comply)", ge=0, lt=1)
+    generation_max_new_tokens: Int = _doc(64, "model-made targets and hijacked responses (greedy, cached)", ge=1)
+    generation_batch_size: Int = _doc(16, "batch size of that generation", ge=1)
+    eval_fraction: Float = _doc(0.0, "held-out triplets for eval/ causal metrics during training", ge=0, lt=1)
+    base: Literal["dpo", "sft"] = _doc("dpo", "which merged model to start from")
+    base_model: Text | None = _doc(None, "where the causal stage starts instead of <run_dir>/<base>/merged: a model "
+                                         "folder (e.g. the ablation's shared starting model), a Hub id, or a LoRA "
+                                         "adapter (folder or Hub repo) merged into its base first")
+    retain_source: Literal["pairs", "self"] = _doc("pairs", "retention replays: pairs (a preference file) | self "
+                                                            "(the starting model's own answers to the DPO stage's "
+                                                            "training prompts; SFT term only)")
+    retain_pairs_file: Text | None = _doc(None, "pairs replayed by the retention terms (default "
+                                                "<run_dir>/data/pairs.jsonl)")
+    retain_max_pairs: OptInt = _doc(None, "at most this many of them (the file's first; null = all)")
+    loss: Annotated[CausalLossSection, BeforeValidator(_renamed_loss_keys)] = Field(
+        default_factory=CausalLossSection, description="the objective (core.causal_objective.CausalLossSettings)")
+    head: CausalHeadSection = Field(default_factory=CausalHeadSection, description="the projection head")
+    hub_model_id: Text | None = _doc(None, "Hub repo of the stage's adapter (hub.push_to_hub)")
+    training: dict = _doc({}, "transformers.TrainingArguments keys")
+
+    @model_validator(mode="after")
+    def _retention(self):
+        if self.retain_source == "self" and self.loss.lambda_retain_dpo > 0:
+            raise invalid("loss.lambda_retain_dpo", "retain_source 'self' replays the starting model's own answers: "
+                                                    "there is no rejected answer for a DPO term")
+        return self
 
 
-@dataclass
+Benchmark = Literal["alpacafarm", "sep", "bipia", "heldout"]
+AdaptiveAttack = Literal["bon", "random_search", "gcg"]
+Budget = Annotated[Int, Field(ge=1)]
+
+
+@section
 class SuiteSection:
     """``evaluate.suite``: the security suite by name (:mod:`evaluation.suite`; ``--suite injection``).
 
     Each benchmark reads a local file (the papers' own files; nothing is shipped) or is left out when its file is
-    unset; ``heldout`` is the project's shipped set and always available."""
+    unset; ``heldout`` is the project's shipped set and always available. The attack and variant names are those
+    the evaluation modules implement (checked by :func:`evaluation.suite.validate_suite`)."""
 
-    benchmarks: list[str] = field(default_factory=lambda: ["alpacafarm", "sep", "bipia", "heldout"])
-    alpacafarm_file: str | None = None  # davinci_003_outputs.json (original or combined layout)
-    sep_file: str | None = None  # SEP_dataset.json or SEP_1000_keyword.json
-    bipia_file: str | None = None  # an eval file made by evaluation.bipia_convert from BIPIA's test split
-    heldout_file: str = "evaluation/heldout/injection_heldout.jsonl"  # utility clean and under attack (gold answers)
-    alpacafarm_attacks: list[str] | None = None  # None = every StruQ/SecAlign attack (alpacafarm_convert.ATTACKS)
-    sep_attacks: list[str] | None = None  # keyword layout; None = Meta SecAlign's six (sep_convert.KEYWORD_ATTACKS)
-    positions: list[str] = field(default_factory=lambda: ["after", "before"])  # AlpacaFarm: after | before the data
-    template_variants: list[str] | None = None  # model-specific completion (template_attacks.VARIANTS); [] = off
-    ignore_sentences: str | None = None  # JSON list with {injected_prompt} (e.g. StruQ's test list); None = own
-    hackaprompt_sentences: str | None = None  # likewise for hackaprompt; None = the project's own
-    max_samples: int | None = None  # samples (rows) per benchmark: a seeded sample; None = all
-    seed: int = 0
+    benchmarks: list[Benchmark] = _doc(["alpacafarm", "sep", "bipia", "heldout"], "benchmarks run", min_length=1)
+    alpacafarm_file: Text | None = _doc(None, "davinci_003_outputs.json (original or combined layout)")
+    sep_file: Text | None = _doc(None, "SEP_dataset.json or SEP_1000_keyword.json")
+    bipia_file: Text | None = _doc(None, "an eval file made by evaluation.bipia_convert from BIPIA's test split")
+    heldout_file: Text = _doc("evaluation/heldout/injection_heldout.jsonl", "utility clean and under attack (gold "
+                                                                            "answers)")
+    alpacafarm_attacks: list[Text] | None = _doc(None, "null = every StruQ/SecAlign attack "
+                                                       "(alpacafarm_convert.ATTACKS)", min_length=1)
+    sep_attacks: list[Text] | None = _doc(None, "keyword layout; null = Meta SecAlign's six "
+                                                "(sep_convert.KEYWORD_ATTACKS)", min_length=1)
+    positions: list[Literal["after", "before"]] = _doc(["after", "before"], "AlpacaFarm: injection after | before "
+                                                                            "the data", min_length=1)
+    template_variants: list[Text] | None = _doc(None, "model-specific completion (template_attacks.VARIANTS); [] = "
+                                                      "off")
+    ignore_sentences: Text | None = _doc(None, "JSON list with {injected_prompt} (e.g. StruQ's test list); null = "
+                                               "the project's own")
+    hackaprompt_sentences: Text | None = _doc(None, "likewise for hackaprompt; null = the project's own")
+    max_samples: OptInt = _doc(None, "samples (rows) per benchmark: a seeded sample; null = all")
+    seed: Int = _doc(0, "the sample's seed", ge=0)
 
 
-@dataclass
+@section
 class AdaptiveSection:
     """``evaluate.adaptive``: attacks that adapt to the model under test (:mod:`evaluation.adaptive`), each with its
     budget; a budget curve records the ASR at every ``checkpoints`` budget. Defaults are CPU-sized; the GPU recipes
-    set the papers' budgets (GCG: SecAlign's 20-token suffix, top-k 256, 512 candidates, 500 steps)."""
+    set the papers' budgets (GCG: SecAlign's 20-token suffix, top-k 256, 512 candidates, 500 steps). The
+    optimisation attacks' target is each case's own canary as the answer's start (AlpacaFarm: "Hacked")."""
 
-    attacks: list[str] = field(default_factory=lambda: ["bon", "random_search", "gcg"])
-    n_cases: int = 30  # a fixed, seeded subset of AlpacaFarm rows (or held-out cases), the same for every model
-    seed: int = 0
-    max_new_tokens: int = 16  # greedy answer length when a checkpoint is judged
-    bon_n: int = 16  # best-of-N: augmented injections per case (queries)
-    bon_sigma: float = 0.4  # best-of-N: augmentation strength (Hughes et al. 2024's σ)
-    rs_iterations: int = 64  # random search: accepted-or-rejected proposals (forward-only queries)
-    rs_suffix_tokens: int = 20
-    rs_change_tokens: int = 4  # tokens replaced per proposal at the start (halved as the search goes on)
-    gcg_steps: int = 8
-    gcg_suffix_tokens: int = 20
-    gcg_topk: int = 256
-    gcg_batch: int = 64  # candidates per step (SecAlign: 512)
-    gcg_mini_batch: int = 64  # candidates per forward pass at the cached prefix
-    checkpoints: list[int] | None = None  # budgets at which success is judged (None = 0 and powers of 2 to the max)
-    # the optimisation attacks' target is each case's own canary as the answer's start (AlpacaFarm: "Hacked")
+    attacks: list[AdaptiveAttack] = _doc(["bon", "random_search", "gcg"], "attacks run")
+    n_cases: Budget = _doc(30, "a fixed, seeded subset of AlpacaFarm rows (or held-out cases), the same for every "
+                               "model")
+    seed: Int = _doc(0, "the subset's and the attacks' seed", ge=0)
+    max_new_tokens: Budget = _doc(16, "greedy answer length when a checkpoint is judged")
+    bon_n: Budget = _doc(16, "best-of-N: augmented injections per case (queries)")
+    bon_sigma: Float = _doc(0.4, "best-of-N: augmentation strength (Hughes et al. 2024's σ)", gt=0, le=1)
+    rs_iterations: Budget = _doc(64, "random search: accepted-or-rejected proposals (forward-only queries)")
+    rs_suffix_tokens: Budget = _doc(20, "random search: suffix length")
+    rs_change_tokens: Budget = _doc(4, "tokens replaced per proposal at the start (halved as the search goes on)")
+    gcg_steps: Budget = _doc(8, "GCG: optimisation steps")
+    gcg_suffix_tokens: Budget = _doc(20, "GCG: suffix length")
+    gcg_topk: Budget = _doc(256, "GCG: candidate tokens per position (top-k of the gradient)")
+    gcg_batch: Budget = _doc(64, "candidates per step (SecAlign: 512)")
+    gcg_mini_batch: Budget = _doc(64, "candidates per forward pass at the cached prefix")
+    checkpoints: list[Annotated[Int, Field(ge=0)]] | None = _doc(None, "budgets at which success is judged (null = "
+                                                                       "0 and powers of 2 to the max)", min_length=1)
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.rs_change_tokens > self.rs_suffix_tokens:
+            raise invalid("rs_change_tokens", "cannot exceed rs_suffix_tokens")
+        return self
 
 
-@dataclass
+ModelLabel = Literal["base", "sft", "dpo", "causal"]
+
+
+@section
 class EvaluateSection:
     """Stage 3: evaluation and verification."""
 
-    enabled: bool = True
-    eval_file: str = "evaluation/heldout/injection_heldout.jsonl"  # injection cases + over-defence controls
-    redteam_file: str | None = None  # harmful prompts for the refusal/harm rate (default: DPO held-out slice)
-    benign_file: str | None = "evaluation/heldout/benign_lookalikes.jsonl"  # benign look-alikes: over-refusal
-    max_cases: int | None = None  # the first N injection cases (the file's order keeps a prefix balanced)
-    controls: bool = True  # answer the over-defence controls of the eval file
-    max_controls: int | None = None  # the first N controls (None = all)
-    max_new_tokens: int = 64
-    batch_size: int = 8
-    do_sample: bool = False
-    temperature: float = 1.0
-    models: list[str] = field(default_factory=lambda: ["base", "sft", "dpo", "causal"])
-    hsic_permutations: int = 200
-    pc_components: int = 3
-    alpha: float = 0.05
-    max_redteam: int | None = 200  # harmful prompts per model: a fixed hashed sample of redteam_file (None = all)
-    max_benign: int | None = None  # the first N benign look-alikes (None = all)
-    safety_max_new_tokens: int = 64  # answer length for the harmful and benign prompts (a refusal shows early)
-    safety_classifier: str | None = None  # optional Llama Guard–style classifier (folder or Hub id) beside the rules
-    utility_f1_threshold: float = 0.5  # benign utility: token-F1 ≥ this also counts as a match
-    ci_test: str = "fisherz"  # conditional-independence test of the PC algorithm: fisherz | kci
-    suite: dict = field(default_factory=dict)  # SuiteSection keys (--suite)
-    adaptive: dict = field(default_factory=dict)  # AdaptiveSection keys (--adaptive)
+    enabled: Bool = _doc(True, "run this stage")
+    eval_file: Text = _doc("evaluation/heldout/injection_heldout.jsonl", "injection cases + over-defence controls")
+    redteam_file: Text | None = _doc(None, "harmful prompts for the refusal/harm rate (default: DPO held-out slice)")
+    benign_file: Text | None = _doc("evaluation/heldout/benign_lookalikes.jsonl", "benign look-alikes: "
+                                                                                  "over-refusal")
+    max_cases: OptInt = _doc(None, "the first N injection cases (the file's order keeps a prefix balanced)")
+    controls: Bool = _doc(True, "answer the over-defence controls of the eval file")
+    max_controls: OptInt = _doc(None, "the first N controls (null = all)")
+    max_new_tokens: Int = _doc(64, "greedy answer length of the injection cases", ge=1)
+    batch_size: Int = _doc(8, "prompts per generation batch", ge=1)
+    do_sample: Bool = _doc(False, "sample (else greedy)")
+    temperature: Float = _doc(1.0, "sampling temperature (> 0 when do_sample)", ge=0)
+    models: list[ModelLabel] = _doc(["base", "sft", "dpo", "causal"], "models compared")
+    hsic_permutations: Int = _doc(200, "permutations of the HSIC test (the p-value is ≥ 1/(1+reps))", ge=20)
+    pc_components: Int = _doc(3, "principal components fed to the PC algorithm", ge=1)
+    alpha: Float = _doc(0.05, "significance level of the tests", gt=0, lt=1)
+    max_redteam: Annotated[Int | None, Field(ge=0)] = _doc(200, "harmful prompts per model: a fixed hashed sample of "
+                                                                "redteam_file (0 leaves it out; null = all)")
+    max_benign: Annotated[Int | None, Field(ge=0)] = _doc(None, "the first N benign look-alikes (0 leaves them out; "
+                                                                "null = all)")
+    safety_max_new_tokens: Int = _doc(64, "answer length for the harmful and benign prompts (a refusal shows early)",
+                                      ge=1)
+    safety_classifier: Text | None = _doc(None, "optional Llama Guard–style classifier (folder or Hub id) beside "
+                                                "the rules")
+    utility_f1_threshold: Float = _doc(0.5, "benign utility: token-F1 ≥ this also counts as a match", gt=0, le=1)
+    ci_test: Literal["fisherz", "kci"] = _doc("fisherz", "conditional-independence test of the PC algorithm")
+    suite: SuiteSection = Field(default_factory=SuiteSection, description="the security suite (--suite)")
+    adaptive: AdaptiveSection = Field(default_factory=AdaptiveSection, description="adaptive attacks (--adaptive)")
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.do_sample and self.temperature <= 0:
+            raise invalid("temperature", "must be > 0 when do_sample is true")
+        return self
 
 
-@dataclass
+INTERNAL = ("source_path", "line_map", "validation_target")  # set by load_config, not by the file
+
+
+@section
 class PipelineConfig:
     """The whole run: model, adapter, stages, logging and hub settings."""
 
-    run_name: str = "run"
-    output_dir: str = "runs"
-    seed: int = 42
-    device: str = "auto"  # auto | cpu | cuda
-    model: ModelSection = field(default_factory=ModelSection)
-    lora: LoraSection = field(default_factory=LoraSection)
-    sft: SFTSection = field(default_factory=SFTSection)
-    dpo: DPOSection = field(default_factory=DPOSection)
-    causal: CausalSection = field(default_factory=CausalSection)
-    evaluate: EvaluateSection = field(default_factory=EvaluateSection)
-    hub: HubSection = field(default_factory=HubSection)
-    logging: LoggingSection = field(default_factory=LoggingSection)
-    # where the YAML came from (not a config key)
-    source_path: str | None = field(default=None, metadata={"internal": True})
-    line_map: dict = field(default_factory=dict, metadata={"internal": True})
-    validation_target: str | None = field(default=None, metadata={"internal": True})  # --dry-run --target
+    run_name: Text = _doc("run", "the run's folder under output_dir (letters, digits, ._+=-)")
+    output_dir: Text = _doc("runs", "where run folders are made")
+    seed: Int = _doc(42, "seed of every stage", ge=0, lt=2 ** 32)
+    device: Literal["auto", "cpu", "cuda"] = _doc("auto", "auto: CUDA when available")
+    model: ModelSection = Field(default_factory=ModelSection)
+    lora: LoraSection = Field(default_factory=LoraSection)
+    sft: SFTSection = Field(default_factory=SFTSection)
+    dpo: DPOSection = Field(default_factory=DPOSection)
+    causal: CausalSection = Field(default_factory=CausalSection)
+    evaluate: EvaluateSection = Field(default_factory=EvaluateSection)
+    hub: HubSection = Field(default_factory=HubSection)
+    logging: LoggingSection = Field(default_factory=LoggingSection)
+
+    source_path: str | None = None
+    line_map: dict = Field(default_factory=dict)
+    validation_target: str | None = None  # --dry-run --target
 
     @property
     def run_dir(self) -> Path:
@@ -721,59 +862,23 @@ def finite_or_error(value: float, where: Callable[[str], ConfigError]) -> float:
     return value
 
 
-def _type_ok(value, annotation) -> bool:
-    origin = typing.get_origin(annotation)
-    args = typing.get_args(annotation)
-    if annotation is Any:
-        return True
-    if origin is typing.Union or type(annotation).__name__ == "UnionType":
-        return any(_type_ok(value, a) for a in args)
-    if annotation is type(None):
-        return value is None
-    if annotation is bool:
-        return isinstance(value, bool)
-    if annotation is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if annotation is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if annotation is str:
-        return isinstance(value, str)
-    if annotation is list or origin is list:
-        return isinstance(value, list) and (not args or all(_type_ok(v, args[0]) for v in value))
-    if annotation is dict or origin is dict:
-        return isinstance(value, dict)
-    if dataclasses.is_dataclass(annotation):
-        return isinstance(value, dict)
-    return True
-
-
-def build_dataclass(cls, data: dict | None, prefix: str, path: str | None, lines: dict[str, int]):
-    """Instantiate dataclass ``cls`` from ``data``; unknown keys and wrong types raise :class:`ConfigError`."""
-    data = {} if data is None else data
-    if not isinstance(data, dict):
-        raise ConfigError(path, lines.get(prefix), prefix or None, f"expected a mapping, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    known = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
-    kwargs = {}
-    for key, value in data.items():
-        dotted = f"{prefix}.{key}" if prefix else str(key)
-        if key not in known:
-            close = [k for k in known if k.startswith(str(key)[:3])]
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ConfigError(path, lines.get(dotted), dotted, f"unknown key{hint}; known keys: {sorted(known)}")
-        ann = hints[key]
-        if dataclasses.is_dataclass(ann):
-            kwargs[key] = build_dataclass(ann, value, dotted, path, lines)
-            continue
-        if not _type_ok(value, ann):
-            want = str(ann) if typing.get_args(ann) else getattr(ann, "__name__", str(ann))
-            raise ConfigError(path, lines.get(dotted), dotted, f"expected {want}, got {type(value).__name__} "
-                                                               f"({value!r})")
-        if ann is float or (typing.get_args(ann) and float in typing.get_args(ann) and isinstance(value, int)):
-            value = float(value) if value is not None else None
-        finite_or_error(value, lambda msg: ConfigError(path, lines.get(dotted), dotted, msg))
-        kwargs[key] = value
-    return cls(**kwargs)
+def build_config(data: dict, path: str | None, lines: dict) -> PipelineConfig:
+    """:class:`PipelineConfig` from the YAML mapping ``data``; the first validation error (pydantic's, in the
+    project's wording: :func:`core.settings.located_errors`) raises :class:`ConfigError` at its file, line and
+    dotted field. ``lines`` maps dotted keys to YAML lines (:func:`load_yaml_bounded`)."""
+    for key in INTERNAL:
+        if key in data:
+            raise ConfigError(path, lines.get(key), key, "unknown key (set by the loader, not by a config file)")
+    try:
+        return PipelineConfig(**data)
+    except ValidationError as e:
+        dotted, message = next(located_errors(e, PipelineConfig))
+        line = lines.get(dotted)
+        parts = dotted.split(".")
+        while line is None and len(parts) > 1:  # a cross-field or list error: the nearest key written in the file
+            parts.pop()
+            line = lines.get(".".join(parts))
+        raise ConfigError(path, line, dotted or None, message) from None
 
 
 def parse_override(item: str) -> tuple[str, Any]:
@@ -864,6 +969,8 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None, *,
         raise ConfigError(str(p), lines.get(key), key,
                           "secrets do not belong in configs; set HF_TOKEN / WANDB_API_KEY in the environment")
     for key in apply_overrides(data, overrides or [], str(p)):
+        for old in [k for k in lines if k.startswith(key + ".")]:  # the lines of the value it replaced
+            del lines[old]
         parts = key.split(".")  # errors in an overridden value (or a section it created) point at the command line
         for i in range(1, len(parts) + 1):
             if i == len(parts) or ".".join(parts[:i]) not in lines:
@@ -871,7 +978,7 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None, *,
     for key in _find_secret_keys(data):  # also a secret given as a key=value override
         raise ConfigError(str(p), lines.get(key), key,
                           "secrets do not belong in configs; set HF_TOKEN / WANDB_API_KEY in the environment")
-    cfg = build_dataclass(PipelineConfig, data, "", str(p), lines)
+    cfg = build_config(data, str(p), lines)
     cfg.source_path, cfg.line_map = str(p), lines
     cfg.validation_target = target
     _check_hardware_claims(cfg, text, p.name)
@@ -920,187 +1027,35 @@ def _find_secret_keys(data, prefix="") -> list[str]:
     return found
 
 
-def sub_section(cfg: PipelineConfig, cls, dotted: str):
-    """Build a nested dict section (``dpo.generation``, ``causal.loss``, ``causal.head``) as dataclass ``cls``."""
-    obj = cfg
-    for part in dotted.split("."):
-        obj = getattr(obj, part)
-    return build_dataclass(cls, obj, dotted, cfg.source_path, cfg.line_map)
+SOURCE_LISTS = ("sft.data", "dpo.prompts", "causal.tasks", "causal.train_attacks", "causal.eval_attacks")
 
 
-def _check_strings(cfg: PipelineConfig, obj, prefix: str = "") -> None:
-    """Every string field of every section: not empty or blank (a blank path would resolve to the working folder),
-    no NUL or other control character (the OS refuses such paths with a traceback)."""
-    for f in dataclasses.fields(obj):
-        if f.metadata.get("internal"):
-            continue
-        value, dotted = getattr(obj, f.name), f"{prefix}{f.name}"
-        if dataclasses.is_dataclass(value):
-            _check_strings(cfg, value, dotted + ".")
-        elif isinstance(value, str):
-            if not value.strip():
-                raise cfg.error(dotted, "is empty; give a value or leave the key out for the default")
-            if any(ord(ch) < 32 and ch not in "\t" for ch in value):
-                raise cfg.error(dotted, f"contains a control character ({value!r})")
+def source_lists(cfg: PipelineConfig) -> Iterator[tuple[str, list[DataSource]]]:
+    """``(dotted key, sources)`` of every source list of the config (:data:`SOURCE_LISTS`)."""
+    for dotted in SOURCE_LISTS:
+        section, key = dotted.split(".")
+        yield dotted, getattr(getattr(cfg, section), key)
 
 
 def validate_config(cfg: PipelineConfig) -> None:
-    """Range and consistency checks that need no model and no data. Raises :class:`ConfigError`."""
-    _check_strings(cfg, cfg)
-    if not 0 <= cfg.seed < 2 ** 32:
-        raise cfg.error("seed", "must be in [0, 2**32)")
+    """The checks that the fields' own types and constraints cannot make (those ran when ``cfg`` was built): a
+    template file that exists, names that can become folders and Hub repos, paths the OS accepts, training keys
+    this project routes elsewhere, and settings the hardware at hand cannot run. Needs no model and no data;
+    relative inputs shipped with the code are resolved to it. Raises :class:`ConfigError`."""
     m = cfg.model
-    choices = {
-        "model.dtype": (m.dtype, {"auto", "float32", "bfloat16", "float16"}),
-        "model.quantization": (m.quantization, {"none", "4bit"}),
-        "model.loader": (m.loader, {"transformers", "unsloth"}),
-        "model.attn_implementation": (m.attn_implementation,
-                                      {"sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention"}),
-        "device": (cfg.device, {"auto", "cpu", "cuda"}),
-        "causal.counterfactual": (cfg.causal.counterfactual, {"rule", "model"}),
-        "causal.base": (cfg.causal.base, {"dpo", "sft"}),
-    }
-    for key, (val, allowed) in choices.items():
-        if val not in allowed:
-            raise cfg.error(key, f"{val!r} is not one of {sorted(allowed)}")
-
     if m.chat_template not in CHOICES:  # else the path of a Jinja file (relative to the working folder)
         found = resolve_input(m.chat_template)
         if not found.is_file():
             raise cfg.error("model.chat_template", f"{m.chat_template!r} is neither one of {list(CHOICES)} nor an "
                                                    "existing Jinja template file")
         m.chat_template = str(found)
-    if m.max_seq_length < 16:
-        raise cfg.error("model.max_seq_length", "must be at least 16")
-    if m.device_memory_gb is not None and m.device_memory_gb <= 0:
-        raise cfg.error("model.device_memory_gb", "must be positive")
-    if cfg.lora.r <= 0 or cfg.lora.alpha <= 0:
-        raise cfg.error("lora.r", "r and alpha must be positive")
-    if not 0 <= cfg.lora.dropout < 1:
-        raise cfg.error("lora.dropout", "must be in [0, 1)")
-    if not cfg.lora.target_modules:
-        raise cfg.error("lora.target_modules", "must name at least one module")
     _check_names(cfg)
     _check_path_names(cfg)
-    for name, srcs in (("sft.data", cfg.sft.data), ("dpo.prompts", cfg.dpo.prompts), ("causal.tasks", cfg.causal.tasks),
-                       ("causal.train_attacks", cfg.causal.train_attacks), ("causal.eval_attacks", cfg.causal.eval_attacks)):
-        for i, s in enumerate(srcs):
-            if isinstance(s, str):
-                srcs[i] = s = {"path": s}
-            if not isinstance(s, dict):
-                raise cfg.error(f"{name}.{i}", f"expected a path or a mapping with 'path', got {s!r}")
-            build_dataclass(DataSource, s, f"{name}.{i}", cfg.source_path, cfg.line_map)
-            if not s.get("path"):
-                raise cfg.error(f"{name}.{i}.path", "missing or empty")
-            found = resolve_input(s["path"])  # not here, but shipped with the code (a wheel install's seed data)
-            if found.exists() and not Path(s["path"]).exists():
-                s["path"] = str(found)
-    gen = sub_section(cfg, GenerationSection, "dpo.generation")
-    if gen.backend not in {"transformers", "vllm"}:
-        raise cfg.error("dpo.generation.backend", f"{gen.backend!r} is not one of ['transformers', 'vllm']")
-    if gen.batch_size < 1 or gen.max_new_tokens < 1:
-        raise cfg.error("dpo.generation", "batch_size and max_new_tokens must be ≥ 1")
-    if gen.do_sample and gen.temperature <= 0:
-        raise cfg.error("dpo.generation.temperature", "must be > 0 when do_sample is true")
-    if not 0 < gen.top_p <= 1:
-        raise cfg.error("dpo.generation.top_p", "must be in (0, 1]")
-    if not 0 < gen.vllm_gpu_memory_utilization <= 1:
-        raise cfg.error("dpo.generation.vllm_gpu_memory_utilization", "must be in (0, 1]")
-    for key in ("max_original_similarity", "max_critique_similarity", "max_request_similarity"):
-        if not 0 < getattr(gen, key) <= 1:
-            raise cfg.error(f"dpo.generation.{key}", "must be in (0, 1] (a similarity)")
-    if not 0 <= gen.min_length_ratio < gen.max_length_ratio:
-        raise cfg.error("dpo.generation.min_length_ratio", "need 0 <= min_length_ratio < max_length_ratio")
-    if gen.critic_endpoint_model and not (gen.critic_model or "").startswith(("http://", "https://")):
-        raise cfg.error("dpo.generation.critic_endpoint_model", "only used with an http(s):// critic_model")
-    if gen.num_few_shot < 0 or gen.min_revision_words < 0:
-        raise cfg.error("dpo.generation.num_few_shot", "num_few_shot and min_revision_words must be ≥ 0")
-    if cfg.dpo.held_out < 0 or cfg.dpo.min_pairs < 1 or cfg.dpo.assessment_max_new_tokens < 1:
-        raise cfg.error("dpo.held_out", "held_out must be ≥ 0, min_pairs and assessment_max_new_tokens ≥ 1")
-    if cfg.dpo.max_prompts is not None and cfg.dpo.max_prompts < 1:
-        raise cfg.error("dpo.max_prompts", "must be ≥ 1 (or null for all)")
-    raw_loss = cfg.causal.loss if isinstance(cfg.causal.loss, dict) else {}
-    for old_key, new_key in (("injected_lm_loss", "lambda_lm_injected"), ("lambda_injected", "lambda_lm_injected")):
-        if old_key in raw_loss:
-            raise cfg.error(f"causal.loss.{old_key}", f"renamed: set causal.loss.{new_key} (a weight; 0 turns the "
-                                                     "term off)")
-    loss = sub_section(cfg, CausalLossSection, "causal.loss")
-    head = sub_section(cfg, CausalHeadSection, "causal.head")
-    for section, settings in (("causal.loss", loss), ("causal.head", head)):
-        try:
-            settings.validate()
-        except ValueError as e:
-            name, _, message = str(e).partition(": ")
-            raise cfg.error(f"{section}.{name}", message) from None
-    if cfg.dpo.retain_sft_weight < 0:
-        raise cfg.error("dpo.retain_sft_weight", "must be ≥ 0")
-    if cfg.dpo.retain_sft_rows < 1:
-        raise cfg.error("dpo.retain_sft_rows", "must be ≥ 1")
-    if loss.lambda_retain_dpo > 0 and loss.retain_beta <= 0:
-        raise cfg.error("causal.loss.retain_beta", "must be > 0")
-    if cfg.causal.retain_source not in ("pairs", "self"):
-        raise cfg.error("causal.retain_source", f"{cfg.causal.retain_source!r} is not one of ['pairs', 'self']")
-    if cfg.causal.retain_source == "self" and loss.lambda_retain_dpo > 0:
-        raise cfg.error("causal.loss.lambda_retain_dpo", "retain_source 'self' replays the starting model's own "
-                                                         "answers: there is no rejected answer for a DPO term")
-    if cfg.causal.retain_max_pairs is not None and cfg.causal.retain_max_pairs < 1:
-        raise cfg.error("causal.retain_max_pairs", "must be ≥ 1 (or null for all)")
-    if not 0 <= cfg.causal.control_fraction < 1:
-        raise cfg.error("causal.control_fraction", "must be in [0, 1)")
-    if cfg.causal.generation_max_new_tokens < 1 or cfg.causal.generation_batch_size < 1:
-        raise cfg.error("causal.generation_max_new_tokens", "generation_max_new_tokens and generation_batch_size "
-                                                            "must be ≥ 1")
-    if not 0.0 <= cfg.sft.max_truncated_share <= 1.0:
-        raise cfg.error("sft.max_truncated_share", "must be in [0, 1]")
-    if m.control_tokens not in {"escape", "refuse"}:
-        raise cfg.error("model.control_tokens", f"{m.control_tokens!r} is not one of ['escape', 'refuse']")
-    if m.merge_dtype not in {"auto", "float32", "bfloat16", "float16"}:
-        raise cfg.error("model.merge_dtype", f"{m.merge_dtype!r} is not one of ['auto', 'bfloat16', 'float16', "
-                                             "'float32']")
-    c = cfg.causal
-    bad_pos = [p for p in c.positions if p not in ("start", "middle", "end")]
-    if not c.positions or bad_pos:
-        raise cfg.error("causal.positions", f"use a non-empty subset of ['start', 'middle', 'end'] (bad: {bad_pos})")
-    if c.padding_side not in ("left", "right"):
-        raise cfg.error("causal.padding_side", f"{c.padding_side!r} is not one of ['left', 'right']")
-    if not 0 <= c.eval_fraction < 1:
-        raise cfg.error("causal.eval_fraction", "must be in [0, 1)")
-    if c.max_length is not None and c.max_length < 16:
-        raise cfg.error("causal.max_length", "must be at least 16")
-    for key in ("max_triplets", "max_data_chars", "max_response_chars", "triplets_per_task"):
-        if getattr(c, key) is not None and getattr(c, key) < 1:
-            raise cfg.error(f"causal.{key}", "must be ≥ 1")
-    if c.counterfactual_batch_size < 1 or c.counterfactual_max_new_tokens < 1:
-        raise cfg.error("causal.counterfactual_batch_size", "batch size and max_new_tokens must be ≥ 1")
-    if not 0 <= cfg.sft.eval_fraction < 1:
-        raise cfg.error("sft.eval_fraction", "must be in [0, 1)")
-    e = cfg.evaluate
-    unknown = set(e.models) - {"base", "sft", "dpo", "causal"}
-    if unknown:
-        raise cfg.error("evaluate.models", f"unknown model labels {sorted(unknown)}")
-    if not 0 < e.alpha < 1:
-        raise cfg.error("evaluate.alpha", "must be in (0, 1)")
-    for key in ("max_new_tokens", "batch_size", "pc_components"):
-        if getattr(e, key) < 1:
-            raise cfg.error(f"evaluate.{key}", "must be ≥ 1")
-    if e.safety_max_new_tokens < 1:
-        raise cfg.error("evaluate.safety_max_new_tokens", "must be ≥ 1")
-    for key in ("max_cases", "max_controls"):
-        if getattr(e, key) is not None and getattr(e, key) < 1:
-            raise cfg.error(f"evaluate.{key}", "must be ≥ 1 (or null for all)")
-    for key in ("max_redteam", "max_benign"):
-        if getattr(e, key) is not None and getattr(e, key) < 0:
-            raise cfg.error(f"evaluate.{key}", "must be ≥ 0 (0 leaves that safety measure out; null for all)")
-    if e.hsic_permutations < 20:
-        raise cfg.error("evaluate.hsic_permutations", "at least 20 permutations (the p-value is ≥ 1/(1+reps))")
-    if e.do_sample and e.temperature <= 0:
-        raise cfg.error("evaluate.temperature", "must be > 0 when do_sample is true")
-    if not 0 < e.utility_f1_threshold <= 1:
-        raise cfg.error("evaluate.utility_f1_threshold", "must be in (0, 1]")
-    if e.ci_test not in {"fisherz", "kci"}:
-        raise cfg.error("evaluate.ci_test", f"{e.ci_test!r} is not one of ['fisherz', 'kci']")
-    if cfg.logging.report_to and not set(cfg.logging.report_to) <= {"none", "wandb", "tensorboard"}:
-        raise cfg.error("logging.report_to", "use any of none, wandb, tensorboard")
+    for _, sources in source_lists(cfg):
+        for s in sources:
+            found = resolve_input(s.path)  # not here, but shipped with the code (a wheel install's seed data)
+            if found.exists() and not Path(s.path).exists():
+                s.path = str(found)
     if cfg.dpo.training.get("train_sampling_strategy") in {"group_by_length", "batch_rebalance"}:
         # TRL's DPO dataset has prompt_ids/chosen_ids/rejected_ids, no input_ids or length column: the Trainer's
         # length-grouped samplers raise "Can only automatically infer lengths" after the model has loaded.
@@ -1206,7 +1161,7 @@ def _check_device_consistency(cfg: PipelineConfig) -> None:
                     raise cfg.error(f"{sec}.training.{flag}", f"{flag} training needs a GPU; on CPU training runs in fp32")
         if cfg.model.attn_implementation.startswith("flash_attention"):
             raise cfg.error("model.attn_implementation", "FlashAttention needs a CUDA GPU; use sdpa on CPU")
-        if sub_section(cfg, GenerationSection, "dpo.generation").backend == "vllm":
+        if cfg.dpo.generation.backend == "vllm":
             raise cfg.error("dpo.generation.backend", "the vLLM backend needs a CUDA GPU; use 'transformers' on CPU")
         if cfg.model.use_liger_kernel:
             raise cfg.error("model.use_liger_kernel", "Liger kernels are Triton kernels and need a CUDA GPU")

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from staged_alignment.core.causal_objective import needed_views
-from staged_alignment.core.config import CausalLossSection, GenerationSection, sub_section
 
 GiB = 1024 ** 3
 
@@ -89,7 +88,7 @@ def lora_params(d: dict, r: int, targets: list[str]) -> int:
 def _causal_views(cfg) -> int:
     """Views per triplet the configured causal objective stacks (1–4)."""
     try:
-        return len(needed_views(**dataclasses.asdict(sub_section(cfg, CausalLossSection, "causal.loss")))[0])
+        return len(needed_views(**dataclasses.asdict(cfg.causal.loss))[0])
     except Exception:  # noqa: BLE001 - an invalid loss section is reported by validation, not here
         return 3
 
@@ -100,7 +99,7 @@ def estimate(cfg, stage: str, dims: dict, *, on_cuda: bool) -> Estimate:
     b = int(tr.get("per_device_train_batch_size") or 8)
     s = int(tr.get("max_length") or (cfg.causal.max_length if stage == "causal" else None) or cfg.model.max_seq_length)
     if stage == "dpo-generate":  # critique-and-rewrite on the merged model: the generation batch, prompt + answer
-        gen = sub_section(cfg, GenerationSection, "dpo.generation")
+        gen = cfg.dpo.generation
         b, s = gen.batch_size, cfg.model.max_seq_length + gen.max_new_tokens
     ckpt = bool(tr.get("gradient_checkpointing", on_cuda and cfg.model.quantization == "4bit"))
     act_bytes = 2 if on_cuda else 4
@@ -116,7 +115,7 @@ def estimate(cfg, stage: str, dims: dict, *, on_cuda: bool) -> Estimate:
         per_layer = (2 * s * bb * h) if ckpt else s * bb * h * (34 + 5 * a * s / h)
         parts["activations"] = L * per_layer * act_bytes / 2 / GiB
         parts["logits"] = bb * s * V * 4 * 2 / GiB
-        if stage == "causal" and cfg.causal.loss.get("contrastive", "none") != "none":
+        if stage == "causal" and cfg.causal.loss.contrastive != "none":
             parts["head"] = (h * 256 + 256 * 128) * 16 / GiB
     else:  # generation / evaluation: merged 16-bit weights + KV cache
         parts["weights"] = dims["params"] * (2 if on_cuda else 4) / GiB

@@ -37,12 +37,13 @@ import math
 import random
 import statistics
 import time
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 from staged_alignment.core.chat_template import render_prompt
-from staged_alignment.core.config import AdaptiveSection, sub_section
+from staged_alignment.core.config import AdaptiveAttack
 from staged_alignment.core.jsonl_io import atomic_write_json, atomic_write_text
 from staged_alignment.evaluation.cases import clean_messages, injected_data, injected_messages
 from staged_alignment.evaluation.metrics import mcnemar_exact, rate, score_case
@@ -52,7 +53,7 @@ from staged_alignment.evaluation.suite import build_benchmark, sub_suite
 log = logging.getLogger(__name__)
 
 MARK = "\u2063\u2063SFX\u2063\u2063"  # where the adversarial suffix goes in the rendered prompt
-ATTACKS = ("bon", "random_search", "gcg")
+ATTACKS = typing.get_args(AdaptiveAttack)  # declared with evaluate.adaptive.attacks (core.config)
 
 
 # --------------------------------------------------------------------------------------------- best-of-N
@@ -453,7 +454,7 @@ def run_adaptive(cfg, models: dict[str, str], out_dir, *, pairs: Sequence[tuple[
     "seconds": {label: {attack: s}}}``."""
     from staged_alignment.data_builders.generation import generate_chat
 
-    s = sub_section(cfg, AdaptiveSection, "evaluate.adaptive")
+    s = cfg.evaluate.adaptive
     cases, source = adaptive_cases(cfg, s.n_cases, s.seed)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -21,12 +21,9 @@ from tqdm.auto import tqdm
 from staged_alignment.core.chat_template import neutralise_messages, prompt_response_ids, render_prompt
 from staged_alignment.core.common import seed_everything
 from staged_alignment.core.config import (
-    CausalHeadSection,
-    CausalLossSection,
     ModelSection,
     PipelineConfig,
     resolve_input,
-    sub_section,
 )
 from staged_alignment.core.jsonl_io import (
     DataError,
@@ -317,7 +314,7 @@ class ModelEvaluator:
         self._model = self._tok = None
 
     def _layer(self) -> int:
-        return sub_section(self.cfg, CausalHeadSection, "causal.head").pool_layer
+        return self.cfg.causal.head.pool_layer
 
     def _load(self):
         if self._model is None:
@@ -645,7 +642,7 @@ def _fmt_rate(x) -> str:
 
 def causal_objective(cfg: PipelineConfig) -> dict:
     """The causal stage's loss settings (what verification should expect of its representations)."""
-    return dataclasses.asdict(sub_section(cfg, CausalLossSection, "causal.loss"))
+    return dataclasses.asdict(cfg.causal.loss)
 
 
 def _groups_out(groups: dict) -> dict:

@@ -33,7 +33,7 @@ import random
 from pathlib import Path
 from typing import Sequence
 
-from staged_alignment.core.config import AdaptiveSection, PipelineConfig, SuiteSection, resolve_input, sub_section
+from staged_alignment.core.config import PipelineConfig, resolve_input
 from staged_alignment.core.jsonl_io import (
     DataError,
     atomic_write_json,
@@ -44,7 +44,7 @@ from staged_alignment.core.jsonl_io import (
 from staged_alignment.core.sources import fetch_url, is_url
 from staged_alignment.evaluation import alpacafarm_convert as A
 from staged_alignment.evaluation import sep_convert as S
-from staged_alignment.evaluation.alpacafarm_convert import ATTACKS, INJECTED_PROMPT, POSITIONS, check_sentences
+from staged_alignment.evaluation.alpacafarm_convert import ATTACKS, INJECTED_PROMPT, check_sentences
 from staged_alignment.evaluation.cases import load_cases
 from staged_alignment.evaluation.metrics import mcnemar_exact, rate
 from staged_alignment.evaluation.runner import evaluate_models
@@ -300,37 +300,19 @@ def suite_markdown(result: dict, labels: Sequence[str]) -> str:
 
 
 def sub_suite(cfg):
-    """``evaluate.suite`` as :class:`core.config.SuiteSection`."""
-    return sub_section(cfg, SuiteSection, "evaluate.suite")
+    """``evaluate.suite`` (a :class:`core.config.SuiteSection`)."""
+    return cfg.evaluate.suite
 
 
 def validate_suite(cfg: PipelineConfig) -> None:
-    """Checks of ``evaluate.suite`` and ``evaluate.adaptive`` (names, ranges, budgets), at file and line. Run by the
-    evaluation stage's validation (so by the pipeline's up-front check too). Raises :class:`ConfigError`."""
-    st = sub_section(cfg, SuiteSection, "evaluate.suite")
-    known = ("alpacafarm", "sep", "bipia", "heldout")
-    for key, values, allowed in (("benchmarks", st.benchmarks, known), ("alpacafarm_attacks", st.alpacafarm_attacks,
-                                 ATTACKS), ("sep_attacks", st.sep_attacks, KEYWORD_ATTACKS),
-                                 ("positions", st.positions, POSITIONS), ("template_variants", st.template_variants,
-                                                                         VARIANTS)):
-        if values is None:
-            continue
-        bad = [v for v in values if v not in allowed]
-        if bad or (not values and key not in ("template_variants",)):
-            raise cfg.error(f"evaluate.suite.{key}", f"use a non-empty subset of {list(allowed)} (bad: {bad})")
-    if st.max_samples is not None and st.max_samples < 1:
-        raise cfg.error("evaluate.suite.max_samples", "must be ≥ 1 (or null for all)")
-    ad = sub_section(cfg, AdaptiveSection, "evaluate.adaptive")
-    bad = [a for a in ad.attacks if a not in ("bon", "random_search", "gcg")]
-    if bad:
-        raise cfg.error("evaluate.adaptive.attacks", f"use a subset of ['bon', 'random_search', 'gcg'] (bad: {bad})")
-    for key in ("n_cases", "max_new_tokens", "bon_n", "rs_iterations", "rs_suffix_tokens", "rs_change_tokens",
-                "gcg_steps", "gcg_suffix_tokens", "gcg_topk", "gcg_batch", "gcg_mini_batch"):
-        if getattr(ad, key) < 1:
-            raise cfg.error(f"evaluate.adaptive.{key}", "must be ≥ 1")
-    if ad.rs_change_tokens > ad.rs_suffix_tokens:
-        raise cfg.error("evaluate.adaptive.rs_change_tokens", "cannot exceed rs_suffix_tokens")
-    if not 0 < ad.bon_sigma <= 1:
-        raise cfg.error("evaluate.adaptive.bon_sigma", "must be in (0, 1]")
-    if ad.checkpoints is not None and (not ad.checkpoints or min(ad.checkpoints) < 0):
-        raise cfg.error("evaluate.adaptive.checkpoints", "a non-empty list of budgets ≥ 0")
+    """The suite's attack and variant names, against the lists this layer implements
+    (:data:`evaluation.alpacafarm_convert.ATTACKS`, :data:`evaluation.sep_convert.KEYWORD_ATTACKS`,
+    :data:`evaluation.template_attacks.VARIANTS`), at file and line; every other setting of ``evaluate.suite`` and
+    ``evaluate.adaptive`` is checked by its field when the config is built. Run by the evaluation stage's
+    validation (so by the pipeline's up-front check too). Raises :class:`ConfigError`."""
+    st = cfg.evaluate.suite
+    for key, allowed in (("alpacafarm_attacks", ATTACKS), ("sep_attacks", KEYWORD_ATTACKS),
+                         ("template_variants", VARIANTS)):
+        for i, name in enumerate(getattr(st, key) or []):
+            if name not in allowed:
+                raise cfg.error(f"evaluate.suite.{key}.{i}", f"{name!r} is not one of {list(allowed)}")

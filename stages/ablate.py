@@ -123,14 +123,14 @@ def arm_state(cfg: PipelineConfig, loss: dict, data_role: bool, base_fp: str, tr
     retain = None
     if (loss.get("lambda_retain_sft", 0) > 0 or loss.get("lambda_retain_dpo", 0) > 0) and \
             (causal or {}).get("retain_source") == "self":  # made by the arm from the DPO prompts
-        retain = ["self", cfg.causal.retain_max_pairs, cfg.dpo.prompts, cfg.dpo.max_prompts, cfg.dpo.held_out,
+        retain = ["self", cfg.causal.retain_max_pairs, [dict(s) for s in cfg.dpo.prompts], cfg.dpo.max_prompts, cfg.dpo.held_out,
                   cfg.causal.generation_max_new_tokens]
     elif loss.get("lambda_retain_sft", 0) > 0 or loss.get("lambda_retain_dpo", 0) > 0:
         pairs = retain_pairs_path(cfg)
         retain = [str(pairs), file_sha256(pairs) if pairs.is_file() else None, cfg.causal.retain_max_pairs]
     return _sha({"loss": loss, "data_role": data_role, "base": base_fp, "triplets": file_sha256(triplets),
                  "retain": retain,
-                 "training": cfg.causal.training, "lora": dataclasses.asdict(cfg.lora), "head": cfg.causal.head,
+                 "training": cfg.causal.training, "lora": dataclasses.asdict(cfg.lora), "head": dataclasses.asdict(cfg.causal.head),
                  "max_length": cfg.causal.max_length, "seed": cfg.seed, "model": cfg.model.name_or_path})
 
 

@@ -42,14 +42,12 @@ from staged_alignment.core.common import (
     setup_logging,
 )
 from staged_alignment.core.config import (
-    AdaptiveSection,
     CliParser,
     ConfigError,
     ModelSection,
     PipelineConfig,
     load_config,
     resolve_input,
-    sub_section,
 )
 from staged_alignment.core.hub import push_eval_results
 from staged_alignment.core.jsonl_io import DataError
@@ -286,7 +284,7 @@ def suite_main(args, overrides: list[str]) -> int:
         for b in benchmarks:  # every file read and every case checked before any model loads
             build_benchmark(b, sub_suite(cfg))
         if args.adaptive:
-            ad = sub_section(cfg, AdaptiveSection, "evaluate.adaptive")
+            ad = cfg.evaluate.adaptive
             adaptive_cases(cfg, ad.n_cases, ad.seed)
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)

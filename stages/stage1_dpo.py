@@ -42,7 +42,7 @@ from staged_alignment.core.common import (
     standard_callbacks,
     train_save_merge,
 )
-from staged_alignment.core.config import GenerationSection, PipelineConfig, resolve_input, sub_section
+from staged_alignment.core.config import GenerationSection, PipelineConfig, resolve_input
 from staged_alignment.core.jsonl_io import DataError, atomic_write_json
 from staged_alignment.core.judges import assess, judge_response
 from staged_alignment.core.start_model import start_dir
@@ -135,7 +135,7 @@ def validate(cfg: PipelineConfig) -> DPOPlan:
     from trl import DPOConfig
 
     d = cfg.dpo
-    gen = sub_section(cfg, GenerationSection, "dpo.generation")
+    gen = cfg.dpo.generation
     constitution = load_constitution(resolve_input(d.constitution))
     if not d.prompts and not d.pairs_file:
         raise cfg.error("dpo.prompts", "no red-team prompt sources configured (and no dpo.pairs_file)")

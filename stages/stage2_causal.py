@@ -43,11 +43,8 @@ from staged_alignment.core.common import (
     train_save_merge,
 )
 from staged_alignment.core.config import (
-    CausalHeadSection,
-    CausalLossSection,
     PipelineConfig,
     resolve_input,
-    sub_section,
 )
 from staged_alignment.core.jsonl_io import (
     DataError,
@@ -183,8 +180,6 @@ def validate(cfg: PipelineConfig) -> CausalPlan:
     """Parse task files, attack files (train/eval disjointness of attacks and of task data), an existing
     ``triplets_file`` and the training args; raises DataError/ConfigError before any model is loaded."""
     c = cfg.causal
-    sub_section(cfg, CausalLossSection, "causal.loss")
-    sub_section(cfg, CausalHeadSection, "causal.head")
     out = CausalPlan(eval_attacks=eval_attack_sets(cfg))
     eval_cases = eval_cases_for_overlap(cfg)
     if c.triplets_file:
@@ -221,8 +216,8 @@ def causal_training_args(cfg: PipelineConfig, output_dir):
     the batch settings from ``causal``. Raises ``ConfigError``."""
     from staged_alignment.trainers.causal import CausalConfig
 
-    loss = sub_section(cfg, CausalLossSection, "causal.loss")
-    head = sub_section(cfg, CausalHeadSection, "causal.head")
+    loss = cfg.causal.loss
+    head = cfg.causal.head
     objective = {**dataclasses.asdict(loss), **{HEAD_PREFIX + k: v for k, v in dataclasses.asdict(head).items()},
                  "max_length": cfg.causal.max_length or cfg.model.max_seq_length,
                  "padding_side": cfg.causal.padding_side, "data_role": cfg.model.data_role}
@@ -239,8 +234,8 @@ def loss_and_head_kwargs(cfg: PipelineConfig) -> dict:
     """The :class:`CausalContrastiveTrainer` keyword arguments that come from ``causal.loss`` and ``causal.head``:
     the term weights, the contrastive version and its settings, the pooling layer, the head learning rate, and the
     batch layout (``views``/``lm_views`` of :func:`core.causal_objective.needed_views`)."""
-    loss = sub_section(cfg, CausalLossSection, "causal.loss")
-    head_cfg = sub_section(cfg, CausalHeadSection, "causal.head")
+    loss = cfg.causal.loss
+    head_cfg = cfg.causal.head
     kw = dict(lambda_task=loss.lambda_task, lambda_lm_injected=loss.lambda_lm_injected,
               lambda_lm_counterfactual=loss.lambda_lm_counterfactual, lambda_kl=loss.lambda_kl,
               lambda_pref=loss.lambda_pref, pref_beta=loss.pref_beta, contrastive=loss.contrastive,
@@ -255,7 +250,7 @@ def loss_and_head_kwargs(cfg: PipelineConfig) -> dict:
 
 
 def retention_on(cfg: PipelineConfig) -> bool:
-    loss = sub_section(cfg, CausalLossSection, "causal.loss")
+    loss = cfg.causal.loss
     return loss.lambda_retain_sft > 0 or loss.lambda_retain_dpo > 0
 
 
@@ -449,8 +444,8 @@ def run(cfg: PipelineConfig, plan: CausalPlan | None = None) -> dict:
     seed_everything(cfg.seed)
     report_to_env(cfg, STAGE)
     out = cfg.run_dir / STAGE
-    loss_cfg = sub_section(cfg, CausalLossSection, "causal.loss")
-    head_cfg = sub_section(cfg, CausalHeadSection, "causal.head")
+    loss_cfg = cfg.causal.loss
+    head_cfg = cfg.causal.head
     args = causal_training_args(cfg, out / "checkpoints")
     state = process_state(cfg)  # the one TrainingArguments set up; one process: main, barriers are no-ops
     base = start_model_dir(cfg, state)

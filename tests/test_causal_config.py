@@ -13,6 +13,7 @@ def test_causal_config_defaults_are_the_measured_best(tmp_path):
     """No loss argument anywhere: task + injected LM + KL, no contrastive term (ablation arm A5), and the views that
     objective needs; the pipeline's sections have the very same defaults (declared once)."""
     from staged_alignment.core.config import CausalHeadSection, CausalLossSection
+    from staged_alignment.core.settings import field_infos
     from staged_alignment.trainers.causal import CausalConfig
 
     args = CausalConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none")
@@ -22,8 +23,8 @@ def test_causal_config_defaults_are_the_measured_best(tmp_path):
     assert dataclasses.asdict(args.loss_settings()) == dataclasses.asdict(CausalLossSection())
     assert dataclasses.asdict(args.head_settings()) == dataclasses.asdict(CausalHeadSection())
     assert args.remove_unused_columns is False
-    for f in dataclasses.fields(CausalLossSection):
-        assert f.metadata.get("help"), f"{f.name} has no help"
+    for name, info in field_infos(CausalLossSection).items():  # each field described once, and CausalConfig's help
+        assert info.description and CausalConfig.__dataclass_fields__[name].metadata["help"] == info.description
 
 
 @pytest.mark.parametrize("field,value,words", [("temperature", 5.0, "temperature"), ("lambda_kl", -1.0, "lambda_kl"),

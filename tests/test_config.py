@@ -25,9 +25,9 @@ def _cfg(tmp_path, text, overrides=None):
 
 def test_good_config_and_overrides(tmp_path):
     p, cfg = _cfg(tmp_path, GOOD, ["sft.training.max_steps=7", "lora.r=4", "causal.loss.temperature=0.5"])
-    assert cfg.sft.training["max_steps"] == 7 and cfg.lora.r == 4 and cfg.causal.loss["temperature"] == 0.5
+    assert cfg.sft.training["max_steps"] == 7 and cfg.lora.r == 4 and cfg.causal.loss.temperature == 0.5
     assert cfg.model.name_or_path == "embedded:smollm2-135m-instruct"
-    assert cfg.sft.data[0] == {"path": "x.jsonl"}
+    assert cfg.sft.data[0].path == "x.jsonl" and dict(cfg.sft.data[0])["split"] == "train"
     assert cfg.lora.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -35,7 +35,7 @@ def test_good_config_and_overrides(tmp_path):
     (GOOD.replace("  max_seq_length: 128", "  max_seq_lenght: 128"), [], 4, "model.max_seq_lenght", "unknown key"),
     (GOOD + "bogus: 1\n", [], 10, "bogus", "unknown key"),
     (GOOD.replace("128", "'long'"), [], 4, "model.max_seq_length", "expected int"),
-    (GOOD, ["causal.loss.temperature=2.0"], None, "causal.loss.temperature", "outside [0.01, 1]"),
+    (GOOD, ["causal.loss.temperature=2.0"], None, "causal.loss.temperature", "must be in [0.01, 1] (got 2.0)"),
     (GOOD, ["model.dtype=bfloat16"], None, "model.dtype", "CPU"),
     (GOOD, ["sft.training.bf16=true"], None, "sft.training.bf16", "GPU"),
     (GOOD, ["model.quantization=4bit"], None, "model.quantization", "CUDA"),

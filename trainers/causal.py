@@ -72,6 +72,7 @@ from staged_alignment.core.causal_objective import (  # noqa: F401
     needed_views,
 )
 from staged_alignment.core.chat_template import prompt_ids, prompt_response_ids
+from staged_alignment.core.settings import check, field_infos, plain_type
 from staged_alignment.trainers.causal_losses import (
     CONTRASTIVE,
     ProjectionHead,
@@ -402,8 +403,8 @@ class CausalContrastiveTrainer(Trainer):
         loss: the objective's weights and settings (field meanings in :class:`CausalLossSettings`).
         pool_layer: index into ``hidden_states`` (−1 = last layer) for pooling (default: ``args.head_pool_layer``).
         head_learning_rate: learning rate of the head's parameter group (None = ``args.learning_rate``).
-    Raises ``ValueError`` at construction for a setting outside its constraint (:meth:`CausalLossSettings.validate`),
-    no LM view, or a term whose views are missing.
+    Raises ``ValueError`` at construction for a setting outside its constraint (the fields of
+    :class:`CausalLossSettings`), no LM view, or a term whose views are missing.
     """
 
     def __init__(self, *args, projection_head: ProjectionHead | None = None, views: Sequence[str] | None = None,
@@ -414,8 +415,7 @@ class CausalContrastiveTrainer(Trainer):
         given = {k: kwargs.pop(k) for k in list(kwargs) if k in _LOSS_FIELDS}  # the loss settings as keywords
         if loss is None:
             loss = targs.loss_settings() if isinstance(targs, CausalConfig) else CausalLossSettings()
-        loss = dataclasses.replace(loss, **given)
-        loss.validate()
+        loss = check(CausalLossSettings, {**dataclasses.asdict(loss), **given})
         if isinstance(targs, CausalConfig):
             pool_layer = targs.head_pool_layer if pool_layer is None else pool_layer
             head_learning_rate = targs.head_learning_rate if head_learning_rate is None else head_learning_rate
@@ -787,25 +787,27 @@ _LOSS_FIELDS = tuple(loss_field_names())
 
 class _CausalConfigChecks:
     """``__post_init__`` of :class:`CausalConfig`: TrainingArguments' own, then the objective's and head's
-    constraints (:meth:`CausalLossSettings.validate`, :meth:`CausalHeadSettings.validate`), and the batch layout."""
+    constraints (those of the fields of :class:`CausalLossSettings` and :class:`CausalHeadSettings`), and the batch
+    layout."""
 
     def __post_init__(self):
         super().__post_init__()
-        self.loss_settings().validate()
-        self.head_settings().validate(HEAD_PREFIX)
+        self.loss_settings()
+        self.head_settings()
         if self.padding_side not in ("left", "right"):
             raise ValueError(f"padding_side: {self.padding_side!r} is not 'left' or 'right'")
         if self.max_length < 8:
             raise ValueError(f"max_length: {self.max_length} is below 8 tokens")
 
     def loss_settings(self) -> CausalLossSettings:
-        """The objective as a :class:`CausalLossSettings`."""
-        return CausalLossSettings(**{f: getattr(self, f) for f in _LOSS_FIELDS})
+        """The objective as a :class:`CausalLossSettings`; raises ``ValueError`` naming the field."""
+        return check(CausalLossSettings, {f: getattr(self, f) for f in _LOSS_FIELDS})
 
     def head_settings(self) -> CausalHeadSettings:
-        """The head as a :class:`CausalHeadSettings` (``head_type`` → ``type``, …)."""
-        return CausalHeadSettings(**{f.name: getattr(self, HEAD_PREFIX + f.name)
-                                     for f in dataclasses.fields(CausalHeadSettings)})
+        """The head as a :class:`CausalHeadSettings` (``head_type`` → ``type``, …); raises ``ValueError`` naming the
+        field (``head_type``)."""
+        return check(CausalHeadSettings, {name: getattr(self, HEAD_PREFIX + name)
+                                          for name in field_infos(CausalHeadSettings)}, HEAD_PREFIX)
 
     @property
     def views(self) -> list[str]:
@@ -820,10 +822,12 @@ class _CausalConfigChecks:
 def _make_causal_config():
     from transformers import TrainingArguments
 
-    extra = [(f.name, f.type, dataclasses.field(default=f.default, metadata=dict(f.metadata)))
-             for f in dataclasses.fields(CausalLossSettings)]
-    extra += [(HEAD_PREFIX + f.name, f.type, dataclasses.field(default=f.default, metadata=dict(f.metadata)))
-              for f in dataclasses.fields(CausalHeadSettings)]
+    def flat(prefix, cls):  # each setting's type (Annotated/Strict dropped, as HfArgumentParser reads it), default, help
+        return [(prefix + name, plain_type(info.annotation), dataclasses.field(default=info.default,
+                                                                   metadata={"help": info.description}))
+                for name, info in field_infos(cls).items()]
+
+    extra = flat("", CausalLossSettings) + flat(HEAD_PREFIX, CausalHeadSettings)
     extra += [("max_length", int, dataclasses.field(default=512, metadata={
                   "help": "triplets whose longest view (prompt + answer + eos) is longer are left out"})),
               ("padding_side", str, dataclasses.field(default="right", metadata={"help": "right | left"})),
@@ -838,7 +842,8 @@ def _make_causal_config():
         "head and batch setting (the pattern of ``trl.DPOConfig``).\n\n"
         "The loss fields are :class:`core.causal_objective.CausalLossSettings`' (defaults: the objective the "
         "ablation measured best, task + injected LM + KL, no contrastive term), the head fields "
-        "``head_<name>`` are :class:`CausalHeadSettings`', each with its ``help``; they are declared there once. "
+        "``head_<name>`` are :class:`CausalHeadSettings`', each with its description as ``help``; they are "
+        "declared there once. "
         "``__post_init__`` raises ``ValueError`` naming the field for a value outside its constraint.")
     return cls
 

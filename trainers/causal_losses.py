@@ -57,9 +57,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-HEAD_TYPES = ("linear", "mlp", "bottleneck")
-LOSS_VARIANTS = ("cosine", "infonce", "margin")
-CONTRASTIVE = ("none", "v1", "v2")
+from staged_alignment.core.causal_objective import CONTRASTIVE_VERSIONS as CONTRASTIVE  # noqa: F401 (re-exported)
+from staged_alignment.core.causal_objective import HEAD_TYPES
+from staged_alignment.core.causal_objective import V1_VARIANTS as LOSS_VARIANTS
+
 TAU_MIN, TAU_MAX = 0.01, 1.0
 
 
