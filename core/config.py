@@ -1,10 +1,16 @@
 """The pipeline config: one YAML, a section per stage, one source of truth for model and chat template.
 
-Loading checks everything before a model is touched: unknown keys, wrong types, values out of range and
-inconsistent settings raise :class:`ConfigError`, which names the file, the YAML line and the dotted field.
-``key=value`` overrides use dotted paths (``sft.training.learning_rate=1e-4``); values are parsed as YAML.
-The ``training`` sub-sections are passed to TRL's ``SFTConfig``/``DPOConfig`` and transformers'
-``TrainingArguments`` through ``HfArgumentParser.parse_dict`` (unknown keys are an error there too).
+Each section is a typed pydantic v2 dataclass (:mod:`core.settings`): a field declares its type, its choices
+(``Literal``), its range (``Field(ge=…, le=…)``) and its description once; nested sections (``dpo.generation``,
+``causal.loss``, ``causal.head``, ``evaluate.suite``, ``evaluate.adaptive``, the data sources) are typed the same
+way, and rules that span fields are ``model_validator``\ s naming the field they are about. Loading checks
+everything before a model is touched: unknown keys, wrong types, values out of range and inconsistent settings
+raise :class:`ConfigError`, which names the file, the YAML line (pydantic's error location through the YAML line
+map) and the dotted field; :func:`validate_config` then checks what needs the disk, the Hub or the hardware.
+``key=value`` overrides use dotted paths (``sft.training.learning_rate=1e-4``); values are parsed as YAML 1.2.
+The ``training`` sub-sections stay TRL's ``SFTConfig``/``DPOConfig`` and transformers' ``TrainingArguments``:
+they are converted and range-checked against those classes (``core.common.check_training_section``) and passed
+through ``HfArgumentParser.parse_dict`` (unknown keys are an error there too).
 """
 from __future__ import annotations
 

@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 
 from staged_alignment.core.config import resolved_yaml
@@ -173,7 +174,7 @@ def model_card(cfg, stage: str, metrics: dict, sources: list[str], merged: bool 
 def stage_sources(cfg, stage: str) -> list[str]:
     sec = getattr(cfg, stage)
     keys = {"sft": ["data"], "dpo": ["prompts"], "causal": ["tasks", "train_attacks"]}.get(stage, [])
-    out = [s["path"] if isinstance(s, dict) else str(s) for k in keys for s in getattr(sec, k)]
+    out = [s["path"] if isinstance(s, Mapping) else str(s) for k in keys for s in getattr(sec, k)]
     if stage == "dpo":
         out.append(cfg.dpo.constitution)
     return out

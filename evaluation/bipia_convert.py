@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import random
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 if __package__ in (None, "") and (Path(__file__).resolve().parents[1] / "staged_alignment").is_dir():  # a checkout, run as a script
@@ -182,7 +183,7 @@ def refuse_training_overlap(config_path: str, cases: list[dict], out: str) -> No
         s = {"path": s} if isinstance(s, str) else s
         tasks += read_task_source(s)
     check_task_overlap(tasks, cases, out)
-    train = [read_training_attacks(s["path"] if isinstance(s, dict) else s) for s in cfg.causal.train_attacks]
+    train = [read_training_attacks(s["path"] if isinstance(s, Mapping) else s) for s in cfg.causal.train_attacks]
     check_attack_overlap(train, [AttackSet(path=out, kind="text",
                                            items=[(c["attack_category"], c["injection"]) for c in cases])])
 

@@ -158,18 +158,24 @@ def test_bon_augment_is_seeded_and_keeps_the_canary():
 
 
 def test_adaptive_settings_are_validated(tmp_path, tiny_model_dir):
-    """The evaluation stage's validation (so the pipeline's up-front check) refuses bad suite and adaptive settings
-    at their field; loading the config alone leaves them to the stage that uses them."""
+    """Bad suite and adaptive settings fail when the config is built, at their field (typed sections); the attack
+    names the evaluation layer implements fail at the evaluation stage's validation (so the pipeline's up-front
+    check)."""
     from staged_alignment.core.config import ConfigError, load_config
     from staged_alignment.evaluation.suite import validate_suite
 
     cfg = tmp_path / "c.yaml"
     cfg.write_text(f"model:\n  name_or_path: {tiny_model_dir}\ndevice: cpu\n")
-    for override, field in (("evaluate.adaptive.attacks=[pgd]", "evaluate.adaptive.attacks"),
-                            ("evaluate.adaptive.rs_change_tokens=30", "rs_change_tokens"),
-                            ("evaluate.suite.positions=[middle]", "evaluate.suite.positions"),
-                            ("evaluate.adaptive.gcg_topk=0", "gcg_topk")):
-        loaded = load_config(str(cfg), [override])
-        with pytest.raises(ConfigError, match=field):
-            validate_suite(loaded)
+    for override, field, words in (
+            ("evaluate.adaptive.attacks=[pgd]", "evaluate.adaptive.attacks.0", "'pgd' is not one of"),
+            ("evaluate.adaptive.rs_change_tokens=30", "evaluate.adaptive.rs_change_tokens", "cannot exceed"),
+            ("evaluate.suite.positions=[middle]", "evaluate.suite.positions.0", "'middle' is not one of"),
+            ("evaluate.adaptive.gcg_topk=0", "evaluate.adaptive.gcg_topk", "must be ≥ 1 (got 0)"),
+            ("evaluate.adaptive.checkpoints=[]", "evaluate.adaptive.checkpoints", "at least 1 item")):
+        with pytest.raises(ConfigError) as e:
+            load_config(str(cfg), [override])
+        assert e.value.field == field and words in e.value.message, str(e.value)
+    loaded = load_config(str(cfg), ["evaluate.suite.alpacafarm_attacks=[naive, nonsense]"])
+    with pytest.raises(ConfigError, match=r"evaluate\.suite\.alpacafarm_attacks\.1.*'nonsense' is not one of"):
+        validate_suite(loaded)
     validate_suite(load_config(str(cfg), []))  # the defaults pass

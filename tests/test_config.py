@@ -153,3 +153,72 @@ def test_override_indexes_lists_and_aliases_are_not_shared(tmp_path):
     assert lines["dpo.training"] == 4
     with pytest.raises(ConfigError, match=r"c\.yaml:3: field 'a\.b': duplicate key \(first given on line 2\)"):
         load_yaml_bounded("a:\n  b: 1\n  b: 2\n", "c.yaml")
+
+
+@pytest.mark.parametrize("text,overrides,line,field,msg", [
+    # each setting's own constraint names the setting (the imperative checks named a neighbour: 'lora.r' for alpha,
+    # 'dpo.held_out' for min_pairs, 'dpo.generation' for its batch_size) and shows the value
+    (GOOD, ["lora.alpha=-2"], None, "lora.alpha", "must be ≥ 1 (got -2)"),
+    (GOOD, ["dpo.min_pairs=0"], None, "dpo.min_pairs", "must be ≥ 1 (got 0)"),
+    (GOOD + "dpo:\n  generation:\n    batch_size: 0\n", [], 12, "dpo.generation.batch_size", "must be ≥ 1 (got 0)"),
+    (GOOD + "causal:\n  generation_batch_size: 0\n", [], 11, "causal.generation_batch_size", "must be ≥ 1"),
+    (GOOD, ["lora.dropout=1.0"], None, "lora.dropout", "must be in [0, 1) (got 1.0)"),
+    # list items by index; nested sections typed like the rest (these were unchecked dicts until the suite ran)
+    (GOOD, ["lora.target_modules=[q_proj, 3]"], None, "lora.target_modules.1", "expected str, got int (3)"),
+    (GOOD, ["causal.positions=[start, top]"], None, "causal.positions.1", "'top' is not one of ['start', 'middle'"),
+    (GOOD + "evaluate:\n  suite:\n    max_sampels: 5\n", [], 12, "evaluate.suite.max_sampels",
+     "unknown key (did you mean 'max_samples'?)"),
+    (GOOD + "evaluate:\n  adaptive:\n    gcg_topk: many\n", [], 12, "evaluate.adaptive.gcg_topk",
+     "expected int, got str ('many')"),
+    (GOOD.replace("    - path: x.jsonl\n", "    - path: x.jsonl\n      max_rows: 1.5\n"), [], 8, "sft.data.0.max_rows",
+     "expected int, got float (1.5)"),
+    (GOOD.replace("    - path: x.jsonl\n", "    - 7\n"), [], 7, "sft.data.0", "expected a path or a mapping"),
+    # cross-field rules name the field they are about
+    (GOOD + "causal:\n  retain_source: self\n  loss:\n    lambda_retain_dpo: 1\n", [], 13,
+     "causal.loss.lambda_retain_dpo", "no rejected answer"),
+    (GOOD + "causal:\n  head:\n    type: bottleneck\n    hidden: 512\n", [], 13, "causal.head.hidden",
+     "hidden < dim (got 512 ≥ 128)"),
+    (GOOD, ["causal.loss.injected_lm_loss=1"], None, "causal.loss.injected_lm_loss", "renamed"),
+    (GOOD + "line_map: 1\n", [], 10, "line_map", "unknown key"),
+    # an override that replaces a list is located at the command line, not at the replaced items' lines
+    (GOOD, ["sft.data=[{path: x.jsonl, formatt: y}]"], None, "sft.data.0.formatt", "did you mean 'format'"),
+])
+def test_typed_sections_name_the_setting(tmp_path, text, overrides, line, field, msg):
+    with pytest.raises(ConfigError) as ei:
+        _cfg(tmp_path, text, overrides)
+    e = ei.value
+    assert e.field == field and msg in e.message, str(e)
+    assert e.line == (line if line is not None else "override"), str(e)
+
+
+def test_every_setting_is_typed_and_described():
+    """Each field of each section has a description, and nested sections are instances of their section class
+    (no raw dicts), also after an assignment (validate_assignment)."""
+    import dataclasses
+
+    from staged_alignment.core import config as C
+    from staged_alignment.core.settings import field_infos, section_class
+
+    seen, todo = set(), [C.PipelineConfig]
+    while todo:
+        cls = todo.pop()
+        seen.add(cls)
+        for name, info in field_infos(cls).items():
+            if cls is C.PipelineConfig and (name in C.INTERNAL or section_class(info.annotation)):
+                pass
+            else:
+                assert info.description, f"{cls.__name__}.{name} has no description"
+            sub = section_class(info.annotation)
+            if sub is not None and sub not in seen:
+                todo.append(sub)
+    assert {C.GenerationSection, C.CausalLossSection, C.CausalHeadSection, C.SuiteSection, C.AdaptiveSection,
+            C.DataSource} <= seen
+    cfg = C.PipelineConfig(**{"causal": {"loss": {"lambda_kl": 0}}, "sft": {"data": ["a.jsonl"]}})
+    assert isinstance(cfg.causal.loss, C.CausalLossSection) and cfg.causal.loss.lambda_kl == 0.0
+    assert cfg.sft.data[0]["path"] == "a.jsonl" and cfg.sft.data[0].get("split") == "train"
+    cfg.causal.loss = {"lambda_kl": 0.5}
+    assert isinstance(cfg.causal.loss, C.CausalLossSection)
+    with pytest.raises(ValueError, match="lambda_kl"):
+        cfg.causal.loss = {"lambda_kl": -1}
+    with pytest.raises(ValueError, match="contrastive"):
+        dataclasses.replace(cfg.causal.loss, contrastive="v3")

@@ -141,3 +141,17 @@ def test_evaluation_results_reach_the_pushed_cards_as_model_index(tmp_path):
         {"train_loss": 1.25}
     cfg.hub.push_dry_run = False  # no push configured: nothing is touched
     assert push_eval_results(cfg, metrics) == {}
+
+
+def test_card_sources_are_the_configs_paths(tmp_path):
+    """The card's source list reads the typed data sources (a bare path in YAML, a mapping, a Hub id), not their
+    repr; local files stay out of the card's ``datasets``."""
+    from staged_alignment.core.hub import model_card, stage_sources
+
+    cfg = _cfg(tmp_path)
+    cfg.sft.data = ["data/sft_seed.jsonl", {"path": "HuggingFaceH4/ultrachat_200k", "split": "train_sft"}]
+    assert stage_sources(cfg, "sft") == ["data/sft_seed.jsonl", "HuggingFaceH4/ultrachat_200k"]
+    cfg.causal.tasks, cfg.causal.train_attacks = [{"path": "t.jsonl"}], ["a.json"]
+    assert stage_sources(cfg, "causal") == ["t.jsonl", "a.json"]
+    card = _load(model_card(cfg, "sft", {}, stage_sources(cfg, "sft")), tmp_path)
+    assert card.data.to_dict()["datasets"] == ["HuggingFaceH4/ultrachat_200k"]

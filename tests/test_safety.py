@@ -248,7 +248,7 @@ def test_shipped_real_data_config_trains_on_no_safety_prompt(shared_data):
         v = D.validate(load_config(SHARED_CFG, overrides))
         used = [p["prompt"] for p in v.train + v.held_out]
         assert used and not S.overlapping(used, held)
-    sources = [s["path"] if isinstance(s, dict) else s for s in cfg.sft.data + cfg.causal.tasks +
+    sources = [s["path"] for s in cfg.sft.data + cfg.causal.tasks +
                cfg.causal.train_attacks]
     assert len(sources) == 7
     texts = [S.prompt_key(t) for p in sources for t in _file_texts(REPO / p)]

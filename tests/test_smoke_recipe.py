@@ -121,7 +121,7 @@ def test_dpo_generation_estimate_is_the_merged_16_bit_model_and_its_kv_cache():
     assert round(gen.parts["weights"], 2) == 14.96 and round(train.parts["weights"], 2) == 4.26
     # K and V: 2 × layers × batch × positions × kv width × 2 bytes = 2·32·16·1280·1024·2 B = 2.5 GiB
     assert gen.parts["kv_cache"] == pytest.approx(2 * 32 * 16 * 1280 * 1024 * 2 / 1024 ** 3)
-    cfg.dpo.generation["batch_size"] = 32
+    cfg.dpo.generation.batch_size = 32
     assert estimate(cfg, "dpo-generate", dims, on_cuda=True).parts["kv_cache"] == pytest.approx(2 * gen.parts["kv_cache"])
 
 
