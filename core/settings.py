@@ -107,6 +107,11 @@ def _interval(owner: type | None, key) -> str | None:
     return f"{low[0]}{_number(low[1])}, {_number(high[0])}{high[1]}"
 
 
+def _described(owner: type | None, key) -> str:
+    info = field_infos(owner).get(key) if owner is not None and hasattr(owner, "__pydantic_fields__") else None
+    return f" — {info.description}" if info is not None and info.description else ""
+
+
 def _message(err: dict, owner: type | None, key) -> str:
     kind, value, ctx = err["type"], err.get("input"), err.get("ctx") or {}
     if kind == "unexpected_keyword_argument":
@@ -122,12 +127,11 @@ def _message(err: dict, owner: type | None, key) -> str:
         return f"{value!r} is not one of {choices}"
     if kind in _WANT:
         return f"expected {_WANT[kind]}, got {type(value).__name__} ({value!r})"
-    if kind in _BOUNDS:
+    if kind in _BOUNDS:  # the range, the value, and what the setting is (its description says why the bound)
         span = _interval(owner, key)
-        if span:
-            return f"must be in {span} (got {value!r})"
         name, sign = _BOUNDS[kind]
-        return f"must be {sign} {_number(ctx[name])} (got {value!r})"
+        bound = f"in {span}" if span else f"{sign} {_number(ctx[name])}"
+        return f"must be {bound} (got {value!r}){_described(owner, key)}"
     if kind == "finite_number":
         return f"{value} is not a finite number"
     if kind == "too_short":
