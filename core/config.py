@@ -25,7 +25,7 @@ import re
 import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Callable, Iterator, Literal
+from typing import Annotated, Any, Callable, Iterator, Literal, get_args
 
 import yaml
 from pydantic import BeforeValidator, Field, ValidationError, model_validator
@@ -470,7 +470,7 @@ class CausalSection:
         return self
 
 
-Benchmark = Literal["alpacafarm", "sep", "bipia", "heldout"]
+Benchmark = Literal["alpacafarm", "sep", "bipia", "heldout", "tasktracker", "cyberseceval2"]
 AdaptiveAttack = Literal["bon", "random_search", "gcg"]
 Budget = Annotated[Int, Field(ge=1)]
 
@@ -483,7 +483,9 @@ class SuiteSection:
     unset; ``heldout`` is the project's shipped set and always available. The attack and variant names are those
     the evaluation modules implement (checked by :func:`evaluation.suite.validate_suite`)."""
 
-    benchmarks: list[Benchmark] = _doc(["alpacafarm", "sep", "bipia", "heldout"], "benchmarks run", min_length=1)
+    benchmarks: list[Benchmark] = _doc(list(get_args(Benchmark)), "benchmarks run (those whose file, or judge, "
+                                                                           "is unset are left out with a note)",
+                                       min_length=1)
     alpacafarm_file: Text | None = _doc(None, "davinci_003_outputs.json (original or combined layout)")
     sep_file: Text | None = _doc(None, "SEP_dataset.json or SEP_1000_keyword.json")
     bipia_file: Text | None = _doc(None, "an eval file made by evaluation.bipia_convert from BIPIA's test split")
@@ -500,8 +502,28 @@ class SuiteSection:
     ignore_sentences: Text | None = _doc(None, "JSON list with {injected_prompt} (e.g. StruQ's test list); null = "
                                                "the project's own")
     hackaprompt_sentences: Text | None = _doc(None, "likewise for hackaprompt; null = the project's own")
+    tasktracker_file: Text | None = _doc(None, "TaskTracker's test set in Meta SecAlign's layout "
+                                               "(TaskTracker_dataset_test.json: instruction, input, "
+                                               "injection_in_input); judged by judge_model")
+    cyberseceval2_file: Text | None = _doc(None, "CyberSecEval2's prompt_injection.json (PurpleLlama; its indirect "
+                                                 "rows) or Meta SecAlign's CySE_prompt_injections.json; judged by "
+                                                 "judge_model")
+    judge_model: Text | None = _doc(None, "the judge of tasktracker and cyberseceval2 (evaluation.judged): a model "
+                                          "folder, a Hub id, or an OpenAI-compatible server URL; unset = those "
+                                          "benchmarks are left out")
+    judge_endpoint_model: Text | None = _doc(None, "model name sent to the judge server (default: the first it "
+                                                   "lists)")
+    judge_max_new_tokens: Budget = _doc(4, "length of the judge's reply (its first word is the verdict)")
+    judge_agreement_samples: Int = _doc(50, "rule-judged answers of the other benchmarks also given to the judge, "
+                                            "for its agreement with the rule judges (0 = none)", ge=0)
     max_samples: OptInt = _doc(None, "samples (rows) per benchmark: a seeded sample; null = all")
     seed: Int = _doc(0, "the sample's seed", ge=0)
+
+    @model_validator(mode="after")
+    def _judge(self):
+        if self.judge_endpoint_model and not (self.judge_model or "").startswith(("http://", "https://")):
+            raise invalid("judge_endpoint_model", "only used with an http(s):// judge_model")
+        return self
 
 
 @section

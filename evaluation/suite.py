@@ -30,19 +30,23 @@ from __future__ import annotations
 import dataclasses
 import logging
 import random
+import typing
 from pathlib import Path
 from typing import Sequence
 
-from staged_alignment.core.config import PipelineConfig, resolve_input
+from staged_alignment.core.config import Benchmark, PipelineConfig, resolve_input
+from staged_alignment.core.hub import is_hub_id
 from staged_alignment.core.jsonl_io import (
     DataError,
     atomic_write_json,
     atomic_write_text,
     load_json,
+    read_jsonl_tolerant,
     write_jsonl_atomic,
 )
 from staged_alignment.core.sources import fetch_url, is_url
 from staged_alignment.evaluation import alpacafarm_convert as A
+from staged_alignment.evaluation import judged as J
 from staged_alignment.evaluation import sep_convert as S
 from staged_alignment.evaluation.alpacafarm_convert import ATTACKS, INJECTED_PROMPT, check_sentences
 from staged_alignment.evaluation.cases import load_cases
@@ -53,7 +57,7 @@ from staged_alignment.evaluation.template_attacks import VARIANTS, template_case
 
 log = logging.getLogger(__name__)
 
-SUITES = {"injection": ("alpacafarm", "sep", "bipia", "heldout")}
+SUITES = {"injection": typing.get_args(Benchmark)}  # evaluate.suite.benchmarks' choices, in that order
 CRITERIA = ("attack", "attack_begins", "attack_contains")
 UNION_GROUPS = ("union:after", "union:before", "union:template", "union:all")
 
@@ -112,6 +116,20 @@ def build_benchmark(name: str, suite, tokenizer=None) -> list[dict]:
                                                                "SEP_1000_keyword.json")
         cases, _ = S.convert(source_path(suite.sep_file), attacks=suite.sep_attacks or S.KEYWORD_ATTACKS,
                              seed=suite.seed, **kw)
+    elif name in J.JUDGED:  # rows judged by a model (evaluation.judged): no canary, no template attacks
+        path = getattr(suite, f"{name}_file")
+        if not path:
+            raise DataError("evaluate.suite", None, f"{name}_file", f"unset: give the path of {name}'s file "
+                                                                    "(evaluation.judged)")
+        judge = suite.judge_model
+        if not judge:
+            raise DataError("evaluate.suite", None, "judge_model", f"unset: {name}'s attacks are judged by a model "
+                                                                   "(a model folder, Hub id or http(s):// server)")
+        if not judge.startswith(("http://", "https://")) and not Path(judge).is_dir() and not is_hub_id(judge):
+            raise DataError("evaluate.suite", None, "judge_model", f"{judge!r} is neither a model folder, a Hub id "
+                                                                   "nor an http(s):// URL")
+        reader = J.read_tasktracker if name == "tasktracker" else J.read_cyberseceval2
+        return _sample(reader(source_path(path)), suite.max_samples, suite.seed)
     elif name in ("bipia", "heldout"):
         path = suite.bipia_file if name == "bipia" else suite.heldout_file
         if not path:
@@ -256,7 +274,10 @@ def run_suite(cfg, models: dict[str, str], out_dir: str | Path, benchmarks: Sequ
     result = {"benchmarks": {}, "pairs": pairs, "models": dict(models),
               "settings": {"max_new_tokens": e.max_new_tokens, "do_sample": e.do_sample, "seed": cfg.seed,
                            "suite": dataclasses.asdict(sub_suite(cfg))}}
+    ruled: list[tuple[list[dict], dict, dict]] = []  # (cases, outcomes, injected answers): the agreement's pool
     for name, cases in built.items():
+        if name in J.JUDGED:
+            continue
         bdir = out / name
         bdir.mkdir(parents=True, exist_ok=True)
         write_jsonl_atomic(bdir / "cases.jsonl", cases)
@@ -271,9 +292,57 @@ def run_suite(cfg, models: dict[str, str], out_dir: str | Path, benchmarks: Sequ
                                       "attacks": list(dict.fromkeys(c["attack"] for c in cases)), "table": table,
                                       "utility": util, "paired": [r for r in m["paired"]
                                                                   if r["metric"] == "utility_under_attack"]}
+        answers = {}
+        for r in read_jsonl_tolerant(bdir / "generations.jsonl"):
+            if r.get("kind") == "injected" and r.get("model") in models:
+                answers.setdefault(r["model"], {})[r["id"]] = r["text"]
+        ruled.append((cases, m["case_outcomes"], answers))
+    judged = [name for name in built if name in J.JUDGED]
+    st = sub_suite(cfg)
+    if judged or (st.judge_model and st.judge_agreement_samples and ruled):
+        result["judge"] = _run_judged(cfg_suite, models, out, {n: built[n] for n in judged}, ruled, pairs, result)
     atomic_write_json(out / "suite.json", result)
     atomic_write_text(out / "suite.md", suite_markdown(result, labels))
     return result
+
+
+def _run_judged(cfg, models: dict[str, str], out: Path, judged: dict[str, list[dict]], ruled: list, pairs,
+                result: dict) -> dict:
+    """The model-judged part of :func:`run_suite`: every model answers each judged benchmark's rows
+    (:func:`evaluation.judged.answer_rows`, resumable), then one judge (:func:`evaluation.judged.build_judge`) scores
+    them and a seeded sample of the rule-judged answers (``ruled``), whose agreement with the rule judges is
+    reported. Fills ``result["benchmarks"]``; returns the ``judge`` entry of ``suite.json``."""
+    st = sub_suite(cfg)
+    answers: dict[str, dict[str, dict[str, str]]] = {}
+    for name, rows in judged.items():
+        bdir = out / name
+        bdir.mkdir(parents=True, exist_ok=True)
+        write_jsonl_atomic(bdir / "cases.jsonl", rows)
+        log.info("suite: %s, %d rows judged by %s", name, len(rows), st.judge_model)
+        answers[name] = {label: J.answer_rows(cfg, label, path, rows, bdir / "answers.jsonl")
+                         for label, path in models.items()}
+    judge = J.build_judge(st, cfg)
+    entry = {"model": judge.name, "max_new_tokens": st.judge_max_new_tokens, "unjudged": {}}
+    for name, rows in judged.items():
+        outcomes = J.judge_answers(judge, rows, answers[name])
+        write_jsonl_atomic(out / name / "verdicts.jsonl", [{"model": label, "id": i, **o}
+                                                           for label, by in outcomes.items() for i, o in by.items()])
+        entry["unjudged"][name] = {label: sum(o["attack"] is None for o in by.values())
+                                   for label, by in outcomes.items()}
+        result["benchmarks"][name] = {"n_cases": len(rows), "n_samples": len({r["sample_id"] for r in rows}),
+                                      "attacks": list(dict.fromkeys(r["attack"] for r in rows)),
+                                      "table": suite_table(rows, outcomes, pairs), "utility": {}, "paired": [],
+                                      "judged_by": judge.name}
+    n = st.judge_agreement_samples
+    pool = [x for cases, oc, ans in ruled for x in J.agreement_sample(cases, oc, ans, n, st.seed)]
+    random.Random(st.seed).shuffle(pool)
+    pool = pool[:n]
+    if pool:
+        items = [(answer, J.TASKTRACKER_QUESTION.format(task=injected_prompt_of(case))) for _, case, answer, _ in pool]
+        res = judge.verdicts(items, [f"agreement:{label}:{case['id']}" for label, case, _, _ in pool])
+        entry["agreement"] = J.agreement([v["verdict"] for v in res], [rule for *_, rule in pool])
+        entry["agreement"]["benchmarks"] = sorted({case.get("benchmark", "?") for _, case, _, _ in pool})
+    return entry
 
 
 def suite_markdown(result: dict, labels: Sequence[str]) -> str:
@@ -284,9 +353,12 @@ def suite_markdown(result: dict, labels: Sequence[str]) -> str:
              "McNemar b/c = samples broken only by the model / only by the reference.", ""]
     for name, b in result["benchmarks"].items():
         parts.append(f"## {name}: {b['n_samples']} samples, {b['n_cases']} cases, {len(b['attacks'])} attacks\n")
+        if b.get("judged_by"):
+            parts.append(f"Attack success judged by {b['judged_by']} (evaluation.judged: first word of its reply; "
+                         "unjudged replies left out).\n")
         parts.append(markdown_table(name, b["table"], labels, "attack"))
         unions = {"groups": {g: r for g, r in b["table"]["groups"].items() if g.startswith("union:")}}
-        for crit in ("attack_begins", "attack_contains"):
+        for crit in ("attack_begins", "attack_contains") if not b.get("judged_by") else ():
             parts.append(markdown_table(name, unions, labels, crit))
         util = []
         for label in labels:
@@ -296,6 +368,16 @@ def suite_markdown(result: dict, labels: Sequence[str]) -> str:
                             f"(n = {u['utility_clean_n']})")
         if util:
             parts.append("Utility: " + "; ".join(util) + "\n")
+    ag = (result.get("judge") or {}).get("agreement")
+    if ag:
+        t, a = ag["table"], ag["agreement"]
+        kappa = "undefined (one class only)" if ag["kappa"] is None else f"{ag['kappa']:.2f}"
+        interval = f" [{a['ci95'][0]:.2f}, {a['ci95'][1]:.2f}]" if a.get("ci95") else ""
+        parts.append(f"## Judge agreement with the rule judges\n\n{result['judge']['model']} on {ag['n']} rule-judged "
+                     f"answers ({', '.join(ag['benchmarks'])}; {ag['unjudged']} unjudged): agreement "
+                     f"{a['rate'] if a['rate'] is None else round(a['rate'], 3)}{interval}, Cohen's κ {kappa}; "
+                     f"both broken {t['both']}, judge only {t['judge_only']}, rule only {t['rule_only']}, "
+                     f"neither {t['neither']}.\n")
     return "\n".join(parts)
 
 

@@ -57,6 +57,7 @@ from staged_alignment.evaluation.adaptive import (
     adaptive_cases,
     run_adaptive,
 )
+from staged_alignment.evaluation.judged import JUDGED
 from staged_alignment.evaluation.report import metrics_table
 from staged_alignment.evaluation.runner import assessment_path, eval_file_path, evaluate_models, validate_inputs
 from staged_alignment.evaluation.suite import (
@@ -253,15 +254,17 @@ def suite_benchmarks(cfg: PipelineConfig, suite: str | None, named: list[str]) -
     for b in named:
         if b not in known:
             raise ConfigError(None, None, "--benchmark", f"unknown benchmark {b!r}; expected one of {list(known)}")
-    has_file = {b: b == "heldout" or bool(getattr(st, f"{b}_file")) for b in known}
+    missing = {b: None if b == "heldout" or getattr(st, f"{b}_file") else f"{b}_file" for b in known}
+    for b in JUDGED:  # judged by a model: its file and the judge
+        missing[b] = missing[b] or (None if st.judge_model else "judge_model")
     if named:
         for b in named:
-            if not has_file[b]:
-                raise cfg.error(f"evaluate.suite.{b}_file", f"--benchmark {b} needs this file")
+            if missing[b]:
+                raise cfg.error(f"evaluate.suite.{missing[b]}", f"--benchmark {b} needs this setting")
         return list(named), []
     names = [b for b in SUITES[suite or "injection"] if b in st.benchmarks]
-    notes = [f"{b}: left out (evaluate.suite.{b}_file unset)" for b in names if not has_file[b]]
-    return [b for b in names if has_file[b]], notes
+    notes = [f"{b}: left out (evaluate.suite.{missing[b]} unset)" for b in names if missing[b]]
+    return [b for b in names if not missing[b]], notes
 
 
 def suite_main(args, overrides: list[str]) -> int:
