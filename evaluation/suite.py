@@ -9,6 +9,8 @@
 * ``sep``: SEP, the full file or the 1000-row keyword file × Meta SecAlign's attacks (:mod:`evaluation.sep_convert`);
 * ``bipia``: an eval file converted from BIPIA's test split (:mod:`evaluation.bipia_convert`);
 * ``heldout``: the project's shipped held-out set, the one with gold answers (utility clean and under attack);
+* ``tasktracker`` and ``cyberseceval2``: sets whose attack success a judge model decides (``evaluate.suite.judge_model``;
+  :mod:`evaluation.judged`), with the judge's agreement with the rule judges on a sample of the other benchmarks;
 
 and on every benchmark with a fake answer to give, the **model-specific completion attacks** written in the run's
 own chat template (:mod:`evaluation.template_attacks`). Each benchmark's cases go through
@@ -125,9 +127,10 @@ def build_benchmark(name: str, suite, tokenizer=None) -> list[dict]:
         if not judge:
             raise DataError("evaluate.suite", None, "judge_model", f"unset: {name}'s attacks are judged by a model "
                                                                    "(a model folder, Hub id or http(s):// server)")
-        if not judge.startswith(("http://", "https://")) and not Path(judge).is_dir() and not is_hub_id(judge):
-            raise DataError("evaluate.suite", None, "judge_model", f"{judge!r} is neither a model folder, a Hub id "
-                                                                   "nor an http(s):// URL")
+        if not judge.startswith(("http://", "https://", "embedded:")) and not Path(judge).is_dir() \
+                and not is_hub_id(judge):
+            raise DataError("evaluate.suite", None, "judge_model", f"{judge!r} is neither a model folder, a Hub id, "
+                                                                   "an embedded model nor an http(s):// URL")
         reader = J.read_tasktracker if name == "tasktracker" else J.read_cyberseceval2
         return _sample(reader(source_path(path)), suite.max_samples, suite.seed)
     elif name in ("bipia", "heldout"):
@@ -377,7 +380,10 @@ def suite_markdown(result: dict, labels: Sequence[str]) -> str:
                      f"answers ({', '.join(ag['benchmarks'])}; {ag['unjudged']} unjudged): agreement "
                      f"{a['rate'] if a['rate'] is None else round(a['rate'], 3)}{interval}, Cohen's κ {kappa}; "
                      f"both broken {t['both']}, judge only {t['judge_only']}, rule only {t['rule_only']}, "
-                     f"neither {t['neither']}.\n")
+                     f"neither {t['neither']}; the judge says yes to {ag['judge_yes_rate']:.0%} of them.\n")
+        if not ag["reliable"]:
+            parts.append(f"**The judge is not reliable here** (κ below {J.MIN_KAPPA} or undefined): its rates above "
+                         "are no evidence about the models; configure a stronger evaluate.suite.judge_model.\n")
     return "\n".join(parts)
 
 

@@ -91,6 +91,9 @@ def test_agreement_against_a_hand_computation():
     assert a["agreement"]["rate"] == pytest.approx(6 / 8)
     # kappa = (p_o - p_e) / (1 - p_e), p_o = 6/8, p_e = (3/8)(3/8) + (5/8)(5/8) = 0.53125
     assert a["kappa"] == pytest.approx((0.75 - 0.53125) / (1 - 0.53125))
+    assert a["judge_yes_rate"] == pytest.approx(3 / 8) and a["reliable"] is True  # κ = 0.47 ≥ 0.4
+    yes_man = agreement([True] * 8, [True, False] * 4)  # a judge that always says yes: half right, κ = 0
+    assert yes_man["agreement"]["rate"] == 0.5 and yes_man["kappa"] == 0 and yes_man["reliable"] is False
     assert agreement([True, True], [True, True])["kappa"] is None  # one class only: undefined
 
 
