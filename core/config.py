@@ -38,6 +38,7 @@ from staged_alignment.core.settings import (
     Bool,
     Float,
     Int,
+    Prose,
     Text,
     field_infos,
     invalid,
@@ -201,10 +202,6 @@ Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 OptInt = Annotated[Int | None, Field(ge=1)]  # a count or a cap; null = all
 
 
-def _opt(description: str, ge: int = 1):
-    return Field(None, ge=ge, description=description)
-
-
 def _doc(default, description: str, **constraints):
     return Field(default, description=description, **constraints)
 
@@ -324,7 +321,7 @@ class SFTSection:
     enabled: Bool = _doc(True, "run this stage")
     data: Sources = _doc([], "SFT sources (messages, Alpaca, prompt/response rows)")
     eval_fraction: Float = _doc(0.0, "held-out share of the rows for eval loss", ge=0, lt=1)
-    sample_prompts: list[Text] = _doc(["Give three tips for writing clear emails."], "answered after training, in "
+    sample_prompts: list[Prose] = _doc(["Give three tips for writing clear emails."], "answered after training, in "
                                                                                      "the stage's report")
     hub_model_id: Text | None = _doc(None, "Hub repo of the stage's adapter (hub.push_to_hub)")
     max_truncated_share: Float = _doc(0.05, "share of rows whose prompt fills max_length so that no assistant token "
@@ -602,6 +599,16 @@ class EvaluateSection:
 
 
 INTERNAL = ("source_path", "line_map", "validation_target")  # set by load_config, not by the file
+# nested sections hashed by their non-default values only (PipelineConfig.hash_form)
+SPARSE_SECTIONS = {"dpo.generation": GenerationSection, "causal.loss": CausalLossSection,
+                   "causal.head": CausalHeadSection, "evaluate.suite": SuiteSection, "evaluate.adaptive": AdaptiveSection}
+
+
+def _non_default(values: dict, cls, prefix: str, written) -> dict:
+    """The entries of ``values`` (section ``prefix`` as a dict) that were written in the file or an override (their
+    dotted key is in ``written``, the line map) or differ from ``cls``'s defaults; a source keeps its path."""
+    defaults = dataclasses.asdict(cls(**({"path": values["path"]} if cls is DataSource else {})))
+    return {k: v for k, v in values.items() if k == "path" or v != defaults.get(k) or f"{prefix}.{k}" in written}
 
 
 @section
@@ -621,6 +628,7 @@ class PipelineConfig:
     hub: HubSection = Field(default_factory=HubSection)
     logging: LoggingSection = Field(default_factory=LoggingSection)
 
+    __internal__ = INTERNAL  # not offered as known keys (core.settings)
     source_path: str | None = None
     line_map: dict = Field(default_factory=dict)
     validation_target: str | None = None  # --dry-run --target
@@ -643,10 +651,26 @@ class PipelineConfig:
         return ConfigError(self.source_path, self.line_of(dotted), dotted, message)
 
     def to_dict(self) -> dict:
-        """Plain dict of the config keys (internal fields dropped)."""
+        """Plain dict of the config keys (internal fields dropped: ``resolved_config.yaml`` loads back)."""
         d = dataclasses.asdict(self)
-        d.pop("source_path", None)
-        d.pop("line_map", None)
+        for key in INTERNAL:
+            d.pop(key, None)
+        return d
+
+    def hash_form(self) -> dict:
+        """:meth:`to_dict` as the manifest's hashes read it: the nested sections that were free-form mappings
+        before they were typed (:data:`SPARSE_SECTIONS`) and each data source keep only the values the config wrote
+        or that differ from the default (as those mappings held them), so typing a section or adding a setting
+        with a default does not change the hash of a run that never set it: a finished stage stays done after an
+        upgrade, and an interrupted one still resumes."""
+        d = self.to_dict()
+        d["validation_target"] = self.validation_target  # in the hash since it was a field (None when unset)
+        for dotted, cls in SPARSE_SECTIONS.items():
+            sec, key = dotted.split(".")
+            d[sec][key] = _non_default(d[sec][key], cls, dotted, self.line_map)
+        for dotted in SOURCE_LISTS:
+            sec, key = dotted.split(".")
+            d[sec][key] = [_non_default(x, DataSource, f"{dotted}.{i}", self.line_map) for i, x in enumerate(d[sec][key])]
         return d
 
     def config_hash(self, section: str | None = None, *, for_resume: bool = False) -> str:
@@ -656,7 +680,7 @@ class PipelineConfig:
         resumption without invalidating the checkpoint (:data:`RESUME_SAFE_TRAINING_KEYS`: train longer, save or
         log more often), plus logging and hub settings.
         """
-        d = self.to_dict()
+        d = self.hash_form()
         template = Path(str(d.get("model", {}).get("chat_template") or ""))
         if template.suffix and template.is_file():  # a Jinja file: its text, not its path, is the setting
             d["model"]["chat_template"] = hashlib.sha256(template.read_bytes()).hexdigest()
@@ -897,6 +921,7 @@ def build_config(data: dict, path: str | None, lines: dict) -> PipelineConfig:
     for key in INTERNAL:
         if key in data:
             raise ConfigError(path, lines.get(key), key, "unknown key (set by the loader, not by a config file)")
+    data = {k: {} if v is None and is_dataclass_field(PipelineConfig, k) else v for k, v in data.items()}  # `sft:`
     try:
         return PipelineConfig(**data)
     except ValidationError as e:

@@ -4,7 +4,7 @@ A section is ``@section`` (a ``pydantic.dataclasses.dataclass`` with :data:`SECT
 refused, assignments validated) whose fields carry their type, choices (``Literal``) and range
 (``Field(ge=…, le=…, description=…)``) on the field. Scalars are strict (:data:`Int`, :data:`Float`,
 :data:`Bool`, :data:`Text`): YAML's ``"8"`` is not an int, ``1`` is not ``true``, ``1.5`` is not an int; an int is
-accepted where a float is declared. Checks that span fields raise :func:`invalid` from a ``model_validator``,
+accepted where a float is declared; :data:`Prose` is free text (a prompt) that may hold newlines. Checks that span fields raise :func:`invalid` from a ``model_validator``,
 naming the field they are about.
 
 Pydantic dataclasses (not ``BaseModel``) keep the dataclass protocol the rest of the code and transformers use
@@ -47,6 +47,15 @@ Int = Annotated[int, Strict()]
 Float = Annotated[float, Strict()]  # strict still takes an int (and stores it as a float)
 Bool = Annotated[bool, Strict()]
 Text = Annotated[str, Strict(), AfterValidator(_plain_text)]  # not blank, no control character
+
+
+def _not_blank(value: str) -> str:
+    if not value.strip():
+        raise PydanticCustomError("blank_string", "is empty; give a value or leave the key out for the default")
+    return value
+
+
+Prose = Annotated[str, Strict(), AfterValidator(_not_blank)]  # free text (a prompt): not blank, may hold newlines
 
 
 def invalid(field: str, message: str) -> PydanticCustomError:
@@ -115,7 +124,8 @@ def _described(owner: type | None, key) -> str:
 def _message(err: dict, owner: type | None, key) -> str:
     kind, value, ctx = err["type"], err.get("input"), err.get("ctx") or {}
     if kind == "unexpected_keyword_argument":
-        known = sorted(f.name for f in dataclasses.fields(owner)) if owner is not None else []
+        hidden = getattr(owner, "__internal__", ())
+        known = sorted(f.name for f in dataclasses.fields(owner) if f.name not in hidden) if owner is not None else []
         close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.6) or [k for k in known
                                                                                  if k.startswith(str(key)[:3])]
         hint = f" (did you mean {close[0]!r}?)" if close else ""

@@ -45,6 +45,7 @@ from staged_alignment.core.jsonl_io import DataError, append_jsonl, iter_jsonl, 
 from staged_alignment.data_builders.critique_rewrite import EndpointBackend, TransformersBackend
 from staged_alignment.evaluation.cases import clean_messages
 from staged_alignment.evaluation.metrics import rate
+from staged_alignment.evaluation.runner import model_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ def _rows_of(path: Path) -> list[tuple[str | int, object]]:
     """``(where, object)`` of a JSON list file (``item i``) or a JSONL file (its line). Raises :class:`DataError`."""
     if path.is_file():
         with open(path, "rb") as f:
-            head = f.read(4096).lstrip()[:1]
+            head = f.read(4096).removeprefix(b"\xef\xbb\xbf").lstrip()[:1]  # a UTF-8 BOM, then [ for a list
         if head == b"[":
             data = load_json(path)
             return [(f"item {i}", obj) for i, obj in enumerate(data)]
@@ -185,14 +186,17 @@ def build_judge(suite, cfg) -> Judge:
 def answer_rows(cfg, label: str, path: str, rows: Sequence[dict], out_file: Path) -> dict[str, str]:
     """``{row id: answer}`` of the model at ``path`` to each judged row's prompt (the run's format, greedy,
     ``evaluate.max_new_tokens``), resumable: answers are appended to ``out_file`` keyed by model, row and prompt
-    hash, and a row already answered with the same prompt and settings is not generated again."""
+    hash, and a row already answered with the same prompt, settings and model files
+    (:func:`evaluation.runner.model_fingerprint`) is not generated again."""
     from staged_alignment.core.models import load_model, load_tokenizer, pick_device, resolve_model_path
     from staged_alignment.data_builders.generation import generate_chat
 
     e = cfg.evaluate
     msgs = {r["id"]: clean_messages(r, cfg.model.data_role) for r in rows}
-    key = hashlib.sha256(json.dumps([path, e.max_new_tokens, e.do_sample, e.temperature if e.do_sample else None,
-                                     cfg.seed, cfg.model.chat_template, cfg.model.data_role]).encode()).hexdigest()[:16]
+    fingerprint = path if path.startswith("embedded:") else model_fingerprint(path)  # a retrained model: new answers
+    key = hashlib.sha256(json.dumps([path, fingerprint, e.max_new_tokens, e.do_sample,
+                                     e.temperature if e.do_sample else None, cfg.seed, cfg.model.chat_template,
+                                     cfg.model.data_role]).encode()).hexdigest()[:16]
     sha = {i: hashlib.sha256(json.dumps(m, sort_keys=True).encode()).hexdigest()[:16] for i, m in msgs.items()}
     done = {r["id"]: r["text"] for r in read_jsonl_tolerant(out_file)
             if r.get("model") == label and r.get("key") == key and r.get("prompt_sha") == sha.get(r.get("id"))}
@@ -252,10 +256,11 @@ def agreement(judge_flags: Sequence[bool | None], rule_flags: Sequence[bool]) ->
 def agreement_sample(cases: Sequence[dict], outcomes: dict[str, dict[str, dict]], answers: dict[str, dict[str, str]],
                      n: int, seed: int) -> list[tuple[str, dict, str, bool]]:
     """A seeded sample of ``n`` (model, case, injected answer, rule verdict) of rule-judged cases, for
-    :func:`agreement`; cases without a verdict or an injected instruction are skipped."""
+    :func:`agreement`; cases without a verdict or an injected instruction are skipped, and so are the
+    model-specific completion cases (their injection is fake turns around the request, not a request)."""
     pool = [(label, c, answers[label][c["id"]], bool(outcomes[label][c["id"]]["attack"]))
             for label in sorted(answers) for c in cases
             if c["id"] in answers[label] and outcomes.get(label, {}).get(c["id"], {}).get("attack") is not None
-            and (c.get("injected_prompt") or c.get("injection"))]
+            and (c.get("injected_prompt") or c.get("injection")) and c.get("attack_group") != "template"]
     random.Random(seed).shuffle(pool)
     return pool[:n]

@@ -53,7 +53,7 @@ from staged_alignment.evaluation import sep_convert as S
 from staged_alignment.evaluation.alpacafarm_convert import ATTACKS, INJECTED_PROMPT, check_sentences
 from staged_alignment.evaluation.cases import load_cases
 from staged_alignment.evaluation.metrics import mcnemar_exact, rate
-from staged_alignment.evaluation.runner import evaluate_models
+from staged_alignment.evaluation.runner import ModelEvaluator, evaluate_models
 from staged_alignment.evaluation.sep_convert import KEYWORD_ATTACKS
 from staged_alignment.evaluation.template_attacks import VARIANTS, template_cases
 
@@ -79,6 +79,19 @@ def _read_sentences(path: str | None):
         return None
 
     return check_sentences(load_json(source_path(path)), path)
+
+
+def check_judge(suite) -> None:
+    """``evaluate.suite.judge_model`` names something a judge can be loaded from: an ``http(s)://`` server, an
+    embedded model, an existing model folder, or a Hub id (a name that looks like a local path must be a folder).
+    Raises :class:`DataError`; run before any model loads."""
+    judge = suite.judge_model
+    if not judge or judge.startswith(("http://", "https://", "embedded:")) or Path(judge).is_dir():
+        return
+    local = judge.startswith((".", "/", "~")) or Path(judge).parent.exists() and Path(judge).parent != Path(".")
+    if local or not is_hub_id(judge):
+        raise DataError("evaluate.suite", None, "judge_model", f"{judge!r} is neither a model folder, a Hub id, an "
+                                                               "embedded model nor an http(s):// URL")
 
 
 def injected_prompt_of(case: dict) -> str:
@@ -123,14 +136,10 @@ def build_benchmark(name: str, suite, tokenizer=None) -> list[dict]:
         if not path:
             raise DataError("evaluate.suite", None, f"{name}_file", f"unset: give the path of {name}'s file "
                                                                     "(evaluation.judged)")
-        judge = suite.judge_model
-        if not judge:
+        if not suite.judge_model:
             raise DataError("evaluate.suite", None, "judge_model", f"unset: {name}'s attacks are judged by a model "
                                                                    "(a model folder, Hub id or http(s):// server)")
-        if not judge.startswith(("http://", "https://", "embedded:")) and not Path(judge).is_dir() \
-                and not is_hub_id(judge):
-            raise DataError("evaluate.suite", None, "judge_model", f"{judge!r} is neither a model folder, a Hub id, "
-                                                                   "an embedded model nor an http(s):// URL")
+        check_judge(suite)
         reader = J.read_tasktracker if name == "tasktracker" else J.read_cyberseceval2
         return _sample(reader(source_path(path)), suite.max_samples, suite.seed)
     elif name in ("bipia", "heldout"):
@@ -295,9 +304,11 @@ def run_suite(cfg, models: dict[str, str], out_dir: str | Path, benchmarks: Sequ
                                       "attacks": list(dict.fromkeys(c["attack"] for c in cases)), "table": table,
                                       "utility": util, "paired": [r for r in m["paired"]
                                                                   if r["metric"] == "utility_under_attack"]}
+        keys = {label: ModelEvaluator(cfg_suite, label, path, bdir, [], [], "").key_of("injected")
+                for label, path in models.items()}  # this run's settings: older rows of the file are not its answers
         answers = {}
         for r in read_jsonl_tolerant(bdir / "generations.jsonl"):
-            if r.get("kind") == "injected" and r.get("model") in models:
+            if r.get("kind") == "injected" and r.get("model") in models and r.get("key") == keys[r["model"]]:
                 answers.setdefault(r["model"], {})[r["id"]] = r["text"]
         ruled.append((cases, m["case_outcomes"], answers))
     judged = [name for name in built if name in J.JUDGED]
@@ -380,7 +391,8 @@ def suite_markdown(result: dict, labels: Sequence[str]) -> str:
                      f"answers ({', '.join(ag['benchmarks'])}; {ag['unjudged']} unjudged): agreement "
                      f"{a['rate'] if a['rate'] is None else round(a['rate'], 3)}{interval}, Cohen's κ {kappa}; "
                      f"both broken {t['both']}, judge only {t['judge_only']}, rule only {t['rule_only']}, "
-                     f"neither {t['neither']}; the judge says yes to {ag['judge_yes_rate']:.0%} of them.\n")
+                     f"neither {t['neither']}"
+                     + (f"; the judge says yes to {ag['judge_yes_rate']:.0%} of them" if ag["n"] else "") + ".\n")
         if not ag["reliable"]:
             parts.append(f"**The judge is not reliable here** (κ below {J.MIN_KAPPA} or undefined): its rates above "
                          "are no evidence about the models; configure a stronger evaluate.suite.judge_model.\n")
@@ -399,6 +411,10 @@ def validate_suite(cfg: PipelineConfig) -> None:
     ``evaluate.adaptive`` is checked by its field when the config is built. Run by the evaluation stage's
     validation (so by the pipeline's up-front check too). Raises :class:`ConfigError`."""
     st = cfg.evaluate.suite
+    try:
+        check_judge(st)
+    except DataError as e:
+        raise cfg.error("evaluate.suite.judge_model", e.message) from None
     for key, allowed in (("alpacafarm_attacks", ATTACKS), ("sep_attacks", KEYWORD_ATTACKS),
                          ("template_variants", VARIANTS)):
         for i, name in enumerate(getattr(st, key) or []):

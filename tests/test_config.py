@@ -222,3 +222,33 @@ def test_every_setting_is_typed_and_described():
         cfg.causal.loss = {"lambda_kl": -1}
     with pytest.raises(ValueError, match="contrastive"):
         dataclasses.replace(cfg.causal.loss, contrastive="v3")
+
+
+def test_empty_sections_and_free_text(tmp_path):
+    """A section written with no value (``sft:``) is that section's defaults, as before the sections were typed; a
+    sample prompt may span lines (free text) while a path may not; the loader's own keys are not offered as known
+    keys."""
+    p, cfg = _cfg(tmp_path, GOOD + "dpo:\nlogging:\n")
+    assert cfg.dpo.held_out == 8 and cfg.logging.report_to == ["none"]
+    _, cfg = _cfg(tmp_path, GOOD, ['sft.sample_prompts=["Line one.\\nLine two."]'])
+    assert cfg.sft.sample_prompts == ["Line one.\nLine two."]
+    with pytest.raises(ConfigError, match="control character"):
+        _cfg(tmp_path, GOOD, ['evaluate.eval_file="a\\nb.jsonl"'])
+    with pytest.raises(ConfigError) as ei:
+        _cfg(tmp_path, GOOD + "run_nam: x\n")
+    assert "did you mean 'run_name'" in ei.value.message and "line_map" not in ei.value.message
+
+
+def test_manifest_hashes_keep_only_what_the_config_wrote(tmp_path):
+    """The stage hashes read a typed nested section as the mapping it was: values written in the file (even when
+    equal to the default) or differing from the default. A default nobody wrote changes no hash, so a finished
+    stage stays done when a section gains a setting."""
+    _, base = _cfg(tmp_path, GOOD)
+    form = base.hash_form()
+    assert form["causal"]["loss"] == {} and form["dpo"]["generation"] == {} and form["sft"]["data"] == [{"path": "x.jsonl"}]
+    _, written = _cfg(tmp_path, GOOD + "causal:\n  loss:\n    lambda_kl: 1.0\n")  # the default, written
+    assert written.hash_form()["causal"]["loss"] == {"lambda_kl": 1.0}
+    assert written.config_hash("causal") != base.config_hash("causal")
+    assert written.config_hash("sft") == base.config_hash("sft")
+    _, other = _cfg(tmp_path, GOOD, ["causal.loss.lambda_kl=0.5"])
+    assert other.hash_form()["causal"]["loss"] == {"lambda_kl": 0.5}
