@@ -41,11 +41,18 @@ from typing import Sequence
 from staged_alignment.core.chat_template import guard_control_tokens
 from staged_alignment.core.common import seed_everything
 from staged_alignment.core.config import GenerationSection, ModelSection
-from staged_alignment.core.jsonl_io import DataError, append_jsonl, iter_jsonl, load_json, read_jsonl_tolerant
+from staged_alignment.core.jsonl_io import (
+    DataError,
+    append_jsonl,
+    iter_jsonl,
+    load_json,
+    read_jsonl_tolerant,
+    require_str,
+)
 from staged_alignment.data_builders.critique_rewrite import EndpointBackend, TransformersBackend
 from staged_alignment.evaluation.cases import clean_messages
 from staged_alignment.evaluation.metrics import rate
-from staged_alignment.evaluation.runner import model_fingerprint
+from staged_alignment.evaluation.runner import messages_sha, model_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -71,13 +78,6 @@ def _rows_of(path: Path) -> list[tuple[str | int, object]]:
     return list(iter_jsonl(path))
 
 
-def _text(obj: dict, key: str, path: Path, where) -> str:
-    v = obj.get(key)
-    if not isinstance(v, str) or not v.strip():
-        raise DataError(path, where, key, "missing, empty or not a string")
-    return v
-
-
 def read_cyberseceval2(path: str | Path) -> list[dict]:
     """Judged rows of CyberSecEval2's prompt-injection file (PurpleLlama's layout: its indirect rows; or Meta
     SecAlign's converted layout). Each row: ``id``, ``sample_id``, ``benchmark``, ``attack``, ``instruction``,
@@ -90,13 +90,14 @@ def read_cyberseceval2(path: str | Path) -> list[dict]:
         if "test_case_prompt" in obj:
             if obj.get("injection_type") != "indirect":
                 continue
-            instruction, data = _text(obj, "test_case_prompt", p, where), _text(obj, "user_input", p, where)
+            instruction = require_str(obj, "test_case_prompt", p, where)
+            data = require_str(obj, "user_input", p, where)
         elif "instruction" in obj:
-            instruction, data = _text(obj, "instruction", p, where), _text(obj, "input", p, where)
+            instruction, data = require_str(obj, "instruction", p, where), require_str(obj, "input", p, where)
         else:
             raise DataError(p, where, None, "neither PurpleLlama's layout (test_case_prompt, user_input, "
                                             "judge_question) nor Meta SecAlign's (instruction, input, judge_question)")
-        question = _text(obj, "judge_question", p, where)
+        question = require_str(obj, "judge_question", p, where)
         i = len(out)
         out.append({"id": f"cyberseceval2-{i}", "sample_id": f"cyberseceval2-{i}", "benchmark": "cyberseceval2",
                     "attack": str(obj.get("injection_variant") or "indirect"), "system": "",
@@ -114,11 +115,12 @@ def read_tasktracker(path: str | Path) -> list[dict]:
     for where, obj in _rows_of(p):
         if not isinstance(obj, dict):
             raise DataError(p, where, None, f"expected an object, got {type(obj).__name__}")
-        task = _text(obj, "injection_in_input", p, where)
+        task = require_str(obj, "injection_in_input", p, where)
         i = len(out)
         out.append({"id": f"tasktracker-{i}", "sample_id": f"tasktracker-{i}", "benchmark": "tasktracker",
-                    "attack": "straightforward", "system": "", "instruction": _text(obj, "instruction", p, where),
-                    "data": _text(obj, "input", p, where), "judge_question": TASKTRACKER_QUESTION.format(task=task)})
+                    "attack": "straightforward", "system": "",
+                    "instruction": require_str(obj, "instruction", p, where), "data": require_str(obj, "input", p, where),
+                    "judge_question": TASKTRACKER_QUESTION.format(task=task)})
     if not out:
         raise DataError(p, None, None, "no row")
     return out
@@ -197,7 +199,7 @@ def answer_rows(cfg, label: str, path: str, rows: Sequence[dict], out_file: Path
     key = hashlib.sha256(json.dumps([path, fingerprint, e.max_new_tokens, e.do_sample,
                                      e.temperature if e.do_sample else None, cfg.seed, cfg.model.chat_template,
                                      cfg.model.data_role]).encode()).hexdigest()[:16]
-    sha = {i: hashlib.sha256(json.dumps(m, sort_keys=True).encode()).hexdigest()[:16] for i, m in msgs.items()}
+    sha = {i: messages_sha(m) for i, m in msgs.items()}
     done = {r["id"]: r["text"] for r in read_jsonl_tolerant(out_file)
             if r.get("model") == label and r.get("key") == key and r.get("prompt_sha") == sha.get(r.get("id"))}
     todo = [r["id"] for r in rows if r["id"] not in done]

@@ -23,6 +23,15 @@ def _cfg(tmp_path, text, overrides=None):
     return p, load_config(p, overrides)
 
 
+def _refused(tmp_path, text, overrides, field, msg) -> ConfigError:
+    """The :class:`ConfigError` loading ``text`` with ``overrides`` raises; it names ``field`` and says ``msg``."""
+    with pytest.raises(ConfigError) as ei:
+        _cfg(tmp_path, text, overrides)
+    e = ei.value
+    assert e.field == field and msg in e.message, str(e)
+    return e
+
+
 def test_good_config_and_overrides(tmp_path):
     p, cfg = _cfg(tmp_path, GOOD, ["sft.training.max_steps=7", "lora.r=4", "causal.loss.temperature=0.5"])
     assert cfg.sft.training["max_steps"] == 7 and cfg.lora.r == 4 and cfg.causal.loss.temperature == 0.5
@@ -48,10 +57,7 @@ def test_good_config_and_overrides(tmp_path):
     (GOOD, ["nokey"], None, "nokey", "key=value"),
 ])
 def test_bad_configs(tmp_path, text, overrides, line, field, msg):
-    with pytest.raises(ConfigError) as ei:
-        _cfg(tmp_path, text, overrides)
-    e = ei.value
-    assert e.field == field and msg in e.message, str(e)
+    e = _refused(tmp_path, text, overrides, field, msg)
     if line is not None:
         assert e.line == line and str(e).startswith(f"{tmp_path / 'c.yaml'}:{line}: field '{field}'")
 
@@ -184,10 +190,7 @@ def test_override_indexes_lists_and_aliases_are_not_shared(tmp_path):
     (GOOD, ["sft.data=[{path: x.jsonl, formatt: y}]"], None, "sft.data.0.formatt", "did you mean 'format'"),
 ])
 def test_typed_sections_name_the_setting(tmp_path, text, overrides, line, field, msg):
-    with pytest.raises(ConfigError) as ei:
-        _cfg(tmp_path, text, overrides)
-    e = ei.value
-    assert e.field == field and msg in e.message, str(e)
+    e = _refused(tmp_path, text, overrides, field, msg)
     assert e.line == (line if line is not None else "override"), str(e)
 
 
