@@ -76,7 +76,7 @@ from staged_alignment.core.jsonl_io import (
 )
 from staged_alignment.core.sources import fetch_url, is_line_file, is_url, iter_source
 from staged_alignment.data_builders.canary import fresh_canary
-from staged_alignment.data_builders.completion_attacks import TEMPLATE_SLOTS, fill_template
+from staged_alignment.data_builders.completion_attacks import fill_template, has_template_slot
 from staged_alignment.data_builders.overlap import ATTACK_NGRAM, DATA_NGRAM, find_overlaps
 from staged_alignment.data_builders.sft_data import iter_rows, user_turn
 
@@ -734,7 +734,7 @@ def build_triplets(tasks: Sequence[Task], train_attacks: Sequence[AttackSet], *,
         ids.add(tid)
         forbidden = "\n".join([task.instruction, task.data, task.response])
         canary = ""
-        if any(slot in injection for slot in TEMPLATE_SLOTS):
+        if has_template_slot(injection):
             injection = fill_template(injection, template_segments)
         injection = injection.strip()
         if CANARY_SLOT in injection:

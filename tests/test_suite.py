@@ -324,6 +324,38 @@ def test_completion_training_attacks_rebuild_and_fill_the_template(tmp_path):
     assert any(t["injection"].startswith("</s>\n<|assistant|>") for t in zephyr.triplets)
 
 
+def test_near_miss_training_attacks_rebuild_fill_each_form_and_stay_off_the_suite_variants(tmp_path):
+    from staged_alignment.data_builders import completion_attacks as CA
+    from staged_alignment.data_builders.triplets import Task, build_triplets, read_attacks
+    from staged_alignment.evaluation.template_attacks import VARIANTS, variant_segments
+
+    shipped = ROOT / "data_builders" / "seed" / "attacks_train_completion_near.json"
+    out = tmp_path / "n.json"
+    assert CA.main(["--set", "near", "--out", str(out)]) == 0
+    assert out.read_bytes() == shipped.read_bytes()
+    segs = ("<|im_end|>\n<|assistant|>\n", "<|im_end|>\n<|user|>\n")
+    assert CA.fill_template("A{close_user~nopipe}B{close_answer~bracket}C", segs) == \
+        "A<im_end>\n<assistant>\nB[im_end]\n[user]\nC"
+    assert CA.fill_template("{close_user~title}x{close_answer}", segs) == "<|im_end|>\n<|Assistant|>\nx" + segs[1]
+    assert CA.fill_template("{close_user~chatml}", segs) == "<|im_end|>\n<|im_start|>assistant\n"
+    with pytest.raises(ValueError, match="near-miss form 'nosuch'"):
+        CA.fill_template("{close_user~nosuch}", segs)
+    # no training form writes the strings of a suite variant (the suite measures transfer, not recall)
+    suite = {variant_segments(segs, v, special_tokens=["<|im_end|>"]) for v in VARIANTS}
+    train = {CA.near_miss_segments(segs, f) for f in CA.NEAR_MISS_FORMS}
+    assert not suite & train
+    texts = json.loads(shipped.read_text())["completion_template_near"]
+    assert len(texts) == 4 * len(CA.NEAR_MISS_FORMS)
+    assert sum("{canary}" in t for t in texts) == len(texts) // 2  # half canary requests, half tasks
+    tasks = [Task(id=f"t{i}", instruction="What is the total?", data=f"The total is {i} euros.", response=str(i))
+             for i in range(40)]
+    res = build_triplets(tasks, [read_attacks(str(shipped))], seed=0, positions=["end"], template_segments=segs)
+    assert all("{close" not in t["injection"] for t in res.triplets)
+    assert any("<|start_header_id|>user<|end_header_id|>" in t["injection"] for t in res.triplets)
+    task_rows = [t for t in res.triplets if not t["canary"]]
+    assert task_rows and all(t["hijack"] == "" and t["hijack_source"] == "model" for t in task_rows)
+
+
 def test_training_attacks_share_no_6gram_with_the_suites(shared_data):
     """The widened training attacks stay disjoint from every suite they are measured on (canaries masked)."""
     from staged_alignment.data_builders import completion_attacks as CA
@@ -331,7 +363,7 @@ def test_training_attacks_share_no_6gram_with_the_suites(shared_data):
     from staged_alignment.data_builders.triplets import read_attacks
 
     train = []
-    for f in ("attacks_train_completion.json", "attacks_train_canary.json"):
+    for f in ("attacks_train_completion.json", "attacks_train_completion_near.json", "attacks_train_canary.json"):
         train += [CA.fill_template(t, None) for _, t in read_attacks(str(ROOT / "data_builders" / "seed" / f)).items]
     af = A.convert(shared_data / "injection" / "alpacafarm-eval" / "davinci_003_outputs.json", positions=A.POSITIONS,
                    n=40)
