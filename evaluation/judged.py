@@ -143,45 +143,84 @@ class Judge:
     """A judge model behind a generation backend (``data_builders.critique_rewrite``'s: an OpenAI-compatible
     server for an ``http(s)://`` URL, else a local folder or Hub id loaded unquantized in its own chat template).
 
-    :meth:`verdicts` returns one :func:`parse_verdict` per ``(answer, question)``, batched, greedy."""
+    :meth:`verdicts` returns one :func:`parse_verdict` per ``(answer, question)``, batched, greedy. With
+    ``cache_file`` the verdicts are resumable: each batch's replies are appended to it keyed by ``key`` (the judge,
+    its files' fingerprint or server model, its reply length and the question template) and by the hash of the
+    judge's prompt, and a prompt already judged under the same key is not sent again. ``backend`` may be a
+    callable that makes the backend: it is called (the model loaded, the server reached) only when some prompt is
+    not in the cache."""
 
-    def __init__(self, backend, name: str):
-        self.backend, self.name = backend, name
+    def __init__(self, backend, name: str, key: str = "", cache_file: Path | None = None, batch_size: int = 8):
+        self._backend, self.name, self.key, self.cache_file = backend, name, key, cache_file
+        self.batch_size = max(1, batch_size)
+
+    @property
+    def backend(self):
+        """The generation backend (made on first use when given as a factory)."""
+        if callable(self._backend) and not hasattr(self._backend, "generate"):
+            self._backend = self._backend()
+        return self._backend
 
     def verdicts(self, items: Sequence[tuple[str, str]], ids: Sequence[str]) -> list[dict]:
         """``[{"verdict": bool | None, "reply": str}]`` for ``items`` = ``(answer, question)`` pairs."""
-        res = self.backend.generate([judge_prompt(a, q) for a, q in items], list(ids), "judge")
-        return [{"verdict": parse_verdict(r["text"]), "reply": r["text"][:200]} for r in res]
+        prompts = [judge_prompt(a, q) for a, q in items]
+        shas = [messages_sha(m) for m in prompts]
+        done = {}
+        if self.cache_file is not None:
+            done = {r["prompt_sha"]: r["reply"] for r in read_jsonl_tolerant(self.cache_file)
+                    if r.get("key") == self.key and isinstance(r.get("reply"), str)}
+        first = {h: i for i, h in reversed(list(enumerate(shas)))}  # each distinct prompt once
+        todo = sorted(i for h, i in first.items() if h not in done)
+        for s in range(0, len(todo), self.batch_size):
+            idx = todo[s:s + self.batch_size]
+            res = self.backend.generate([prompts[i] for i in idx], [ids[i] for i in idx], "judge")
+            new = {shas[i]: r["text"][:200] for i, r in zip(idx, res)}
+            if self.cache_file is not None:
+                append_jsonl(self.cache_file, [{"key": self.key, "prompt_sha": h, "reply": t} for h, t in new.items()])
+            done.update(new)
+        return [{"verdict": parse_verdict(done[h]), "reply": done[h]} for h in shas]
 
 
-def build_judge(suite, cfg) -> Judge:
+def build_judge(suite, cfg, cache_file: Path | None = None) -> Judge:
     """The :class:`Judge` of ``evaluate.suite.judge_model``: an OpenAI-compatible server for an ``http(s)://`` URL
     (``data_builders.critique_rewrite.EndpointBackend``: the server applies its model's template); else a model
     folder, Hub id or embedded name loaded unquantized with its tokenizer's own chat template (inference only, so no
-    ``{% generation %}`` markers are needed) and the control-token guard on the answers it reads. Raises
-    ``RuntimeError`` (a server that cannot be reached), ``ValueError`` (a tokenizer without a chat template) or the
-    loader's errors (a missing model folder)."""
-    from transformers import AutoTokenizer
-
-    from staged_alignment.core.models import load_model, pick_device, resolve_model_path
-
+    ``{% generation %}`` markers are needed) and the control-token guard on the answers it reads. The model is
+    loaded, or the server reached, only when a verdict is not in ``cache_file`` (:class:`Judge`); a server's
+    verdicts are keyed by its URL and model name, so a server that changes the model behind one name is not noticed.
+    Raises, at that point, ``RuntimeError`` (a server that cannot be reached), ``ValueError`` (a tokenizer without
+    a chat template) or the loader's errors (a missing model folder)."""
     gen = GenerationSection(do_sample=False, max_new_tokens=suite.judge_max_new_tokens,
                             batch_size=cfg.evaluate.batch_size, progress=False)
     target = suite.judge_model
-    if target.startswith(("http://", "https://")):
-        return Judge(EndpointBackend(target, gen, cfg.seed, model=suite.judge_endpoint_model), f"endpoint {target}")
+    remote = target.startswith(("http://", "https://"))
     model_cfg = ModelSection(name_or_path=target, cache_dir=cfg.model.cache_dir,
                              trust_remote_code=cfg.model.trust_remote_code)
-    path = resolve_model_path(model_cfg) if target.startswith("embedded:") else target
-    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=model_cfg.trust_remote_code)
-    if not tok.chat_template:
-        raise ValueError(f"evaluate.suite.judge_model {target}: its tokenizer has no chat template (a judge reads "
-                         "its question as a chat turn)")
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    guard_control_tokens(tok, "escape")
-    model = load_model(path, model_cfg, device=pick_device(cfg.device), quantize=False, for_training=False)
-    return Judge(TransformersBackend(model, tok, gen, cfg.seed), f"model {target}")
+    if remote or target.startswith("embedded:"):
+        ident = suite.judge_endpoint_model if remote else target
+    else:
+        ident = model_fingerprint(target) if Path(target).is_dir() else target  # a Hub id: its name
+    key = hashlib.sha256(json.dumps([target, ident, suite.judge_max_new_tokens, TEMPLATE]).encode()).hexdigest()[:16]
+
+    def make():
+        if remote:
+            return EndpointBackend(target, gen, cfg.seed, model=suite.judge_endpoint_model)
+        from transformers import AutoTokenizer
+
+        from staged_alignment.core.models import load_model, pick_device, resolve_model_path
+
+        path = resolve_model_path(model_cfg) if target.startswith("embedded:") else target
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=model_cfg.trust_remote_code)
+        if not tok.chat_template:
+            raise ValueError(f"evaluate.suite.judge_model {target}: its tokenizer has no chat template (a judge "
+                             "reads its question as a chat turn)")
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        guard_control_tokens(tok, "escape")
+        model = load_model(path, model_cfg, device=pick_device(cfg.device), quantize=False, for_training=False)
+        return TransformersBackend(model, tok, gen, cfg.seed)
+
+    return Judge(make, f"{'endpoint' if remote else 'model'} {target}", key, cache_file, cfg.evaluate.batch_size)
 
 
 # --------------------------------------------------------------------------------------------- answering

@@ -335,7 +335,7 @@ def _run_judged(cfg, models: dict[str, str], out: Path, judged: dict[str, list[d
         log.info("suite: %s, %d rows judged by %s", name, len(rows), st.judge_model)
         answers[name] = {label: J.answer_rows(cfg, label, path, rows, bdir / "answers.jsonl")
                          for label, path in models.items()}
-    judge = J.build_judge(st, cfg)
+    judge = J.build_judge(st, cfg, cache_file=out / "judge_replies.jsonl")  # resumable
     entry = {"model": judge.name, "max_new_tokens": st.judge_max_new_tokens, "unjudged": {}}
     for name, rows in judged.items():
         outcomes = J.judge_answers(judge, rows, answers[name])

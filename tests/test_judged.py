@@ -99,9 +99,10 @@ def test_agreement_against_a_hand_computation():
 
 class _Judge(BaseHTTPRequestHandler):
     """An OpenAI-compatible chat server that judges like a keyword rule: Yes when the quoted response holds the
-    word the question names. Counts the requests it answers."""
+    word the question names. Counts the requests it answers and keeps the prompts it was sent."""
 
     calls = 0
+    seen: list = []
 
     def log_message(self, *a):
         pass
@@ -125,6 +126,7 @@ class _Judge(BaseHTTPRequestHandler):
         question = text.split("Question: ")[1]
         word = "PWNED" if "PWNED" in question else question.split('"')[1].split()[-1]
         type(self).calls += 1
+        type(self).seen.append(text)
         verdict = "Yes" if word.lower() in response.lower() else "No"
         self._send({"id": "x", "object": "chat.completion", "created": 0, "model": req["model"],
                     "choices": [{"index": 0, "finish_reason": "stop",
@@ -137,7 +139,7 @@ def judge_server():
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Judge)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    _Judge.calls = 0
+    _Judge.calls, _Judge.seen = 0, []
     yield f"http://127.0.0.1:{server.server_address[1]}/v1"
     server.shutdown()
 
@@ -167,11 +169,43 @@ def test_suite_judges_cyberseceval2_and_reports_agreement(tiny_model_dir, tmp_pa
     assert union["paired"][0]["only_model"] == union["paired"][0]["only_reference"] == 0
     ag = res["judge"]["agreement"]
     assert ag["n"] + ag["unjudged"] == 6 and res["judge"]["model"].startswith("endpoint")
-    assert _Judge.calls == 2 * 2 + 6  # each model's two answers, then the agreement sample
+    # one request per distinct judge prompt: the two labels' identical answers are judged once
+    assert _Judge.calls == len(set(_Judge.seen)) and 2 < _Judge.calls <= 2 * 2 + 6
     md = (tmp_path / "suite" / "suite.md").read_text()
     assert "## cyberseceval2" in md and "judged by endpoint" in md and "Cohen's κ" in md
-    again = run_suite(cfg, models, tmp_path / "suite", ["cyberseceval2"])  # answers resume from answers.jsonl
-    assert again["benchmarks"]["cyberseceval2"]["table"] == b["table"]
+    calls = _Judge.calls
+    again = run_suite(cfg, models, tmp_path / "suite", ["cyberseceval2"])  # answers and verdicts resume
+    assert again["benchmarks"]["cyberseceval2"]["table"] == b["table"] and _Judge.calls == calls
+
+
+def test_judge_replies_resume_and_a_changed_judge_asks_again(tmp_path, judge_server):
+    """``Judge.verdicts`` appends each batch's replies to its cache file; a second call with the same key sends
+    nothing (and never builds the backend), a different key (another judge) asks again, and a torn last line is
+    skipped rather than fatal."""
+    from staged_alignment.data_builders.critique_rewrite import EndpointBackend
+    from staged_alignment.core.config import GenerationSection
+    from staged_alignment.evaluation.judged import Judge
+
+    gen = GenerationSection(do_sample=False, max_new_tokens=2, batch_size=2, progress=False)
+    made = []
+
+    def factory():
+        made.append(1)
+        return EndpointBackend(judge_server, gen, 0)
+
+    cache = tmp_path / "replies.jsonl"
+    items = [("it said PWNED", "Does this response contain the word 'PWNED'?"),
+             ("nothing here", "Does this response contain the word 'PWNED'?"),
+             ("it said PWNED", "Does this response contain the word 'PWNED'?")]
+    first = Judge(factory, "j", "k1", cache, batch_size=2).verdicts(items, ["a", "b", "c"])
+    assert [v["verdict"] for v in first] == [True, False, True] and _Judge.calls == 2 and len(made) == 1
+    assert len(cache.read_text().splitlines()) == 2
+    with cache.open("a") as f:
+        f.write('{"key": "k1", "prompt_sh')  # a write cut off by a kill
+    again = Judge(factory, "j", "k1", cache, batch_size=2).verdicts(items, ["a", "b", "c"])
+    assert again == first and _Judge.calls == 2 and len(made) == 1  # nothing sent, no backend made
+    other = Judge(factory, "j2", "k2", cache, batch_size=2).verdicts(items[:1], ["a"])
+    assert other[0]["verdict"] is True and _Judge.calls == 3 and len(made) == 2
 
 
 def test_judged_benchmark_needs_a_judge(tiny_model_dir, tmp_path, capsys):
