@@ -224,40 +224,45 @@ def build_judge(suite, cfg, cache_file: Path | None = None) -> Judge:
 
 
 # --------------------------------------------------------------------------------------------- answering
-def answer_rows(cfg, label: str, path: str, rows: Sequence[dict], out_file: Path) -> dict[str, str]:
-    """``{row id: answer}`` of the model at ``path`` to each judged row's prompt (the run's format, greedy,
-    ``evaluate.max_new_tokens``), resumable: answers are appended to ``out_file`` keyed by model, row and prompt
-    hash, and a row already answered with the same prompt, settings and model files
-    (:func:`evaluation.runner.model_fingerprint`) is not generated again."""
+def answer_rows(cfg, label: str, path: str, jobs: Sequence[tuple[Sequence[dict], Path]]) -> list[dict[str, str]]:
+    """For each ``(rows, out_file)`` of ``jobs`` (one per judged benchmark), ``{row id: answer}`` of the model at
+    ``path`` to each row's prompt (the run's format, greedy, ``evaluate.max_new_tokens``). Resumable: answers are
+    appended to the job's ``out_file`` keyed by model, row and prompt hash, and a row already answered with the same
+    prompt, settings and model files (:func:`evaluation.runner.model_fingerprint`) is not generated again. The
+    model is loaded once for all jobs, and only when some row is not answered yet."""
     from staged_alignment.core.models import load_model, load_tokenizer, pick_device, resolve_model_path
     from staged_alignment.data_builders.generation import generate_chat
 
     e = cfg.evaluate
-    msgs = {r["id"]: clean_messages(r, cfg.model.data_role) for r in rows}
     fingerprint = path if path.startswith("embedded:") else model_fingerprint(path)  # a retrained model: new answers
     key = hashlib.sha256(json.dumps([path, fingerprint, e.max_new_tokens, e.do_sample,
                                      e.temperature if e.do_sample else None, cfg.seed, cfg.model.chat_template,
                                      cfg.model.data_role]).encode()).hexdigest()[:16]
-    sha = {i: messages_sha(m) for i, m in msgs.items()}
-    done = {r["id"]: r["text"] for r in read_jsonl_tolerant(out_file)
-            if r.get("model") == label and r.get("key") == key and r.get("prompt_sha") == sha.get(r.get("id"))}
-    todo = [r["id"] for r in rows if r["id"] not in done]
-    if todo:
-        load_path = resolve_model_path(ModelSection(name_or_path=path, cache_dir=cfg.model.cache_dir)) \
-            if path.startswith("embedded:") else path
-        tok = load_tokenizer(load_path, cfg.model)
-        model = load_model(load_path, cfg.model, device=pick_device(cfg.device), quantize=False, for_training=False)
-        seed_everything(cfg.seed)
-        log.info("[%s] %d judged-benchmark answers to generate", label, len(todo))
+    loaded = None
+    out = []
+    for rows, out_file in jobs:
+        msgs = {r["id"]: clean_messages(r, cfg.model.data_role) for r in rows}
+        sha = {i: messages_sha(m) for i, m in msgs.items()}
+        done = {r["id"]: r["text"] for r in read_jsonl_tolerant(out_file)
+                if r.get("model") == label and r.get("key") == key and r.get("prompt_sha") == sha.get(r.get("id"))}
+        todo = [r["id"] for r in rows if r["id"] not in done]
+        if todo and loaded is None:
+            load_path = resolve_model_path(ModelSection(name_or_path=path, cache_dir=cfg.model.cache_dir)) \
+                if path.startswith("embedded:") else path
+            loaded = (load_model(load_path, cfg.model, device=pick_device(cfg.device), quantize=False,
+                                 for_training=False), load_tokenizer(load_path, cfg.model))
+        if todo:
+            seed_everything(cfg.seed)
+            log.info("[%s] %d judged-benchmark answers to generate (%s)", label, len(todo), out_file.parent.name)
         for s in range(0, len(todo), e.batch_size):
             ids = todo[s:s + e.batch_size]
-            res = generate_chat(model, tok, [msgs[i] for i in ids], max_new_tokens=e.max_new_tokens,
+            res = generate_chat(*loaded, [msgs[i] for i in ids], max_new_tokens=e.max_new_tokens,
                                 batch_size=e.batch_size, do_sample=e.do_sample, temperature=e.temperature)
             append_jsonl(out_file, [{"model": label, "key": key, "id": i, "prompt_sha": sha[i], "text": g["text"]}
                                     for i, g in zip(ids, res)])
             done.update({i: g["text"] for i, g in zip(ids, res)})
-        del model
-    return {r["id"]: done[r["id"]] for r in rows}
+        out.append({r["id"]: done[r["id"]] for r in rows})
+    return out
 
 
 def judge_answers(judge: Judge, rows: Sequence[dict], answers: dict[str, dict[str, str]]) -> dict[str, dict]:

@@ -327,14 +327,15 @@ def _run_judged(cfg, models: dict[str, str], out: Path, judged: dict[str, list[d
     them and a seeded sample of the rule-judged answers (``ruled``), whose agreement with the rule judges is
     reported. Fills ``result["benchmarks"]``; returns the ``judge`` entry of ``suite.json``."""
     st = sub_suite(cfg)
-    answers: dict[str, dict[str, dict[str, str]]] = {}
+    answers: dict[str, dict[str, dict[str, str]]] = {name: {} for name in judged}
     for name, rows in judged.items():
-        bdir = out / name
-        bdir.mkdir(parents=True, exist_ok=True)
-        write_jsonl_atomic(bdir / "cases.jsonl", rows)
+        (out / name).mkdir(parents=True, exist_ok=True)
+        write_jsonl_atomic(out / name / "cases.jsonl", rows)
         log.info("suite: %s, %d rows judged by %s", name, len(rows), st.judge_model)
-        answers[name] = {label: J.answer_rows(cfg, label, path, rows, bdir / "answers.jsonl")
-                         for label, path in models.items()}
+    for label, path in models.items():  # one load of each model for every judged benchmark
+        got = J.answer_rows(cfg, label, path, [(rows, out / name / "answers.jsonl") for name, rows in judged.items()])
+        for name, by_id in zip(judged, got):
+            answers[name][label] = by_id
     judge = J.build_judge(st, cfg, cache_file=out / "judge_replies.jsonl")  # resumable
     entry = {"model": judge.name, "max_new_tokens": st.judge_max_new_tokens, "unjudged": {}}
     for name, rows in judged.items():

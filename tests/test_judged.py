@@ -279,3 +279,28 @@ def test_agreement_sample_leaves_out_template_cases_and_unscored_answers():
     got = agreement_sample(cases, outcomes, answers, 10, seed=0)
     assert sorted(c["id"] for _, c, _, _ in got) == ["a", "n"] and {r for *_, r in got} == {True, False}
     assert len(agreement_sample(cases, outcomes, answers, 1, seed=0)) == 1
+
+
+def test_answer_rows_loads_each_model_once_for_every_judged_benchmark_and_resumes(tiny_model_dir, tmp_path,
+                                                                                  monkeypatch):
+    """Two judged benchmarks' rows are answered after one model load; a rerun loads nothing and returns the same
+    answers; a changed row prompt is answered again."""
+    from staged_alignment.core import models as M
+    from staged_alignment.core.config import load_config
+    from staged_alignment.evaluation.judged import answer_rows
+
+    loads = []
+    real = M.load_model
+    monkeypatch.setattr(M, "load_model", lambda *a, **k: loads.append(1) or real(*a, **k))
+    cfg_path = tmp_path / "c.yaml"
+    cfg_path.write_text(f"model:\n  name_or_path: {tiny_model_dir}\ndevice: cpu\nevaluate:\n  max_new_tokens: 3\n")
+    cfg = load_config(cfg_path)
+    rows_a = [{"id": f"a{i}", "instruction": "Summarise the text.", "data": f"Text number {i}."} for i in range(3)]
+    rows_b = [{"id": "b0", "instruction": "Translate to French.", "data": "Good morning."}]
+    jobs = [(rows_a, tmp_path / "x" / "answers.jsonl"), (rows_b, tmp_path / "y" / "answers.jsonl")]
+    first = answer_rows(cfg, "m", str(tiny_model_dir), jobs)
+    assert len(loads) == 1 and [sorted(d) for d in first] == [["a0", "a1", "a2"], ["b0"]]
+    assert answer_rows(cfg, "m", str(tiny_model_dir), jobs) == first and len(loads) == 1
+    rows_b2 = [dict(rows_b[0], data="Good evening.")]
+    answer_rows(cfg, "m", str(tiny_model_dir), [(rows_b2, tmp_path / "y" / "answers.jsonl")])
+    assert len(loads) == 2 and len((tmp_path / "y" / "answers.jsonl").read_text().splitlines()) == 2
