@@ -194,7 +194,8 @@ def main(argv=None) -> int:
     ap.add_argument("--output", help="output folder (default: <run_dir>/eval; <run_dir>/suite with --suite)")
     ap.add_argument("--suite", help="run a security suite by name (evaluation.suite.SUITES: injection)")
     ap.add_argument("--benchmark", action="append", default=[],
-                    help="one benchmark of the suite (alpacafarm, sep, bipia, heldout; repeatable)")
+                    help="one benchmark of the suite (alpacafarm, sep, bipia, heldout, tasktracker, cyberseceval2; "
+                         "repeatable)")
     ap.add_argument("--adaptive", action="store_true", help="also run evaluate.adaptive's attacks (budget curves)")
     ap.add_argument("--reference", action="append", default=[],
                     help="model=reference for the suite's paired tests, repeatable, a model may have several "
