@@ -182,8 +182,8 @@ def test_judge_replies_resume_and_a_changed_judge_asks_again(tmp_path, judge_ser
     """``Judge.verdicts`` appends each batch's replies to its cache file; a second call with the same key sends
     nothing (and never builds the backend), a different key (another judge) asks again, and a torn last line is
     skipped rather than fatal."""
-    from staged_alignment.data_builders.critique_rewrite import EndpointBackend
     from staged_alignment.core.config import GenerationSection
+    from staged_alignment.data_builders.critique_rewrite import EndpointBackend
     from staged_alignment.evaluation.judged import Judge
 
     gen = GenerationSection(do_sample=False, max_new_tokens=2, batch_size=2, progress=False)
