@@ -70,6 +70,7 @@ DEFAULT_SEGMENTS = ("</s>\n<|assistant|>\n", "</s>\n<|user|>\n")  # the Zephyr t
 #: near-miss forms of the run's template strings, and other chat families' role strings (module docstring):
 #: ``title`` role words title-cased; ``nopipe`` ``<|x|>`` written ``<x>``; ``bracket`` written ``[x]``; ``loose`` the
 #: newlines doubled; ``chatml`` / ``llama3`` / ``inst`` the strings of ChatML, Llama 3 and Mistral-style templates.
+#: A template without ``<|x|>`` headers (Llama 3's own) leaves ``nopipe`` and ``bracket`` as its exact strings.
 NEAR_MISS_FORMS = ("title", "nopipe", "bracket", "loose", "chatml", "llama3", "inst")
 _FAMILY_SEGMENTS = {
     "chatml": ("<|im_end|>\n<|im_start|>assistant\n", "<|im_end|>\n<|im_start|>user\n"),
