@@ -145,7 +145,8 @@ def build_near(seed: int = 0, per_form: int = 4) -> dict[str, list[str]]:
     out = []
     for form in NEAR_MISS_FORMS:
         for j in range(per_form):
-            request = (REQUESTS if j % 2 == 0 else TASK_REQUESTS)[rng.randrange(6)]
+            pool = REQUESTS if j % 2 == 0 else TASK_REQUESTS
+            request = pool[rng.randrange(len(pool))]
             out.append(f"{{close_user~{form}}}" + FAKE_ANSWERS[rng.randrange(len(FAKE_ANSWERS))]
                        + f"{{close_answer~{form}}}" + request)
     return {"completion_template_near": out}

@@ -146,19 +146,18 @@ class Judge:
     :meth:`verdicts` returns one :func:`parse_verdict` per ``(answer, question)``, batched, greedy. With
     ``cache_file`` the verdicts are resumable: each batch's replies are appended to it keyed by ``key`` (the judge,
     its files' fingerprint or server model, its reply length and the question template) and by the hash of the
-    judge's prompt, and a prompt already judged under the same key is not sent again. ``backend`` may be a
-    callable that makes the backend: it is called (the model loaded, the server reached) only when some prompt is
-    not in the cache."""
+    judge's prompt, and a prompt already judged under the same key is not sent again. ``make_backend`` makes the
+    backend; it is called (the model loaded, the server reached) only when some prompt is not in the cache."""
 
-    def __init__(self, backend, name: str, key: str = "", cache_file: Path | None = None, batch_size: int = 8):
-        self._backend, self.name, self.key, self.cache_file = backend, name, key, cache_file
-        self.batch_size = max(1, batch_size)
+    def __init__(self, make_backend, name: str, key: str = "", cache_file: Path | None = None, batch_size: int = 8):
+        self._make, self._backend = make_backend, None
+        self.name, self.key, self.cache_file, self.batch_size = name, key, cache_file, max(1, batch_size)
 
     @property
     def backend(self):
-        """The generation backend (made on first use when given as a factory)."""
-        if callable(self._backend) and not hasattr(self._backend, "generate"):
-            self._backend = self._backend()
+        """The generation backend, made on first use."""
+        if self._backend is None:
+            self._backend = self._make()
         return self._backend
 
     def verdicts(self, items: Sequence[tuple[str, str]], ids: Sequence[str]) -> list[dict]:
@@ -246,12 +245,12 @@ def answer_rows(cfg, label: str, path: str, jobs: Sequence[tuple[Sequence[dict],
         done = {r["id"]: r["text"] for r in read_jsonl_tolerant(out_file)
                 if r.get("model") == label and r.get("key") == key and r.get("prompt_sha") == sha.get(r.get("id"))}
         todo = [r["id"] for r in rows if r["id"] not in done]
-        if todo and loaded is None:
-            load_path = resolve_model_path(ModelSection(name_or_path=path, cache_dir=cfg.model.cache_dir)) \
-                if path.startswith("embedded:") else path
-            loaded = (load_model(load_path, cfg.model, device=pick_device(cfg.device), quantize=False,
-                                 for_training=False), load_tokenizer(load_path, cfg.model))
         if todo:
+            if loaded is None:
+                load_path = resolve_model_path(ModelSection(name_or_path=path, cache_dir=cfg.model.cache_dir)) \
+                    if path.startswith("embedded:") else path
+                loaded = (load_model(load_path, cfg.model, device=pick_device(cfg.device), quantize=False,
+                                     for_training=False), load_tokenizer(load_path, cfg.model))
             seed_everything(cfg.seed)
             log.info("[%s] %d judged-benchmark answers to generate (%s)", label, len(todo), out_file.parent.name)
         for s in range(0, len(todo), e.batch_size):
