@@ -119,9 +119,11 @@ def overlapping(prompts: Sequence, others: Sequence) -> set[int]:
 
 
 def held_out_prompts(cfg) -> list[str]:
-    """Every prompt the evaluation's safety measure uses (the harmful sample and the benign set), for the DPO stage
-    to leave out of training. Empty when evaluation is disabled or no set is configured. Reads the files (raises
-    :class:`DataError`); loads no model."""
+    """Every prompt the evaluation's safety measure uses, for the DPO stage to leave out of training: the first
+    ``evaluate.max_redteam`` harmful prompts (that file may be the pool the DPO stage draws from) and the whole benign
+    look-alike file, whatever ``evaluate.max_benign`` answers (the file is a dedicated held-out set, so a later
+    evaluation of more of it stays clean). Empty when evaluation is disabled or no set is configured. Reads the files
+    (raises :class:`DataError`); loads no model."""
     e = cfg.evaluate
     if not e.enabled:
         return []
@@ -129,7 +131,7 @@ def held_out_prompts(cfg) -> list[str]:
     if e.redteam_file:
         out += [r["prompt"] for r in read_harmful_file(resolve_input(e.redteam_file), e.max_redteam)]
     if e.benign_file:
-        out += [r["prompt"] for r in read_benign_file(resolve_input(e.benign_file), e.max_benign)]
+        out += [r["prompt"] for r in read_benign_file(resolve_input(e.benign_file))]
     return out
 
 
