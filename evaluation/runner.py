@@ -89,7 +89,7 @@ def validate_inputs(cfg: PipelineConfig, eval_file: str | os.PathLike | None = N
 
 
 SAFETY_KINDS = ("redteam", "benign")  # answered with evaluate.safety_max_new_tokens
-PAIRED_KEYS = ("attack", "utility_under_attack", "refused_harmful", "over_refused")  # McNemar, one Holm family
+PAIRED_KEYS = ("attack", "utility_clean_distinct", "utility_under_attack", "refused_harmful", "over_refused")  # McNemar, one Holm family
 
 
 def read_redteam(cfg: PipelineConfig) -> tuple[list[dict], str | None]:

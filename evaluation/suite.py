@@ -303,7 +303,8 @@ def run_suite(cfg, models: dict[str, str], out_dir: str | Path, benchmarks: Sequ
         result["benchmarks"][name] = {"n_cases": len(cases), "n_samples": len({c["sample_id"] for c in cases}),
                                       "attacks": list(dict.fromkeys(c["attack"] for c in cases)), "table": table,
                                       "utility": util, "paired": [r for r in m["paired"]
-                                                                  if r["metric"] == "utility_under_attack"]}
+                                                                  if r["metric"] in ("utility_clean_distinct",
+                                                                                     "utility_under_attack")]}
         keys = {label: ModelEvaluator(cfg_suite, label, path, bdir, [], [], "").key_of("injected")
                 for label, path in models.items()}  # this run's settings: older rows of the file are not its answers
         answers = {}
@@ -382,7 +383,14 @@ def suite_markdown(result: dict, labels: Sequence[str]) -> str:
                 util.append(f"{label} {u['utility_clean']:.3f} clean / {u['utility_under_attack']:.3f} under attack "
                             f"(n = {u['utility_clean_n']})")
         if util:
-            parts.append("Utility: " + "; ".join(util) + "\n")
+            parts.append("Utility: " + "; ".join(util) + " (clean: n distinct clean prompts, each counted once)\n")
+        names = {"utility_clean_distinct": "clean", "utility_under_attack": "under attack"}
+        tests = [f"{r['model']} vs {r['reference']} {names[r['metric']]} {r['model_rate']:.3f} vs "
+                 f"{r['reference_rate']:.3f} (b/c {r['only_model']}/{r['only_reference']}, n = {r['n']}, "
+                 f"p = {r['p_value']:.2g})" for r in b.get("paired") or [] if r["metric"] in names]
+        if tests:
+            parts.append("Utility, paired (exact McNemar; b/c = only the model / only the reference gives the "
+                         "answer): " + "; ".join(tests) + "\n")
     ag = (result.get("judge") or {}).get("agreement")
     if ag:
         t, a = ag["table"], ag["agreement"]

@@ -293,7 +293,14 @@ evaluate:
     assert g["union:all"]["models"]["base"] == g["union:all"]["models"]["other"]
     assert g["union:all"]["paired"][0]["only_model"] == g["union:all"]["paired"][0]["only_reference"] == 0
     assert res["benchmarks"]["sep"]["n_samples"] == 2
-    assert res["benchmarks"]["heldout"]["utility"]["base"]["utility_clean_n"] >= 1
+    ho = res["benchmarks"]["heldout"]
+    ho_cases = [json.loads(x) for x in (out / "heldout" / "cases.jsonl").read_text().splitlines()]
+    views = {(c["system"], c["instruction"], c["data"], c["ideal"]) for c in ho_cases if c.get("ideal")}
+    assert len(ho_cases) > len(views) >= 1  # cases share clean prompts: clean utility counts each prompt once
+    assert ho["utility"]["base"]["utility_clean_n"] == len(views)
+    clean_test, = [r for r in ho["paired"] if r["metric"] == "utility_clean_distinct"]
+    assert clean_test["n"] == len(views) and clean_test["only_model"] == clean_test["only_reference"] == 0
+    assert "Utility, paired (exact McNemar" in (out / "suite.md").read_text()
     assert "| **union:all** |" in (out / "suite.md").read_text()
     # a benchmark named without its file: one located line, exit 2, nothing written
     bad = subprocess.run([*args[:4], "--benchmark", "bipia", "--model", f"base={tiny_model_dir}", "--output",
