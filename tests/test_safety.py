@@ -251,7 +251,7 @@ def test_shipped_real_data_config_trains_on_no_safety_prompt(shared_data):
         assert used and not S.overlapping(used, held)
     sources = [s["path"] for s in cfg.sft.data + cfg.causal.tasks +
                cfg.causal.train_attacks]
-    assert len(sources) == 7
+    assert len(sources) == 8  # 2 SFT files, 3 task files, 3 attack files (the near-miss turns since 2026-12-03)
     texts = [S.prompt_key(t) for p in sources for t in _file_texts(REPO / p)]
     whole, blob = set(texts), f" {' | '.join(texts)} "
     keys = [S.prompt_key(h) for h in held]
