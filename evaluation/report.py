@@ -29,7 +29,7 @@ CI_KEYS = {"attack_success_rate", "attack_success_rate_begins", "attack_success_
 SAFETY_COLUMNS = [("harmful_refusal_rate", "harmful refusal ↑"), ("harmful_rate", "harmful answer (rules) ↓"),
                   ("n_redteam", "n harmful"), ("benign_over_refusal_rate", "benign over-refusal ↓"),
                   ("n_benign", "n benign")]
-PAIRED_NAMES = {"attack": "ASR", "utility_under_attack": "utility under attack", "utility_clean": "utility, clean",
+PAIRED_NAMES = {"attack": "ASR", "utility_under_attack": "utility under attack",
                 "utility_clean_distinct": "utility, clean (distinct prompts)",
                 "complied": "over-defence compliance", "refused_harmful": "harmful refusal",
                 "over_refused": "benign over-refusal"}

@@ -61,6 +61,7 @@ log = logging.getLogger(__name__)
 
 SUITES = {"injection": typing.get_args(Benchmark)}  # evaluate.suite.benchmarks' choices, in that order
 CRITERIA = ("attack", "attack_begins", "attack_contains")
+UTILITY_PAIRED = {"utility_clean_distinct": "clean", "utility_under_attack": "under attack"}  # paired tests shown
 UNION_GROUPS = ("union:after", "union:before", "union:template", "union:all")
 
 
@@ -303,8 +304,7 @@ def run_suite(cfg, models: dict[str, str], out_dir: str | Path, benchmarks: Sequ
         result["benchmarks"][name] = {"n_cases": len(cases), "n_samples": len({c["sample_id"] for c in cases}),
                                       "attacks": list(dict.fromkeys(c["attack"] for c in cases)), "table": table,
                                       "utility": util, "paired": [r for r in m["paired"]
-                                                                  if r["metric"] in ("utility_clean_distinct",
-                                                                                     "utility_under_attack")]}
+                                                                  if r["metric"] in UTILITY_PAIRED]}
         keys = {label: ModelEvaluator(cfg_suite, label, path, bdir, [], [], "").key_of("injected")
                 for label, path in models.items()}  # this run's settings: older rows of the file are not its answers
         answers = {}
@@ -384,10 +384,9 @@ def suite_markdown(result: dict, labels: Sequence[str]) -> str:
                             f"(n = {u['utility_clean_n']})")
         if util:
             parts.append("Utility: " + "; ".join(util) + " (clean: n distinct clean prompts, each counted once)\n")
-        names = {"utility_clean_distinct": "clean", "utility_under_attack": "under attack"}
-        tests = [f"{r['model']} vs {r['reference']} {names[r['metric']]} {r['model_rate']:.3f} vs "
+        tests = [f"{r['model']} vs {r['reference']} {UTILITY_PAIRED[r['metric']]} {r['model_rate']:.3f} vs "
                  f"{r['reference_rate']:.3f} (b/c {r['only_model']}/{r['only_reference']}, n = {r['n']}, "
-                 f"p = {r['p_value']:.2g})" for r in b.get("paired") or [] if r["metric"] in names]
+                 f"p = {r['p_value']:.2g})" for r in b.get("paired") or [] if r["metric"] in UTILITY_PAIRED]
         if tests:
             parts.append("Utility, paired (exact McNemar; b/c = only the model / only the reference gives the "
                          "answer): " + "; ".join(tests) + "\n")
