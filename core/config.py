@@ -575,6 +575,9 @@ class EvaluateSection:
     do_sample: Bool = _doc(False, "sample (else greedy)")
     temperature: Float = _doc(1.0, "sampling temperature (> 0 when do_sample)", ge=0)
     models: list[ModelLabel] = _doc(["base", "sft", "dpo", "causal"], "models compared")
+    data_role_models: list[Text] = _doc([], "labels of models prompted with the data in its own <|input|> turn "
+                                            "whatever model.data_role says (a model trained with the data role "
+                                            "compared with one trained without); each must be a model evaluated")
     hsic_permutations: Int = _doc(200, "permutations of the HSIC test (the p-value is ≥ 1/(1+reps))", ge=20)
     pc_components: Int = _doc(3, "principal components fed to the PC algorithm", ge=1)
     alpha: Float = _doc(0.05, "significance level of the tests", gt=0, lt=1)

@@ -52,7 +52,7 @@ from staged_alignment.core.jsonl_io import (
 from staged_alignment.data_builders.critique_rewrite import EndpointBackend, TransformersBackend
 from staged_alignment.evaluation.cases import clean_messages
 from staged_alignment.evaluation.metrics import rate
-from staged_alignment.evaluation.runner import messages_sha, model_fingerprint
+from staged_alignment.evaluation.runner import messages_sha, model_config, model_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -232,6 +232,7 @@ def answer_rows(cfg, label: str, path: str, jobs: Sequence[tuple[Sequence[dict],
     from staged_alignment.core.models import load_model, load_tokenizer, pick_device, resolve_model_path
     from staged_alignment.data_builders.generation import generate_chat
 
+    cfg = model_config(cfg, label)  # this model's prompt format (evaluate.data_role_models)
     e = cfg.evaluate
     fingerprint = path if path.startswith("embedded:") else model_fingerprint(path)  # a retrained model: new answers
     key = hashlib.sha256(json.dumps([path, fingerprint, e.max_new_tokens, e.do_sample,

@@ -364,7 +364,9 @@ def write_report(out_dir: str | Path, metrics: dict, cases: Sequence[dict], exam
              f"{'sampling (T=' + str(s.get('temperature')) + ')' if s.get('do_sample') else 'greedy'}. "
              f"Harmful prompts: {s.get('n_redteam', 0)} from `{md_escape(s.get('redteam_source') or 'none')}`; "
              f"benign look-alikes: {s.get('n_benign', 0)} from `{md_escape(s.get('benign_source') or 'none')}` "
-             f"(max_new_tokens={s.get('safety_max_new_tokens')}).", "",
+             f"(max_new_tokens={s.get('safety_max_new_tokens')})."
+             + (f" Data in its own input turn: {', '.join(s['data_role_models'])}." if s.get("data_role_models")
+                else ""), "",
              "## Results", "", metrics_table(metrics), "", DEFINITIONS, ""]
     pairs_md = Path(run_dir) / "dpo" / "pairs_report.md" if run_dir else None
     if pairs_md is not None and pairs_md.is_file():

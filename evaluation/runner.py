@@ -61,6 +61,30 @@ def stage_references(cfg: PipelineConfig) -> dict[str, str]:
     return refs
 
 
+def data_role_of(cfg: PipelineConfig, label: str) -> bool:
+    """Whether model ``label`` is prompted with the data part in its own ``<|input|>`` turn: ``model.data_role``
+    for every model, or ``label`` listed in ``evaluate.data_role_models`` (a model trained with the data role
+    beside one trained without, each in its own format; :func:`evaluation.cases.clean_messages`)."""
+    return bool(cfg.model.data_role or label in cfg.evaluate.data_role_models)
+
+
+def model_config(cfg: PipelineConfig, label: str) -> PipelineConfig:
+    """``cfg`` as model ``label`` is evaluated: ``model.data_role`` set to :func:`data_role_of` (the prompt format,
+    the template check and every answer's settings key follow it). ``cfg`` itself when nothing changes."""
+    role = data_role_of(cfg, label)
+    if role == cfg.model.data_role:
+        return cfg
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, data_role=role))
+
+
+def check_data_role_models(cfg: PipelineConfig, labels) -> None:
+    """Raises :class:`ConfigError` (file, line, ``evaluate.data_role_models``) when it names a model that is not
+    evaluated (``labels``): a typo would otherwise prompt every model in one format without a word."""
+    unknown = [m for m in cfg.evaluate.data_role_models if m not in set(labels)]
+    if unknown:
+        raise cfg.error("evaluate.data_role_models", f"{unknown} not among the models evaluated ({list(labels)})")
+
+
 def eval_file_path(cfg: PipelineConfig) -> Path:
     return resolve_input(cfg.evaluate.eval_file)
 
@@ -82,6 +106,7 @@ def validate_inputs(cfg: PipelineConfig, eval_file: str | os.PathLike | None = N
     if cfg.evaluate.redteam_file or cfg.evaluate.benign_file:
         read_redteam(cfg)
         read_benign(cfg)
+    check_data_role_models(cfg, list(models) if models else cfg.evaluate.models)
     for label, path in (models or {}).items():
         if not path.startswith("embedded:"):
             check_start(path, lambda m, lb=label, p=path: DataError(p, None, None, f"model '{lb}': {m}"))
@@ -295,6 +320,7 @@ class ModelEvaluator:
 
     def __init__(self, cfg: PipelineConfig, label: str, path: str, out_dir: Path, cases: list[dict],
                  redteam: list[dict], eval_sha: str, benign: list[dict] | None = None):
+        cfg = model_config(cfg, label)  # this model's prompt format (evaluate.data_role_models)
         self.cfg, self.label, self.path, self.out_dir = cfg, label, path, Path(out_dir)
         self.cases, self.redteam, self.benign = cases, redteam, list(benign or [])
         self.data_role = cfg.model.data_role
@@ -565,6 +591,7 @@ def evaluate_models(cfg: PipelineConfig, models: dict[str, str], eval_file: str 
                             "safety_max_new_tokens": e.safety_max_new_tokens,
                             "safety_classifier": e.safety_classifier,
                             "seed": cfg.seed, "model_paths": dict(models), "data_role": cfg.model.data_role,
+                            "data_role_models": [m for m in models if data_role_of(cfg, m)],
                             "causal_objective": causal_objective(cfg)}}
     examples, flags = {}, {}
     inj_cases = [c for c in cases if c.get("kind", "injection") == "injection"]
@@ -585,7 +612,7 @@ def evaluate_models(cfg: PipelineConfig, models: dict[str, str], eval_file: str 
         for c in cases:
             clean = answers[("clean", c["id"])]["text"]
             injected = answers[("injected", c["id"])]["text"] if c.get("kind", "injection") == "injection" else None
-            outcomes.append(score_case(c, clean, injected, data_role=cfg.model.data_role,
+            outcomes.append(score_case(c, clean, injected, data_role=ev.data_role,
                                        f1_threshold=e.utility_f1_threshold))
         write_outcomes(ev.gen_path, label, ev.key, {c["id"]: o for c, o in zip(cases, outcomes)})
         m = model_metrics(cases, outcomes, reps=reps)

@@ -242,6 +242,50 @@ def test_empty_and_degenerate_answers_are_scored(setup, monkeypatch):
     assert row["attack_success_rate"] == len(hits) / 8
 
 
+def test_data_role_models_prompt_each_listed_model_in_its_own_format(setup, monkeypatch):
+    """A model trained with the data role beside one trained without: each answers in its own format, its answers
+    keyed apart, and the format recorded; a label that is not evaluated is a located error before any model."""
+    import staged_alignment.data_builders.generation as G
+
+    seen = []
+    real = G.generate_chat
+
+    def recording(model, tok, convs, **kw):
+        seen.extend(convs)
+        return real(model, tok, convs, **kw)
+
+    monkeypatch.setattr(G, "generate_chat", recording)
+    cfg = load_config(setup.cfg_path, ["evaluate.data_role_models=[role]", "evaluate.max_redteam=0",
+                                       "evaluate.max_benign=0"])
+    assert ER.data_role_of(cfg, "role") and not ER.data_role_of(cfg, "plain")
+    assert ER.model_config(cfg, "plain") is cfg and ER.model_config(cfg, "role").model.data_role
+    out = setup.tmp / "roles"
+    m = ER.evaluate_models(cfg, {"plain": str(setup.model), "role": str(setup.model)}, setup.eval_file, out,
+                           representations=False)
+    cases = {c["id"]: c for c in load_cases(setup.eval_file)}
+    assert len(seen) == 2 * 2 * len(cases)  # a clean and an injected prompt per case and model, models in turn
+    plain, role = seen[:2 * len(cases)], seen[2 * len(cases):]
+    assert all([x["role"] for x in conv] == ["system", "user"] for conv in plain)
+    assert all([x["role"] for x in conv] == ["system", "user", "input"] for conv in role)
+    # the same case's injected prompt: the data (with the injection) in the user turn vs in the input turn
+    inj = injected_messages(cases["t-0"])
+    assert inj in plain and injected_messages(cases["t-0"], True) in role
+    assert injected_messages(cases["t-0"], True)[1]["content"] == cases["t-0"]["instruction"]
+    rows = [json.loads(x) for x in (out / "generations.jsonl").read_text().splitlines()]
+    keys = {r["model"]: r["key"] for r in rows}
+    assert keys["plain"] != keys["role"]  # the format is part of an answer's settings key
+    assert m["settings"]["data_role_models"] == ["role"]
+    assert "Data in its own input turn: role." in (out / "report.md").read_text()
+    # a typo in the list: one located error naming the field, before any model loads
+    monkeypatch.setattr("staged_alignment.core.models.load_model", no_model)
+    bad = load_config(setup.cfg_path, ["evaluate.data_role_models=[rol]"])
+    with pytest.raises(Exception) as ei:
+        ER.evaluate_models(bad, {"plain": str(setup.model), "role": str(setup.model)}, setup.eval_file,
+                           setup.tmp / "bad")
+    assert "evaluate.data_role_models" in str(ei.value) and "'rol'" in str(ei.value)
+    assert not (setup.tmp / "bad").exists()
+
+
 def test_pipeline_mode_manifest_loss_curves_and_escaping(setup, tmp_path):
     run_dir = tmp_path / "runs" / "r"
     shutil.copytree(setup.model, run_dir / "sft" / "merged")
