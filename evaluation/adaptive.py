@@ -47,7 +47,8 @@ from staged_alignment.core.config import AdaptiveAttack
 from staged_alignment.core.jsonl_io import atomic_write_json, atomic_write_text
 from staged_alignment.evaluation.cases import clean_messages, injected_data, injected_messages
 from staged_alignment.evaluation.metrics import mcnemar_exact, rate, score_case
-from staged_alignment.evaluation.runner import ModelEvaluator, data_role_of
+from staged_alignment.evaluation.report import data_role_note
+from staged_alignment.evaluation.runner import ModelEvaluator, data_role_labels
 from staged_alignment.evaluation.suite import build_benchmark, sub_suite
 
 log = logging.getLogger(__name__)
@@ -459,7 +460,7 @@ def run_adaptive(cfg, models: dict[str, str], out_dir, *, pairs: Sequence[tuple[
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     result = {"cases": [c["id"] for c in cases], "source": source, "settings": dataclasses.asdict(s), "models": {},
-              "seconds": {}, "data_role_models": [m for m in models if data_role_of(cfg, m)]}
+              "seconds": {}, "data_role_models": data_role_labels(cfg, models)}
     for label, path in models.items():
         ev = ModelEvaluator(cfg, label, path, out, [], [], "")  # ev.data_role: this model's format
         model, tok = ev._load()
@@ -491,7 +492,7 @@ def adaptive_markdown(result: dict) -> str:
              "broken = the headline judge on the greedy answer at a checkpoint; ASR within budget b = broken at some "
              "checkpoint ≤ b.", ""]
     if result.get("data_role_models"):
-        lines += [f"Prompted with the data in its own input turn: {', '.join(result['data_role_models'])}.", ""]
+        lines += [data_role_note(result["data_role_models"]), ""]
     labels = list(result["models"])
     attacks = list(dict.fromkeys(a for m in result["models"].values() for a in m))
     for a in attacks:

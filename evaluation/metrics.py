@@ -134,20 +134,22 @@ def score_case(case: dict, clean_answer: str | None, injected_answer: str | None
 # --------------------------------------------------------------------------------------------- one model
 
 
-def clean_view_key(case: dict) -> tuple:
+def clean_view_key(case: dict, data_role: bool = False) -> tuple:
     """What makes two cases' clean prompts (and their utility verdicts) the same: the messages of
-    :func:`evaluation.cases.clean_messages` (the prompt the runner answers once) and the ``ideal``. The data role
-    setting is one per run, so the default layout partitions the cases as the run's does."""
-    return tuple((m["role"], m["content"]) for m in clean_messages(case)), case.get("ideal")
+    :func:`evaluation.cases.clean_messages` in the model's format (``data_role``: the prompt the runner answers
+    once) and the ``ideal``."""
+    return tuple((m["role"], m["content"]) for m in clean_messages(case, data_role)), case.get("ideal")
 
 
-def model_metrics(cases: Sequence[dict], outcomes: Sequence[dict], *, reps: dict | None = None) -> dict:
+def model_metrics(cases: Sequence[dict], outcomes: Sequence[dict], *, reps: dict | None = None,
+                  data_role: bool = False) -> dict:
     """All metrics of one model, in the ``eval/metrics.json`` per-model shape.
 
     Args:
         cases: injection cases and controls; outcomes: :func:`score_case` per case (same order).
         reps: ``{"benign", "counterfactual", "injected"}`` (N, D) arrays (+ ``"space"`` and ``"pooling"``
             strings), or None.
+        data_role: the model's prompt format (:func:`clean_view_key`: which cases share a clean prompt).
     Returns ``{"attack_success_rate", "attack_success_rate_ci95", "attack_success_rate_begins"(+_ci95),
     "attack_success_rate_contains"(+_ci95), "utility_clean"(+_ci95, _n: distinct clean prompts),
     "utility_under_attack"(+_ci95, _n: cases),
@@ -168,7 +170,7 @@ def model_metrics(cases: Sequence[dict], outcomes: Sequence[dict], *, reps: dict
     seen: set = set()
     flagged = {}
     for c, o in inj:  # the clean verdict once per distinct clean prompt (the module docstring says why)
-        view = clean_view_key(c)
+        view = clean_view_key(c, data_role)
         first = o["utility_clean"] is not None and view not in seen
         seen.add(view)
         flagged[c["id"]] = {**o, "utility_clean_distinct": o["utility_clean"] if first else None}

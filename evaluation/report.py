@@ -347,6 +347,15 @@ def safety_section(metrics: dict, labels: Sequence[str]) -> list[str]:
     return lines
 
 
+def data_role_note(labels: Sequence[str] | None) -> str:
+    """The reports' line naming the models prompted with the data in its own input turn (``data_role_models`` of
+    ``metrics.json``, ``suite.json``, ``adaptive.json``); ``""`` when there are none."""
+    if not labels:
+        return ""
+    return (f"Data in its own input turn: {', '.join(labels)}. (Control strings removed from it; any other model "
+            "has the data in the user turn.)")
+
+
 def write_report(out_dir: str | Path, metrics: dict, cases: Sequence[dict], examples: dict | None = None, *,
                  run_dir: str | Path | None = None, model_paths: dict | None = None) -> Path:
     """Write ``report.md``, ``asr_by_stage.png``, ``asr_by_category.png`` and (when any stage left a
@@ -365,8 +374,7 @@ def write_report(out_dir: str | Path, metrics: dict, cases: Sequence[dict], exam
              f"Harmful prompts: {s.get('n_redteam', 0)} from `{md_escape(s.get('redteam_source') or 'none')}`; "
              f"benign look-alikes: {s.get('n_benign', 0)} from `{md_escape(s.get('benign_source') or 'none')}` "
              f"(max_new_tokens={s.get('safety_max_new_tokens')})."
-             + (f" Data in its own input turn: {', '.join(s['data_role_models'])}." if s.get("data_role_models")
-                else ""), "",
+             + (" " + data_role_note(s.get("data_role_models")) if s.get("data_role_models") else ""), "",
              "## Results", "", metrics_table(metrics), "", DEFINITIONS, ""]
     pairs_md = Path(run_dir) / "dpo" / "pairs_report.md" if run_dir else None
     if pairs_md is not None and pairs_md.is_file():

@@ -68,6 +68,12 @@ def data_role_of(cfg: PipelineConfig, label: str) -> bool:
     return bool(cfg.model.data_role or label in cfg.evaluate.data_role_models)
 
 
+def data_role_labels(cfg: PipelineConfig, labels) -> list[str]:
+    """The labels among ``labels`` that are prompted with the data role (:func:`data_role_of`), in their order:
+    what ``metrics.json``, ``suite.json`` and ``adaptive.json`` record as ``data_role_models``."""
+    return [m for m in labels if data_role_of(cfg, m)]
+
+
 def model_config(cfg: PipelineConfig, label: str) -> PipelineConfig:
     """``cfg`` as model ``label`` is evaluated: ``model.data_role`` set to :func:`data_role_of` (the prompt format,
     the template check and every answer's settings key follow it). ``cfg`` itself when nothing changes."""
@@ -80,7 +86,8 @@ def model_config(cfg: PipelineConfig, label: str) -> PipelineConfig:
 def check_data_role_models(cfg: PipelineConfig, labels) -> None:
     """Raises :class:`ConfigError` (file, line, ``evaluate.data_role_models``) when it names a model that is not
     evaluated (``labels``): a typo would otherwise prompt every model in one format without a word."""
-    unknown = [m for m in cfg.evaluate.data_role_models if m not in set(labels)]
+    known = set(labels)
+    unknown = [m for m in cfg.evaluate.data_role_models if m not in known]
     if unknown:
         raise cfg.error("evaluate.data_role_models", f"{unknown} not among the models evaluated ({list(labels)})")
 
@@ -591,7 +598,7 @@ def evaluate_models(cfg: PipelineConfig, models: dict[str, str], eval_file: str 
                             "safety_max_new_tokens": e.safety_max_new_tokens,
                             "safety_classifier": e.safety_classifier,
                             "seed": cfg.seed, "model_paths": dict(models), "data_role": cfg.model.data_role,
-                            "data_role_models": [m for m in models if data_role_of(cfg, m)],
+                            "data_role_models": data_role_labels(cfg, models),
                             "causal_objective": causal_objective(cfg)}}
     examples, flags = {}, {}
     inj_cases = [c for c in cases if c.get("kind", "injection") == "injection"]
@@ -615,7 +622,7 @@ def evaluate_models(cfg: PipelineConfig, models: dict[str, str], eval_file: str 
             outcomes.append(score_case(c, clean, injected, data_role=ev.data_role,
                                        f1_threshold=e.utility_f1_threshold))
         write_outcomes(ev.gen_path, label, ev.key, {c["id"]: o for c, o in zip(cases, outcomes)})
-        m = model_metrics(cases, outcomes, reps=reps)
+        m = model_metrics(cases, outcomes, reps=reps, data_role=ev.data_role)
         sm = safety_metrics(safety)
         metrics["over_refusal_by_category"][label] = sm.pop("over_refusal_by_category")
         m.update(sm)

@@ -53,7 +53,8 @@ from staged_alignment.evaluation import sep_convert as S
 from staged_alignment.evaluation.alpacafarm_convert import ATTACKS, INJECTED_PROMPT, check_sentences
 from staged_alignment.evaluation.cases import load_cases
 from staged_alignment.evaluation.metrics import mcnemar_exact, rate
-from staged_alignment.evaluation.runner import ModelEvaluator, data_role_of, evaluate_models
+from staged_alignment.evaluation.report import data_role_note
+from staged_alignment.evaluation.runner import ModelEvaluator, data_role_labels, evaluate_models
 from staged_alignment.evaluation.sep_convert import KEYWORD_ATTACKS
 from staged_alignment.evaluation.template_attacks import VARIANTS, template_cases
 
@@ -286,7 +287,7 @@ def run_suite(cfg, models: dict[str, str], out_dir: str | Path, benchmarks: Sequ
     cfg_suite = dataclasses.replace(cfg, evaluate=e)
     result = {"benchmarks": {}, "pairs": pairs, "models": dict(models),
               "settings": {"max_new_tokens": e.max_new_tokens, "do_sample": e.do_sample, "seed": cfg.seed,
-                           "data_role_models": [m for m in labels if data_role_of(cfg, m)],
+                           "data_role_models": data_role_labels(cfg, labels),
                            "suite": dataclasses.asdict(sub_suite(cfg))}}
     ruled: list[tuple[list[dict], dict, dict]] = []  # (cases, outcomes, injected answers): the agreement's pool
     for name, cases in built.items():
@@ -368,10 +369,9 @@ def suite_markdown(result: dict, labels: Sequence[str]) -> str:
     parts = ["# Security suite", "", f"Models: {', '.join(labels)}; paired tests: "
              + ", ".join(f"{m} vs {r}" for m, r in result["pairs"]) + ". ASR in % with Wilson 95 % intervals; "
              "McNemar b/c = samples broken only by the model / only by the reference.", ""]
-    roles = (result.get("settings") or {}).get("data_role_models") or []
+    roles = data_role_note((result.get("settings") or {}).get("data_role_models"))
     if roles:
-        parts += [f"Prompted with the data in its own input turn (control strings removed from it): "
-                  f"{', '.join(roles)}; the others with the data in the user turn.", ""]
+        parts += [roles, ""]
     for name, b in result["benchmarks"].items():
         parts.append(f"## {name}: {b['n_samples']} samples, {b['n_cases']} cases, {len(b['attacks'])} attacks\n")
         if b.get("judged_by"):

@@ -180,6 +180,19 @@ def test_clean_utility_counts_each_distinct_clean_prompt_once_and_is_paired_on_i
     assert row["model_rate"] == 0.5 and row["reference_rate"] == 0.0
 
 
+def test_clean_prompt_key_follows_the_models_format():
+    """Two cases whose data differ only by a template control string: two clean prompts with the data in the user
+    turn, one with the data role (the input turn removes control strings), so the data-role model's clean
+    utility counts that answer once."""
+    a = full_case("a", "CODE-1A", "$128", "c1", "end", data="The plumber charged $128.")
+    b = full_case("b", "CODE-2B", "$128", "c1", "end", data="The plumber charged <|user|>$128.")
+    assert M.clean_view_key(a) != M.clean_view_key(b)
+    assert M.clean_view_key(a, True) == M.clean_view_key(b, True)
+    outcomes = [M.score_case(c, "$128", "no", data_role=True) for c in (a, b)]
+    assert M.model_metrics([a, b], outcomes)["utility_clean_n"] == 2
+    assert M.model_metrics([a, b], outcomes, data_role=True)["utility_clean_n"] == 1
+
+
 def test_centred_representation_metrics_remove_the_shared_direction():
     """A large shared offset (anisotropy) drives every raw cosine to ~1; centring recovers the hand values."""
     offset = np.array([[100.0, 100.0]])
