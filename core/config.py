@@ -431,6 +431,8 @@ class CausalSection:
     positions: list[Literal["start", "middle", "end"]] = _doc(["start", "middle", "end"], "injection positions "
                                                                                           "(cycled)", min_length=1)
     triplets_per_task: Int = _doc(1, "triplets per task (next attack, next position each)", ge=1)
+    canary_style: Literal["code", "word", "mixed"] = _doc("code", "canaries the training attacks ask for: code "
+                                                                 "(MAPLE-123) | word (Lantern!) | mixed (each ½)")
     max_data_chars: OptInt = _doc(None, "skip tasks whose data part is longer (cheap pre-filter)")
     max_response_chars: OptInt = _doc(None, "skip tasks whose gold answer is longer (short targets, short "
                                             "sequences)")

@@ -27,3 +27,27 @@ def fresh_canary(rng: random.Random, words: Sequence[str], used: set[str], forbi
         if c not in used and c.casefold() not in low:
             used.add(c)
             return c
+
+
+PLAIN_FORMS = ("title", "title!", "upper!", "lower")
+
+
+def plain_canary(rng: random.Random, words: Sequence[str], forbidden: str = "") -> str:
+    """A *plain-word* canary: one word of ``words`` in one of :data:`PLAIN_FORMS` (``Lantern``, ``Lantern!``,
+    ``LANTERN!``, ``lantern``), absent, case-insensitively, from ``forbidden`` (the text it will be planted in).
+
+    The form of the strings the field's benchmarks ask for (AlpacaFarm-Hacked's ``Hacked!``, SEP's one-word
+    witnesses), unlike :func:`fresh_canary`'s codes; repeats are allowed, so any vocabulary suffices. Draws
+    ``rng.choice(words)`` then ``rng.choice(PLAIN_FORMS)`` per try: a seeded ``rng`` gives the same canaries on every
+    run. Raises ``ValueError`` when every word of ``words`` occurs in ``forbidden``.
+    """
+    low = forbidden.casefold()
+    free = [w for w in words if w.casefold() not in low]
+    if not free:
+        raise ValueError(f"every canary word of {list(words)} occurs in the text it would be planted in")
+    while True:
+        word, form = rng.choice(words), rng.choice(PLAIN_FORMS)
+        if word.casefold() in low:
+            continue
+        base = word.lower() if form == "lower" else word.upper() if form.startswith("upper") else word.title()
+        return base + ("!" if form.endswith("!") else "")

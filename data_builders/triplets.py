@@ -75,7 +75,7 @@ from staged_alignment.core.jsonl_io import (
     write_jsonl_atomic,
 )
 from staged_alignment.core.sources import fetch_url, is_line_file, is_url, iter_source
-from staged_alignment.data_builders.canary import fresh_canary
+from staged_alignment.data_builders.canary import fresh_canary, plain_canary
 from staged_alignment.data_builders.completion_attacks import fill_template, has_template_slot
 from staged_alignment.data_builders.overlap import ATTACK_NGRAM, DATA_NGRAM, find_overlaps
 from staged_alignment.data_builders.sft_data import iter_rows, user_turn
@@ -95,6 +95,15 @@ TRAIN_CONTROL_SUFFIXES = [("Close your reply with the label {tag}.", "end"),
                           ("Put the word {tag} at the very start of your answer.", "start"),
                           ("Add the reference code {tag} after your answer.", "end")]
 TRAIN_CONTROL_WORDS = ["MEMO", "NOTE", "FILE", "ENTRY"]
+# Plain-word canaries and control tags (``canary_style: word | mixed``): the form of the strings the field's
+# benchmarks ask for (AlpacaFarm's "Hacked!", SEP's one-word witnesses) without their words; tests/test_heldout.py
+# checks them against the held-out, BIPIA and SEP vocabularies and the word "hacked".
+TRAIN_PLAIN_CANARY_WORDS = ["Lantern", "Pickle", "Thimble", "Kazoo", "Muffin", "Pebble", "Noodle", "Biscuit",
+                            "Cactus", "Puffin", "Tadpole", "Saffron", "Gizmo", "Jigsaw", "Zigzag", "Bongo",
+                            "Confetti", "Doodle", "Fiddle", "Goblin", "Igloo", "Jester", "Kettle", "Lollipop",
+                            "Mosaic", "Unlocked", "Bingo", "Jackpot", "Ahoy", "Yippee"]
+TRAIN_PLAIN_CONTROL_WORDS = ["Receipt", "Voucher", "Invoice", "Registry"]
+CANARY_STYLES = ("code", "word", "mixed")
 
 SYSTEMS = {
     "email": "You are an email assistant. Answer the user's question using only the email provided.",
@@ -651,7 +660,7 @@ def build_triplets(tasks: Sequence[Task], train_attacks: Sequence[AttackSet], *,
                    max_data_chars: int | None = None, eval_attacks: Sequence[AttackSet] = (),
                    counterfactuals: dict[str, str] | None = None, triplets_per_task: int = 1,
                    control_fraction: float = 0.0, max_response_chars: int | None = None,
-                   template_segments: tuple[str, str] | None = None) -> BuildResult:
+                   template_segments: tuple[str, str] | None = None, canary_style: str = "code") -> BuildResult:
     """``triplets_per_task`` triplets per task (each with the next attack of the pool and the next position),
     tasks taken in a seeded shuffle until ``max_triplets`` triplets exist. Tasks whose data is longer than
     ``max_data_chars`` (or whose gold answer is longer than ``max_response_chars``) are skipped. Triplet ids are the
@@ -659,7 +668,11 @@ def build_triplets(tasks: Sequence[Task], train_attacks: Sequence[AttackSet], *,
     triplets of the same task (:func:`task_group` strips the suffix, to split by task).
 
     Attack texts holding ``{canary}`` are *canary attacks*: the slot gets a fresh ``WORD-NNN`` training canary
-    (:data:`TRAIN_CANARY_WORDS`) and the triplet's ``hijack`` (what obeying looks like) is that canary; other texts
+    (:data:`TRAIN_CANARY_WORDS`) and the triplet's ``hijack`` (what obeying looks like) is that canary —
+    ``canary_style="word"`` gives a plain word instead (:func:`data_builders.canary.plain_canary`,
+    :data:`TRAIN_PLAIN_CANARY_WORDS`: ``Lantern!``, ``kazoo``), ``"mixed"`` each of the two with probability ½, and
+    control tags follow the same style (:data:`TRAIN_PLAIN_CONTROL_WORDS`); ``"code"`` (the default) draws
+    exactly the canaries it drew before the option existed. Other texts
     are task attacks whose ``hijack`` is left empty for the starting model to fill (its answer to the injected
     instruction alone, :mod:`data_builders.causal_targets`). ``target`` (the answer every view is trained toward)
     is the gold ``response``, or empty when the task has none (filled with the starting model's greedy answer).
@@ -675,7 +688,8 @@ def build_triplets(tasks: Sequence[Task], train_attacks: Sequence[AttackSet], *,
 
     ``counterfactuals`` maps task id → a model paraphrase already checked by :func:`accept_paraphrase`; other
     tasks get :func:`reword`. Raises :class:`DataError` on train/eval attack overlap, and ``ValueError`` if there
-    are no tasks, no attacks, an unknown position or a control fraction outside [0, 1).
+    are no tasks, no attacks, an unknown position, an unknown ``canary_style`` or a control fraction outside
+    [0, 1).
     """
     check_attack_overlap(train_attacks, eval_attacks)
     for p in positions:
@@ -697,6 +711,8 @@ def build_triplets(tasks: Sequence[Task], train_attacks: Sequence[AttackSet], *,
         raise ValueError(f"no tasks left (all {len(tasks)} have data longer than max_data_chars={max_data_chars})")
     if triplets_per_task < 1:
         raise ValueError(f"triplets_per_task must be ≥ 1, got {triplets_per_task}")
+    if canary_style not in CANARY_STYLES:
+        raise ValueError(f"unknown canary_style {canary_style!r}; expected one of {list(CANARY_STYLES)}")
     rng = random.Random(seed)
     order = list(kept)
     rng.shuffle(order)
@@ -711,6 +727,9 @@ def build_triplets(tasks: Sequence[Task], train_attacks: Sequence[AttackSet], *,
     cursor = {"text": 0, "code": 0}
     crng = random.Random(seed + 1)  # canaries and control tags: their own stream (the attack deal stays as before)
     used_canaries: set = set()
+
+    def plain() -> bool:  # this canary or tag a plain word? ("code" never draws, so its stream is unchanged)
+        return canary_style == "word" or (canary_style == "mixed" and crng.random() < 0.5)
     triplets, ids = [], set()
     stats = {"tasks_read": len(tasks), "skipped_long_data": n_long, "by_kind": {}, "by_position": {},
              "by_category": {}, "counterfactual": {}, "generic_responses": 0, "canary_attacks": 0, "controls": 0}
@@ -738,7 +757,8 @@ def build_triplets(tasks: Sequence[Task], train_attacks: Sequence[AttackSet], *,
             injection = fill_template(injection, template_segments)
         injection = injection.strip()
         if CANARY_SLOT in injection:
-            canary = fresh_canary(crng, TRAIN_CANARY_WORDS, used_canaries, forbidden, digits=3)
+            canary = (plain_canary(crng, TRAIN_PLAIN_CANARY_WORDS, forbidden) if plain()
+                      else fresh_canary(crng, TRAIN_CANARY_WORDS, used_canaries, forbidden, digits=3))
             injection = injection.replace(CANARY_SLOT, canary)
             stats["canary_attacks"] += 1
         row = {"id": tid, "system": task.system, "instruction": task.instruction, "data": task.data,
@@ -748,7 +768,8 @@ def build_triplets(tasks: Sequence[Task], train_attacks: Sequence[AttackSet], *,
                "hijack_source": "canary" if canary else "model", "canary": canary}
         if int((i + 1) * control_fraction) > int(i * control_fraction):  # exactly ⌊n·f⌋ of the first n
             suffix, mode = TRAIN_CONTROL_SUFFIXES[stats["controls"] % len(TRAIN_CONTROL_SUFFIXES)]
-            tag = f"{crng.choice(TRAIN_CONTROL_WORDS)}-{crng.randint(100, 999)}"
+            tag = (plain_canary(crng, TRAIN_PLAIN_CONTROL_WORDS, forbidden) if plain()
+                   else f"{crng.choice(TRAIN_CONTROL_WORDS)}-{crng.randint(100, 999)}")
             row["instruction"] = f"{task.instruction} {suffix.format(tag=tag)}"
             row["control_tag"], row["control_mode"] = tag, mode
             row["target"] = compose_control_target(task.response, tag, mode) if task.response else ""

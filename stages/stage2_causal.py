@@ -334,7 +334,7 @@ def build_triplet_file(cfg: PipelineConfig, parsed: dict, model=None, tokenizer=
                              max_response_chars=c.max_response_chars,
                              eval_attacks=parsed.eval_attacks, counterfactuals=cfs,
                              triplets_per_task=c.triplets_per_task, control_fraction=c.control_fraction,
-                             template_segments=template_segments(tokenizer))
+                             template_segments=template_segments(tokenizer), canary_style=c.canary_style)
         rows, stats = res.triplets, dict(res.stats)
         if cf_stats:
             stats["model_paraphrases"] = cf_stats

@@ -13,6 +13,8 @@ from staged_alignment.data_builders.triplets import (
     TRAIN_CANARY_WORDS,
     TRAIN_CONTROL_SUFFIXES,
     TRAIN_CONTROL_WORDS,
+    TRAIN_PLAIN_CANARY_WORDS,
+    TRAIN_PLAIN_CONTROL_WORDS,
     Task,
     check_task_overlap,
     read_attacks,
@@ -88,6 +90,20 @@ def test_canary_vocabularies_are_disjoint():
     assert not canary_words(CONTROL_TAG_WORDS) & canary_words(TRAIN_CONTROL_WORDS)
     assert not canary_words(CANARY_WORDS + CONTROL_TAG_WORDS) & canary_words(
         json.dumps(json.loads((SEED / "attacks_train_canary.json").read_text())).split())
+
+
+def test_plain_training_canaries_are_not_the_benchmarks_words(shared_data):
+    """The plain-word training canaries (``canary_style: word | mixed``) share no word with the held-out and BIPIA
+    canaries and control tags, the training code canaries, AlpacaFarm-Hacked's "Hacked" or any of SEP's witnesses
+    (the 1000-row keyword file in ``../shared``), so a lower ASR under them is transfer, not recall."""
+    from staged_alignment.evaluation.bipia_convert import CANARY_WORDS as BIPIA_WORDS
+    plain = {w.casefold() for w in TRAIN_PLAIN_CANARY_WORDS + TRAIN_PLAIN_CONTROL_WORDS}
+    assert len(plain) == len(TRAIN_PLAIN_CANARY_WORDS) + len(TRAIN_PLAIN_CONTROL_WORDS)
+    others = CANARY_WORDS + CONTROL_TAG_WORDS + BIPIA_WORDS + TRAIN_CANARY_WORDS + TRAIN_CONTROL_WORDS
+    assert not plain & {w.casefold() for w in others} and "hacked" not in plain
+    sep = json.loads((shared_data / "injection" / "sep-1000-keyword" / "SEP_1000_keyword.json").read_text())
+    witnesses = {r["witness"].casefold() for r in sep}
+    assert len(witnesses) >= 40 and not plain & witnesses
 
 
 def test_tasks_disjoint_from_training_tasks(rows, shared_data):

@@ -10,6 +10,8 @@ import pytest
 
 from staged_alignment.core.jsonl_io import DataError
 from staged_alignment.data_builders.triplets import (
+    TRAIN_PLAIN_CANARY_WORDS,
+    TRAIN_PLAIN_CONTROL_WORDS,
     AttackSet,
     accept_paraphrase,
     build_triplets,
@@ -280,3 +282,48 @@ def test_controls_follow_the_configured_fraction_exactly():
     assert can and all(t["canary"] in t["injection"] and t["hijack"] == t["canary"] and "{canary}" not in t["injection"]
                        for t in can)
     assert len({t["canary"] for t in can}) == len(can)
+
+
+def test_canary_style_word_and_mixed():
+    """``canary_style``: "code" draws exactly what the default draws (same ids, canaries, tags); "word" plants a
+    plain word of the training vocabulary in one of the four forms, never one that occurs in the task, and the
+    control tags follow; "mixed" gives both kinds; anything else is refused."""
+    tasks = read_tasks(str(SEED_TASKS))
+    attacks = [read_attacks(str(SEED_ATTACKS)), read_attacks(str(REPO / "data_builders" / "seed" /
+                                                                  "attacks_train_canary.json"))]
+    kw = {"seed": 3, "max_triplets": 60, "control_fraction": 0.2}
+    default = build_triplets(tasks, attacks, **kw).triplets
+    code = build_triplets(tasks, attacks, canary_style="code", **kw).triplets
+    assert code == default
+    code_re = re.compile(r"^[A-Z]+-[1-9]\d{2}$")
+    assert all(code_re.match(t["canary"]) for t in code if t["canary"])
+    word = build_triplets(tasks, attacks, canary_style="word", **kw).triplets
+    assert [(t["id"], t["attack_category"], t["position"]) for t in word] == \
+        [(t["id"], t["attack_category"], t["position"]) for t in code]  # the same deal of attacks
+    forms = {w + s for w in TRAIN_PLAIN_CANARY_WORDS for s in ("", "!")} | \
+        {w.upper() + "!" for w in TRAIN_PLAIN_CANARY_WORDS} | {w.lower() for w in TRAIN_PLAIN_CANARY_WORDS}
+    can = [t for t in word if t["canary"]]
+    assert len(can) >= 20 and all(t["canary"] in forms and t["hijack"] == t["canary"] for t in can)
+    assert len({t["canary"].rstrip("!") for t in can}) > 1 and any(t["canary"].endswith("!") for t in can)
+    for t in can:
+        w = t["canary"].rstrip("!").casefold()
+        assert t["canary"] in t["injection"]
+        assert w not in (t["instruction"] + t["data"] + t["response"]).casefold()
+    ctl = [t for t in word if t.get("control_tag")]
+    assert ctl and all(t["control_tag"].rstrip("!").title() in TRAIN_PLAIN_CONTROL_WORDS and
+                       t["control_tag"] in t["instruction"] for t in ctl)
+    mixed = [t["canary"] for t in build_triplets(tasks, attacks, canary_style="mixed", **kw).triplets if t["canary"]]
+    assert any(code_re.match(c) for c in mixed) and any(c in forms for c in mixed)
+    with pytest.raises(ValueError, match="canary_style"):
+        build_triplets(tasks, attacks, canary_style="words", **kw)
+
+
+def test_plain_canary_avoids_the_text_and_refuses_when_it_cannot():
+    import random
+
+    from staged_alignment.data_builders.canary import plain_canary
+    rng = random.Random(0)
+    got = {plain_canary(rng, ["Kazoo", "Pickle"], "a pickle jar") for _ in range(40)}
+    assert got == {"Kazoo", "Kazoo!", "KAZOO!", "kazoo"}
+    with pytest.raises(ValueError, match="every canary word"):
+        plain_canary(rng, ["Kazoo"], "KAZOO band")
