@@ -415,6 +415,27 @@ def _renamed_loss_keys(value):
     return value
 
 
+AdaptiveAttack = Literal["bon", "random_search", "gcg"]
+Budget = Annotated[Int, Field(ge=1)]
+
+
+@section
+class CausalAdversarialSection:
+    """``causal.adversarial``: adversarial training examples from the adaptive attacks (issue 28, point 3,
+    "optionally"). A seeded ``fraction`` of the triplets whose injection asks for a canary get an adversarial form,
+    dealt in turn over ``attacks``: ``bon`` rewrites the injection by one Best-of-N augmentation (no model);
+    ``random_search`` / ``gcg`` append a suffix optimised against the starting model towards the canary as the
+    answer's start, at the budget below. The search's shape (suffix length, tokens changed per query, top-k,
+    candidates, σ) is ``evaluate.adaptive``'s, so training meets the attacker the suite measures; the budgets are
+    this section's. Suffixes are cached in ``data/adversarial_suffixes.jsonl`` (keyed by the model, the prompt and
+    the settings; resumable)."""
+
+    attacks: list[AdaptiveAttack] = _doc([], "attacks whose outputs become training injections; [] = off")
+    fraction: Float = _doc(0.5, "share of the canary triplets given an adversarial form", gt=0, le=1)
+    rs_queries: Budget = _doc(32, "random search: queries per training triplet")
+    gcg_steps: Budget = _doc(4, "GCG: steps per training triplet")
+
+
 @section
 class CausalSection:
     """Stage 2: the causal stage on prompt-injection triplets (targets per view, invariance, contrast)."""
@@ -458,6 +479,8 @@ class CausalSection:
     loss: Annotated[CausalLossSection, BeforeValidator(_renamed_loss_keys)] = Field(
         default_factory=CausalLossSection, description="the objective (core.causal_objective.CausalLossSettings)")
     head: CausalHeadSection = Field(default_factory=CausalHeadSection, description="the projection head")
+    adversarial: CausalAdversarialSection = Field(default_factory=CausalAdversarialSection,
+                                                  description="adversarial examples from the adaptive attacks")
     hub_model_id: Text | None = _doc(None, "Hub repo of the stage's adapter (hub.push_to_hub)")
     training: dict = _doc({}, "transformers.TrainingArguments keys")
 
@@ -470,8 +493,6 @@ class CausalSection:
 
 
 Benchmark = Literal["alpacafarm", "sep", "bipia", "heldout", "tasktracker", "cyberseceval2"]
-AdaptiveAttack = Literal["bon", "random_search", "gcg"]
-Budget = Annotated[Int, Field(ge=1)]
 
 
 @section

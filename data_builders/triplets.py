@@ -815,6 +815,10 @@ def validate_triplet(obj: dict, path, line) -> dict:
     out["hijack_source"] = out["hijack_source"] or ("canary" if out["canary"] else "model")
     if out.get("control_tag") and out.get("control_mode") not in ("start", "end"):
         raise DataError(path, line, "control_mode", f"{out['control_mode']!r} is not one of ['start', 'end']")
+    if obj.get("adversarial") is not None:  # made by causal.adversarial (evaluation.adaptive.adversarial_triplets)
+        if not isinstance(obj["adversarial"], dict) or not isinstance(obj["adversarial"].get("attack"), str):
+            raise DataError(path, line, "adversarial", "expected an object with an 'attack' string")
+        out["adversarial"] = dict(obj["adversarial"])
     return out
 
 

@@ -32,6 +32,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
+import json
 import logging
 import math
 import random
@@ -44,7 +46,7 @@ from typing import Sequence
 
 from staged_alignment.core.chat_template import render_prompt
 from staged_alignment.core.config import AdaptiveAttack
-from staged_alignment.core.jsonl_io import atomic_write_json, atomic_write_text
+from staged_alignment.core.jsonl_io import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl_tolerant
 from staged_alignment.evaluation.cases import clean_messages, injected_data, injected_messages
 from staged_alignment.evaluation.metrics import mcnemar_exact, rate, score_case
 from staged_alignment.evaluation.report import data_role_note
@@ -274,6 +276,44 @@ def init_suffix(tokenizer, n: int):
     return torch.tensor(ids, dtype=torch.long)
 
 
+def search_suffix(model, tokenizer, prep: Prepared, kind: str, *, budget: int, suffix_tokens: int, settings,
+                  allowed: Sequence[int], allowed_mask, gen, rng: random.Random, snapshot_at: Sequence[int] = ()):
+    """Optimise a ``suffix_tokens``-token suffix for ``prep`` by ``kind`` (``random_search``: ``budget`` queries;
+    ``gcg``: ``budget`` steps), from SecAlign's ``! ! …``, minimising the target loss (module docstring, nats) at the
+    prompt prefix's KV cache. ``settings`` gives the search's shape (``rs_change_tokens``, ``gcg_topk``,
+    ``gcg_batch``, ``gcg_mini_batch``: :class:`core.config.AdaptiveSection`); ``gen`` (a ``torch.Generator``) draws
+    GCG's candidates, ``rng`` the random search's proposals. Returns ``(suffix (L_s,) long tensor, losses: the
+    best loss after each of 0..budget, {b: suffix at b} for b in {0} ∪ snapshot_at)``. Raises ``ValueError`` for an
+    unknown ``kind``."""
+    import torch
+
+    if kind not in ("random_search", "gcg"):
+        raise ValueError(f"unknown search {kind!r}; expected 'random_search' or 'gcg'")
+    s, L = settings, suffix_tokens
+    suffix = init_suffix(tokenizer, L)
+    cache = prefix_cache(model, prep.prefix_ids)
+    best = float(candidate_losses(model, prep, suffix.unsqueeze(0), cache=cache)[0])
+    snapshots, losses = {0: suffix.clone()}, [best]
+    for step in range(1, budget + 1):
+        if kind == "gcg":
+            suffix, best, _ = gcg_step(model, tokenizer, prep, suffix, allowed_mask, topk=s.gcg_topk,
+                                       batch=s.gcg_batch, mini_batch=s.gcg_mini_batch, rng=gen, cache=cache)
+        else:
+            frac = step / budget
+            n_change = max(1, min(L, s.rs_change_tokens) // (2 ** sum(frac > q for q in (0.25, 0.5, 0.75))))
+            start = rng.randrange(0, L - n_change + 1)
+            cand = suffix.clone()
+            cand[start:start + n_change] = torch.tensor(rng.sample(list(allowed), n_change))
+            if round_trips(tokenizer, cand.tolist()):
+                loss = float(candidate_losses(model, prep, cand.unsqueeze(0), cache=cache)[0])
+                if loss < best:
+                    suffix, best = cand, loss
+        losses.append(best)
+        if step in snapshot_at:
+            snapshots[step] = suffix.clone()
+    return suffix, losses, snapshots
+
+
 # --------------------------------------------------------------------------------------------- the runner
 def default_checkpoints(budget: int) -> list[int]:
     """0 and the powers of two below ``budget``, then ``budget``."""
@@ -344,27 +384,9 @@ class AdaptiveRunner:
             gen = torch.Generator().manual_seed(s.seed * 100003 + ci)
             rng = random.Random(f"{kind}:{s.seed}:{c['id']}")
             prep = prepare(self.tok, c, data_role=self.data_role)
-            suffix = init_suffix(self.tok, L)
-            cache = prefix_cache(self.model, prep.prefix_ids)
-            best = float(candidate_losses(self.model, prep, suffix.unsqueeze(0), cache=cache)[0])
-            snapshots, losses = {0: suffix.clone()}, [best]
-            for step in range(1, budget + 1):
-                if kind == "gcg":
-                    suffix, best, _ = gcg_step(self.model, self.tok, prep, suffix, self.allowed_mask, topk=s.gcg_topk,
-                                               batch=s.gcg_batch, mini_batch=s.gcg_mini_batch, rng=gen, cache=cache)
-                else:
-                    frac = step / budget
-                    n_change = max(1, s.rs_change_tokens // (2 ** sum(frac > q for q in (0.25, 0.5, 0.75))))
-                    start = rng.randrange(0, L - n_change + 1)
-                    cand = suffix.clone()
-                    cand[start:start + n_change] = torch.tensor(rng.sample(self.allowed, n_change))
-                    if round_trips(self.tok, cand.tolist()):
-                        loss = float(candidate_losses(self.model, prep, cand.unsqueeze(0), cache=cache)[0])
-                        if loss < best:
-                            suffix, best = cand, loss
-                losses.append(best)
-                if step in cps:
-                    snapshots[step] = suffix.clone()
+            suffix, losses, snapshots = search_suffix(
+                self.model, self.tok, prep, kind, budget=budget, suffix_tokens=L, settings=s, allowed=self.allowed,
+                allowed_mask=self.allowed_mask, gen=gen, rng=rng, snapshot_at=cps)
             attacked = [with_suffix(c, self.tok.decode(snapshots[b].tolist())) for b in cps]
             verdicts = self.judge(attacked)
             first = next((b for b, v in zip(cps, verdicts) if v["attack"]), None)
@@ -429,6 +451,108 @@ def compare(results: dict[str, dict], pairs: Sequence[tuple[str, str]]) -> list[
                          "median_budget_to_break": {model: median_btb(a["cases"]),
                                                     ref: median_btb([bb[i] for i in ids])}})
     return rows
+
+
+# --------------------------------------------------------------------------------------------- training examples
+def _adversarial_key(fingerprint: str, kind: str, budget: int, shape: dict, prep: Prepared, seed: int) -> str:
+    blob = json.dumps([fingerprint, kind, budget, shape, prep.prefix_ids, prep.post_ids, prep.target_ids, seed])
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def adversarial_triplets(triplets: Sequence[dict], settings, adaptive, *, seed: int, model=None, tokenizer=None,
+                         cache_path=None, fingerprint: str = "unknown", data_role: bool = False,
+                         progress: bool = False) -> tuple[list[dict], dict]:
+    """Adversarial training examples from the adaptive attacks (``causal.adversarial``,
+    :class:`core.config.CausalAdversarialSection`): a seeded ``settings.fraction`` of the triplets with a canary
+    (rounded half up, at least one when any is eligible) get an adversarial injection, the attacks of ``settings.attacks``
+    dealt in turn over them in file order. ``bon``: the injection rewritten by one :func:`bon_augment` at
+    ``adaptive.bon_sigma``, the canary kept. ``random_search`` / ``gcg``: the injection followed by a suffix
+    optimised by :func:`search_suffix` against ``model`` towards the canary as the answer's start
+    (``settings.rs_queries`` queries / ``settings.gcg_steps`` steps; suffix length, tokens per query, top-k and
+    candidates from ``adaptive``, :class:`core.config.AdaptiveSection`), written as text exactly as
+    :func:`with_suffix` places it. Search results are appended to ``cache_path`` (JSONL, one row per triplet as it
+    is done, keyed by ``fingerprint``, the prompt's token ids, the attack, budget, shape and seed), so an interrupted
+    build resumes. Triplets that already carry ``adversarial`` are left as they are (a reused triplet file).
+
+    Each changed triplet gets ``adversarial = {"attack", "budget", "loss_start", "loss_end"}`` (losses in nats, the
+    target loss of the module docstring; None for ``bon``). Returns ``(rows, stats)`` with ``stats = {"eligible",
+    "changed": {attack: n}, "from_cache", "searched", "loss_start_median", "loss_end_median", "seconds"}``. Raises
+    ``ValueError`` when a search attack is asked for without ``model``/``tokenizer``/``cache_path``."""
+    t0 = time.time()
+    rows = [dict(t) for t in triplets]
+    attacks = list(settings.attacks)
+    stats = {"eligible": 0, "changed": {a: 0 for a in attacks}, "from_cache": 0, "searched": 0,
+             "loss_start_median": None, "loss_end_median": None, "seconds": 0.0}
+    if not attacks:
+        return rows, stats
+    searches = [a for a in attacks if a != "bon"]
+    if searches and (model is None or tokenizer is None or cache_path is None):
+        raise ValueError(f"causal.adversarial.attacks {searches} need the starting model, its tokenizer and a cache "
+                         "path")
+    eligible = [i for i, t in enumerate(rows) if t.get("canary") and not t.get("adversarial")]
+    stats["eligible"] = len(eligible)
+    if not eligible:
+        return rows, stats
+    k = max(1, int(settings.fraction * len(eligible) + 0.5))  # half up
+    chosen = sorted(random.Random(f"adversarial:{seed}").sample(eligible, k))
+    cached, runner, starts, ends = {}, None, [], []
+    if searches:
+        import torch
+
+        cached = {r["key"]: r for r in read_jsonl_tolerant(cache_path) if isinstance(r, dict) and "key" in r}
+        grad_flags = [p.requires_grad for p in model.parameters()]
+        model.requires_grad_(False)
+        allowed = allowed_tokens(tokenizer)
+        mask = torch.zeros(model.get_input_embeddings().weight.shape[0], dtype=torch.bool)
+        mask[[a for a in allowed if a < len(mask)]] = True
+        runner = (allowed, mask)
+    try:
+        for j, i in enumerate(chosen):
+            t, kind = rows[i], attacks[j % len(attacks)]
+            if kind == "bon":
+                rng = random.Random(f"adversarial:bon:{seed}:{t['id']}:{i}")
+                new = bon_augment(t["injection"], rng, adaptive.bon_sigma, keep=[t["canary"]]).strip()
+                rows[i] = {**t, "injection": new, "adversarial": {"attack": "bon", "budget": 1, "loss_start": None,
+                                                                   "loss_end": None}}
+                stats["changed"]["bon"] += 1
+                continue
+            budget = settings.rs_queries if kind == "random_search" else settings.gcg_steps
+            length = adaptive.rs_suffix_tokens if kind == "random_search" else adaptive.gcg_suffix_tokens
+            shape = ({"suffix_tokens": length, "change_tokens": adaptive.rs_change_tokens} if kind == "random_search"
+                     else {"suffix_tokens": length, "topk": adaptive.gcg_topk, "batch": adaptive.gcg_batch})
+            prep = prepare(tokenizer, t, data_role=data_role)
+            key = _adversarial_key(fingerprint, kind, budget, shape, prep, seed)
+            hit = cached.get(key)
+            if hit is None:
+                gen = torch.Generator().manual_seed(seed * 100003 + i)
+                rng = random.Random(f"adversarial:{kind}:{seed}:{t['id']}:{i}")
+                suffix, losses, _ = search_suffix(model, tokenizer, prep, kind, budget=budget, suffix_tokens=length,
+                                                  settings=adaptive, allowed=runner[0], allowed_mask=runner[1],
+                                                  gen=gen, rng=rng)
+                hit = {"key": key, "id": t["id"], "attack": kind, "suffix": tokenizer.decode(suffix.tolist()),
+                       "loss_start": round(losses[0], 4), "loss_end": round(losses[-1], 4)}
+                append_jsonl(cache_path, [hit])
+                cached[key] = hit
+                stats["searched"] += 1
+                if progress:
+                    log.info("adversarial %s: %d/%d triplets (%s: %.2f -> %.2f nats)", kind, j + 1, len(chosen),
+                             t["id"], losses[0], losses[-1])
+            else:
+                stats["from_cache"] += 1
+            starts.append(hit["loss_start"])
+            ends.append(hit["loss_end"])
+            rows[i] = {**t, "injection": t["injection"].strip() + hit["suffix"],
+                       "adversarial": {"attack": kind, "budget": budget, "loss_start": hit["loss_start"],
+                                       "loss_end": hit["loss_end"]}}
+            stats["changed"][kind] += 1
+    finally:
+        if searches:
+            for p, flag in zip(model.parameters(), grad_flags):
+                p.requires_grad_(flag)
+    if starts:
+        stats["loss_start_median"], stats["loss_end_median"] = statistics.median(starts), statistics.median(ends)
+    stats["seconds"] = round(time.time() - t0, 1)
+    return rows, stats
 
 
 # --------------------------------------------------------------------------------------------- cases, run, report

@@ -4,7 +4,9 @@ Recipe: parse config → validate task and attack files and their disjointness f
 shared word 6-grams; task data: shared 8-grams; no model yet) → base = ``dpo/merged`` (or ``sft/merged`` with
 ``causal.base: sft``) → build ``data/triplets.jsonl`` (canary attacks get training canaries, a share of controls)
 → fill missing targets and hijacked responses with the base model's greedy answers (cached in
-``data/causal_generations.jsonl``, resumable) → tokenize once (cached under ``data/cache/``) → LoRA on the merged
+``data/causal_generations.jsonl``, resumable) → with ``causal.adversarial.attacks``, adversarial injections for a
+share of the canary triplets (suffixes searched against the base model, cached in
+``data/adversarial_suffixes.jsonl``, resumable) → tokenize once (cached under ``data/cache/``) → LoRA on the merged
 base (+ projection head when a contrastive term is on) → train (:class:`trainers.causal.CausalContrastiveTrainer`)
 → save ``causal/adapter`` (+ ``causal_projection.safetensors``) → merge into ``causal/merged`` (in the training
 precision) → ``causal/log_history.json`` and ``causal/curves.png``.
@@ -71,6 +73,7 @@ from staged_alignment.data_builders.triplets import (  # noqa: E402
     task_group,
     write_triplets,
 )
+from staged_alignment.evaluation.adaptive import adversarial_triplets
 from staged_alignment.evaluation.cases import load_cases
 from staged_alignment.evaluation.runner import model_fingerprint
 from staged_alignment.evaluation.safety import dpo_prompts
@@ -348,6 +351,12 @@ def build_triplet_file(cfg: PipelineConfig, parsed: dict, model=None, tokenizer=
                                          batch_size=c.generation_batch_size, data_role=cfg.model.data_role,
                                          progress=True)
         stats["generated"] = {**gen_stats, **{f"needed_{k}": v for k, v in todo.items()}}
+    if c.adversarial.attacks:
+        rows, stats["adversarial"] = adversarial_triplets(
+            rows, c.adversarial, cfg.evaluate.adaptive, seed=cfg.seed, model=model, tokenizer=tokenizer,
+            cache_path=cfg.run_dir / "data" / "adversarial_suffixes.jsonl",
+            fingerprint=model_fingerprint or "unknown", data_role=cfg.model.data_role, progress=True)
+        log.info("adversarial training examples: %s", stats["adversarial"])
     stats["triplets"] = len(rows)
     write_triplets(path, rows)
     return path, stats

@@ -546,8 +546,18 @@ def test_stage_run_on_tiny_model(tiny_model_dir, tmp_path):
     cfg2 = _stage_cfg(tmp_path, tiny_model_dir)
     cfg2.causal.loss = {"contrastive": "v2"}
     cfg2.run_name = "st2"
+    # with adversarial training examples: a share of the canary triplets get a BoN rewrite or a searched suffix
+    cfg2.causal.adversarial = {"attacks": ["bon", "random_search"], "fraction": 0.5, "rs_queries": 3}
+    cfg2.evaluate.adaptive.rs_suffix_tokens = 4
     shutil.copytree(tiny_model_dir, cfg2.run_dir / "sft" / "merged")
-    s2.run(cfg2)
+    st2 = s2.run(cfg2)["metrics"]["triplet_stats"]["adversarial"]
+    rows2 = [json.loads(x) for x in (cfg2.run_dir / "data" / "triplets.jsonl").read_text().splitlines()]
+    made = [r for r in rows2 if r.get("adversarial")]
+    assert st2["eligible"] == sum(1 for r in rows2 if r["canary"]) > 0
+    assert len(made) == sum(st2["changed"].values()) == int(st2["eligible"] * 0.5 + 0.5) and st2["changed"]["bon"] > 0
+    assert all(r["canary"] and r["hijack"] == r["canary"] for r in made)
+    assert len((cfg2.run_dir / "data" / "adversarial_suffixes.jsonl").read_text().splitlines()) == \
+        st2["changed"]["random_search"] == st2["searched"]
     head = load_projection_head(cfg2.run_dir / "causal" / "adapter", 32)
     assert head.config() == {"type": "mlp", "in_dim": 32, "dim": 8, "hidden": 16}
     meta = json.loads((cfg2.run_dir / "causal" / "adapter" / HEAD_CONFIG).read_text())
