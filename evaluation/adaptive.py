@@ -156,6 +156,25 @@ def allowed_tokens(tokenizer) -> list[int]:
     return out
 
 
+def suffix_vocabulary(model, tokenizer):
+    """``(allowed, mask)``: :func:`allowed_tokens` and a bool mask of shape ``(embedding rows,)`` set at them (GCG's
+    top-k is taken among these)."""
+    import torch
+
+    allowed = allowed_tokens(tokenizer)
+    mask = torch.zeros(model.get_input_embeddings().weight.shape[0], dtype=torch.bool)
+    mask[[a for a in allowed if a < len(mask)]] = True
+    return allowed, mask
+
+
+def search_shape(adaptive, kind: str) -> dict:
+    """The search's shape for ``kind`` from ``evaluate.adaptive``: ``{"suffix_tokens", "change_tokens"}`` (random
+    search) or ``{"suffix_tokens", "topk", "batch"}`` (GCG)."""
+    if kind == "random_search":
+        return {"suffix_tokens": adaptive.rs_suffix_tokens, "change_tokens": adaptive.rs_change_tokens}
+    return {"suffix_tokens": adaptive.gcg_suffix_tokens, "topk": adaptive.gcg_topk, "batch": adaptive.gcg_batch}
+
+
 def round_trips(tokenizer, ids: Sequence[int]) -> bool:
     """Whether decoding ``ids`` and encoding the text again gives the same ids (the suffix the model will read
     is the one optimised)."""
@@ -300,10 +319,10 @@ def search_suffix(model, tokenizer, prep: Prepared, kind: str, *, budget: int, s
                                        batch=s.gcg_batch, mini_batch=s.gcg_mini_batch, rng=gen, cache=cache)
         else:
             frac = step / budget
-            n_change = max(1, min(L, s.rs_change_tokens) // (2 ** sum(frac > q for q in (0.25, 0.5, 0.75))))
+            n_change = max(1, s.rs_change_tokens // (2 ** sum(frac > q for q in (0.25, 0.5, 0.75))))
             start = rng.randrange(0, L - n_change + 1)
             cand = suffix.clone()
-            cand[start:start + n_change] = torch.tensor(rng.sample(list(allowed), n_change))
+            cand[start:start + n_change] = torch.tensor(rng.sample(allowed, n_change))
             if round_trips(tokenizer, cand.tolist()):
                 loss = float(candidate_losses(model, prep, cand.unsqueeze(0), cache=cache)[0])
                 if loss < best:
@@ -330,17 +349,10 @@ class AdaptiveRunner:
 
     def __init__(self, model, tokenizer, cases: list[dict], clean: dict[str, str], settings, *, data_role=False,
                  batch_size: int = 8):
-        import torch
-
         self.model, self.tok, self.cases, self.clean, self.s = model, tokenizer, cases, clean, settings
         model.requires_grad_(False)  # GCG needs the gradient at the one-hot suffix only, not the weights
         self.data_role, self.batch_size = data_role, batch_size
-        self.allowed = allowed_tokens(tokenizer)
-        mask = torch.zeros(len(tokenizer), dtype=torch.bool)
-        mask[self.allowed] = True
-        emb_rows = model.get_input_embeddings().weight.shape[0]
-        self.allowed_mask = torch.zeros(emb_rows, dtype=torch.bool)
-        self.allowed_mask[:min(emb_rows, len(mask))] = mask[:emb_rows]
+        self.allowed, self.allowed_mask = suffix_vocabulary(model, tokenizer)
 
     def judge(self, attacked: list[dict]) -> list[dict]:
         """Greedy answers to the attacked cases and the judges' verdicts (``score_case``)."""
@@ -377,7 +389,8 @@ class AdaptiveRunner:
 
         s = self.s
         budget = s.rs_iterations if kind == "random_search" else s.gcg_steps
-        L = s.rs_suffix_tokens if kind == "random_search" else s.gcg_suffix_tokens
+        shape = search_shape(s, kind)
+        L = shape["suffix_tokens"]
         cps = self.checkpoints(budget)
         per_case = []
         for ci, c in enumerate(self.cases):
@@ -397,8 +410,7 @@ class AdaptiveRunner:
                              "broken_at": {str(b): bool(v["attack"]) for b, v in zip(cps, verdicts)}})
         unit = "queries" if kind == "random_search" else "steps"
         return {"budget_unit": unit, "budget": budget, "checkpoints": cps, "cases": per_case,
-                "settings": {"suffix_tokens": L, **({"topk": s.gcg_topk, "batch": s.gcg_batch}
-                                                   if kind == "gcg" else {"change_tokens": s.rs_change_tokens})}}
+                "settings": shape}
 
     def run(self, attacks: Sequence[str]) -> dict:
         out = {}
@@ -495,17 +507,14 @@ def adversarial_triplets(triplets: Sequence[dict], settings, adaptive, *, seed: 
         return rows, stats
     k = max(1, int(settings.fraction * len(eligible) + 0.5))  # half up
     chosen = sorted(random.Random(f"adversarial:{seed}").sample(eligible, k))
-    cached, runner, starts, ends = {}, None, [], []
+    cached, starts, ends = {}, [], []
     if searches:
         import torch
 
         cached = {r["key"]: r for r in read_jsonl_tolerant(cache_path) if isinstance(r, dict) and "key" in r}
         grad_flags = [p.requires_grad for p in model.parameters()]
         model.requires_grad_(False)
-        allowed = allowed_tokens(tokenizer)
-        mask = torch.zeros(model.get_input_embeddings().weight.shape[0], dtype=torch.bool)
-        mask[[a for a in allowed if a < len(mask)]] = True
-        runner = (allowed, mask)
+        allowed, mask = suffix_vocabulary(model, tokenizer)
     try:
         for j, i in enumerate(chosen):
             t, kind = rows[i], attacks[j % len(attacks)]
@@ -517,9 +526,8 @@ def adversarial_triplets(triplets: Sequence[dict], settings, adaptive, *, seed: 
                 stats["changed"]["bon"] += 1
                 continue
             budget = settings.rs_queries if kind == "random_search" else settings.gcg_steps
-            length = adaptive.rs_suffix_tokens if kind == "random_search" else adaptive.gcg_suffix_tokens
-            shape = ({"suffix_tokens": length, "change_tokens": adaptive.rs_change_tokens} if kind == "random_search"
-                     else {"suffix_tokens": length, "topk": adaptive.gcg_topk, "batch": adaptive.gcg_batch})
+            shape = search_shape(adaptive, kind)
+            length = shape["suffix_tokens"]
             prep = prepare(tokenizer, t, data_role=data_role)
             key = _adversarial_key(fingerprint, kind, budget, shape, prep, seed)
             hit = cached.get(key)
@@ -527,7 +535,7 @@ def adversarial_triplets(triplets: Sequence[dict], settings, adaptive, *, seed: 
                 gen = torch.Generator().manual_seed(seed * 100003 + i)
                 rng = random.Random(f"adversarial:{kind}:{seed}:{t['id']}:{i}")
                 suffix, losses, _ = search_suffix(model, tokenizer, prep, kind, budget=budget, suffix_tokens=length,
-                                                  settings=adaptive, allowed=runner[0], allowed_mask=runner[1],
+                                                  settings=adaptive, allowed=allowed, allowed_mask=mask,
                                                   gen=gen, rng=rng)
                 hit = {"key": key, "id": t["id"], "attack": kind, "suffix": tokenizer.decode(suffix.tolist()),
                        "loss_start": round(losses[0], 4), "loss_end": round(losses[-1], 4)}
