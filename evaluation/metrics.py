@@ -28,7 +28,9 @@ shares of cases:
 - **Paired tests** (:func:`mcnemar_exact`): two models answer the same cases, so a difference in a rate is tested on
   the discordant cases only, with the exact McNemar test (McNemar 1947; statsmodels ``mcnemar(exact=True)``: a
   two-sided binomial test of b vs c, the cases where only one model succeeded); p-values of one report are
-  Holm-corrected together (:func:`holm`, Holm 1979, statsmodels ``multipletests``).
+  Holm-corrected together (:func:`holm`, Holm 1979, statsmodels ``multipletests``). The held-out set's cases come
+  5 to a clean prompt (one ``task_id``), so the report adds a p-value clustered by task
+  (:func:`mcnemar_clustered`: Durkalski et al. 2003's statistic, sign-flip randomisation over tasks).
 - **Harmful refusal rate** and **benign over-refusal rate**: :mod:`evaluation.safety` (held-out harmful prompts and
   benign look-alikes, rule-based judges of :mod:`core.judges`).
 - **Representation metrics** (:func:`trainers.representation.representation_metrics`; the *one* definition, used by the causal trainer's
@@ -231,6 +233,53 @@ def mcnemar_exact(a: Sequence[bool], b: Sequence[bool]) -> dict:
             "only_a": n10, "only_b": n01, "p_value": p}
 
 
+CLUSTERED_EXACT_MAX = 16  # discordant clusters up to which every sign assignment is enumerated (2^16)
+
+
+def mcnemar_clustered(a: Sequence[bool], b: Sequence[bool], clusters: Sequence, reps: int = 20000,
+                      seed: int = 0) -> dict:
+    """Paired test of two binary outcomes when the cases come in clusters (the held-out set's 5 injected variants
+    of one clean prompt share its task, so they are not 5 independent pairs).
+
+    Per cluster k, ``d_k = b10_k − b01_k`` (cases where only A succeeded minus only B). The statistic is Durkalski
+    et al.'s clustered McNemar, ``X = (Σ_k d_k)² / Σ_k d_k²`` (Durkalski, Palesch, Lipsitz & Rust 2003, "Analysis
+    of clustered matched-pair data", Stat. Med. 22:2417, eq. 3); its p-value is taken from the randomisation
+    distribution rather than χ²₁: under H0 (A and B exchangeable within a case) each ``d_k`` is symmetric about 0,
+    and ``Σ d_k²`` does not change when signs flip, so p = P(|Σ s_k d_k| ≥ |Σ d_k|) over independent signs s_k =
+    ±1 — enumerated exactly up to :data:`CLUSTERED_EXACT_MAX` discordant clusters, else ``reps`` seeded draws
+    (p = (1 + hits) / (1 + reps), never 0). With one case per cluster it is the exact two-sided sign test of the
+    discordant cases, i.e. :func:`mcnemar_exact`'s p-value.
+
+    Returns ``{"n", "clusters", "discordant_clusters", "only_a", "only_b", "statistic", "p_value", "exact"}``;
+    p = 1.0 when no cluster is discordant. Raises ``ValueError`` when the three sequences differ in length.
+    """
+    import itertools
+
+    import numpy as np
+
+    if not len(a) == len(b) == len(clusters):
+        raise ValueError(f"paired outcomes and clusters of different lengths ({len(a)}, {len(b)}, {len(clusters)})")
+    d: dict = defaultdict(int)
+    for x, y, k in zip(a, b, clusters):
+        d[k] += int(bool(x) and not bool(y)) - int(bool(y) and not bool(x))
+    only_a = sum(bool(x) and not bool(y) for x, y in zip(a, b))
+    only_b = sum(bool(y) and not bool(x) for x, y in zip(a, b))
+    nz = np.array([v for v in d.values() if v != 0], dtype=np.int64)
+    out = {"n": len(a), "clusters": len(d), "discordant_clusters": int(nz.size), "only_a": only_a, "only_b": only_b}
+    if nz.size == 0:
+        return {**out, "statistic": 0.0, "p_value": 1.0, "exact": True}
+    observed = abs(int(nz.sum()))
+    statistic = observed ** 2 / float((nz ** 2).sum())
+    if nz.size <= CLUSTERED_EXACT_MAX:
+        signs = np.array(list(itertools.product((1, -1), repeat=int(nz.size))), dtype=np.int64)
+        p = float((np.abs(signs @ nz) >= observed).mean())
+        return {**out, "statistic": statistic, "p_value": p, "exact": True}
+    rng = np.random.default_rng(seed)
+    sums = np.abs((rng.integers(0, 2, size=(reps, nz.size)) * 2 - 1) @ nz)
+    p = float((1 + (sums >= observed).sum()) / (1 + reps))
+    return {**out, "statistic": statistic, "p_value": p, "exact": False}
+
+
 def holm(pvalues: Sequence[float], alpha: float = 0.05) -> list[float]:
     """Holm step-down adjusted p-values (Holm 1979; statsmodels ``multipletests(method="holm")``), same order."""
     from statsmodels.stats.multitest import multipletests
@@ -241,11 +290,14 @@ def holm(pvalues: Sequence[float], alpha: float = 0.05) -> list[float]:
 
 
 def paired_comparisons(flags: dict[str, dict[str, dict]], pairs: Sequence[tuple[str, str]],
-                       keys: Sequence[str] = ("attack", "utility_under_attack"), alpha: float = 0.05) -> list[dict]:
+                       keys: Sequence[str] = ("attack", "utility_under_attack"), alpha: float = 0.05,
+                       clusters: dict[str, str] | None = None) -> list[dict]:
     """McNemar tests of ``keys`` for each (model, reference) pair over the cases both have an outcome for, Holm-
     corrected as one family. ``flags``: ``{label: {case_id: outcome dict}}``. Returns rows ``{"model",
     "reference", "metric", "n", "model_rate", "reference_rate", "only_model", "only_reference", "p_value",
-    "p_holm"}``.
+    "p_holm"}``. With ``clusters`` (``{case_id: cluster}``, e.g. the held-out case's ``task_id``) each row also has
+    ``clusters`` (clusters among its cases) and ``p_clustered`` (:func:`mcnemar_clustered`); the Holm family stays
+    on the exact p-values.
     """
     rows = []
     for model, ref in pairs:
@@ -260,6 +312,10 @@ def paired_comparisons(flags: dict[str, dict[str, dict]], pairs: Sequence[tuple[
             rows.append({"model": model, "reference": ref, "metric": key, "n": t["n"], "model_rate": t["a_rate"],
                          "reference_rate": t["b_rate"], "only_model": t["only_a"], "only_reference": t["only_b"],
                          "p_value": t["p_value"]})
+            if clusters is not None:
+                c = mcnemar_clustered([flags[model][i][key] for i in ids], [flags[ref][i][key] for i in ids],
+                                      [clusters.get(i, i) for i in ids])
+                rows[-1].update(clusters=c["clusters"], p_clustered=c["p_value"])
     for r, p in zip(rows, holm([r["p_value"] for r in rows], alpha)):
         r["p_holm"] = p
     return rows

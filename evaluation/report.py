@@ -78,16 +78,23 @@ def metrics_table(metrics: dict, columns: Sequence[tuple[str, str]] = COLUMNS) -
 
 
 def paired_table(rows: list[dict]) -> str:
-    """The paired tests: one row per (model, reference, metric) with the discordant counts and exact McNemar p."""
+    """The paired tests: one row per (model, reference, metric) with the discordant counts, exact McNemar p, its
+    Holm correction and, where the rows carry it, the p-value clustered by task
+    (:func:`evaluation.metrics.mcnemar_clustered`) with the number of clusters."""
     if not rows:
         return "No paired comparison (no model together with the model its stage started from)."
     names = PAIRED_NAMES
+    clustered = any("p_clustered" in r for r in rows)
+    extra = " clusters | p (clustered by task) |" if clustered else ""
     out = ["| model | reference | metric | n | model | reference | only model | only reference | p (exact McNemar) | "
-           "p (Holm) |", "|---|---|---|---|---|---|---|---|---|---|"]
+           "p (Holm) |" + extra, "|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if clustered else "")]
     for r in rows:
-        out.append(f"| {md_escape(r['model'])} | {md_escape(r['reference'])} | {names.get(r['metric'], r['metric'])} | "
-                   f"{r['n']} | {_fmt(r['model_rate'])} | {_fmt(r['reference_rate'])} | {r['only_model']} | "
-                   f"{r['only_reference']} | {r['p_value']:.4g} | {r['p_holm']:.4g} |")
+        line = (f"| {md_escape(r['model'])} | {md_escape(r['reference'])} | {names.get(r['metric'], r['metric'])} | "
+                f"{r['n']} | {_fmt(r['model_rate'])} | {_fmt(r['reference_rate'])} | {r['only_model']} | "
+                f"{r['only_reference']} | {r['p_value']:.4g} | {r['p_holm']:.4g} |")
+        if clustered:
+            line += (f" {r['clusters']} | {r['p_clustered']:.4g} |" if "p_clustered" in r else " – | – |")
+        out.append(line)
     return "\n".join(out)
 
 

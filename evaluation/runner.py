@@ -664,7 +664,9 @@ def evaluate_models(cfg: PipelineConfig, models: dict[str, str], eval_file: str 
         log.info("[%s] ASR %.3f, utility clean %s / under attack %s, over-defence compliance %s in %.0f s", label,
                  m["attack_success_rate"], _fmt_rate(m["utility_clean"]), _fmt_rate(m["utility_under_attack"]),
                  _fmt_rate(m["over_defence_compliance"]), m["seconds"])
-    metrics["paired"] = paired_comparisons(flags, list(refs.items()), keys=PAIRED_KEYS, alpha=e.alpha)
+    # the held-out set's 5 injected variants of one clean prompt share its task_id: a second, clustered p-value
+    metrics["paired"] = paired_comparisons(flags, list(refs.items()), keys=PAIRED_KEYS, alpha=e.alpha,
+                                           clusters={c["id"]: c["task_id"] for c in cases if c.get("task_id")})
     atomic_write_json(out / "metrics.json", _json_safe(metrics))
     report.write_report(out, metrics, cases, examples, run_dir=run_dir, model_paths=models)
     return metrics

@@ -225,6 +225,55 @@ def test_mcnemar_exact_hand_computed_and_holm():
     assert M.holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
 
 
+def test_mcnemar_clustered_hand_computed():
+    # three clusters with d = only-A − only-B = 3, 1, −1: Σd = 3; of the 8 sign assignments, |Σ s·d| ≥ 3 holds for
+    # (±)(3+1−1), (±)(3+1+1), (±)(3−1+1) → 6/8. Unclustered, 4 vs 1 discordant cases: p = 2·6/32 = 0.375
+    a = [True, True, True, True, False, False]
+    b = [False, False, False, False, True, False]
+    k = ["x", "x", "x", "y", "z", "z"]
+    t = M.mcnemar_clustered(a, b, k)
+    assert t["p_value"] == pytest.approx(0.75) and t["exact"]
+    assert t["statistic"] == pytest.approx(9 / 11)  # Durkalski: (Σd)² / Σd² = 9 / (9 + 1 + 1)
+    assert (t["clusters"], t["discordant_clusters"], t["only_a"], t["only_b"]) == (3, 3, 4, 1)
+    assert M.mcnemar_exact(a, b)["p_value"] == pytest.approx(0.375)
+    # five wins inside one task are one piece of evidence: p = 1, where the unclustered test says 2/32
+    t1 = M.mcnemar_clustered([True] * 5 + [False] * 5, [False] * 10, ["t"] * 5 + list("abcde"))
+    assert t1["p_value"] == 1.0 and M.mcnemar_exact([True] * 5 + [False] * 5, [False] * 10)["p_value"] == 0.0625
+    assert M.mcnemar_clustered([True, False], [True, False], [1, 2])["p_value"] == 1.0  # nothing discordant
+    with pytest.raises(ValueError):
+        M.mcnemar_clustered([True], [False], [1, 2])
+
+
+def test_mcnemar_clustered_singletons_equal_exact_mcnemar_and_monte_carlo():
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        a, b = (rng.random(12) < 0.5).tolist(), (rng.random(12) < 0.3).tolist()
+        assert M.mcnemar_clustered(a, b, range(12))["p_value"] == pytest.approx(M.mcnemar_exact(a, b)["p_value"])
+    # 20 discordant clusters (beyond exact enumeration), all one way: the exact p is 2 / 2^20; the seeded draws
+    # can only report their floor 1 / (1 + reps), and reproduce with the seed
+    t = M.mcnemar_clustered([True] * 40, [False] * 40, [i // 2 for i in range(40)], reps=999, seed=1)
+    assert not t["exact"] and t["p_value"] == pytest.approx(1 / 1000) and t["statistic"] == pytest.approx(20.0)
+    a, b = (rng.random(60) < 0.5).tolist(), (rng.random(60) < 0.5).tolist()
+    ks = [i // 3 for i in range(60)]
+    p1, p2 = (M.mcnemar_clustered(a, b, ks, reps=4000, seed=s)["p_value"] for s in (0, 0))
+    assert p1 == p2 and 0 < p1 <= 1
+
+
+def test_paired_comparisons_clustered_column():
+    ids = [f"c{i}" for i in range(10)]
+    flags = {"dpo": {i: {"attack": True} for i in ids},
+             "causal": {i: {"attack": n >= 5} for n, i in enumerate(ids)}}
+    clusters = {i: ("t0" if n < 5 else f"t{n}") for n, i in enumerate(ids)}
+    row, = M.paired_comparisons(flags, [("causal", "dpo")], keys=("attack",), clusters=clusters)
+    assert row["only_reference"] == 5 and row["p_value"] == 0.0625 and row["clusters"] == 6
+    assert row["p_clustered"] == 1.0  # the five wins are one task's
+    from staged_alignment.evaluation.report import paired_table
+
+    table = paired_table([row])
+    assert "p (clustered by task)" in table and table.splitlines()[-1].endswith("| 6 | 1 |")
+    assert "clustered" not in paired_table([{k: v for k, v in row.items() if k not in ("clusters", "p_clustered")}])
+
+
 def test_paired_comparisons_use_only_shared_cases():
     flags = {"dpo": {"a": {"attack": True, "utility_under_attack": None}, "b": {"attack": True, "utility_under_attack": True}},
              "causal": {"a": {"attack": False, "utility_under_attack": True}, "b": {"attack": False, "utility_under_attack": False},
