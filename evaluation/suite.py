@@ -52,7 +52,7 @@ from staged_alignment.evaluation import judged as J
 from staged_alignment.evaluation import sep_convert as S
 from staged_alignment.evaluation.alpacafarm_convert import ATTACKS, INJECTED_PROMPT, check_sentences
 from staged_alignment.evaluation.cases import load_cases
-from staged_alignment.evaluation.metrics import mcnemar_exact, rate
+from staged_alignment.evaluation.metrics import mcnemar_exact, paired_comparisons, rate
 from staged_alignment.evaluation.report import data_role_note
 from staged_alignment.evaluation.runner import ModelEvaluator, data_role_labels, evaluate_models
 from staged_alignment.evaluation.sep_convert import KEYWORD_ATTACKS
@@ -298,15 +298,17 @@ def run_suite(cfg, models: dict[str, str], out_dir: str | Path, benchmarks: Sequ
         write_jsonl_atomic(bdir / "cases.jsonl", cases)
         log.info("suite: %s, %d cases of %d samples", name, len(cases), len({c["sample_id"] for c in cases}))
         m = evaluate_models(cfg_suite, models, bdir / "cases.jsonl", bdir, references=dict(reversed(pairs)),
-                            representations=False)  # its own tests take one reference a model: the first given
+                            representations=False)
+        # the runner's own tests take one reference a model; the suite tests utility for every pair it was given
+        utility_paired = paired_comparisons(m["case_outcomes"], pairs, keys=tuple(UTILITY_PAIRED), alpha=e.alpha,
+                                            clusters={c["id"]: c["sample_id"] for c in cases})
         table = suite_table(cases, m["case_outcomes"], pairs)
         util = {label: {k: mm.get(k) for k in ("utility_clean", "utility_clean_ci95", "utility_clean_n",
                                               "utility_under_attack", "utility_under_attack_ci95")}
                 for label, mm in m["models"].items()}
         result["benchmarks"][name] = {"n_cases": len(cases), "n_samples": len({c["sample_id"] for c in cases}),
                                       "attacks": list(dict.fromkeys(c["attack"] for c in cases)), "table": table,
-                                      "utility": util, "paired": [r for r in m["paired"]
-                                                                  if r["metric"] in UTILITY_PAIRED]}
+                                      "utility": util, "paired": utility_paired}
         keys = {label: ModelEvaluator(cfg_suite, label, path, bdir, [], [], "").key_of("injected")
                 for label, path in models.items()}  # this run's settings: older rows of the file are not its answers
         answers = {}
@@ -391,7 +393,9 @@ def suite_markdown(result: dict, labels: Sequence[str]) -> str:
             parts.append("Utility: " + "; ".join(util) + " (clean: n distinct clean prompts, each counted once)\n")
         tests = [f"{r['model']} vs {r['reference']} {UTILITY_PAIRED[r['metric']]} {r['model_rate']:.3f} vs "
                  f"{r['reference_rate']:.3f} (b/c {r['only_model']}/{r['only_reference']}, n = {r['n']}, "
-                 f"p = {r['p_value']:.2g})" for r in b.get("paired") or [] if r["metric"] in UTILITY_PAIRED]
+                 f"p = {r['p_value']:.2g}"
+                 + (f", clustered by task p = {r['p_clustered']:.2g} over {r['clusters']} tasks" if "p_clustered" in r
+                    else "") + ")" for r in b.get("paired") or [] if r["metric"] in UTILITY_PAIRED]
         if tests:
             parts.append("Utility, paired (exact McNemar; b/c = only the model / only the reference gives the "
                          "answer): " + "; ".join(tests) + "\n")

@@ -277,7 +277,9 @@ evaluate:
 """)
     out = tmp_path / "suite"
     args = [sys.executable, str(ROOT / "stages" / "evaluate.py"), "--config", str(cfg), "--suite", "injection",
-            "--model", f"base={tiny_model_dir}", "--model", f"other={tiny_model_dir}", "--output", str(out),
+            "--model", f"base={tiny_model_dir}", "--model", f"other={tiny_model_dir}",
+            "--model", f"third={tiny_model_dir}", "--reference", "other=base", "--reference", "third=base",
+            "--reference", "third=other", "--output", str(out),
             "evaluate.suite.heldout_file=" + str(ROOT / "evaluation/heldout/injection_heldout.jsonl"),
             "evaluate.suite.max_samples=2"]
     r = subprocess.run(args, capture_output=True, text=True, cwd=tmp_path, timeout=600)
@@ -298,9 +300,17 @@ evaluate:
     views = {(c["system"], c["instruction"], c["data"], c["ideal"]) for c in ho_cases if c.get("ideal")}
     assert len(ho_cases) > len(views) >= 1  # cases share clean prompts: clean utility counts each prompt once
     assert ho["utility"]["base"]["utility_clean_n"] == len(views)
-    clean_test, = [r for r in ho["paired"] if r["metric"] == "utility_clean_distinct"]
-    assert clean_test["n"] == len(views) and clean_test["only_model"] == clean_test["only_reference"] == 0
+    clean_tests = [r for r in ho["paired"] if r["metric"] == "utility_clean_distinct"]
+    # every pair given is tested, not only each model's first reference
+    assert [(r["model"], r["reference"]) for r in clean_tests] == [("other", "base"), ("third", "base"),
+                                                                   ("third", "other")]
+    for r in clean_tests:
+        assert r["n"] == len(views) and r["only_model"] == r["only_reference"] == 0 and r["p_clustered"] == 1.0
+    under, = [r for r in ho["paired"] if r["metric"] == "utility_under_attack" and r["reference"] == "other"]
+    gold = [c for c in ho_cases if c.get("ideal")]
+    assert under["n"] == len(gold) and under["clusters"] == len({c["sample_id"] for c in gold}) < len(gold)
     assert "Utility, paired (exact McNemar" in (out / "suite.md").read_text()
+    assert "clustered by task p = 1 over" in (out / "suite.md").read_text()
     assert "| **union:all** |" in (out / "suite.md").read_text()
     # a benchmark named without its file: one located line, exit 2, nothing written
     bad = subprocess.run([*args[:4], "--benchmark", "bipia", "--model", f"base={tiny_model_dir}", "--output",
