@@ -60,6 +60,13 @@ ATTACKS = typing.get_args(AdaptiveAttack)  # declared with evaluate.adaptive.att
 
 
 # --------------------------------------------------------------------------------------------- best-of-N
+def case_seed(kind: str, seed: int, case_id: str) -> int:
+    """The seed of one case's search generator: a hash of (attack, seed, case id), so a case meets the same draws
+    whichever subset it is in and wherever it sorts (until 2026-12-07 it was ``seed * 100003 + index``, so
+    growing ``n_cases`` changed the draws of the cases already measured). Returns an int in [0, 2^63)."""
+    return int.from_bytes(hashlib.sha256(f"{kind}:{seed}:{case_id}".encode()).digest()[:8], "big") >> 1
+
+
 def bon_augment(text: str, rng: random.Random, sigma: float = 0.4, keep: Sequence[str] = ()) -> str:
     """One Best-of-N augmentation of ``text`` (Hughes et al. 2024, §2): each word of > 3 letters has its middle
     letters shuffled with probability σ^(1/2); each character is upper/lower-cased at random with probability
@@ -393,8 +400,8 @@ class AdaptiveRunner:
         L = shape["suffix_tokens"]
         cps = self.checkpoints(budget)
         per_case = []
-        for ci, c in enumerate(self.cases):
-            gen = torch.Generator().manual_seed(s.seed * 100003 + ci)
+        for c in self.cases:
+            gen = torch.Generator().manual_seed(case_seed(kind, s.seed, c["id"]))
             rng = random.Random(f"{kind}:{s.seed}:{c['id']}")
             prep = prepare(self.tok, c, data_role=self.data_role)
             suffix, losses, snapshots = search_suffix(

@@ -133,6 +133,20 @@ def test_random_search_accepts_only_improvements_and_the_curve_is_monotone(tiny)
     assert all(x["only_model"] == x["only_reference"] == 0 and x["p_value"] == 1.0 for x in cmp)
 
 
+def test_a_case_meets_the_same_draws_in_any_subset(tiny):
+    # growing n_cases must not change the search of a case already measured: c2 alone, and c2 after c1
+    model, tok = tiny
+    c2 = parse_case({**CASE, "id": "c2", "data": "The park closes at six."}, "test", 2)
+    clean = {"c1": "Some summary.", "c2": "Some summary."}
+    both = AD.AdaptiveRunner(model, tok, [CASE, c2], clean, settings()).run(["random_search", "gcg"])
+    alone = AD.AdaptiveRunner(model, tok, [c2], clean, settings()).run(["random_search", "gcg"])
+    for kind in ("random_search", "gcg"):
+        a, b = both[kind]["cases"][1], alone[kind]["cases"][0]
+        assert a["id"] == b["id"] == "c2" and a["suffix"] == b["suffix"] and a["losses"] == pytest.approx(b["losses"])
+    assert AD.case_seed("gcg", 0, "c2") != AD.case_seed("gcg", 0, "c1") != AD.case_seed("random_search", 0, "c1")
+    assert 0 <= AD.case_seed("gcg", 0, "c2") < 2 ** 63
+
+
 def test_curve_counts_a_case_broken_from_its_first_breaking_budget():
     res = {"checkpoints": [0, 1, 2, 4], "cases": [{"budget_to_break": 0}, {"budget_to_break": 2},
                                                   {"budget_to_break": None}, {"budget_to_break": 4}]}
