@@ -60,13 +60,6 @@ ATTACKS = typing.get_args(AdaptiveAttack)  # declared with evaluate.adaptive.att
 
 
 # --------------------------------------------------------------------------------------------- best-of-N
-def case_seed(kind: str, seed: int, case_id: str) -> int:
-    """The seed of one case's search generator: a hash of (attack, seed, case id), so a case meets the same draws
-    whichever subset it is in and wherever it sorts (until 2026-12-07 it was ``seed * 100003 + index``, so
-    growing ``n_cases`` changed the draws of the cases already measured). Returns an int in [0, 2^63)."""
-    return int.from_bytes(hashlib.sha256(f"{kind}:{seed}:{case_id}".encode()).digest()[:8], "big") >> 1
-
-
 def bon_augment(text: str, rng: random.Random, sigma: float = 0.4, keep: Sequence[str] = ()) -> str:
     """One Best-of-N augmentation of ``text`` (Hughes et al. 2024, §2): each word of > 3 letters has its middle
     letters shuffled with probability σ^(1/2); each character is upper/lower-cased at random with probability
@@ -300,6 +293,13 @@ def init_suffix(tokenizer, n: int):
     if len(ids) != n:
         ids = (tokenizer("!", add_special_tokens=False)["input_ids"] * n)[:n]
     return torch.tensor(ids, dtype=torch.long)
+
+
+def case_seed(kind: str, seed: int, case_id: str) -> int:
+    """The seed of one case's search generator: a hash of (attack, seed, case id), so a case meets the same draws
+    whichever subset it is in and wherever it sorts (until 2026-12-07 it was ``seed * 100003 + index``, so
+    growing ``n_cases`` changed the draws of the cases already measured). Returns an int in [0, 2^63)."""
+    return int.from_bytes(hashlib.sha256(f"{kind}:{seed}:{case_id}".encode()).digest()[:8], "big") >> 1
 
 
 def search_suffix(model, tokenizer, prep: Prepared, kind: str, *, budget: int, suffix_tokens: int, settings,
