@@ -45,9 +45,12 @@ An empty or degenerate answer is scored like any other (no canary, no utility), 
 """
 from __future__ import annotations
 
+import itertools
 import math
 from collections import defaultdict
 from typing import Iterable, Sequence
+
+import numpy as np
 
 from staged_alignment.evaluation.cases import clean_messages, copy_sources, injected_data, injected_messages
 from staged_alignment.evaluation.injection_judges import contains_canary, judge_attack, judge_compliance, judge_utility
@@ -253,10 +256,6 @@ def mcnemar_clustered(a: Sequence[bool], b: Sequence[bool], clusters: Sequence, 
     Returns ``{"n", "clusters", "discordant_clusters", "only_a", "only_b", "statistic", "p_value", "exact"}``;
     p = 1.0 when no cluster is discordant. Raises ``ValueError`` when the three sequences differ in length.
     """
-    import itertools
-
-    import numpy as np
-
     if not len(a) == len(b) == len(clusters):
         raise ValueError(f"paired outcomes and clusters of different lengths ({len(a)}, {len(b)}, {len(clusters)})")
     d: dict = defaultdict(int)
