@@ -62,6 +62,7 @@ from staged_alignment.core.config import (
     ConfigError,
     PipelineConfig,
     load_config,
+    resolve_input,
 )
 from staged_alignment.core.jsonl_io import DataError, atomic_write_json, atomic_write_text
 from staged_alignment.core.markdown import md_escape
@@ -70,6 +71,7 @@ from staged_alignment.core.run_dir import (
     RunLock,
     file_sha256,
 )
+from staged_alignment.evaluation.cases import load_cases
 from staged_alignment.evaluation.metrics import paired_comparisons
 from staged_alignment.evaluation.runner import evaluate_models, model_fingerprint
 from staged_alignment.stages import stage2_causal as s2
@@ -273,6 +275,15 @@ def run_ablation(cfg: PipelineConfig, base: str, arms: list[str], adopt: bool = 
     return summarise(cfg, root, evals, specs, best, why, timings, base)
 
 
+def case_clusters(cfg: PipelineConfig) -> dict[str, str]:
+    """``{case_id: task_id}`` of the held-out file's cases that name a task (the 5 injected variants of one clean
+    prompt share it), for :func:`evaluation.metrics.paired_comparisons`' clustered p-value; ``{}`` for a file
+    without task ids. Raises :class:`DataError` on a bad row (the file was already read once by the arms)."""
+    cases = load_cases(resolve_input(cfg.evaluate.eval_file), cfg.evaluate.max_cases, controls=cfg.evaluate.controls,
+                       max_controls=cfg.evaluate.max_controls)
+    return {c["id"]: c["task_id"] for c in cases if c.get("task_id")}
+
+
 def summarise(cfg, root: Path, evals: dict, specs: dict, best, why, timings: dict, base: str) -> dict:
     """``ablation.json``/``.md``/``.png`` from the per-arm evaluations."""
     flags = {a: evals[a]["case_outcomes"][a] for a in evals}
@@ -280,7 +291,7 @@ def summarise(cfg, root: Path, evals: dict, specs: dict, best, why, timings: dic
     pairs = [(a, "A0") for a in evals if a != "A0"] + [(a, "A3") for a in evals if a not in ("A0", "A3") and "A3" in evals]
     flags = {a: {**flags[a], **(evals[a].get("safety_outcomes") or {}).get(a, {})} for a in flags}
     paired = paired_comparisons(flags, pairs, keys=("attack", "utility_under_attack", "refused_harmful"),
-                                alpha=cfg.evaluate.alpha)
+                                alpha=cfg.evaluate.alpha, clusters=case_clusters(cfg))
     table = []
     for a in [x for x in ORDER if x in evals]:
         m = evals[a]["models"][a]
@@ -330,10 +341,11 @@ def _r(v, ci=None) -> str:
 
 
 def _p(hit) -> str:
-    """``raw / Holm`` p-values of one paired test ("—" when absent)."""
+    """``raw / Holm`` p-values of one paired test ("—" when absent), then ``(clustered p)`` when the test has one."""
     if not hit:
         return "—"
-    return f"{hit['p_value']:.2g} / {hit['p_holm']:.2g}"
+    clustered = f" ({hit['p_clustered']:.2g})" if hit.get("p_clustered") is not None else ""
+    return f"{hit['p_value']:.2g} / {hit['p_holm']:.2g}{clustered}"
 
 
 def ablation_markdown(out: dict) -> str:
@@ -345,7 +357,7 @@ def ablation_markdown(out: dict) -> str:
              + (f" A7's base arm: **{out['best_candidate']}** ({md_escape(out['best_rule'] or '—')})."
                 if out.get("best_candidate") else ""), "",
              "| arm | objective | ASR ↓ [95 % CI] | ASR, begins ↓ | utility, clean ↑ | utility under attack ↑ | "
-             "over-defence compliance ↑ | margin (nats) ↑ | Wilcoxon p vs A0 | McNemar p ASR vs A0 (raw / Holm) | "
+             "over-defence compliance ↑ | margin (nats) ↑ | Wilcoxon p vs A0 | McNemar p ASR vs A0 (raw / Holm (clustered)) | "
              "vs A3 | McNemar p utility-under-attack vs A0 | harmful refusal ↑ | McNemar p harmful refusal vs A0 | "
              "benign over-refusal ↓ | train / eval s |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -368,7 +380,8 @@ def ablation_markdown(out: dict) -> str:
     lines += ["", "ASR: headline judge (the canary used outside copies, refusals and reports; clean answer without it). "
               "Margin: mean over cases of log p(ideal | x_i) − log p(hijack | x_i), teacher-forced. McNemar: exact, "
               "on the discordant cases; raw p, and Holm-corrected over every comparison in this table (ASR, "
-              "utility under attack and harmful refusal, against A0 and A3). Harmful refusal / benign over-refusal: "
+              "utility under attack and harmful refusal, against A0 and A3); in brackets, the p-value clustered by "
+              "task (Durkalski et al. 2003; a task's injected variants share one clean prompt). Harmful refusal / benign over-refusal: "
               f"{out['arms'][0].get('n_redteam')} held-out harmful prompts and {out['arms'][0].get('n_benign')} benign "
               "look-alikes (evaluation/safety.py). Wilcoxon: paired signed-rank test of the per-case margins "
               "against A0's.", ""]
