@@ -101,6 +101,19 @@ def assessment_path(cfg: PipelineConfig) -> Path:
     return cfg.run_dir / "dpo" / "assessment.json"
 
 
+def read_eval_cases(cfg: PipelineConfig, eval_file: str | os.PathLike | None = None) -> list[dict]:
+    """The cases to evaluate: ``eval_file`` (default ``evaluate.eval_file``), every row parsed, cut to
+    ``evaluate.max_cases`` / ``controls`` / ``max_controls``. Raises :class:`DataError` (file, line, field)."""
+    return load_cases(resolve_input(eval_file) if eval_file else eval_file_path(cfg), cfg.evaluate.max_cases,
+                      controls=cfg.evaluate.controls, max_controls=cfg.evaluate.max_controls)
+
+
+def task_clusters(cases: list[dict]) -> dict[str, str]:
+    """``{case_id: task_id}`` of the cases that name a task (the held-out set's 5 injected variants of one clean
+    prompt share it): the ``clusters`` of :func:`evaluation.metrics.paired_comparisons`."""
+    return {c["id"]: c["task_id"] for c in cases if c.get("task_id")}
+
+
 def validate_inputs(cfg: PipelineConfig, eval_file: str | os.PathLike | None = None,
              models: dict[str, str] | None = None) -> list[dict]:
     """Parse the eval file (every row), the harmful and benign safety files and the explicit model folders; no
@@ -108,8 +121,7 @@ def validate_inputs(cfg: PipelineConfig, eval_file: str | os.PathLike | None = N
 
     Raises :class:`DataError` (file, line, field) or :class:`ConfigError`. Returns the cases to evaluate.
     """
-    cases = load_cases(resolve_input(eval_file) if eval_file else eval_file_path(cfg), cfg.evaluate.max_cases,
-                       controls=cfg.evaluate.controls, max_controls=cfg.evaluate.max_controls)
+    cases = read_eval_cases(cfg, eval_file)
     if cfg.evaluate.redteam_file or cfg.evaluate.benign_file:
         read_redteam(cfg)
         read_benign(cfg)
@@ -666,7 +678,7 @@ def evaluate_models(cfg: PipelineConfig, models: dict[str, str], eval_file: str 
                  _fmt_rate(m["over_defence_compliance"]), m["seconds"])
     # the held-out set's 5 injected variants of one clean prompt share its task_id: a second, clustered p-value
     metrics["paired"] = paired_comparisons(flags, list(refs.items()), keys=PAIRED_KEYS, alpha=e.alpha,
-                                           clusters={c["id"]: c["task_id"] for c in cases if c.get("task_id")})
+                                           clusters=task_clusters(cases))
     atomic_write_json(out / "metrics.json", _json_safe(metrics))
     report.write_report(out, metrics, cases, examples, run_dir=run_dir, model_paths=models)
     return metrics

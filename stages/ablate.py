@@ -62,7 +62,6 @@ from staged_alignment.core.config import (
     ConfigError,
     PipelineConfig,
     load_config,
-    resolve_input,
 )
 from staged_alignment.core.jsonl_io import DataError, atomic_write_json, atomic_write_text
 from staged_alignment.core.markdown import md_escape
@@ -71,9 +70,8 @@ from staged_alignment.core.run_dir import (
     RunLock,
     file_sha256,
 )
-from staged_alignment.evaluation.cases import load_cases
 from staged_alignment.evaluation.metrics import paired_comparisons
-from staged_alignment.evaluation.runner import evaluate_models, model_fingerprint
+from staged_alignment.evaluation.runner import evaluate_models, model_fingerprint, read_eval_cases, task_clusters
 from staged_alignment.stages import stage2_causal as s2
 from staged_alignment.stages.stage2_causal import retain_pairs_path
 
@@ -279,9 +277,7 @@ def case_clusters(cfg: PipelineConfig) -> dict[str, str]:
     """``{case_id: task_id}`` of the held-out file's cases that name a task (the 5 injected variants of one clean
     prompt share it), for :func:`evaluation.metrics.paired_comparisons`' clustered p-value; ``{}`` for a file
     without task ids. Raises :class:`DataError` on a bad row (the file was already read once by the arms)."""
-    cases = load_cases(resolve_input(cfg.evaluate.eval_file), cfg.evaluate.max_cases, controls=cfg.evaluate.controls,
-                       max_controls=cfg.evaluate.max_controls)
-    return {c["id"]: c["task_id"] for c in cases if c.get("task_id")}
+    return task_clusters(read_eval_cases(cfg))
 
 
 def summarise(cfg, root: Path, evals: dict, specs: dict, best, why, timings: dict, base: str) -> dict:
